@@ -1,0 +1,531 @@
+"""Fine-tune a converted LLaMA/Mistral model with LoRA or QLoRA, test it, generate with it.
+
+    python lora.py --model mlx_model --train --data data/
+    python lora.py --model mlx_model --test
+    python lora.py --model mlx_model --prompt "Q: What is ReLU in mlx?"
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import utils  # noqa: F401  (fast BLAS before mlx.core)
+from utils import UserError, read_jsonl
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+import models
+
+DEFAULT_MODEL = "mlx_model"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="LoRA / QLoRA fine-tuning, testing and generation.")
+    p.add_argument("--config", help="YAML file whose keys are flag names; command-line flags win")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="converted model folder (config.json, weights, tokenizer.model)")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype to compute in; auto = float32 on the CPU, the stored dtype on a GPU")
+    # Generation
+    p.add_argument("--prompt", "-p", help="generate from this prompt")
+    p.add_argument("--num-tokens", "--max-tokens", "-n", type=int, default=100, help="tokens to generate at most")
+    p.add_argument("--temp", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens with this mass")
+    p.add_argument("--write-every", type=int, default=1, help="print generated text every this many tokens")
+    # Training
+    p.add_argument("--train", action="store_true", help="fine-tune with LoRA")
+    p.add_argument("--data", default="data/", help="folder with train.jsonl, valid.jsonl, test.jsonl")
+    p.add_argument("--lora-layers", type=int, default=16, help="number of final layers to adapt")
+    p.add_argument("--lora-rank", type=int, default=8, help="rank r of the LoRA matrices")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input during training")
+    p.add_argument("--lora-targets", default="wq,wv", help="comma-separated linears to adapt (wq,wk,wv,wo,w1,w2,w3) or 'all'")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per step")
+    p.add_argument("--iters", type=int, default=1000, help="training steps")
+    p.add_argument("--max-seq-length", type=int, default=2048, help="longer examples are truncated (with a warning)")
+    p.add_argument("--mask-prompt", action="store_true", help="loss on the completion only (needs prompt/completion data)")
+    p.add_argument("--learning-rate", type=float, default=1e-5, help="Adam learning rate")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="learning-rate schedule after warm-up")
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear warm-up from 0")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--val-batches", type=int, default=25, help="validation batches per evaluation; -1 = whole set")
+    p.add_argument("--steps-per-report", type=int, default=10, help="steps between training-loss reports")
+    p.add_argument("--steps-per-eval", type=int, default=200, help="steps between validation runs")
+    p.add_argument("--save-every", type=int, default=100, help="steps between adapter saves")
+    p.add_argument("--resume-adapter-file", help="start training from these adapter weights")
+    p.add_argument("--adapter-file", default="adapters.npz", help="where adapters are saved and loaded from")
+    # Test
+    p.add_argument("--test", action="store_true", help="report test loss and perplexity")
+    p.add_argument("--test-batches", type=int, default=500, help="test batches; -1 = whole set")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse flags; keys of --config YAML become defaults that command-line flags override."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**read_config(args.config, parser))
+        args = parser.parse_args(argv)
+    for name in ("batch_size", "iters", "lora_layers", "max_seq_length", "steps_per_report",
+                 "steps_per_eval", "save_every", "num_tokens", "write_every", "max_bad_steps"):
+        if getattr(args, name) < (0 if name == "iters" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def read_config(path, parser):
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found")
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a mapping of flag names to values")
+    known = {a.dest: a for a in parser._actions}
+    defaults = {}
+    for key, value in config.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            raise UserError(f"{path}: unknown key '{key}'")
+        action = known[dest]
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{path}: key '{key}': {value!r} is not a valid {action.type.__name__}")
+        if action.choices and value not in action.choices:
+            raise UserError(f"{path}: key '{key}': {value!r} is not one of {', '.join(action.choices)}")
+        defaults[dest] = value
+    return defaults
+
+
+# ----------------------------------------------------------------------------- data
+
+class Dataset:
+    """Tokenized examples of one split: token lists and how many leading tokens are prompt."""
+
+    def __init__(self, path, tokens, prompt_lengths):
+        self.path = path
+        self.tokens = tokens  # list of list[int], each BOS ... EOS
+        self.prompt_lengths = prompt_lengths  # tokens (BOS included) excluded by --mask-prompt
+
+    def __len__(self):
+        return len(self.tokens)
+
+
+def load_split(data_dir, split, tokenizer, max_seq_length, mask_prompt):
+    """Read and tokenize `data_dir/split.jsonl`; every defect is a UserError naming file and line."""
+    path = os.path.join(data_dir, f"{split}.jsonl")
+    tokens, prompt_lengths, truncated = [], [], []
+    for lineno, obj in read_jsonl(path):
+        toks, n_prompt = tokenize_example(obj, tokenizer, mask_prompt, f"{path}: line {lineno}")
+        if len(toks) > max_seq_length:
+            truncated.append(len(toks))
+            toks = toks[:max_seq_length]
+        tokens.append(toks)
+        prompt_lengths.append(min(n_prompt, len(toks)))
+    if truncated:
+        print(f"warning: {path}: {len(truncated)} example(s) longer than --max-seq-length "
+              f"{max_seq_length} were truncated (longest {max(truncated)} tokens)", file=sys.stderr)
+    return Dataset(path, tokens, prompt_lengths)
+
+
+def tokenize_example(obj, tokenizer, mask_prompt, where):
+    """One JSON object -> (BOS + tokens + EOS, number of prompt tokens to mask)."""
+    if "text" in obj:
+        text = obj["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{where}: 'text' must be a non-empty string")
+        if mask_prompt:
+            raise UserError(f"{where}: --mask-prompt needs 'prompt' and 'completion', this line has 'text'")
+        return tokenizer.encode(text, bos=True, eos=True), 0
+    if "prompt" in obj and "completion" in obj:
+        prompt, completion = obj["prompt"], obj["completion"]
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
+            raise UserError(f"{where}: 'prompt' must be a string and 'completion' a non-empty string")
+        full = tokenizer.encode(prompt + completion, bos=True, eos=True)
+        if not mask_prompt:
+            return full, 0
+        # Tokenize the joined text (as the model will see it) and mask the tokens it
+        # shares with the prompt alone: robust to merges across the boundary.
+        alone = tokenizer.encode(prompt, bos=True)
+        n_prompt = 0
+        while n_prompt < min(len(alone), len(full) - 1) and alone[n_prompt] == full[n_prompt]:
+            n_prompt += 1
+        return full, n_prompt
+    raise UserError(f"{where}: expected key 'text', or 'prompt' and 'completion'")
+
+
+def batch_plan(dataset, batch_size):
+    """Indices grouped into batches of similar length (little padding); the last may be smaller."""
+    order = sorted(range(len(dataset)), key=lambda i: (len(dataset.tokens[i]), i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def training_batch_order(n_batches, seed, step):
+    """Which batch of the plan training step `step` uses: a fresh shuffle each epoch.
+
+    A pure function of (seed, step), so a resumed run sees the same data order.
+    """
+    epoch, index = divmod(step, n_batches)
+    return int(np.random.default_rng([seed, epoch]).permutation(n_batches)[index])
+
+
+def make_batch(dataset, indices):
+    """Pad a batch; return inputs_BT, targets_BT and mask_BT of the targets that count.
+
+    Target t (the token at t+1) counts when it is a real token and not part of
+    a masked prompt: exactly the real target tokens, no padding.
+    """
+    lengths = [len(dataset.tokens[i]) for i in indices]
+    T = max(lengths)
+    batch = np.zeros((len(indices), T), np.int32)
+    mask = np.zeros((len(indices), T - 1), np.float32)
+    for row, i in enumerate(indices):
+        batch[row, :lengths[row]] = dataset.tokens[i]
+        first_target = max(dataset.prompt_lengths[i], 1)  # target index j predicts token j+1
+        mask[row, first_target - 1:lengths[row] - 1] = 1.0
+    batch = mx.array(batch)
+    return batch[:, :-1], batch[:, 1:], mx.array(mask)
+
+
+def loss_fn(model, inputs_BT, targets_BT, mask_BT):
+    """Mean cross-entropy over the counted targets, and their number."""
+    logits_BTV = model(inputs_BT).astype(mx.float32)
+    ce_BT = nn.losses.cross_entropy(logits_BTV, targets_BT) * mask_BT
+    ntoks = mask_BT.sum()
+    return ce_BT.sum() / mx.maximum(ntoks, 1), ntoks
+
+
+def evaluate(model, dataset, batch_size, num_batches):
+    """Token-weighted mean loss over the first `num_batches` batches (-1: all)."""
+    plan = batch_plan(dataset, batch_size)
+    if num_batches >= 0:
+        plan = plan[:num_batches]
+    total, ntoks = mx.array(0.0), mx.array(0.0)
+    for indices in plan:
+        loss, n = loss_fn(model, *make_batch(dataset, indices))
+        total, ntoks = total + loss * n, ntoks + n
+        mx.eval(total, ntoks)
+    return (total / mx.maximum(ntoks, 1)).item()
+
+
+# ----------------------------------------------------------------------------- training
+
+def learning_rate_schedule(args):
+    if args.lr_schedule == "cosine":
+        decay = optim.cosine_decay(args.learning_rate, max(args.iters - args.warmup, 1))
+    else:
+        decay = args.learning_rate
+    if args.warmup <= 0:
+        return decay
+    warmup = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
+    constant = decay if callable(decay) else (lambda step: mx.array(args.learning_rate))
+    return optim.join_schedules([warmup, constant], [args.warmup])
+
+
+def count_parameters(model):
+    """(total, trainable) parameter counts; packed quantized weights count their real elements."""
+    total = 0
+    for name, p in tree_flatten(model.parameters()):
+        if p.dtype == mx.uint32 and name.endswith("weight"):
+            total += p.size * 32 // _bits_of(model, name)
+        elif not (name.endswith(".scales") or name.endswith(".biases")):
+            total += p.size
+    trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
+    return total, trainable
+
+
+def _bits_of(model, weight_name):
+    module = model
+    for part in weight_name.split(".")[:-1]:
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module.bits
+
+
+def make_train_step(model, optimizer):
+    """One compiled step: loss, gradients, and an update applied only if all are finite.
+
+    A non-finite loss or gradient leaves the adapters and optimizer untouched.
+    """
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def step(inputs_BT, targets_BT, mask_BT):
+        (loss, ntoks), grads = value_and_grad(model, inputs_BT, targets_BT, mask_BT)
+        finite = mx.isfinite(loss)
+        for _, g in tree_flatten(grads):
+            finite = finite & mx.isfinite(g).all()
+        old_params = model.trainable_parameters()
+        old_opt = tree_map(lambda x: x, optimizer.state)  # new containers, same arrays
+        optimizer.update(model, grads)
+        keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
+        model.update(tree_map(keep, model.trainable_parameters(), old_params))
+        # Update in place: the compiled function tracks this very dict.
+        optimizer.state.update(tree_map(keep, optimizer.state, old_opt))
+        return loss, ntoks, finite
+
+    # Create the optimizer state now so that compile sees its arrays from the start.
+    optimizer.init(model.trainable_parameters())
+    return mx.compile(step, inputs=state, outputs=state)
+
+
+class MetricsLog:
+    """Training metrics as JSON lines beside the adapters, and a loss plot at the end."""
+
+    def __init__(self, adapter_file):
+        stem = os.path.splitext(adapter_file)[0]
+        self.path, self.plot_path = stem + ".metrics.jsonl", stem + ".loss.png"
+        self.records = []
+        self._file = open(self.path, "w", encoding="utf-8")
+
+    def log(self, **record):
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+        self._plot()
+
+    def _plot(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for kind, key in (("train", "train_loss"), ("valid", "val_loss")):
+            points = [(r["step"], r[key]) for r in self.records if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o" if kind == "valid" else None, label=kind)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        with utils.atomic_write(self.plot_path) as f:
+            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+
+def peak_memory_gb():
+    """Peak memory of this process: MLX's allocator peak, or the resident peak on the CPU."""
+    peak = mx.get_peak_memory()
+    if not peak:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak / 1e9
+
+
+def train(model, train_set, val_set, args, lora_config):
+    """Train the LoRA parameters; save adapters every --save-every steps and at the end."""
+    from tqdm import tqdm
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.adapter_file)), exist_ok=True)
+    schedule = learning_rate_schedule(args)
+    optimizer = optim.Adam(learning_rate=schedule)
+    step_fn = make_train_step(model, optimizer)
+    plan = batch_plan(train_set, args.batch_size)
+    log = MetricsLog(args.adapter_file)
+    window_loss, window_toks, window_steps, bad_in_a_row, bad_total = 0.0, 0, 0, 0, 0
+    tic = time.perf_counter()
+    bar = tqdm(range(1, args.iters + 1), desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for step in bar:
+            indices = plan[training_batch_order(len(plan), args.seed, step - 1)]
+            loss, ntoks, finite = step_fn(*make_batch(train_set, indices))
+            mx.eval(loss, ntoks, finite, model.trainable_parameters(), optimizer.state)
+            if not finite.item():
+                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+                tqdm.write(f"step {step}: non-finite loss or gradient; step skipped "
+                           f"({bad_in_a_row} in a row, {bad_total} in all)", file=sys.stderr)
+                if bad_in_a_row >= args.max_bad_steps:
+                    raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
+                                    f"try a lower --learning-rate (now {args.learning_rate})")
+                continue
+            bad_in_a_row = 0
+            window_loss += loss.item() * ntoks.item()
+            window_toks += int(ntoks.item())
+            window_steps += 1
+            if step % args.steps_per_report == 0 or step == args.iters:
+                elapsed = time.perf_counter() - tic
+                record = dict(step=step, train_loss=window_loss / max(window_toks, 1),
+                              learning_rate=float(optimizer.learning_rate.item()),
+                              it_per_s=window_steps / elapsed, tokens_per_s=window_toks / elapsed,
+                              peak_memory_gb=peak_memory_gb())
+                tqdm.write(f"Iter {step}: train loss {record['train_loss']:.3f}, lr {record['learning_rate']:.3e}, "
+                           f"{record['it_per_s']:.2f} it/s, {record['tokens_per_s']:.1f} tok/s, "
+                           f"peak mem {record['peak_memory_gb']:.2f} GB", file=sys.stderr)
+                log.log(**record)
+                window_loss, window_toks, window_steps, tic = 0.0, 0, 0, time.perf_counter()
+            if val_set is not None and (step % args.steps_per_eval == 0 or step == args.iters):
+                t0 = time.perf_counter()
+                val_loss = evaluate(model, val_set, args.batch_size, args.val_batches)
+                tqdm.write(f"Iter {step}: val loss {val_loss:.3f}, val took {time.perf_counter() - t0:.2f}s",
+                           file=sys.stderr)
+                log.log(step=step, val_loss=val_loss)
+                tic += time.perf_counter() - t0  # keep evaluation out of the training speed
+            if step % args.save_every == 0 and step != args.iters:
+                models.save_adapters(model, args.adapter_file, lora_config)
+    finally:
+        bar.close()
+        log.close()
+    models.save_adapters(model, args.adapter_file, lora_config)
+    print(f"Saved adapters to {args.adapter_file} (metrics {log.path}, plot {log.plot_path})", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- generation
+
+class StreamingDetokenizer:
+    """Turns tokens into text as they come, without splitting multi-byte characters.
+
+    Decoding the whole sequence each time keeps SentencePiece's word-leading
+    spaces right; text is held back while it ends in an incomplete UTF-8 sequence
+    (byte-fallback tokens decode to U+FFFD until the character is complete).
+    """
+
+    def __init__(self, tokenizer, prompt_tokens=()):
+        self.tokenizer = tokenizer
+        self.tokens = list(prompt_tokens)
+        self.printed = len(tokenizer.decode(self.tokens))
+
+    def add(self, token):
+        """Add a token; return the newly completed text (maybe empty)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._take(text)
+
+    def flush(self):
+        """Return whatever text is left, complete or not."""
+        return self._take(self.tokenizer.decode(self.tokens))
+
+    def _take(self, text):
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+
+def sample(logits_V, temp, top_p):
+    """Next token: greedy when temp is 0, else temperature and nucleus (top-p) sampling."""
+    if temp == 0:
+        return mx.argmax(logits_V, axis=-1)
+    logits_V = logits_V.astype(mx.float32) / temp
+    if top_p < 1.0:
+        probs_V = mx.softmax(logits_V, axis=-1)
+        order_V = mx.argsort(-probs_V, axis=-1)
+        sorted_V = mx.take_along_axis(probs_V, order_V, axis=-1)
+        # Keep a token if the mass before it is below top_p (the first is always kept).
+        keep_sorted_V = (mx.cumsum(sorted_V, axis=-1) - sorted_V) < top_p
+        keep_V = mx.put_along_axis(mx.zeros_like(keep_sorted_V), order_V, keep_sorted_V, axis=-1)
+        logits_V = mx.where(keep_V, logits_V, -mx.inf)
+    return mx.random.categorical(logits_V)
+
+
+def generate_tokens(model, prompt_tokens, temp=0.0, top_p=1.0):
+    """Yield generated token ids forever (the caller stops), using a KV cache."""
+    cache = model.make_cache()
+    logits_BTV = model(mx.array([prompt_tokens]), cache)
+    token = sample(logits_BTV[0, -1], temp, top_p)
+    while True:
+        mx.async_eval(token)
+        # Queue the next step before handing this token out, so compute overlaps I/O.
+        next_logits = model(token.reshape(1, 1), cache)
+        next_token = sample(next_logits[0, -1], temp, top_p)
+        yield token.item()
+        token = next_token
+
+
+def generate(model, tokenizer, args):
+    """Print the prompt and its continuation as it streams; stop at EOS or --num-tokens."""
+    prompt_tokens = tokenizer.encode(args.prompt, bos=True)
+    detok = StreamingDetokenizer(tokenizer, prompt_tokens)
+    print(args.prompt, end="", flush=True)
+    tic = time.perf_counter()
+    prompt_time, n, pending = None, 0, ""
+    for n, token in enumerate(generate_tokens(model, prompt_tokens, args.temp, args.top_p), start=1):
+        if prompt_time is None:
+            prompt_time = time.perf_counter() - tic
+            tic = time.perf_counter()
+        if token == tokenizer.eos_id:
+            n -= 1
+            break
+        pending += detok.add(token)
+        if n % args.write_every == 0:
+            print(pending, end="", flush=True)
+            pending = ""
+        if n >= args.num_tokens:
+            break
+    print(pending + detok.flush(), flush=True)
+    gen_time = time.perf_counter() - tic
+    print(f"Prompt: {len(prompt_tokens) / prompt_time:.1f} tokens/s ({len(prompt_tokens)} tokens), "
+          f"generation: {n / max(gen_time, 1e-9):.1f} tokens/s ({n} tokens)", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not (args.train or args.test or args.prompt is not None):
+        raise UserError("nothing to do: give --train, --test and/or --prompt")
+    mx.random.seed(args.seed)
+    np.random.seed(args.seed)
+    print(f"Loading model {args.model}", file=sys.stderr)
+    model, tokenizer, _ = models.load_model(args.model, compute_dtype=args.compute_dtype)
+
+    if args.train:
+        data = {split: load_split(args.data, split, tokenizer, args.max_seq_length, args.mask_prompt)
+                for split in ("train", "valid")}
+        if len(data["train"]) == 0:
+            raise UserError(f"{data['train'].path}: no training examples")
+        if len(data["valid"]) == 0:
+            raise UserError(f"{data['valid'].path}: no validation examples")
+        lora_config = models.apply_lora(model, args.lora_layers, models.parse_targets(args.lora_targets),
+                                        args.lora_rank, args.lora_alpha, args.lora_dropout)
+        if args.resume_adapter_file:
+            weights = models.load_arrays(args.resume_adapter_file, "adapter file")
+            models._check_fit(args.resume_adapter_file, weights,
+                              dict(tree_flatten(model.trainable_parameters())), "adapters")
+            model.load_weights(list(weights.items()), strict=False)
+        model.grad_checkpoint = args.grad_checkpoint
+        total, trainable = count_parameters(model)
+        print(f"Parameters: {total / 1e6:.3f}M total, {trainable / 1e6:.3f}M trainable "
+              f"({100 * trainable / total:.3f}%)", file=sys.stderr)
+        model.train()
+        train(model, data["train"], data["valid"], args, lora_config)
+        model.eval()
+    elif os.path.exists(args.adapter_file):
+        models.load_adapters(model, args.adapter_file)
+    elif args.adapter_file != build_parser().get_default("adapter_file"):
+        raise UserError(f"{args.adapter_file}: adapter file not found")
+    else:
+        print(f"note: no {args.adapter_file}; using the base model without adapters", file=sys.stderr)
+
+    if args.test:
+        test_set = load_split(args.data, "test", tokenizer, args.max_seq_length, args.mask_prompt)
+        if len(test_set) == 0:
+            raise UserError(f"{test_set.path}: no test examples")
+        test_loss = evaluate(model, test_set, args.batch_size, args.test_batches)
+        print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(min(test_loss, 700)):.3f}.")
+
+    if args.prompt is not None:
+        mx.random.seed(args.seed)
+        generate(model, tokenizer, args)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

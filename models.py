@@ -1,0 +1,422 @@
+"""LLaMA / Mistral transformer in MLX, LoRA layers, and the one model loader.
+
+Module and parameter names are those of Meta's and Mistral's checkpoints
+(`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`, ...), so the
+weights written by convert.py load with no renaming table.
+
+Shapes: B batch, T time (new tokens), S key length, D model dim, N query
+heads, K key/value heads, H head dim, C hidden (feed-forward) dim, V vocab.
+"""
+
+import json
+import math
+import os
+from dataclasses import MISSING, dataclass, fields
+from typing import Optional
+
+import utils  # noqa: F401  (fast BLAS before mlx.core)
+from utils import UserError, read_json
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    norm_eps: float
+    vocab_size: int
+    rope_theta: float = 10000.0
+    sliding_window: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, config, source="config.json"):
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in config]
+        if missing:
+            raise UserError(f"{source}: missing key(s) {', '.join(missing)}")
+        args = cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+        if args.n_heads % args.n_kv_heads:
+            raise UserError(f"{source}: n_heads {args.n_heads} is not a multiple of n_kv_heads {args.n_kv_heads}")
+        return args
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims, eps):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one layer.
+
+    Preallocated in steps so that decoding writes in place. With a sliding
+    window W, keys older than any future query can see are dropped when the
+    buffer is compacted, so memory stays near W positions, not the whole text.
+    """
+
+    step = 256
+
+    def __init__(self, window=None):
+        self.window = window
+        self.keys = self.values = None  # (B, K, capacity, H)
+        self.offset = 0  # absolute position of the next token
+        self.start = 0  # absolute position of buffer slot 0
+
+    def first_visible(self, offset):
+        """Oldest absolute position a query at `offset` (or later) can attend to."""
+        return 0 if self.window is None else max(0, offset - self.window + 1)
+
+    def update(self, k_BKTH, v_BKTH):
+        """Append T new positions; return the keys and values the new queries see.
+
+        The returned keys span absolute positions first_visible(offset) .. offset+T-1,
+        which is what `attention_mask` assumes.
+        """
+        T = k_BKTH.shape[2]
+        first = self.first_visible(self.offset)
+        used = self.offset - self.start
+        if self.keys is None or used + T > self.keys.shape[2]:
+            self._compact_and_grow(first, T, k_BKTH, v_BKTH)
+            used = self.offset - self.start
+        self.keys[:, :, used:used + T] = k_BKTH
+        self.values[:, :, used:used + T] = v_BKTH
+        self.offset += T
+        lo, hi = first - self.start, self.offset - self.start
+        return self.keys[:, :, lo:hi], self.values[:, :, lo:hi]
+
+    def _compact_and_grow(self, first, T, k_BKTH, v_BKTH):
+        B, K, _, H = k_BKTH.shape
+        keep_lo = first - self.start
+        n_keep = self.offset - first
+        capacity = (n_keep + T + self.step - 1) // self.step * self.step
+        keys = mx.zeros((B, K, capacity, H), k_BKTH.dtype)
+        values = mx.zeros((B, K, capacity, H), v_BKTH.dtype)
+        if self.keys is not None and n_keep > 0:
+            keys[:, :, :n_keep] = self.keys[:, :, keep_lo:keep_lo + n_keep]
+            values[:, :, :n_keep] = self.values[:, :, keep_lo:keep_lo + n_keep]
+        self.keys, self.values, self.start = keys, values, first
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+
+def attention_mask(T, offset, window):
+    """Mask for T queries at positions offset.. over the keys KVCache.update returns.
+
+    A query at position i sees keys i-W+1 .. i (all keys up to i without a window).
+    Returns None when every query sees every key, "causal" for the plain
+    square case (MLX's fused kernel), else a boolean (T, S) array.
+    """
+    start = 0 if window is None else max(0, offset - window + 1)
+    if T == 1:
+        return None
+    if offset == 0 and (window is None or window >= T):
+        return "causal"
+    q_T1 = mx.arange(offset, offset + T)[:, None]
+    k_1S = mx.arange(start, offset + T)[None]
+    allowed_TS = k_1S <= q_T1
+    if window is not None:
+        allowed_TS = allowed_TS & (k_1S > q_T1 - window)
+    return allowed_TS
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.scale = args.head_dim ** -0.5
+        self.rope_theta = args.rope_theta
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def __call__(self, x_BTD, mask, cache=None):
+        B, T, _ = x_BTD.shape
+        q_BNTH = self.wq(x_BTD).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k_BKTH = self.wk(x_BTD).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v_BKTH = self.wv(x_BTD).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        # Meta's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ...: "traditional" in MLX.
+        q_BNTH = mx.fast.rope(q_BNTH, self.head_dim, traditional=True, base=self.rope_theta,
+                              scale=1.0, offset=offset)
+        k_BKTH = mx.fast.rope(k_BKTH, self.head_dim, traditional=True, base=self.rope_theta,
+                              scale=1.0, offset=offset)
+        if cache is not None:
+            k_BKTH, v_BKTH = cache.update(k_BKTH, v_BKTH)
+        # The fused kernel handles grouped-query attention (K < N) itself.
+        o_BNTH = mx.fast.scaled_dot_product_attention(q_BNTH, k_BKTH, v_BKTH, scale=self.scale, mask=mask)
+        return self.wo(o_BNTH.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def __call__(self, x_BTD):
+        return self.w2(nn.silu(self.w1(x_BTD)) * self.w3(x_BTD))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def __call__(self, x_BTD, mask, cache=None):
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), mask, cache)
+        return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.grad_checkpoint = False
+
+    def __call__(self, tokens_BT, cache=None):
+        T = tokens_BT.shape[1]
+        offset = 0 if cache is None else cache[0].offset
+        mask = attention_mask(T, offset, self.args.sliding_window)
+        h_BTD = self.tok_embeddings(tokens_BT)
+        for i, layer in enumerate(self.layers):
+            if self.grad_checkpoint and cache is None:
+                h_BTD = _checkpointed(layer, h_BTD, mask)
+            else:
+                h_BTD = layer(h_BTD, mask, None if cache is None else cache[i])
+        return self.output(self.norm(h_BTD))  # logits_BTV
+
+    def make_cache(self):
+        return [KVCache(self.args.sliding_window) for _ in self.layers]
+
+
+def _checkpointed(layer, h_BTD, mask):
+    """Run a block without keeping its activations; they are recomputed in backward."""
+
+    def run(params, h):
+        layer.update(params)
+        return layer(h, mask)
+
+    return mx.checkpoint(run)(layer.trainable_parameters(), h_BTD)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / rank) * dropout(x) A B, with the base frozen.
+
+    `base` is an nn.Linear or an nn.QuantizedLinear (QLoRA). B starts at zero, so
+    the adapted model equals the base model until training moves it.
+    """
+
+    def __init__(self, base, rank=8, alpha=16.0, dropout=0.0):
+        super().__init__()
+        out_dims, in_dims = base.weight.shape
+        if isinstance(base, nn.QuantizedLinear):
+            in_dims = in_dims * 32 // base.bits  # packed uint32 columns
+        self.linear = base
+        self.dropout = nn.Dropout(dropout)
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        bound = 1.0 / math.sqrt(in_dims)
+        # Adapter weights stay float32 whatever the base's dtype: they are what trains.
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))
+        self.lora_b = mx.zeros((rank, out_dims))
+
+    def __call__(self, x):
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + (self.scale * z).astype(y.dtype)
+
+    def fused_weight(self):
+        """The dense weight W + scale * (A B)^T, shape (out, in), in the base's float dtype."""
+        base = self.linear
+        if isinstance(base, nn.QuantizedLinear):
+            w = mx.dequantize(base.weight, base.scales, base.biases, base.group_size, base.bits)
+        else:
+            w = base.weight
+        delta = (self.scale * (self.lora_a @ self.lora_b)).T
+        return (w.astype(mx.float32) + delta).astype(w.dtype)
+
+
+def parse_targets(targets):
+    """'wq,wv' or 'all' -> tuple of module names; a UserError for unknown names."""
+    names = LORA_TARGETS if targets == "all" else tuple(t.strip() for t in targets.split(",") if t.strip())
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise UserError(f"--lora-targets: unknown {', '.join(unknown) or 'empty list'}; "
+                        f"choose from {', '.join(LORA_TARGETS)} or 'all'")
+    return names
+
+
+def apply_lora(model, lora_layers, targets=("wq", "wv"), rank=8, alpha=16.0, dropout=0.0):
+    """Freeze `model` and wrap `targets` of its last `lora_layers` blocks in LoRALinear.
+
+    Returns the LoRA configuration (saved beside adapters so they can be restored).
+    """
+    if rank < 1:
+        raise UserError(f"--lora-rank must be at least 1, got {rank}")
+    model.freeze()
+    n = len(model.layers)
+    first = max(0, n - lora_layers)
+    for layer in model.layers[first:]:
+        for name in targets:
+            parent = layer.attention if name in ("wq", "wk", "wv", "wo") else layer.feed_forward
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+    return {"lora_layers": n - first, "targets": list(targets), "rank": rank,
+            "alpha": alpha, "dropout": dropout}
+
+
+def lora_config_path(adapter_file):
+    """Where the LoRA configuration of `adapter_file` lives: same name, `.json`."""
+    return os.path.splitext(adapter_file)[0] + ".json"
+
+
+def save_adapters(model, adapter_file, lora_config):
+    """Write the adapter weights and, beside them, their configuration; both atomically."""
+    arrays = dict(tree_flatten(model.trainable_parameters()))
+    utils.write_json(lora_config_path(adapter_file), lora_config)
+    utils.atomic_save_arrays(adapter_file, arrays)
+
+
+def load_adapters(model, adapter_file):
+    """Wrap `model` as the adapter configuration says and load the adapter weights.
+
+    Adapters that do not fit the model (other dims, layers or rank) are a UserError.
+    """
+    config = read_json(lora_config_path(adapter_file), "adapter configuration")
+    try:
+        lora = apply_lora(model, int(config["lora_layers"]), tuple(config["targets"]),
+                          int(config["rank"]), float(config["alpha"]), 0.0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{lora_config_path(adapter_file)}: bad adapter configuration ({e!r})")
+    weights = load_arrays(adapter_file, "adapter file")
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    _check_fit(adapter_file, weights, expected, "adapters")
+    model.update(tree_unflatten(list(weights.items())))
+    return lora
+
+
+def _check_fit(path, weights, expected, what):
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        n = len(missing) + len(extra)
+        raise UserError(f"{path}: {what} do not fit this model ({detail}{f' and {n - 1} more' if n > 1 else ''})")
+    for key, value in expected.items():
+        if weights[key].shape != value.shape:
+            raise UserError(f"{path}: {what} do not fit this model ({key} has shape "
+                            f"{tuple(weights[key].shape)}, the model expects {tuple(value.shape)})")
+
+
+def load_arrays(path, what="weights"):
+    """mx.load a .npz or .safetensors file, with user-facing errors (no pickles involved)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: {what} not found")
+    try:
+        arrays = mx.load(path)
+    except Exception as e:  # MLX raises RuntimeError/ValueError for corrupt archives
+        raise UserError(f"{path}: cannot read {what} ({e})")
+    if not isinstance(arrays, dict):
+        raise UserError(f"{path}: expected named arrays in {what}")
+    return arrays
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """SentencePiece tokenizer with LLaMA's conventions (BOS/EOS ids from the model)."""
+
+    def __init__(self, model_path):
+        import sentencepiece as spm
+
+        if not os.path.exists(model_path):
+            raise UserError(f"{model_path}: tokenizer not found")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        except Exception as e:
+            raise UserError(f"{model_path}: not a SentencePiece model ({e})")
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+        self.vocab_size = self._sp.vocab_size()
+
+    def encode(self, text, bos=True, eos=False):
+        return ([self.bos_id] if bos else []) + self._sp.encode(text) + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        return self._sp.decode(list(ids))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def default_compute_dtype():
+    """float32 on the CPU (its float16 matmul is slow and unstable), the stored dtype elsewhere."""
+    return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else None
+
+
+def cast_floats(model, dtype):
+    """Cast the model's floating parameters (not packed quantized weights) to `dtype`."""
+    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          model.parameters()))
+
+
+def weights_file(path):
+    for name in ("weights.safetensors", "weights.npz"):
+        if os.path.exists(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise UserError(f"{path}: no weights.npz or weights.safetensors (convert a checkpoint with convert.py)")
+
+
+def load_model(path, adapter_file=None, compute_dtype="auto"):
+    """Load a converted model folder: (model, tokenizer, config).
+
+    `compute_dtype` is "auto" (float32 on the CPU, stored dtype on a GPU) or a
+    dtype name. With `adapter_file`, its LoRA adapters are applied.
+    """
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: model folder not found")
+    config_path = os.path.join(path, "config.json")
+    config = read_json(config_path, "model configuration")
+    args = ModelArgs.from_config(config, config_path)
+    model = Model(args)
+    weights_path = weights_file(path)
+    weights = load_arrays(weights_path)
+    quantization = config.get("quantization")
+    if quantization:
+        nn.quantize(model, quantization["group_size"], quantization["bits"],
+                    class_predicate=lambda name, module: f"{name}.scales" in weights)
+    _check_fit(weights_path, weights, dict(tree_flatten(model.parameters())), "weights")
+    model.update(tree_unflatten(list(weights.items())))
+    dtype = default_compute_dtype() if compute_dtype == "auto" else getattr(mx, compute_dtype)
+    if dtype is not None:
+        cast_floats(model, dtype)
+    tokenizer = Tokenizer(os.path.join(path, "tokenizer.model"))
+    if tokenizer.vocab_size > args.vocab_size:
+        raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} pieces, the model only {args.vocab_size}")
+    if adapter_file is not None:
+        load_adapters(model, adapter_file)
+    mx.eval(model.parameters())
+    return model, tokenizer, config

@@ -1,0 +1,203 @@
+"""Helpers shared by every script: fast BLAS, user errors, atomic files, JSONL.
+
+Import this module before `mlx.core`: on Linux it loads a fast BLAS into the
+global symbol scope so that MLX's `cblas_sgemm` resolves to it (MLX's CPU wheel
+bundles the reference BLAS, about 40x slower; see README, "Fast BLAS").
+"""
+
+import contextlib
+import ctypes
+import glob
+import json
+import os
+import platform
+import sys
+import tempfile
+
+# Candidates, most preferred first. MLX_LORA_BLAS names a library explicitly;
+# "none" keeps MLX's bundled BLAS.
+_BLAS_CANDIDATES = [
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+]
+
+BLAS_PATH = None  # the library loaded, for reports
+
+
+def _find_blas():
+    explicit = os.environ.get("MLX_LORA_BLAS")
+    if explicit:
+        return None if explicit == "none" else explicit
+    # PyPI's `mkl` puts libmkl_rt in the environment's lib folder.
+    mkl = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    for path in _BLAS_CANDIDATES + mkl:
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _load_fast_blas():
+    global BLAS_PATH
+    if platform.system() != "Linux":
+        return  # macOS: MLX uses Accelerate and Metal already
+    if "mlx.core" in sys.modules:
+        # Too late: symbols are already bound to the reference BLAS.
+        print("warning: utils imported after mlx.core; fast BLAS not loaded", file=sys.stderr)
+        return
+    path = _find_blas()
+    if path is None:
+        return
+    if "mkl_rt" in path:
+        os.environ.setdefault("KMP_BLOCKTIME", "0")  # MKL threads otherwise spin between calls
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        BLAS_PATH = path
+    except OSError as e:
+        print(f"warning: could not load fast BLAS {path}: {e}", file=sys.stderr)
+
+
+_load_fast_blas()
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported in one line, no traceback."""
+
+
+def run_cli(main):
+    """Run `main()`; report user errors in one line and exit non-zero."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        # Unwritable folders, full disks, missing files: the user's to fix, in one line.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file beside `path`; on success fsync and rename it over `path`.
+
+    On any exception the temporary file is removed and `path` is untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(folder):
+    # The rename itself is durable only once the folder's entry is on disk.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_save_arrays(path, arrays):
+    """Save a dict of MLX arrays to `path` (.npz or .safetensors) atomically."""
+    import mlx.core as mx
+
+    # mx.savez wants a path of its own: write a sibling temporary, then rename.
+    folder = os.path.dirname(os.path.abspath(path))
+    ext = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=ext)
+    os.close(fd)
+    try:
+        if ext == ".safetensors":
+            mx.save_safetensors(tmp, arrays)
+        else:
+            mx.savez(tmp, **arrays)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON, atomically."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_json(path, what="file"):
+    """Read a JSON object from `path`, with errors that name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024
+
+
+def read_jsonl(path, max_line_bytes=MAX_JSONL_LINE_BYTES):
+    """Yield (line_number, object) for each non-blank line of a JSONL file.
+
+    Every defect is a UserError naming the file and line: not UTF-8, not JSON,
+    not an object, or longer than `max_line_bytes`.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found")
+    with f:
+        for lineno, raw in enumerate(_bounded_lines(f, max_line_bytes, path), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: line {lineno}: not UTF-8 (byte {e.start})")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {lineno}: invalid JSON ({e.msg})")
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _bounded_lines(f, max_line_bytes, path):
+    lineno = 0
+    while True:
+        raw = f.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            raise UserError(f"{path}: line {lineno}: longer than {max_line_bytes} bytes")
+        yield raw
