@@ -342,6 +342,10 @@ def train(model, train_set, val_set, args, lora_config):
     plan = batch_plan(train_set, args.batch_size)
     log = MetricsLog(args.adapter_file)
     window_loss, window_toks, window_steps, bad_in_a_row, bad_total = 0.0, 0, 0, 0, 0
+    if val_set is not None:
+        val_loss = evaluate(model, val_set, args.batch_size, args.val_batches)
+        print(f"Iter 0: val loss {val_loss:.3f}", file=sys.stderr)
+        log.log(step=0, val_loss=val_loss)
     tic = time.perf_counter()
     bar = tqdm(range(1, args.iters + 1), desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     try:

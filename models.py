@@ -298,6 +298,9 @@ def lora_config_path(adapter_file):
 def save_adapters(model, adapter_file, lora_config):
     """Write the adapter weights and, beside them, their configuration; both atomically."""
     arrays = dict(tree_flatten(model.trainable_parameters()))
+    bad = [k for k, v in arrays.items() if not mx.isfinite(v).all().item()]
+    if bad:
+        raise UserError(f"{adapter_file}: not written, adapter {bad[0]} has non-finite values")
     utils.write_json(lora_config_path(adapter_file), lora_config)
     utils.atomic_save_arrays(adapter_file, arrays)
 

@@ -1,0 +1,117 @@
+"""Streaming detokenization, sampling and stopping at EOS."""
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import lora
+import models
+from checkpoints import ASSETS, make_tokenizer
+
+TEXTS = ["Once upon a time", " héllo wörld", " 日本語のテキスト", " emoji 🙂🎉 end", "  two  spaces\nand a newline",
+         "ß→∑ mixed ✓ 12 34"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    found = {"tiny": models.Tokenizer(make_tokenizer(tmp_path_factory.mktemp("tok")))}
+    mistral = os.path.join(ASSETS, "tokenizers", "mistral-7b-v0.1.model")
+    if os.path.exists(mistral):
+        found["mistral"] = models.Tokenizer(mistral)
+    return found
+
+
+def stream(tokenizer, prompt_ids, new_ids):
+    detok = lora.StreamingDetokenizer(tokenizer, prompt_ids)
+    chunks = [detok.add(t) for t in new_ids]
+    chunks.append(detok.flush())
+    return chunks
+
+
+@pytest.mark.parametrize("name", ["tiny", "mistral"])
+@pytest.mark.parametrize("prompt, continuation", [("Once", TEXTS[1]), ("Hi", TEXTS[2]), ("A", TEXTS[3]),
+                                                  ("x", TEXTS[4]), ("Q:", TEXTS[5])])
+def test_streamed_text_equals_full_decode(tokenizers, name, prompt, continuation):
+    if name not in tokenizers:
+        pytest.skip("../shared/assets/tokenizers is not available")
+    tok = tokenizers[name]
+    prompt_ids = tok.encode(prompt)
+    ids = tok.encode(prompt + continuation)
+    assert ids[:len(prompt_ids)] == prompt_ids or name == "tiny"
+    new_ids = ids[len(prompt_ids):]
+    chunks = stream(tok, ids[:len(prompt_ids)], new_ids)
+    assert "".join(chunks) == tok.decode(ids)[len(tok.decode(ids[:len(prompt_ids)])):]
+    assert not any("\ufffd" in c for c in chunks), chunks  # no half characters printed
+
+
+def test_byte_fallback_characters_are_held_until_complete(tokenizers):
+    tok = tokenizers["tiny"]
+    ids = tok.encode("🙂", bos=False)
+    assert len(ids) >= 4  # four byte pieces: the test tokenizer has no emoji piece
+    chunks = stream(tok, [tok.bos_id], ids)
+    assert chunks[:-1] == [""] * (len(ids) - 1) + ["🙂"] or "".join(chunks) == "🙂"
+    assert "🙂" in chunks
+
+
+def test_word_leading_space_is_kept(tokenizers):
+    if "mistral" not in tokenizers:
+        pytest.skip("../shared/assets/tokenizers is not available")
+    tok = tokenizers["mistral"]
+    prompt = tok.encode("Hello")
+    world = tok.encode("Hello world")[len(prompt):]
+    assert "".join(stream(tok, prompt, world)) == " world"
+
+
+def test_greedy_sampling_is_argmax():
+    logits = mx.array([0.1, 3.0, -1.0, 2.9])
+    assert lora.sample(logits, 0.0, 1.0).item() == 1
+
+
+def test_top_p_keeps_only_the_nucleus():
+    mx.random.seed(0)
+    logits = mx.log(mx.array([0.5, 0.3, 0.15, 0.05]))
+    draws = {lora.sample(logits, 1.0, 0.7).item() for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is cut
+    draws = {lora.sample(logits, 1.0, 1.0).item() for _ in range(400)}
+    assert draws == {0, 1, 2, 3}
+
+
+def test_generation_stops_at_eos(tokenizers, monkeypatch, capsys):
+    tok = tokenizers["tiny"]
+    words = tok.encode("the cat", bos=False)  # "▁the ▁cat": SentencePiece adds the space
+
+    def fake_tokens(model, prompt, temp, top_p):
+        yield from words + [tok.eos_id] + tok.encode("never printed", bos=False)
+
+    monkeypatch.setattr(lora, "generate_tokens", fake_tokens)
+    args = lora.parse_args(["--prompt", "Once", "-n", "50"])
+    lora.generate(None, tok, args)
+    out = capsys.readouterr()
+    assert out.out == "Once the cat\n"
+    assert f"({len(words)} tokens)" in out.err
+
+
+def test_generation_respects_num_tokens(tokenizers, monkeypatch, capsys):
+    tok = tokenizers["tiny"]
+    letters = tok.encode("a b c d e f g h", bos=False)
+    monkeypatch.setattr(lora, "generate_tokens", lambda *a: iter(letters))
+    lora.generate(None, tok, lora.parse_args(["--prompt", "x", "-n", "3", "--write-every", "2"]))
+    out = capsys.readouterr()
+    assert "(3 tokens)" in out.err
+    assert out.out == "x" + tok.decode(tok.encode("x") + letters[:3])[1:] + "\n"
+
+
+def test_generate_tokens_uses_the_cache_like_a_full_forward(tiny_llama):
+    model, _, _ = models.load_model(tiny_llama[0])
+    prompt = [1, 5, 9, 13]
+    tokens = []
+    for t in lora.generate_tokens(model, prompt, temp=0.0):
+        tokens.append(t)
+        if len(tokens) == 12:
+            break
+    seq = list(prompt)
+    for _ in range(12):  # recompute from scratch each time: no cache
+        seq.append(int(np.argmax(np.array(model(mx.array([seq]))[0, -1]))))
+    assert tokens == seq[len(prompt):]

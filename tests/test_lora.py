@@ -1,0 +1,291 @@
+"""LoRA / QLoRA training, validation, test, adapters and data errors (lora.py)."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import lora
+import models
+from checkpoints import make_checkpoint
+from conftest import STORIES, convert_checkpoint
+from utils import UserError
+
+LORA = os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "lora.py")
+NAMES, THINGS = ["Tom", "Lily", "Ben", "Anna"], ["ball", "cat", "tree", "boat", "cake"]
+
+
+def story(rng):
+    n, t = rng.choice(NAMES), rng.choice(THINGS)
+    return f"{n} had a {t}. {n} loved the {t} and played with the {t} in the park."
+
+
+def write_split(folder, split, lines):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+
+
+def write_dataset(folder, n_train=24, n_valid=8, n_test=8, seed=0):
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        write_split(folder, split, [{"text": story(rng)} for _ in range(n)])
+    return str(folder)
+
+
+def run_training(model_dir, data, adapter_file, *flags):
+    argv = ["--model", model_dir, "--train", "--data", data, "--adapter-file", str(adapter_file),
+            "--iters", "40", "--batch-size", "4", "--learning-rate", "1e-2", "--lora-layers", "2",
+            "--steps-per-report", "5", "--steps-per-eval", "20", "--save-every", "10", *flags]
+    lora.main(argv)
+    with open(os.path.splitext(adapter_file)[0] + ".metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(records, key):
+    return [r[key] for r in records if key in r]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    data = write_dataset(root / "data")
+    records = run_training(tiny_llama[0], data, root / "adapters.npz")
+    return tiny_llama[0], data, root / "adapters.npz", records
+
+
+def test_training_lowers_loss_and_writes_outputs(trained):
+    _, _, adapter_file, records = trained
+    train_losses = losses(records, "train_loss")
+    assert train_losses[-1] < 0.6 * train_losses[0]
+    val = losses(records, "val_loss")
+    assert len(val) == 3 and all(math.isfinite(v) for v in val) and val[-1] < val[0]
+    for suffix in (".npz", ".json", ".metrics.jsonl", ".loss.png"):
+        assert os.path.getsize(os.path.splitext(adapter_file)[0] + suffix) > 0
+    assert {"learning_rate", "tokens_per_s", "it_per_s", "peak_memory_gb"} <= set(records[1])
+
+
+def test_adapters_reload_from_file_alone_gives_same_logits(trained):
+    model_dir, data, adapter_file, _ = trained
+    config = json.load(open(os.path.splitext(adapter_file)[0] + ".json"))
+    assert config == {"lora_layers": 2, "targets": ["wq", "wv"], "rank": 8, "alpha": 16.0, "dropout": 0.0}
+    tokens = mx.array([[1, 20, 30, 40, 50, 60]])
+    base, _, _ = models.load_model(model_dir)
+    adapted, _, _ = models.load_model(model_dir, adapter_file=str(adapter_file))
+    # The same adapters applied by hand to a fresh model: identical logits.
+    by_hand, _, _ = models.load_model(model_dir)
+    models.apply_lora(by_hand, 2)
+    by_hand.load_weights(str(adapter_file), strict=False)
+    np.testing.assert_array_equal(np.array(adapted(tokens)), np.array(by_hand(tokens)))
+    assert np.abs(np.array(adapted(tokens)) - np.array(base(tokens))).max() > 1e-3  # training moved it
+
+
+def test_test_split_reports_finite_loss_and_perplexity(trained):
+    model_dir, data, adapter_file, _ = trained
+    run = subprocess.run([sys.executable, LORA, "--model", model_dir, "--data", data, "--test",
+                          "--adapter-file", str(adapter_file), "--test-batches", "-1"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    loss, ppl = (float(x.rstrip(".,")) for x in run.stdout.split()[2::3][:2])
+    assert math.isfinite(loss) and abs(ppl - math.exp(loss)) < 1e-2 * ppl
+
+
+def test_zero_initialized_lora_equals_base(tiny_llama):
+    base, _, _ = models.load_model(tiny_llama[0])
+    adapted, _, _ = models.load_model(tiny_llama[0])
+    models.apply_lora(adapted, 2, models.LORA_TARGETS, rank=4)
+    tokens = mx.array([[1, 7, 8, 9, 10]])
+    np.testing.assert_array_equal(np.array(adapted(tokens)), np.array(base(tokens)))
+
+
+def test_only_lora_parameters_train(tiny_llama):
+    model, _, _ = models.load_model(tiny_llama[0])
+    models.apply_lora(model, 2)
+    names = [k for k, _ in models.tree_flatten(model.trainable_parameters())]
+    assert names and all(k.endswith(("lora_a", "lora_b")) for k in names)
+
+
+def test_qlora_on_4bit_base_trains(tmp_path):
+    make_checkpoint(tmp_path / "torch", "llama2", seed=2)
+    model_dir = convert_checkpoint(tmp_path / "torch", tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32)
+    records = run_training(model_dir, write_dataset(tmp_path / "data"), tmp_path / "ad.npz", "--iters", "30")
+    train_losses = losses(records, "train_loss")
+    assert train_losses[-1] < 0.7 * train_losses[0]
+    assert losses(records, "val_loss")[-1] < losses(records, "val_loss")[0]
+
+
+def test_stories260k_short_run_lowers_validation_loss(stories_model, tmp_path):
+    rng = random.Random(1)
+    folder = tmp_path / "stories"
+    for split, n in (("train", 32), ("valid", 8), ("test", 4)):
+        write_split(folder, split, [{"text": f"Once upon a time, {story(rng)} The end."} for _ in range(n)])
+    records = run_training(stories_model, str(folder), tmp_path / "ad.npz", "--iters", "30",
+                           "--learning-rate", "3e-3", "--lora-layers", "5", "--steps-per-eval", "30")
+    val = losses(records, "val_loss")
+    assert val[-1] < 0.8 * val[0]
+
+
+# ----------------------------------------------------------------------------- batching and loss
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama):
+    return models.load_model(tiny_llama[0])[1]
+
+
+def test_loss_counts_exactly_the_real_target_tokens(tokenizer, tmp_path):
+    rng = random.Random(3)
+    write_split(tmp_path, "train", [{"text": " ".join(rng.choice(THINGS) for _ in range(rng.randint(1, 12)))}
+                                    for _ in range(9)])
+    ds = lora.load_split(str(tmp_path), "train", tokenizer, 2048, False)
+    for indices in lora.batch_plan(ds, 4):
+        _, _, mask = lora.make_batch(ds, indices)
+        assert mask.sum().item() == sum(len(ds.tokens[i]) - 1 for i in indices)
+
+
+def test_mask_prompt_excludes_prompt_tokens(tokenizer, tmp_path):
+    rows = [{"prompt": "Q: What is a cat?\nA:", "completion": " A cat is a small animal."},
+            {"prompt": "Q: Where is Tom?\nA:", "completion": " Tom is in the park."}]
+    write_split(tmp_path, "train", rows)
+    masked = lora.load_split(str(tmp_path), "train", tokenizer, 2048, True)
+    full = lora.load_split(str(tmp_path), "train", tokenizer, 2048, False)
+    _, targets, mask = lora.make_batch(masked, [0, 1])
+    completion_tokens = 0
+    for row in rows:
+        n_prompt = len(tokenizer.encode(row["prompt"]))
+        total = len(tokenizer.encode(row["prompt"] + row["completion"], eos=True))
+        assert tokenizer.encode(row["prompt"] + row["completion"])[:n_prompt] == tokenizer.encode(row["prompt"])
+        completion_tokens += total - n_prompt  # completion tokens plus EOS
+    assert mask.sum().item() == completion_tokens
+    assert lora.make_batch(full, [0, 1])[2].sum().item() == sum(len(t) - 1 for t in full.tokens)
+    # The first counted target of each row is the completion's first token.
+    first = int(np.argmax(np.array(mask[0])))
+    assert targets[0, first].item() == tokenizer.encode(rows[0]["prompt"] + rows[0]["completion"])[
+        len(tokenizer.encode(rows[0]["prompt"]))]
+
+
+def test_every_example_is_seen_each_epoch_including_the_partial_batch(tokenizer, tmp_path):
+    write_split(tmp_path, "train", [{"text": f"the cat {i}"} for i in range(10)])
+    ds = lora.load_split(str(tmp_path), "train", tokenizer, 2048, False)
+    plan = lora.batch_plan(ds, 4)
+    assert [len(b) for b in plan] == [4, 4, 2]
+    for epoch in range(3):
+        seen = [i for step in range(epoch * 3, epoch * 3 + 3)
+                for i in plan[lora.training_batch_order(len(plan), 0, step)]]
+        assert sorted(seen) == list(range(10))
+
+
+def test_training_set_smaller_than_batch_size_trains(tiny_llama, tmp_path):
+    write_split(tmp_path / "d", "train", [{"text": "the cat sat"}, {"text": "the dog ran"}])
+    write_split(tmp_path / "d", "valid", [{"text": "the cat ran"}])
+    records = run_training(tiny_llama[0], str(tmp_path / "d"), tmp_path / "ad.npz", "--iters", "6")
+    assert losses(records, "train_loss")
+
+
+def test_whole_set_validation_has_no_nan(tiny_llama, tokenizer, tmp_path):
+    model, _, _ = models.load_model(tiny_llama[0])
+    write_split(tmp_path, "valid", [{"text": story(random.Random(i))} for i in range(7)])
+    ds = lora.load_split(str(tmp_path), "valid", tokenizer, 2048, False)
+    assert math.isfinite(lora.evaluate(model, ds, 4, -1))
+
+
+def test_long_examples_are_truncated_with_one_warning(tokenizer, tmp_path, capsys):
+    write_split(tmp_path, "train", [{"text": "the cat " * 50}, {"text": "the dog " * 80}, {"text": "short"}])
+    ds = lora.load_split(str(tmp_path), "train", tokenizer, 32, False)
+    assert max(len(t) for t in ds.tokens) == 32
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "2 example(s)" in err and "longest" in err
+
+
+def test_non_finite_loss_stops_training_and_writes_no_adapters(tiny_llama, tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "data")
+    real_apply = models.apply_lora
+
+    def poisoned_apply(model, *a, **k):
+        config = real_apply(model, *a, **k)
+        model.layers[-1].attention.wq.lora_a = mx.full(model.layers[-1].attention.wq.lora_a.shape, mx.nan)
+        return config
+
+    monkeypatch.setattr(models, "apply_lora", poisoned_apply)
+    with pytest.raises(UserError, match="non-finite steps in a row.*lower --learning-rate"):
+        run_training(tiny_llama[0], data, tmp_path / "ad.npz", "--max-bad-steps", "3")
+    assert not os.path.exists(tmp_path / "ad.npz")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def test_yaml_config_sets_defaults_and_flags_win(tmp_path):
+    (tmp_path / "c.yaml").write_text("lora-rank: 4\nlearning_rate: 0.001\nlora_targets: all\nmask-prompt: true\n")
+    args = lora.parse_args(["--config", str(tmp_path / "c.yaml"), "--lora-rank", "16"])
+    assert (args.lora_rank, args.learning_rate, args.lora_targets, args.mask_prompt) == (16, 1e-3, "all", True)
+
+
+@pytest.mark.parametrize("text, message", [("bogus_key: 1\n", "unknown key 'bogus_key'"),
+                                           ("lora_rank: many\n", "key 'lora_rank'"),
+                                           ("lr_schedule: linear\n", "not one of constant, cosine"),
+                                           ("[1, 2\n", "invalid YAML")])
+def test_bad_yaml_config_is_a_clear_error(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(UserError, match=message):
+        lora.parse_args(["--config", str(tmp_path / "c.yaml")])
+
+
+def test_adapters_that_do_not_fit_are_a_clear_error(trained, tmp_path):
+    make_checkpoint(tmp_path / "torch", "llama2", dim=32, n_heads=4, seed=9)
+    other = convert_checkpoint(tmp_path / "torch", tmp_path / "mlx")
+    with pytest.raises(UserError, match="adapters.npz: adapters do not fit this model"):
+        models.load_model(other, adapter_file=str(trained[2]))
+
+
+def test_help_explains_every_flag():
+    parser = lora.build_parser()
+    assert all(a.help for a in parser._actions)
+
+
+# ----------------------------------------------------------------------------- data errors
+
+BAD_LINES = [
+    ('{"text": "fine"}\n{"text": "unterminated\n', "train.jsonl: line 2: invalid JSON"),
+    ('{"text": "fine"}\n{"body": "no key"}\n', "train.jsonl: line 2: expected key 'text'"),
+    ('{"text": "   "}\n', "train.jsonl: line 1: 'text' must be a non-empty string"),
+    ('{"prompt": "Q", "completion": ""}\n', "train.jsonl: line 1: 'prompt' must be a string and 'completion'"),
+    ('["a", "list"]\n', "train.jsonl: line 1: expected a JSON object"),
+    (b'{"text": "caf\xe9"}\n', "train.jsonl: line 1: not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_LINES)
+def test_bad_data_lines_name_file_and_line(tokenizer, tmp_path, content, message):
+    mode = "wb" if isinstance(content, bytes) else "w"
+    with open(tmp_path / "train.jsonl", mode) as f:
+        f.write(content)
+    with pytest.raises(UserError, match=message):
+        lora.load_split(str(tmp_path), "train", tokenizer, 2048, False)
+
+
+def test_mask_prompt_on_text_lines_is_an_error(tokenizer, tmp_path):
+    write_split(tmp_path, "train", [{"text": "the cat"}])
+    with pytest.raises(UserError, match="line 1: --mask-prompt needs 'prompt' and 'completion'"):
+        lora.load_split(str(tmp_path), "train", tokenizer, 2048, True)
+
+
+@pytest.mark.parametrize("missing, message", [("valid", "valid.jsonl: file not found"),
+                                              ("train-empty", "train.jsonl: no training examples")])
+def test_missing_or_empty_splits_fail_before_training(tiny_llama, tmp_path, missing, message):
+    data = tmp_path / "d"
+    write_split(data, "train", [] if missing == "train-empty" else [{"text": "the cat"}])
+    if missing != "valid":
+        write_split(data, "valid", [{"text": "the cat"}])
+    run = subprocess.run([sys.executable, LORA, "--model", tiny_llama[0], "--train", "--data", str(data),
+                          "--adapter-file", str(tmp_path / "ad.npz"), "--iters", "2"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert message in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 2  # "Loading model ..." and the one-line error
+    assert not os.path.exists(tmp_path / "ad.npz")
