@@ -30,8 +30,11 @@ def _find_blas():
     explicit = os.environ.get("MLX_LORA_BLAS")
     if explicit:
         return None if explicit == "none" else explicit
-    # PyPI's `mkl` puts libmkl_rt in the environment's lib folder.
-    mkl = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    # PyPI's `mkl` puts libmkl_rt in the environment's (or the user's) lib folder.
+    import site
+
+    mkl = [path for prefix in (sys.prefix, site.getuserbase())
+           for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))]
     for path in _BLAS_CANDIDATES + mkl:
         if os.path.exists(path):
             return path
