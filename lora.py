@@ -6,9 +6,9 @@
 """
 
 import argparse
-import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -19,9 +19,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 import models
+import trainer
 
 DEFAULT_MODEL = "mlx_model"
 
@@ -59,7 +60,9 @@ def build_parser():
     p.add_argument("--steps-per-report", type=int, default=10, help="steps between training-loss reports")
     p.add_argument("--steps-per-eval", type=int, default=200, help="steps between validation runs")
     p.add_argument("--save-every", type=int, default=100, help="steps between adapter saves")
-    p.add_argument("--resume-adapter-file", help="start training from these adapter weights")
+    p.add_argument("--resume-adapter-file", help="start training from these adapter weights (weights only)")
+    p.add_argument("--resume", help="resume from a full-state checkpoint: its path, or 'latest' beside --adapter-file")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="full-state checkpoints to keep (saved every --save-every steps)")
     p.add_argument("--adapter-file", default="adapters.npz", help="where adapters are saved and loaded from")
     # Test
     p.add_argument("--test", action="store_true", help="report test loss and perplexity")
@@ -76,7 +79,7 @@ def parse_args(argv=None):
         parser.set_defaults(**read_config(args.config, parser))
         args = parser.parse_args(argv)
     for name in ("batch_size", "iters", "lora_layers", "max_seq_length", "steps_per_report",
-                 "steps_per_eval", "save_every", "num_tokens", "write_every", "max_bad_steps"):
+                 "steps_per_eval", "save_every", "num_tokens", "write_every", "max_bad_steps", "keep_checkpoints"):
         if getattr(args, name) < (0 if name == "iters" else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
@@ -225,18 +228,6 @@ def evaluate(model, dataset, batch_size, num_batches):
 
 # ----------------------------------------------------------------------------- training
 
-def learning_rate_schedule(args):
-    if args.lr_schedule == "cosine":
-        decay = optim.cosine_decay(args.learning_rate, max(args.iters - args.warmup, 1))
-    else:
-        decay = args.learning_rate
-    if args.warmup <= 0:
-        return decay
-    warmup = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
-    constant = decay if callable(decay) else (lambda step: mx.array(args.learning_rate))
-    return optim.join_schedules([warmup, constant], [args.warmup])
-
-
 def count_parameters(model):
     """(total, trainable) parameter counts; packed quantized weights count their real elements."""
     total = 0
@@ -256,140 +247,90 @@ def _bits_of(model, weight_name):
     return module.bits
 
 
-def make_train_step(model, optimizer):
-    """One compiled step: loss, gradients, and an update applied only if all are finite.
-
-    A non-finite loss or gradient leaves the adapters and optimizer untouched.
-    """
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, optimizer.state, mx.random.state]
-
-    def step(inputs_BT, targets_BT, mask_BT):
-        (loss, ntoks), grads = value_and_grad(model, inputs_BT, targets_BT, mask_BT)
-        finite = mx.isfinite(loss)
-        for _, g in tree_flatten(grads):
-            finite = finite & mx.isfinite(g).all()
-        old_params = model.trainable_parameters()
-        old_opt = tree_map(lambda x: x, optimizer.state)  # new containers, same arrays
-        optimizer.update(model, grads)
-        keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
-        model.update(tree_map(keep, model.trainable_parameters(), old_params))
-        # Update in place: the compiled function tracks this very dict.
-        optimizer.state.update(tree_map(keep, optimizer.state, old_opt))
-        return loss, ntoks, finite
-
-    # Create the optimizer state now so that compile sees its arrays from the start.
-    optimizer.init(model.trainable_parameters())
-    return mx.compile(step, inputs=state, outputs=state)
+def learning_rate_schedule(args):
+    if args.lr_schedule == "cosine":
+        decay = optim.cosine_decay(args.learning_rate, max(args.iters - args.warmup, 1))
+    else:
+        decay = args.learning_rate
+    if args.warmup <= 0:
+        return decay
+    warmup = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
+    constant = decay if callable(decay) else (lambda step: mx.array(args.learning_rate))
+    return optim.join_schedules([warmup, constant], [args.warmup])
 
 
-class MetricsLog:
-    """Training metrics as JSON lines beside the adapters, and a loss plot at the end."""
-
-    def __init__(self, adapter_file):
-        stem = os.path.splitext(adapter_file)[0]
-        self.path, self.plot_path = stem + ".metrics.jsonl", stem + ".loss.png"
-        self.records = []
-        self._file = open(self.path, "w", encoding="utf-8")
-
-    def log(self, **record):
-        self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self):
-        self._file.close()
-        self._plot()
-
-    def _plot(self):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for kind, key in (("train", "train_loss"), ("valid", "val_loss")):
-            points = [(r["step"], r[key]) for r in self.records if key in r]
-            if points:
-                ax.plot(*zip(*points), marker="o" if kind == "valid" else None, label=kind)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        with utils.atomic_write(self.plot_path) as f:
-            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-
-
-def peak_memory_gb():
-    """Peak memory of this process: MLX's allocator peak, or the resident peak on the CPU."""
-    peak = mx.get_peak_memory()
-    if not peak:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak / 1e9
-
-
-def train(model, train_set, val_set, args, lora_config):
-    """Train the LoRA parameters; save adapters every --save-every steps and at the end."""
-    from tqdm import tqdm
-
+def run_training(model, data, args):
+    """Adapt, train (or resume), save; returns an exit code (non-zero when interrupted)."""
+    stem = os.path.splitext(args.adapter_file)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.adapter_file)), exist_ok=True)
-    schedule = learning_rate_schedule(args)
-    optimizer = optim.Adam(learning_rate=schedule)
-    step_fn = make_train_step(model, optimizer)
-    plan = batch_plan(train_set, args.batch_size)
-    log = MetricsLog(args.adapter_file)
-    window_loss, window_toks, window_steps, bad_in_a_row, bad_total = 0.0, 0, 0, 0, 0
-    if val_set is not None:
-        val_loss = evaluate(model, val_set, args.batch_size, args.val_batches)
-        print(f"Iter 0: val loss {val_loss:.3f}", file=sys.stderr)
-        log.log(step=0, val_loss=val_loss)
-    tic = time.perf_counter()
-    bar = tqdm(range(1, args.iters + 1), desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    checkpoints = trainer.Checkpoints(stem + "-checkpoints", args.keep_checkpoints)
+    run_meta = {"seed": args.seed, "batch_size": args.batch_size}
+    start_step, meta, arrays = 0, {}, None
+    if args.resume:
+        resume_path = checkpoints.latest() if args.resume == "latest" else args.resume
+        arrays, meta = trainer.load_checkpoint(resume_path)
+        for key, value in run_meta.items():
+            if meta.get(key) != value:
+                raise UserError(f"{resume_path}: checkpoint was made with --{key.replace('_', '-')} {meta.get(key)}, "
+                                f"this run has {value}")
+        lora = meta["lora"]
+        lora_config = models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"],
+                                        lora["alpha"], lora["dropout"])
+        start_step = meta["step"]
+        print(f"Resuming from {resume_path} at step {start_step}", file=sys.stderr)
+    else:
+        lora_config = models.apply_lora(model, args.lora_layers, models.parse_targets(args.lora_targets),
+                                        args.lora_rank, args.lora_alpha, args.lora_dropout)
+    if args.resume_adapter_file:
+        weights = models.load_arrays(args.resume_adapter_file, "adapter file")
+        models.check_fit(args.resume_adapter_file, weights, dict(tree_flatten(model.trainable_parameters())),
+                         "adapters")
+        model.load_weights(list(weights.items()), strict=False)
+    model.grad_checkpoint = args.grad_checkpoint
+    total, trainable = count_parameters(model)
+    print(f"Parameters: {total / 1e6:.3f}M total, {trainable / 1e6:.3f}M trainable "
+          f"({100 * trainable / total:.3f}%)", file=sys.stderr)
+
+    optimizer = optim.Adam(learning_rate=learning_rate_schedule(args))
+    step_fn = trainer.make_train_step(model, optimizer, loss_fn)
+    if arrays is not None:
+        trainer.restore(resume_path, arrays, model, optimizer)
+    trainer.write_manifest(stem + ".manifest.json",
+                           {"weights": models.weights_file(args.model),
+                            **{f"data.{s}": d.path for s, d in data.items()}},
+                           {k: v for k, v in vars(args).items()})
+    plan = batch_plan(data["train"], args.batch_size)
+    log = trainer.MetricsLog(stem + ".metrics.jsonl", stem + ".loss.png", append=start_step > 0)
+    model.train()
     try:
-        for step in bar:
-            indices = plan[training_batch_order(len(plan), args.seed, step - 1)]
-            loss, ntoks, finite = step_fn(*make_batch(train_set, indices))
-            mx.eval(loss, ntoks, finite, model.trainable_parameters(), optimizer.state)
-            if not finite.item():
-                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-                tqdm.write(f"step {step}: non-finite loss or gradient; step skipped "
-                           f"({bad_in_a_row} in a row, {bad_total} in all)", file=sys.stderr)
-                if bad_in_a_row >= args.max_bad_steps:
-                    raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
-                                    f"try a lower --learning-rate (now {args.learning_rate})")
-                continue
-            bad_in_a_row = 0
-            window_loss += loss.item() * ntoks.item()
-            window_toks += int(ntoks.item())
-            window_steps += 1
-            if step % args.steps_per_report == 0 or step == args.iters:
-                elapsed = time.perf_counter() - tic
-                record = dict(step=step, train_loss=window_loss / max(window_toks, 1),
-                              learning_rate=float(optimizer.learning_rate.item()),
-                              it_per_s=window_steps / elapsed, tokens_per_s=window_toks / elapsed,
-                              peak_memory_gb=peak_memory_gb())
-                tqdm.write(f"Iter {step}: train loss {record['train_loss']:.3f}, lr {record['learning_rate']:.3e}, "
-                           f"{record['it_per_s']:.2f} it/s, {record['tokens_per_s']:.1f} tok/s, "
-                           f"peak mem {record['peak_memory_gb']:.2f} GB", file=sys.stderr)
-                log.log(**record)
-                window_loss, window_toks, window_steps, tic = 0.0, 0, 0, time.perf_counter()
-            if val_set is not None and (step % args.steps_per_eval == 0 or step == args.iters):
-                t0 = time.perf_counter()
-                val_loss = evaluate(model, val_set, args.batch_size, args.val_batches)
-                tqdm.write(f"Iter {step}: val loss {val_loss:.3f}, val took {time.perf_counter() - t0:.2f}s",
-                           file=sys.stderr)
-                log.log(step=step, val_loss=val_loss)
-                tic += time.perf_counter() - t0  # keep evaluation out of the training speed
-            if step % args.save_every == 0 and step != args.iters:
-                models.save_adapters(model, args.adapter_file, lora_config)
+        trainer.train(
+            model, optimizer, step_fn,
+            batch_for_step=lambda step: make_batch(data["train"],
+                                                   plan[training_batch_order(len(plan), args.seed, step - 1)]),
+            evaluate=lambda: evaluate_without_dropout(model, data["valid"], args),
+            settings=args, checkpoints=checkpoints, log=log,
+            save_outputs=lambda: models.save_adapters(model, args.adapter_file, lora_config),
+            checkpoint_meta=dict(run_meta, lora=lora_config, bad_in_a_row=meta.get("bad_in_a_row", 0),
+                                 bad_total=meta.get("bad_total", 0)),
+            start_step=start_step)
+    except trainer.Interrupted as stop:
+        print(f"Stopped by {signal.Signals(stop.signum).name}; checkpoint {stop.checkpoint}. Resume with:\n"
+              f"  python lora.py {' '.join(sys.argv[1:])} --resume latest", file=sys.stderr)
+        return 128 + stop.signum
     finally:
-        bar.close()
         log.close()
-    models.save_adapters(model, args.adapter_file, lora_config)
+        model.eval()
+    log.plot()
     print(f"Saved adapters to {args.adapter_file} (metrics {log.path}, plot {log.plot_path})", file=sys.stderr)
+    return 0
+
+
+def evaluate_without_dropout(model, dataset, args):
+    model.eval()
+    try:
+        return evaluate(model, dataset, args.batch_size, args.val_batches)
+    finally:
+        model.train()
 
 
 # ----------------------------------------------------------------------------- generation
@@ -498,20 +439,9 @@ def main(argv=None):
             raise UserError(f"{data['train'].path}: no training examples")
         if len(data["valid"]) == 0:
             raise UserError(f"{data['valid'].path}: no validation examples")
-        lora_config = models.apply_lora(model, args.lora_layers, models.parse_targets(args.lora_targets),
-                                        args.lora_rank, args.lora_alpha, args.lora_dropout)
-        if args.resume_adapter_file:
-            weights = models.load_arrays(args.resume_adapter_file, "adapter file")
-            models._check_fit(args.resume_adapter_file, weights,
-                              dict(tree_flatten(model.trainable_parameters())), "adapters")
-            model.load_weights(list(weights.items()), strict=False)
-        model.grad_checkpoint = args.grad_checkpoint
-        total, trainable = count_parameters(model)
-        print(f"Parameters: {total / 1e6:.3f}M total, {trainable / 1e6:.3f}M trainable "
-              f"({100 * trainable / total:.3f}%)", file=sys.stderr)
-        model.train()
-        train(model, data["train"], data["valid"], args, lora_config)
-        model.eval()
+        code = run_training(model, data, args)
+        if code:
+            return code
     elif os.path.exists(args.adapter_file):
         models.load_adapters(model, args.adapter_file)
     elif args.adapter_file != build_parser().get_default("adapter_file"):

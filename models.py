@@ -318,12 +318,12 @@ def load_adapters(model, adapter_file):
         raise UserError(f"{lora_config_path(adapter_file)}: bad adapter configuration ({e!r})")
     weights = load_arrays(adapter_file, "adapter file")
     expected = dict(tree_flatten(model.trainable_parameters()))
-    _check_fit(adapter_file, weights, expected, "adapters")
+    check_fit(adapter_file, weights, expected, "adapters")
     model.update(tree_unflatten(list(weights.items())))
     return lora
 
 
-def _check_fit(path, weights, expected, what):
+def check_fit(path, weights, expected, what):
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing or extra:
@@ -411,7 +411,7 @@ def load_model(path, adapter_file=None, compute_dtype="auto"):
     if quantization:
         nn.quantize(model, quantization["group_size"], quantization["bits"],
                     class_predicate=lambda name, module: f"{name}.scales" in weights)
-    _check_fit(weights_path, weights, dict(tree_flatten(model.parameters())), "weights")
+    check_fit(weights_path, weights, dict(tree_flatten(model.parameters())), "weights")
     model.update(tree_unflatten(list(weights.items())))
     dtype = default_compute_dtype() if compute_dtype == "auto" else getattr(mx, compute_dtype)
     if dtype is not None:

@@ -117,8 +117,12 @@ def _fsync_dir(folder):
             os.close(fd)
 
 
-def atomic_save_arrays(path, arrays):
-    """Save a dict of MLX arrays to `path` (.npz or .safetensors) atomically."""
+def atomic_save_arrays(path, arrays, metadata=None, before_rename=None):
+    """Save a dict of MLX arrays to `path` (.npz, or .safetensors with string `metadata`) atomically.
+
+    `before_rename` runs once the data is on disk but not yet in place (tests kill the
+    process there to show that a crash leaves the previous file intact).
+    """
     import mlx.core as mx
 
     # mx.savez wants a path of its own: write a sibling temporary, then rename.
@@ -128,11 +132,13 @@ def atomic_save_arrays(path, arrays):
     os.close(fd)
     try:
         if ext == ".safetensors":
-            mx.save_safetensors(tmp, arrays)
+            mx.save_safetensors(tmp, arrays, metadata=metadata or {})
         else:
             mx.savez(tmp, **arrays)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
         _fsync_dir(folder)
     except BaseException:

@@ -1,0 +1,259 @@
+"""A training run is never lost: exact resume after SIGKILL or SIGINT, NaN guard, damaged files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import lora
+import models
+import trainer
+from test_lora import LORA, write_dataset, write_split
+from utils import UserError
+
+ITERS, SAVE_EVERY = 24, 4
+
+
+def train_command(model_dir, data, adapter_file, *extra):
+    # Dropout on, so the random stream must resume exactly too.
+    return [sys.executable, LORA, "--model", model_dir, "--train", "--data", data,
+            "--adapter-file", str(adapter_file), "--iters", str(ITERS), "--save-every", str(SAVE_EVERY),
+            "--steps-per-report", "2", "--steps-per-eval", "8", "--learning-rate", "3e-3",
+            "--lora-layers", "2", "--lora-dropout", "0.1", "--lora-targets", "all", "--batch-size", "3", *extra]
+
+
+def read_adapters(path):
+    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+
+
+def assert_same_bits(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    data = write_dataset(root / "data", n_train=14, n_valid=4)
+    reference = root / "reference" / "adapters.npz"
+    run = subprocess.run(train_command(tiny_llama[0], data, reference), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return tiny_llama[0], data, read_adapters(reference), root
+
+
+def wait_for_step(metrics_path, step, proc, timeout=120):
+    """Block until the run has logged `step` (metrics are flushed every report)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
+            if steps and max(steps) >= step:
+                return
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError("training did not reach the step in time")
+
+
+def resume_and_compare(setting, adapter_file):
+    model_dir, data, reference, _ = setting
+    run = subprocess.run(train_command(model_dir, data, adapter_file, "--resume", "latest"),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "Resuming from" in run.stderr
+    assert_same_bits(read_adapters(adapter_file), reference)
+
+
+@pytest.mark.parametrize("kill_at_step", [4, 13])
+def test_sigkill_while_writing_a_checkpoint_then_resume_is_exact(setting, tmp_path, kill_at_step):
+    """kill_at_step 4 dies in the very first checkpoint write: resume starts from nothing."""
+    model_dir, data, _, _ = setting
+    adapter_file = tmp_path / "adapters.npz"
+    env = dict(os.environ, **{trainer.FAULT_ENV: f"kill-in-save:{kill_at_step - kill_at_step % SAVE_EVERY}"})
+    run = subprocess.run(train_command(model_dir, data, adapter_file), env=env, capture_output=True, text=True)
+    assert run.returncode == -signal.SIGKILL
+    checkpoints = trainer.Checkpoints(str(tmp_path / "adapters-checkpoints"))
+    for path in checkpoints.all():
+        trainer.load_checkpoint(path)  # every file left behind is readable
+    if not checkpoints.all():
+        run = subprocess.run(train_command(model_dir, data, adapter_file, "--resume", "latest"),
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and "no checkpoint to resume from" in run.stderr
+        return
+    resume_and_compare(setting, adapter_file)
+
+
+@pytest.mark.parametrize("after_step", [6, 15])
+def test_sigkill_at_a_random_moment_then_resume_is_exact(setting, tmp_path, after_step):
+    model_dir, data, _, _ = setting
+    adapter_file = tmp_path / "adapters.npz"
+    proc = subprocess.Popen(train_command(model_dir, data, adapter_file), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_step(tmp_path / "adapters.metrics.jsonl", after_step, proc)
+    proc.kill()
+    proc.wait()
+    resume_and_compare(setting, adapter_file)
+
+
+def test_sigint_checkpoints_and_resume_is_exact(setting, tmp_path):
+    model_dir, data, _, _ = setting
+    adapter_file = tmp_path / "adapters.npz"
+    proc = subprocess.Popen(train_command(model_dir, data, adapter_file), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "adapters.metrics.jsonl", 9, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "--resume latest" in err and "Traceback" not in err
+    resume_and_compare(setting, adapter_file)
+
+
+def test_only_the_newest_checkpoints_are_kept(setting):
+    folder = setting[3] / "reference" / "adapters-checkpoints"
+    assert sorted(os.listdir(folder)) == [f"step-{s:08d}.safetensors" for s in (16, 20, 24)]
+
+
+def test_manifest_records_inputs_versions_and_command(setting):
+    manifest = json.load(open(setting[3] / "reference" / "adapters.manifest.json"))
+    assert set(manifest["inputs"]) == {"weights", "data.train", "data.valid"}
+    assert all(len(i["sha256"]) == 64 for i in manifest["inputs"].values())
+    assert manifest["versions"]["mlx"] == mx.__version__
+    assert manifest["settings"]["lora_dropout"] == 0.1 and "--train" in manifest["command"]
+
+
+def test_a_nan_step_is_skipped_reported_and_training_goes_on(tiny_llama, tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "data")
+    real_make_batch = lora.make_batch
+    calls = []
+
+    def poisoned(dataset, indices):
+        inputs, targets, mask = real_make_batch(dataset, indices)
+        calls.append(1)
+        if len(calls) == 3 and dataset.path.endswith("train.jsonl"):
+            mask = mask * mx.nan  # a poisoned batch: its loss is NaN
+        return inputs, targets, mask
+
+    monkeypatch.setattr(lora, "make_batch", poisoned)
+    lora.main(["--model", tiny_llama[0], "--train", "--data", data, "--adapter-file", str(tmp_path / "a.npz"),
+               "--iters", "8", "--steps-per-report", "4", "--learning-rate", "1e-2", "--lora-layers", "2"])
+    records = [json.loads(l) for l in open(tmp_path / "a.metrics.jsonl")]
+    assert [r["step"] for r in records if r.get("skipped")] == [1]  # the third batch built is step 1's
+    assert records[-2]["skipped_steps"] == 1
+    assert all(np.isfinite(v).all() for v in read_adapters(tmp_path / "a.npz").values())
+
+
+def test_absurd_learning_rate_stops_and_leaves_no_non_finite_file(tiny_llama, tmp_path):
+    data = write_dataset(tmp_path / "data")
+    run = subprocess.run([sys.executable, LORA, "--model", tiny_llama[0], "--train", "--data", data,
+                          "--adapter-file", str(tmp_path / "a.npz"), "--iters", "50", "--save-every", "2",
+                          "--learning-rate", "1e30", "--lora-layers", "2", "--lora-targets", "all"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert "non-finite steps in a row" in run.stderr and "lower --learning-rate" in run.stderr
+    assert "Traceback" not in run.stderr
+    written = [tmp_path / "a.npz"] + list((tmp_path / "a-checkpoints").glob("*.safetensors"))
+    for path in written:
+        if os.path.exists(path):
+            assert all(np.isfinite(np.array(v, dtype=np.float32)).all() for v in mx.load(str(path)).values())
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+def damage(path, how):
+    raw = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(raw[: len(raw) // 2] if how == "truncate" else b"\x00garbage" + raw[9:])
+
+
+@pytest.mark.parametrize("how", ["truncate", "corrupt"])
+def test_damaged_checkpoint_is_a_clear_error(setting, tmp_path, how):
+    model_dir, data, _, root = setting
+    src = sorted((root / "reference" / "adapters-checkpoints").iterdir())[-1]
+    folder = tmp_path / "adapters-checkpoints"
+    folder.mkdir()
+    (folder / src.name).write_bytes(src.read_bytes())
+    damage(folder / src.name, how)
+    run = subprocess.run(train_command(model_dir, data, tmp_path / "adapters.npz", "--resume", "latest"),
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"{src.name}: not a readable checkpoint" in run.stderr
+
+
+def test_checkpoint_of_another_lora_setup_is_a_clear_error(setting, tmp_path):
+    model_dir, data, _, root = setting
+    src = sorted((root / "reference" / "adapters-checkpoints").iterdir())[-1]
+    arrays, meta = trainer.load_checkpoint(str(src))
+    arrays = {k: v[..., :4] if k.endswith("lora_b") or k.endswith("lora_b.m") else v for k, v in arrays.items()}
+    (tmp_path / "adapters-checkpoints").mkdir()
+    mx.save_safetensors(str(tmp_path / "adapters-checkpoints" / src.name), arrays,
+                        metadata={"mlx_lora": json.dumps(meta)})
+    run = subprocess.run(train_command(model_dir, data, tmp_path / "adapters.npz", "--resume", "latest"),
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "checkpoint does not fit this run" in run.stderr
+
+
+@pytest.mark.parametrize("how", ["truncate", "corrupt"])
+def test_damaged_adapter_file_is_a_clear_error(setting, tmp_path, how):
+    model_dir, _, _, root = setting
+    for suffix in (".npz", ".json"):
+        (tmp_path / f"adapters{suffix}").write_bytes((root / "reference" / f"adapters{suffix}").read_bytes())
+    damage(tmp_path / "adapters.npz", how)
+    with pytest.raises(UserError, match="adapters.npz: cannot read adapter file"):
+        models.load_model(model_dir, adapter_file=str(tmp_path / "adapters.npz"))
+
+
+def test_damaged_adapter_config_is_a_clear_error(setting, tmp_path):
+    model_dir, _, _, root = setting
+    (tmp_path / "adapters.npz").write_bytes((root / "reference" / "adapters.npz").read_bytes())
+    (tmp_path / "adapters.json").write_text('{"rank": 8')
+    with pytest.raises(UserError, match="adapters.json: line 1: invalid JSON"):
+        models.load_model(model_dir, adapter_file=str(tmp_path / "adapters.npz"))
+    (tmp_path / "adapters.json").write_text('{"rank": 8}')
+    with pytest.raises(UserError, match="adapters.json: bad adapter configuration"):
+        models.load_model(model_dir, adapter_file=str(tmp_path / "adapters.npz"))
+
+
+@pytest.mark.parametrize("target, how, message", [
+    ("weights.npz", "truncate", "weights.npz: cannot read weights"),
+    ("weights.npz", "corrupt", "weights.npz: cannot read weights"),
+    ("config.json", "truncate", "config.json: line"),
+    ("tokenizer.model", "corrupt", "tokenizer.model: not a SentencePiece model"),
+])
+def test_damaged_model_files_are_clear_errors(tiny_llama, tmp_path, target, how, message):
+    import shutil
+
+    shutil.copytree(tiny_llama[0], tmp_path / "m")
+    damage(tmp_path / "m" / target, how)
+    with pytest.raises(UserError, match=message):
+        models.load_model(str(tmp_path / "m"))
+
+
+def test_config_missing_a_key_is_a_clear_error(tiny_llama, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_llama[0], tmp_path / "m")
+    config = json.load(open(tmp_path / "m" / "config.json"))
+    del config["n_kv_heads"]
+    json.dump(config, open(tmp_path / "m" / "config.json", "w"))
+    with pytest.raises(UserError, match="config.json: missing key\\(s\\) n_kv_heads"):
+        models.load_model(str(tmp_path / "m"))
+
+
+def test_unwritable_output_folder_is_a_clear_error(tiny_llama, tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/adapters.npz"  # root may write anywhere else
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        target = str(tmp_path / "ro" / "adapters.npz")
+    data = write_dataset(tmp_path / "data")
+    run = subprocess.run([sys.executable, LORA, "--model", tiny_llama[0], "--train", "--data", data,
+                          "--adapter-file", target, "--iters", "2"], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in run.stderr

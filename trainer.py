@@ -1,0 +1,324 @@
+"""The training loop shared by LoRA fine-tuning and pretraining, and its full-state checkpoints.
+
+What makes a run resumable to the same bits: the data order and every random
+draw (dropout) are pure functions of (seed, step), so a checkpoint needs only the
+trainable weights, the optimizer state (which holds the step and the learning-rate
+schedule position) and the step. A checkpoint is one safetensors file written
+atomically; the newest `keep` are kept.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import platform
+import signal
+import sys
+import time
+
+import utils  # noqa: F401  (fast BLAS before mlx.core)
+from utils import UserError
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
+
+CHECKPOINT_FORMAT = 1
+# Tests set this to "kill-in-save:STEP" to die half-way through writing that checkpoint.
+FAULT_ENV = "MLX_LORA_FAULT"
+
+
+def step_seed(seed, step):
+    """The random seed of one training step: reproducible after a resume."""
+    return (seed * 1_000_003 + step) % (2 ** 63)
+
+
+def make_train_step(model, optimizer, loss_fn, clip_norm=None):
+    """One compiled step: loss, gradients (optionally clipped), and an update applied only
+    if the loss and every gradient are finite. A bad step leaves weights and optimizer as
+    they were. Returns (loss, ntoks, finite)."""
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(*batch):
+        (loss, ntoks), grads = value_and_grad(model, *batch)
+        if clip_norm is not None:
+            grads, _ = optim.clip_grad_norm(grads, clip_norm)
+        finite = mx.isfinite(loss)
+        for _, g in tree_flatten(grads):
+            finite = finite & mx.isfinite(g).all()
+        old_params = model.trainable_parameters()
+        old_opt = tree_map(lambda x: x, optimizer.state)  # new containers, same arrays
+        optimizer.update(model, grads)
+        keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
+        model.update(tree_map(keep, model.trainable_parameters(), old_params))
+        # Update in place: the compiled function tracks this very dict.
+        optimizer.state.update(tree_map(keep, optimizer.state, old_opt))
+        return loss, ntoks, finite
+
+    # Create the optimizer state now so that compile sees its arrays from the start.
+    optimizer.init(model.trainable_parameters())
+    state = [model.state, optimizer.state, mx.random.state]
+    return mx.compile(step, inputs=state, outputs=state)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class Checkpoints:
+    """Full-state checkpoints `step-NNNNNNNN.safetensors` in one folder, newest `keep` kept."""
+
+    def __init__(self, folder, keep=3):
+        self.folder, self.keep = folder, keep
+
+    def path(self, step):
+        return os.path.join(self.folder, f"step-{step:08d}.safetensors")
+
+    def all(self):
+        return sorted(glob.glob(os.path.join(self.folder, "step-*.safetensors")))
+
+    def latest(self):
+        paths = self.all()
+        if not paths:
+            raise UserError(f"{self.folder}: no checkpoint to resume from")
+        return paths[-1]
+
+    def save(self, step, model, optimizer, meta):
+        arrays = {f"model.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
+        arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+        bad = [k for k, v in arrays.items() if mx.issubdtype(v.dtype, mx.floating) and not mx.isfinite(v).all().item()]
+        if bad:
+            raise UserError(f"{self.path(step)}: not written, {bad[0]} has non-finite values")
+        meta = dict(meta, step=step, format=CHECKPOINT_FORMAT)
+        os.makedirs(self.folder, exist_ok=True)
+        for stale in glob.glob(os.path.join(self.folder, ".step-*")):
+            os.unlink(stale)  # the temporary of a write that a crash interrupted
+        utils.atomic_save_arrays(self.path(step), arrays, metadata={"mlx_lora": json.dumps(meta)},
+                                 before_rename=lambda: _fault_point(step))
+        for old in self.all()[:-self.keep] if self.keep > 0 else []:
+            os.unlink(old)
+
+
+def _fault_point(step):
+    if os.environ.get(FAULT_ENV) == f"kill-in-save:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_checkpoint(path):
+    """(arrays, meta) of a checkpoint file; a damaged file is a UserError."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        arrays, metadata = mx.load(path, return_metadata=True)
+        meta = json.loads(metadata["mlx_lora"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: not a readable checkpoint ({e})")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or "step" not in meta:
+        raise UserError(f"{path}: not a checkpoint of this toolkit (format {meta.get('format')!r})")
+    return arrays, meta
+
+
+def restore(path, arrays, model, optimizer):
+    """Put a checkpoint's weights into `model` and its state into `optimizer`."""
+    optimizer.init(model.trainable_parameters())
+
+    def take(prefix, key, like):
+        name = f"{prefix}.{key}"
+        if name not in arrays:
+            raise UserError(f"{path}: checkpoint does not fit this run (missing {name})")
+        if arrays[name].shape != like.shape:
+            raise UserError(f"{path}: checkpoint does not fit this run ({name} has shape "
+                            f"{tuple(arrays[name].shape)}, expected {tuple(like.shape)})")
+        return arrays[name].astype(like.dtype)
+
+    weights = tree_map_with_path(lambda k, v: take("model", k, v), model.trainable_parameters())
+    model.update(weights)
+    optimizer.state.update(tree_map_with_path(lambda k, v: take("optimizer", k, v), optimizer.state))
+    expected = len(tree_flatten(model.trainable_parameters())) + len(tree_flatten(optimizer.state))
+    if len(arrays) != expected:
+        raise UserError(f"{path}: checkpoint does not fit this run ({len(arrays)} arrays, expected {expected})")
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def toolkit_version():
+    """The git commit of this checkout when there is one, else 'unknown'."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_manifest(path, inputs, settings):
+    """Record what a run was made from: input hashes, settings, versions, command line."""
+    utils.write_json(path, {
+        "command": [sys.executable] + sys.argv,
+        "settings": settings,
+        "inputs": {name: {"path": p, "sha256": sha256_file(p)} for name, p in sorted(inputs.items())},
+        "versions": {"python": platform.python_version(), "mlx": mx.__version__,
+                     "mlx_lora": toolkit_version(), "blas": utils.BLAS_PATH},
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class MetricsLog:
+    """Metrics as JSON lines (appended to on resume), and a loss plot."""
+
+    def __init__(self, path, plot_path, append=False):
+        self.path, self.plot_path = path, plot_path
+        self.records = []
+        if append and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                self.records = [json.loads(line) for line in f if line.strip()]
+        self._file = open(path, "a" if append else "w", encoding="utf-8")
+
+    def log(self, **record):
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+    def plot(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, key in (("train", "train_loss"), ("valid", "val_loss")):
+            points = [(r["step"], r[key]) for r in self.records if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o" if label == "valid" else None, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        with utils.atomic_write(self.plot_path) as f:
+            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+
+class StopRequested:
+    """Catches SIGINT and SIGTERM: the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after writing a checkpoint."""
+
+    def __init__(self, signum, checkpoint):
+        super().__init__(checkpoint)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def peak_memory_gb():
+    """MLX's allocator peak; on the CPU, where that is not tracked, the resident peak."""
+    peak = mx.get_peak_memory()
+    if not peak:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak / 1e9
+
+
+def train(model, optimizer, step_fn, batch_for_step, evaluate, settings, checkpoints, log,
+          save_outputs, checkpoint_meta, start_step=0):
+    """Run steps start_step+1 .. settings.iters.
+
+    batch_for_step(step) -> batch arrays; evaluate() -> validation loss or None;
+    save_outputs() writes the user-facing result (adapters, weights) every
+    save_every steps and at the end, beside a full-state checkpoint.
+    """
+    from tqdm import tqdm
+
+    if start_step == 0 and (val := evaluate()) is not None:
+        print(f"Iter 0: val loss {val:.3f}", file=sys.stderr)
+        log.log(step=0, val_loss=val)
+    window = dict(loss=0.0, toks=0, steps=0)
+    bad_in_a_row = checkpoint_meta.get("bad_in_a_row", 0)
+    bad_total = checkpoint_meta.get("bad_total", 0)
+    tic = time.perf_counter()
+
+    def checkpoint(step):
+        save_outputs()
+        checkpoints.save(step, model, optimizer,
+                         dict(checkpoint_meta, bad_in_a_row=bad_in_a_row, bad_total=bad_total))
+
+    bar = tqdm(range(start_step + 1, settings.iters + 1), desc="train", unit="step", file=sys.stderr,
+               dynamic_ncols=True, initial=start_step, total=settings.iters)
+    with StopRequested() as stop:
+        for step in bar:
+            mx.random.seed(step_seed(settings.seed, step))
+            loss, ntoks, finite = step_fn(*batch_for_step(step))
+            mx.eval(loss, ntoks, finite, model.trainable_parameters(), optimizer.state)
+            if finite.item():
+                bad_in_a_row = 0
+                window["loss"] += loss.item() * ntoks.item()
+                window["toks"] += int(ntoks.item())
+                window["steps"] += 1
+            else:
+                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+                tqdm.write(f"step {step}: non-finite loss or gradient; step skipped "
+                           f"({bad_in_a_row} in a row, {bad_total} in all)", file=sys.stderr)
+                log.log(step=step, skipped=True)
+                if bad_in_a_row >= settings.max_bad_steps:
+                    bar.close()
+                    raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
+                                    f"try a lower --learning-rate (now {settings.learning_rate})")
+            if step % settings.steps_per_report == 0 or step == settings.iters:
+                elapsed = time.perf_counter() - tic
+                record = dict(step=step, train_loss=window["loss"] / max(window["toks"], 1),
+                              learning_rate=float(optimizer.learning_rate.item()),
+                              it_per_s=window["steps"] / elapsed, tokens_per_s=window["toks"] / elapsed,
+                              peak_memory_gb=peak_memory_gb(), skipped_steps=bad_total)
+                tqdm.write(f"Iter {step}: train loss {record['train_loss']:.3f}, lr {record['learning_rate']:.3e}, "
+                           f"{record['it_per_s']:.2f} it/s, {record['tokens_per_s']:.1f} tok/s, "
+                           f"peak mem {record['peak_memory_gb']:.2f} GB", file=sys.stderr)
+                log.log(**record)
+                window, tic = dict(loss=0.0, toks=0, steps=0), time.perf_counter()
+            if step % settings.steps_per_eval == 0 or step == settings.iters:
+                t0 = time.perf_counter()
+                if (val := evaluate()) is not None:
+                    tqdm.write(f"Iter {step}: val loss {val:.3f}, val took {time.perf_counter() - t0:.2f}s",
+                               file=sys.stderr)
+                    log.log(step=step, val_loss=val)
+                tic += time.perf_counter() - t0  # keep evaluation out of the training speed
+            if step % settings.save_every == 0 or step == settings.iters:
+                checkpoint(step)
+            if stop.signal is not None:
+                if step % settings.save_every != 0 and step != settings.iters:
+                    checkpoint(step)
+                bar.close()
+                raise Interrupted(stop.signal, checkpoints.path(step))
+    bar.close()
