@@ -346,7 +346,8 @@ class StreamingDetokenizer:
     def __init__(self, tokenizer, prompt_tokens=()):
         self.tokenizer = tokenizer
         self.tokens = list(prompt_tokens)
-        self.printed = len(tokenizer.decode(self.tokens))
+        # A prompt ending inside a character leaves that character to the stream.
+        self.printed = len(tokenizer.decode(self.tokens).rstrip("\ufffd"))
 
     def add(self, token):
         """Add a token; return the newly completed text (maybe empty)."""
