@@ -16,7 +16,6 @@ import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError, read_jsonl
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
@@ -184,7 +183,7 @@ def training_batch_order(n_batches, seed, step):
     A pure function of (seed, step), so a resumed run sees the same data order.
     """
     epoch, index = divmod(step, n_batches)
-    return int(np.random.default_rng([seed, epoch]).permutation(n_batches)[index])
+    return int(trainer.epoch_order(n_batches, seed, epoch)[index])
 
 
 def make_batch(dataset, indices):
@@ -205,25 +204,12 @@ def make_batch(dataset, indices):
     return batch[:, :-1], batch[:, 1:], mx.array(mask)
 
 
-def loss_fn(model, inputs_BT, targets_BT, mask_BT):
-    """Mean cross-entropy over the counted targets, and their number."""
-    logits_BTV = model(inputs_BT).astype(mx.float32)
-    ce_BT = nn.losses.cross_entropy(logits_BTV, targets_BT) * mask_BT
-    ntoks = mask_BT.sum()
-    return ce_BT.sum() / mx.maximum(ntoks, 1), ntoks
-
-
 def evaluate(model, dataset, batch_size, num_batches):
     """Token-weighted mean loss over the first `num_batches` batches (-1: all)."""
     plan = batch_plan(dataset, batch_size)
     if num_batches >= 0:
         plan = plan[:num_batches]
-    total, ntoks = mx.array(0.0), mx.array(0.0)
-    for indices in plan:
-        loss, n = loss_fn(model, *make_batch(dataset, indices))
-        total, ntoks = total + loss * n, ntoks + n
-        mx.eval(total, ntoks)
-    return (total / mx.maximum(ntoks, 1)).item()
+    return trainer.evaluate(model, (make_batch(dataset, indices) for indices in plan))
 
 
 # ----------------------------------------------------------------------------- training
@@ -292,7 +278,7 @@ def run_training(model, data, args):
           f"({100 * trainable / total:.3f}%)", file=sys.stderr)
 
     optimizer = optim.Adam(learning_rate=learning_rate_schedule(args))
-    step_fn = trainer.make_train_step(model, optimizer, loss_fn)
+    step_fn = trainer.make_train_step(model, optimizer)
     if arrays is not None:
         trainer.restore(resume_path, arrays, model, optimizer)
     trainer.write_manifest(stem + ".manifest.json",
@@ -429,7 +415,6 @@ def main(argv=None):
     if not (args.train or args.test or args.prompt is not None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")
     mx.random.seed(args.seed)
-    np.random.seed(args.seed)
     print(f"Loading model {args.model}", file=sys.stderr)
     model, tokenizer, _ = models.load_model(args.model, compute_dtype=args.compute_dtype)
 

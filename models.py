@@ -8,7 +8,6 @@ Shapes: B batch, T time (new tokens), S key length, D model dim, N query
 heads, K key/value heads, H head dim, C hidden (feed-forward) dim, V vocab.
 """
 
-import json
 import math
 import os
 from dataclasses import MISSING, dataclass, fields

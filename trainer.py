@@ -22,7 +22,8 @@ from utils import UserError
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 CHECKPOINT_FORMAT = 1
 # Tests set this to "kill-in-save:STEP" to die half-way through writing that checkpoint.
@@ -34,7 +35,30 @@ def step_seed(seed, step):
     return (seed * 1_000_003 + step) % (2 ** 63)
 
 
-def make_train_step(model, optimizer, loss_fn, clip_norm=None):
+def epoch_order(n, seed, epoch):
+    """The shuffle of n items in one epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def loss_fn(model, inputs_BT, targets_BT, mask_BT):
+    """Mean cross-entropy over the counted targets (mask 1), and their number."""
+    logits_BTV = model(inputs_BT).astype(mx.float32)
+    ce_BT = nn.losses.cross_entropy(logits_BTV, targets_BT) * mask_BT
+    ntoks = mask_BT.sum()
+    return ce_BT.sum() / mx.maximum(ntoks, 1), ntoks
+
+
+def evaluate(model, batches):
+    """Token-weighted mean loss over an iterable of (inputs, targets, mask) batches."""
+    total, ntoks = mx.array(0.0), mx.array(0.0)
+    for batch in batches:
+        loss, n = loss_fn(model, *batch)
+        total, ntoks = total + loss * n, ntoks + n
+        mx.eval(total, ntoks)
+    return (total / mx.maximum(ntoks, 1)).item()
+
+
+def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None):
     """One compiled step: loss, gradients (optionally clipped), and an update applied only
     if the loss and every gradient are finite. A bad step leaves weights and optimizer as
     they were. Returns (loss, ntoks, finite)."""

@@ -14,7 +14,7 @@ import pytest
 import lora
 import models
 from checkpoints import make_checkpoint
-from conftest import STORIES, convert_checkpoint
+from conftest import convert_checkpoint
 from utils import UserError
 
 LORA = os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "lora.py")

@@ -14,7 +14,7 @@ import pytest
 import lora
 import models
 import trainer
-from test_lora import LORA, write_dataset, write_split
+from test_lora import LORA, write_dataset
 from utils import UserError
 
 ITERS, SAVE_EVERY = 24, 4
