@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 
@@ -145,6 +146,18 @@ def atomic_save_arrays(path, arrays, metadata=None, before_rename=None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def replace_folder(new, target):
+    """Rename the finished folder `new` to `target`; an existing `target` is moved aside first
+    and removed after, so `target` is always either the old or the new complete folder."""
+    if not os.path.exists(target) or not os.listdir(target):
+        os.replace(new, target)  # rename(2) may replace an empty folder
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+    os.replace(target, old)  # `old` is empty, so this rename replaces it
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path, obj):

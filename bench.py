@@ -1,0 +1,212 @@
+"""Benchmarks, one subcommand per script measured; results print as a table and go to a JSON file.
+
+    python bench.py convert [--quick] [--dir /tmp] [--dtype float16] [-q]
+
+convert: writes a synthetic 7B-shaped bf16 checkpoint in Mistral's layout (dim
+4096, 32 layers, hidden 14336, 32 heads, 8 KV heads, vocab 32000; about 14.5 GB),
+runs convert.py on it in a subprocess while sampling the child's /proc status
+every 50 ms, reports time and peak memory, then deletes everything. The memory
+that matters is RssAnon: pages of the memory-mapped input are reclaimable page
+cache, which VmHWM and ru_maxrss count but RssAnon does not.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import utils  # noqa: F401  (before mlx.core, should a section need it)
+from utils import UserError, run_cli, read_json, write_json
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TOKENIZER = os.path.join(ROOT, "..", "shared", "assets", "tokenizers", "mistral-7b-v0.1.model")
+
+SIZES = {  # Mistral-flavour params.json values
+    "7b": {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,
+           "n_kv_heads": 8, "norm_eps": 1e-5, "sliding_window": 4096, "vocab_size": 32000},
+    "quick": {"dim": 1024, "n_layers": 4, "head_dim": 128, "hidden_dim": 3584, "n_heads": 8,
+              "n_kv_heads": 2, "norm_eps": 1e-5, "sliding_window": 4096, "vocab_size": 32000},
+}
+GiB = 2**30
+
+
+def checkpoint_shapes(p):
+    """Meta key -> shape for a Mistral-style params dict."""
+    D, C, V = p["dim"], p["hidden_dim"], p["vocab_size"]
+    Q, KV = p["n_heads"] * p["head_dim"], p["n_kv_heads"] * p["head_dim"]
+    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
+    for i in range(p["n_layers"]):
+        l = f"layers.{i}."
+        shapes.update({l + "attention.wq.weight": (Q, D), l + "attention.wk.weight": (KV, D),
+                       l + "attention.wv.weight": (KV, D), l + "attention.wo.weight": (D, Q),
+                       l + "feed_forward.w1.weight": (C, D), l + "feed_forward.w2.weight": (D, C),
+                       l + "feed_forward.w3.weight": (C, D),
+                       l + "attention_norm.weight": (D,), l + "ffn_norm.weight": (D,)})
+    return shapes
+
+
+def write_synthetic_checkpoint(folder, params):
+    """Write consolidated.00.pth (bf16) without holding the model in anonymous memory.
+
+    Every tensor is a fresh shared mapping of one scratch file of random values,
+    so each is its own storage (torch.save writes them all) while its pages stay
+    file-backed page cache. The values repeat between tensors; conversion cost
+    does not depend on them.
+    """
+    import torch
+
+    shapes = checkpoint_shapes(params)
+    biggest = max(math.prod(s) for s in shapes.values())
+    scratch = os.path.join(folder, "scratch.bin")
+    gen = torch.Generator().manual_seed(0)
+    with open(scratch, "wb") as f:
+        chunk = 1 << 24
+        for start in range(0, biggest, chunk):
+            n = min(chunk, biggest - start)
+            f.write((0.02 * torch.randn(n, generator=gen)).bfloat16().view(torch.int16).numpy().tobytes())
+    state = {}
+    for key, shape in shapes.items():
+        n = math.prod(shape)
+        if len(shape) == 1:
+            state[key] = (1.0 + 0.1 * torch.randn(n, generator=gen)).bfloat16()  # norms: small, real
+        else:
+            state[key] = torch.from_file(scratch, shared=True, size=n, dtype=torch.bfloat16).view(shape)
+    torch.save(state, os.path.join(folder, "consolidated.00.pth"))
+    del state
+    os.remove(scratch)
+    with open(os.path.join(folder, "params.json"), "w") as f:
+        json.dump(params, f, indent=2)
+    if os.path.exists(TOKENIZER):
+        shutil.copyfile(TOKENIZER, os.path.join(folder, "tokenizer.model"))
+    else:  # convert.py only copies it
+        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+            f.write(b"placeholder: the benchmark never tokenizes")
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def read_status(pid):
+    """Memory fields of /proc/<pid>/status in bytes (empty once the process is gone)."""
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in ("RssAnon", "RssFile", "VmHWM", "VmRSS"):
+                    fields[name] = int(value.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return fields
+
+
+def run_sampled(cmd, interval=0.05):
+    """Run `cmd`, sampling its memory every `interval` s; return (exit code, seconds, peaks, rusage)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
+    while True:
+        status = read_status(proc.pid)
+        for k in peaks:
+            peaks[k] = max(peaks[k], status.get(k, 0))
+        pid, wait_status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(interval)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(wait_status)
+    return proc.returncode, seconds, peaks, rusage
+
+
+def bench_convert(args):
+    size = "quick" if args.quick else "7b"
+    params = SIZES[size]
+    n_params = sum(math.prod(s) for s in checkpoint_shapes(params).values())
+    out_bytes = n_params * {"float16": 2, "bfloat16": 2, "float32": 4}[args.dtype]
+    need = n_params * 2 + out_bytes + 2 * GiB  # input + output + slack
+    root = os.path.abspath(args.dir or tempfile.gettempdir())
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise UserError(f"{root}: needs {need / GiB:.1f} GiB free, has {free / GiB:.1f} GiB (use --dir)")
+    work = tempfile.mkdtemp(prefix="bench-convert-", dir=root)
+    try:
+        src, out = os.path.join(work, "torch"), os.path.join(work, "mlx")
+        os.makedirs(src)
+        t0 = time.perf_counter()
+        write_synthetic_checkpoint(src, params)
+        gen_seconds = time.perf_counter() - t0
+        in_size = os.path.getsize(os.path.join(src, "consolidated.00.pth"))
+        cmd = [sys.executable, os.path.join(ROOT, "convert.py"), "--torch-path", src, "--mlx-path", out,
+               "--dtype", args.dtype, "--format", args.format]
+        if args.quantize:
+            cmd += ["-q", "--q-bits", str(args.q_bits), "--q-group-size", str(args.q_group_size)]
+        code, seconds, peaks, rusage = run_sampled(cmd)
+        if code != 0:
+            raise UserError(f"convert.py exited with {code}")
+        out_size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "key": f"convert-{size}-{args.dtype}" + (f"-q{args.q_bits}" if args.quantize else ""),
+        "size": size, "params": n_params, "dtype": args.dtype, "format": args.format,
+        "quantize": f"{args.q_bits}-bit/g{args.q_group_size}" if args.quantize else None,
+        "input_GB": round(in_size / 1e9, 2), "output_GB": round(out_size / 1e9, 2),
+        "write_input_s": round(gen_seconds, 1), "convert_s": round(seconds, 1),
+        "convert_cpu_s": round(rusage.ru_utime + rusage.ru_stime, 1),
+        "throughput_GB_per_s": round(in_size / 1e9 / seconds, 2),
+        "peak_RssAnon_GiB": round(peaks["RssAnon"] / GiB, 3),
+        "peak_RssFile_GiB": round(peaks["RssFile"] / GiB, 3),
+        "peak_VmHWM_GiB": round(peaks["VmHWM"] / GiB, 3),
+        "under_2GiB_anon": peaks["RssAnon"] < 2 * GiB,
+    }
+
+
+def add_convert_args(p):
+    p.add_argument("--quick", action="store_true", help="A small model (about 0.3 GB) instead of 7B-shaped (14.5 GB).")
+    p.add_argument("--dir", default=None, help="Where to write the temporary checkpoint and output (default: the temp dir).")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="convert.py --dtype.")
+    p.add_argument("--format", default="npz", choices=["npz", "safetensors"], help="convert.py --format.")
+    p.add_argument("-q", "--quantize", action="store_true", help="Pass -q to convert.py.")
+    p.add_argument("--q-bits", type=int, default=4, help="convert.py --q-bits.")
+    p.add_argument("--q-group-size", type=int, default=64, help="convert.py --q-group-size.")
+
+
+SECTIONS = {"convert": (add_convert_args, bench_convert, "Convert a synthetic checkpoint; peak memory and time.")}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Benchmarks for the mlx-lora scripts.")
+    parser.add_argument("--results", default=os.path.join(ROOT, "bench_results.json"),
+                        help="JSON file the results are merged into, one entry per section.")
+    sub = parser.add_subparsers(dest="section", required=True, help="What to measure.")
+    for name, (add_args, _, help_text) in SECTIONS.items():
+        add_args(sub.add_parser(name, help=help_text))
+    return parser
+
+
+def print_table(title, results):
+    width = max(len(k) for k in results)
+    print(f"\n{title}")
+    for key, value in results.items():
+        print(f"  {key:<{width}}  {value}")
+
+
+def main():
+    args = build_parser().parse_args()
+    results = SECTIONS[args.section][1](args)
+    results["when"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
+    print_table(args.section, results)
+    everything = read_json(args.results) if os.path.exists(args.results) else {}
+    everything[results.pop("key", args.section)] = results
+    write_json(args.results, everything)
+    print(f"\nwrote {args.results}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
