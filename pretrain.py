@@ -1,0 +1,255 @@
+"""Pretrain a LLaMA-architecture model from scratch on a plain-text corpus.
+
+    python pretrain.py --corpus corpus/ --out base_model --dim 256 --n-layers 6 ...
+
+The corpus folder holds train.jsonl and valid.jsonl, one {"text": document} per
+line (cwk_create_dataset.py --format plain writes them). A SentencePiece BPE
+tokenizer with byte fallback is trained on the training split unless one is
+given. Documents are joined as BOS doc EOS BOS doc EOS ... and cut into blocks of
+context + 1 tokens (inputs and targets shifted by one); the last block is padded
+and its padding masked out of the loss. The output folder has convert.py's layout
+(config.json, weights.npz, tokenizer.model), so lora.py fine-tunes it directly.
+"""
+
+import argparse
+import io
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+import utils  # noqa: F401  (fast BLAS before mlx.core)
+from utils import UserError, read_jsonl
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map_with_path
+
+import models
+import trainer
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Pretrain a LLaMA-architecture model from scratch.")
+    p.add_argument("--corpus", required=True, help="folder with train.jsonl and valid.jsonl of {\"text\": ...}")
+    p.add_argument("--out", required=True, help="output model folder (config.json, weights.npz, tokenizer.model)")
+    p.add_argument("--tokenizer", help="an existing tokenizer.model; default: train one on the corpus")
+    p.add_argument("--vocab-size", type=int, default=4096, help="pieces of the trained tokenizer")
+    p.add_argument("--dim", type=int, default=256, help="model dimension")
+    p.add_argument("--n-layers", type=int, default=6, help="transformer blocks")
+    p.add_argument("--n-heads", type=int, default=8, help="query heads")
+    p.add_argument("--n-kv-heads", type=int, default=4, help="key/value heads (grouped-query attention)")
+    p.add_argument("--hidden-dim", type=int, default=704, help="feed-forward hidden dimension")
+    p.add_argument("--context", type=int, default=256, help="tokens per training block")
+    p.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base")
+    p.add_argument("--batch-size", type=int, default=16, help="blocks per step")
+    p.add_argument("--iters", type=int, default=2000, help="training steps")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--min-learning-rate", type=float, default=1e-4, help="learning rate at the end of the cosine")
+    p.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    p.add_argument("--val-batches", type=int, default=20, help="validation batches per evaluation; -1 = all")
+    p.add_argument("--steps-per-report", type=int, default=10, help="steps between training-loss reports")
+    p.add_argument("--steps-per-eval", type=int, default=200, help="steps between validation runs")
+    p.add_argument("--save-every", type=int, default=200, help="steps between model saves and checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="full-state checkpoints to keep")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--resume", help="resume from a checkpoint path, or 'latest' beside --out")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the saved weights (training is float32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    return p
+
+
+# ----------------------------------------------------------------------------- tokenizer and blocks
+
+def read_documents(path):
+    docs = []
+    for lineno, obj in read_jsonl(path):
+        if not isinstance(obj.get("text"), str):
+            raise UserError(f"{path}: line {lineno}: expected a string under 'text'")
+        if obj["text"].strip():
+            docs.append(obj["text"])
+    if not docs:
+        raise UserError(f"{path}: no documents")
+    return docs
+
+
+def train_tokenizer(docs, vocab_size, path, seed):
+    """SentencePiece BPE with byte fallback and split digits, as LLaMA's tokenizer."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(seed)  # its sentence sampling: same corpus, same tokenizer
+    model = io.BytesIO()
+    # Sentences are lines; SentencePiece caps their length, so long lines are wrapped.
+    lines = (line[i:i + 2000] for doc in docs for line in doc.splitlines() if line.strip()
+             for i in range(0, len(line), 2000))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, character_coverage=0.9995,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        input_sentence_size=2_000_000, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+    with utils.atomic_write(path) as f:
+        f.write(model.getvalue())
+
+
+def make_blocks(docs, tokenizer, context):
+    """(blocks_NC1, mask_NC): the token stream BOS d1 EOS BOS d2 EOS ... cut into blocks of
+    context + 1 with stride context, so every token is a target exactly once; the last block
+    is padded with 0 and its padding masked."""
+    stream = np.fromiter((t for doc in docs for t in tokenizer.encode(doc, bos=True, eos=True)), np.int32)
+    n_blocks = max(1, math.ceil((len(stream) - 1) / context))
+    padded = np.zeros(n_blocks * context + 1, np.int32)
+    padded[:len(stream)] = stream
+    starts = np.arange(n_blocks) * context
+    blocks = padded[starts[:, None] + np.arange(context + 1)[None, :]]
+    target_pos = starts[:, None] + 1 + np.arange(context)[None, :]  # position of each target
+    mask = (target_pos < len(stream)).astype(np.float32)
+    return blocks, mask
+
+
+def batch(blocks, mask, indices):
+    b = mx.array(blocks[indices])
+    return b[:, :-1], b[:, 1:], mx.array(mask[indices])
+
+
+# ----------------------------------------------------------------------------- model
+
+def init_weights(model, args, seed):
+    """GPT-2-style initialization: N(0, 0.02) everywhere, the projections that write into the
+    residual stream (wo, w2) scaled by 1/sqrt(2 * n_layers) so its variance does not grow
+    with depth; norms start at one."""
+    mx.random.seed(seed)
+    residual_std = 0.02 / math.sqrt(2 * args.n_layers)
+
+    def init(path, p):
+        if path.endswith("norm.weight"):
+            return mx.ones_like(p)
+        std = residual_std if path.endswith(("wo.weight", "w2.weight")) else 0.02
+        return mx.random.normal(p.shape) * std
+
+    model.update(tree_map_with_path(init, model.parameters()))
+
+
+def make_optimizer(args):
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(0.0, args.learning_rate, max(args.warmup, 1)),
+         optim.cosine_decay(args.learning_rate, max(args.iters - args.warmup, 1), args.min_learning_rate)],
+        [max(args.warmup, 1)])
+    # Weight decay on matrices only: decaying norm gains towards zero only hurts.
+    return optim.MultiOptimizer([optim.AdamW(schedule, weight_decay=args.weight_decay), optim.AdamW(schedule, weight_decay=0.0)],
+                                [lambda name, w: w.ndim == 2])
+
+
+def save_model(model, args, tokenizer_path, out):
+    """Write the model folder atomically (temporary folder, then rename) in convert.py's layout."""
+    parent = os.path.dirname(os.path.abspath(out))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
+    try:
+        dtype = getattr(mx, args.dtype)
+        weights = {k: v.astype(dtype) for k, v in tree_flatten(model.parameters())}
+        utils.atomic_save_arrays(os.path.join(tmp, "weights.npz"), weights)
+        config = dict(vars(model.args), dtype=args.dtype)
+        utils.write_json(os.path.join(tmp, "config.json"), config)
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        utils.replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "context", "batch_size",
+                 "iters", "steps_per_report", "steps_per_eval", "save_every", "vocab_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
+        raise UserError("--dim must be a multiple of --n-heads, and --n-heads of --n-kv-heads")
+    work = args.out + "-work"  # tokenizer, checkpoints, metrics: what a resume needs
+    os.makedirs(work, exist_ok=True)
+
+    train_docs = read_documents(os.path.join(args.corpus, "train.jsonl"))
+    valid_docs = read_documents(os.path.join(args.corpus, "valid.jsonl"))
+    tokenizer_path = os.path.join(work, "tokenizer.model")
+    if args.tokenizer:
+        shutil.copyfile(args.tokenizer, tokenizer_path)
+    elif not os.path.exists(tokenizer_path):
+        print(f"Training a {args.vocab_size}-piece tokenizer on {len(train_docs)} documents", file=sys.stderr)
+        train_tokenizer(train_docs, args.vocab_size, tokenizer_path, args.seed)
+    tokenizer = models.Tokenizer(tokenizer_path)
+
+    train_blocks, train_mask = make_blocks(train_docs, tokenizer, args.context)
+    val_blocks, val_mask = make_blocks(valid_docs, tokenizer, args.context)
+    print(f"Corpus: {int(train_mask.sum())} training tokens in {len(train_blocks)} blocks, "
+          f"{int(val_mask.sum())} validation tokens", file=sys.stderr)
+
+    model_args = models.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                                  n_kv_heads=args.n_kv_heads, head_dim=args.dim // args.n_heads,
+                                  hidden_dim=args.hidden_dim, norm_eps=1e-5, vocab_size=tokenizer.vocab_size,
+                                  rope_theta=args.rope_theta)
+    model = models.Model(model_args)
+    init_weights(model, model_args, args.seed)
+    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
+    print(f"Model: {n_params / 1e6:.2f}M parameters", file=sys.stderr)
+
+    optimizer = make_optimizer(args)
+    step_fn = trainer.make_train_step(model, optimizer, clip_norm=args.grad_clip)
+    checkpoints = trainer.Checkpoints(os.path.join(work, "checkpoints"), args.keep_checkpoints)
+    start_step, meta = 0, {}
+    if args.resume:
+        path = checkpoints.latest() if args.resume == "latest" else args.resume
+        arrays, meta = trainer.load_checkpoint(path)
+        trainer.restore(path, arrays, model, optimizer)
+        start_step = meta["step"]
+        print(f"Resuming from {path} at step {start_step}", file=sys.stderr)
+
+    n_batches = max(1, len(train_blocks) // args.batch_size)  # whole batches: fixed shapes compile once
+
+    def batch_for_step(step):
+        epoch, index = divmod(step - 1, n_batches)
+        order = trainer.epoch_order(len(train_blocks), args.seed, epoch)
+        return batch(train_blocks, train_mask, order[index * args.batch_size:(index + 1) * args.batch_size])
+
+    def evaluate():
+        limit = None if args.val_batches < 0 else args.val_batches * args.batch_size
+        return evaluate_blocks(model, val_blocks[:limit], val_mask[:limit], args.batch_size)
+
+    trainer.write_manifest(os.path.join(work, "manifest.json"),
+                           {"corpus.train": os.path.join(args.corpus, "train.jsonl"),
+                            "corpus.valid": os.path.join(args.corpus, "valid.jsonl"), "tokenizer": tokenizer_path},
+                           vars(args))
+    log = trainer.MetricsLog(os.path.join(work, "metrics.jsonl"), os.path.join(work, "loss.png"),
+                             append=start_step > 0)
+    try:
+        trainer.train(model, optimizer, step_fn, batch_for_step, evaluate, args, checkpoints, log,
+                      save_outputs=lambda: save_model(model, args, tokenizer_path, args.out),
+                      checkpoint_meta={"seed": args.seed}, start_step=start_step)
+    except trainer.Interrupted as stop:
+        print(f"Stopped; checkpoint {stop.checkpoint}. Resume with the same command and --resume latest",
+              file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        log.close()
+    log.plot()
+    val = evaluate_blocks(model, val_blocks, val_mask, args.batch_size)
+    print(f"Validation loss {val:.3f}, perplexity {math.exp(val):.2f}", file=sys.stderr)
+    print(f"Saved the model to {args.out}", file=sys.stderr)
+    return 0
+
+
+def evaluate_blocks(model, blocks, mask, batch_size):
+    """Token-weighted mean loss over all the given blocks."""
+    return trainer.evaluate(model, (batch(blocks, mask, np.arange(i, min(i + batch_size, len(blocks))))
+                                    for i in range(0, len(blocks), batch_size)))
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
