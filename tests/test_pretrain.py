@@ -1,0 +1,99 @@
+"""Pretraining from scratch: blocks and masks, a loss that falls, and a model lora.py fine-tunes."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import lora
+import models
+import pretrain
+from test_lora import write_dataset
+
+SENTENCES = ["The cat sat on the mat.", "A dog ran in the park.", "Birds sing in the morning.",
+             "Lily has a red ball.", "Tom reads a big book.", "The sun is warm today."]
+
+
+class FakeTokenizer:
+    """Each character is one token (ord + 3), BOS 1, EOS 2: block layout is checkable by eye."""
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text, bos=True, eos=False):
+        return [self.bos_id] * bos + [ord(c) + 3 for c in text] + [self.eos_id] * eos
+
+
+def test_blocks_join_documents_with_bos_eos_and_mask_only_the_padding():
+    docs = ["abc", "de", "fghij"]  # stream: 1 a b c 2 1 d e 2 1 f g h i j 2  (16 tokens)
+    blocks, mask = pretrain.make_blocks(docs, FakeTokenizer(), context=6)
+    stream = [1, 100, 101, 102, 2, 1, 103, 104, 2, 1, 105, 106, 107, 108, 109, 2]
+    assert blocks.shape == (3, 7)  # ceil((16 - 1) / 6) blocks of context + 1
+    np.testing.assert_array_equal(blocks[0], stream[0:7])
+    np.testing.assert_array_equal(blocks[1], stream[6:13])  # stride context: each target once
+    np.testing.assert_array_equal(blocks[2], stream[12:16] + [0, 0, 0])  # the tail padded, not dropped
+    np.testing.assert_array_equal(mask[2], [1, 1, 1, 0, 0, 0])  # padding targets do not count
+    assert mask[:2].all()
+    assert mask.sum() == len(stream) - 1  # every real next-token target exactly once
+
+
+def write_corpus(folder, n_docs=60, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", n_docs), ("valid", 8)):
+        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"text": " ".join(rng.choice(SENTENCES, 4))}) + "\n")
+    return str(folder)
+
+
+TINY = ["--vocab-size", "300", "--dim", "64", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
+        "--hidden-dim", "160", "--context", "32", "--batch-size", "8", "--warmup", "5",
+        "--learning-rate", "3e-3", "--min-learning-rate", "3e-4", "--steps-per-report", "5",
+        "--steps-per-eval", "20", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    corpus = write_corpus(root / "corpus")
+    assert pretrain.main(["--corpus", corpus, "--out", str(root / "model"), "--iters", "80",
+                          "--save-every", "40", *TINY]) == 0
+    return root
+
+
+def test_pretraining_lowers_the_loss(pretrained):
+    records = [json.loads(l) for l in open(pretrained / "model-work" / "metrics.jsonl")]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert val[0] > math.log(300) - 1  # starts near uniform over the vocabulary
+    assert val[-1] < 0.5 * val[0]
+    assert (pretrained / "model-work" / "loss.png").stat().st_size > 0
+
+
+def test_pretrained_model_has_convert_layout_and_generates_deterministically(pretrained):
+    model, tokenizer, config = models.load_model(str(pretrained / "model"))
+    assert config["dim"] == 64 and config["vocab_size"] == tokenizer.vocab_size == 300
+    prompt = tokenizer.encode("The cat")
+    runs = []
+    for _ in range(2):
+        tokens = lora.generate_tokens(model, prompt, temp=0.0)
+        runs.append([next(tokens) for _ in range(12)])
+    assert runs[0] == runs[1]
+    assert tokenizer.decode(prompt + runs[0]).startswith("The cat sat on the")  # learned the corpus
+
+
+def test_pretraining_resumes_from_its_checkpoint(pretrained):
+    corpus = str(pretrained / "corpus")
+    # Extending the same run by 10 steps from the step-80 checkpoint.
+    assert pretrain.main(["--corpus", corpus, "--out", str(pretrained / "model"), "--iters", "90",
+                          "--save-every", "10", "--resume", "latest", *TINY]) == 0
+    steps = [json.loads(l).get("step") for l in open(pretrained / "model-work" / "metrics.jsonl")]
+    assert max(steps) == 90 and steps.count(85) == 1
+
+
+def test_pretrained_model_fine_tunes_with_lora(pretrained, tmp_path):
+    data = write_dataset(tmp_path / "data")
+    lora.main(["--model", str(pretrained / "model"), "--train", "--data", data, "--iters", "20",
+               "--adapter-file", str(tmp_path / "a.npz"), "--learning-rate", "1e-2", "--steps-per-eval", "20"])
+    val = [json.loads(l)["val_loss"] for l in open(tmp_path / "a.metrics.jsonl") if "val_loss" in l]
+    assert val[-1] < val[0]
