@@ -96,6 +96,7 @@ def atomic_write(path, mode="wb"):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; give the usual mode
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -106,6 +107,12 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _default_file_mode():
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(folder):
@@ -132,6 +139,7 @@ def atomic_save_arrays(path, arrays, metadata=None, before_rename=None):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=ext)
     os.close(fd)
     try:
+        os.chmod(tmp, _default_file_mode())
         if ext == ".safetensors":
             mx.save_safetensors(tmp, arrays, metadata=metadata or {})
         else:

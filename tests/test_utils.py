@@ -35,6 +35,9 @@ def test_atomic_write_replaces_on_success(tmp_path):
     with utils.atomic_write(str(target), "w") as f:
         f.write("new")
     assert target.read_text() == "new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_jsonl_line_limit_and_blank_lines(tmp_path):
