@@ -1,6 +1,8 @@
 """Benchmarks, one subcommand per script measured; results print as a table and go to a JSON file.
 
     python bench.py convert [--quick] [--dir /tmp] [--dtype float16] [-q]
+    python bench.py train [--size tiny|medium] [--qlora]
+    python bench.py qa --model base_model [--adapter-file adapters/adapters.npz]
 
 convert: writes a synthetic 7B-shaped bf16 checkpoint in Mistral's layout (dim
 4096, 32 layers, hidden 14336, 32 heads, 8 KV heads, vocab 32000; about 14.5 GB),
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 
-import utils  # noqa: F401  (before mlx.core, should a section need it)
+import utils  # noqa: F401  (fast BLAS before any section imports mlx.core)
 from utils import UserError, run_cli, read_json, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -176,7 +178,132 @@ def add_convert_args(p):
     p.add_argument("--q-group-size", type=int, default=64, help="convert.py --q-group-size.")
 
 
-SECTIONS = {"convert": (add_convert_args, bench_convert, "Convert a synthetic checkpoint; peak memory and time.")}
+# ----------------------------------------------------------------------------- train
+
+MODEL_SIZES = {  # ModelArgs of random models for the training benchmark
+    "tiny": dict(dim=320, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=40, hidden_dim=864, vocab_size=4096),
+    "medium": dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=2816, vocab_size=32000),
+}
+
+
+def matmul_parameters(model):
+    """Weights used in matmuls per token: every linear layer and the output, not the embedding."""
+    import mlx.nn as nn
+
+    total = 0
+    for _, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            total += module.weight.shape[0] * module.weight.shape[1] * 32 // module.bits
+        elif isinstance(module, nn.Linear):
+            total += module.weight.size
+    return total
+
+
+def bench_train(args):
+    """LoRA (and QLoRA) steps on random models: tokens/s and useful GFLOP/s."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    import models
+    import trainer
+
+    results = {"key": f"train-{args.size}", "size": args.size, "batch": f"{args.batch_size} x {args.seq_len}",
+               "targets": args.targets}
+    for kind in ["lora"] + (["qlora4"] if args.qlora else []):
+        mx.random.seed(0)
+        model = models.Model(models.ModelArgs(norm_eps=1e-5, **MODEL_SIZES[args.size]))
+        if kind == "qlora4":
+            # As convert.py: quantize the layers whose input width divides into groups.
+            nn.quantize(model, 64, 4, class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                        and m.weight.shape[-1] % 64 == 0)
+        models.cast_floats(model, mx.float32)
+        mx.eval(model.parameters())
+        flops_params = matmul_parameters(model)
+        models.apply_lora(model, len(model.layers), models.parse_targets(args.targets))
+        optimizer = optim.Adam(learning_rate=1e-5)
+        step = trainer.make_train_step(model, optimizer)
+        tokens = mx.random.randint(0, model.args.vocab_size, (args.batch_size, args.seq_len + 1))
+        batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((args.batch_size, args.seq_len)))
+        times = []
+        for i in range(args.steps + 2):  # two warm-up steps: compilation, allocation
+            tic = time.perf_counter()
+            mx.eval(step(*batch), model.trainable_parameters(), optimizer.state)
+            if i >= 2:
+                times.append(time.perf_counter() - tic)
+        seconds = sorted(times)[len(times) // 2]
+        n_tokens = args.batch_size * args.seq_len
+        results[f"{kind}_tokens_per_s"] = round(n_tokens / seconds, 1)
+        # Useful work: forward 2 and backward through activations 2 FLOPs per weight and token.
+        results[f"{kind}_useful_GFLOPs"] = round(4 * flops_params * n_tokens / seconds / 1e9, 1)
+        results[f"{kind}_step_s"] = round(seconds, 3)
+        results[f"{kind}_peak_memory_GB"] = round(trainer.peak_memory_gb(), 2)
+    results["matmul_params_M"] = round(flops_params / 1e6, 1)
+    results["blas"] = utils.BLAS_PATH
+    return results
+
+
+def add_train_args(p):
+    p.add_argument("--size", default="medium", choices=list(MODEL_SIZES), help="Model shape (medium: about 150M).")
+    p.add_argument("--batch-size", type=int, default=4, help="Sequences per step.")
+    p.add_argument("--seq-len", type=int, default=256, help="Tokens per sequence.")
+    p.add_argument("--targets", default="wq,wv", help="LoRA targets.")
+    p.add_argument("--steps", type=int, default=5, help="Timed steps (median reported).")
+    p.add_argument("--qlora", action="store_true", help="Also time QLoRA on a 4-bit base.")
+
+
+# ----------------------------------------------------------------------------- qa
+
+def answer_metrics(generated, reference):
+    """Does the answer name the right object, match its first line, match it whole?"""
+    name = reference.split("(")[0].split(" ")[0]
+    return {"name": generated.startswith(name),
+            "first_line": generated.split("\n")[0] == reference.split("\n")[0],
+            "exact": generated.strip() == reference.strip()}
+
+
+def bench_qa(args):
+    """Greedy answers to Q/A questions, scored against the dataset's answers."""
+    import models
+    import lora
+
+    from utils import read_jsonl
+
+    model, tokenizer, _ = models.load_model(args.model, adapter_file=args.adapter_file)
+    results = {"key": f"qa-{'adapted' if args.adapter_file else 'base'}", "model": args.model,
+               "adapter_file": args.adapter_file}
+    for split in ("train", "test"):
+        rows = [obj["text"] for _, obj in read_jsonl(os.path.join(args.data, f"{split}.jsonl"))][:args.samples]
+        scores = {"name": 0, "first_line": 0, "exact": 0}
+        for text in rows:
+            question, reference = text.split("\nA: ", 1)
+            prompt = tokenizer.encode(question + "\nA:")
+            limit = len(tokenizer.encode(reference, bos=False)) + 8
+            out = []
+            for token in lora.generate_tokens(model, prompt, temp=0.0):
+                if token == tokenizer.eos_id or len(out) >= limit:
+                    break
+                out.append(token)
+            generated = tokenizer.decode(prompt + out)[len(tokenizer.decode(prompt)):].lstrip()
+            for metric, ok in answer_metrics(generated, reference).items():
+                scores[metric] += ok
+        for metric, n in scores.items():
+            results[f"{split}_{metric}"] = f"{n}/{len(rows)}"
+    return results
+
+
+def add_qa_args(p):
+    p.add_argument("--model", default="base_model", help="Model folder.")
+    p.add_argument("--adapter-file", default=None, help="Adapters to apply (default: none, the base model).")
+    p.add_argument("--data", default="data", help="Folder with train.jsonl and test.jsonl of Q/A text.")
+    p.add_argument("--samples", type=int, default=30, help="Questions per split (the first N).")
+
+
+SECTIONS = {
+    "convert": (add_convert_args, bench_convert, "Convert a synthetic checkpoint; peak memory and time."),
+    "train": (add_train_args, bench_train, "LoRA / QLoRA training speed on a random model."),
+    "qa": (add_qa_args, bench_qa, "Exact-match of greedy answers to dataset questions."),
+}
 
 
 def build_parser():

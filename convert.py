@@ -19,11 +19,10 @@ import pickle
 import shutil
 import struct
 import sys
-import tempfile
 import zipfile
 
 import utils  # noqa: F401  (before mlx.core: loads a fast BLAS)
-from utils import UserError, read_json, replace_folder, run_cli, write_json
+from utils import UserError, read_json, replace_folder, run_cli, temp_folder_beside, write_json
 
 import mlx.core as mx
 import numpy as np
@@ -345,7 +344,7 @@ def convert(torch_path, mlx_path, quantize=False, q_group_size=64, q_bits=4, dty
         raise UserError(f"{os.path.dirname(mlx_path)}: needs {need / 2**30:.1f} GiB free, has {free / 2**30:.1f} GiB")
 
     # Stream into a temporary folder beside the output; rename it into place only when complete.
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(mlx_path)}.tmp-", dir=os.path.dirname(mlx_path))
+    tmp = temp_folder_beside(mlx_path)
     try:
         weights = os.path.join(tmp, f"weights.{fmt}")
         writer = (NpzWriter if fmt == "npz" else SafetensorsWriter)(weights, plan)

@@ -23,13 +23,17 @@ from mlx.utils import tree_flatten
 import models
 import trainer
 
+# The example's default folder; without one, the small base model shipped in this repository.
 DEFAULT_MODEL = "mlx_model"
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="LoRA / QLoRA fine-tuning, testing and generation.")
     p.add_argument("--config", help="YAML file whose keys are flag names; command-line flags win")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="converted model folder (config.json, weights, tokenizer.model)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="converted model folder (config.json, weights, tokenizer.model); "
+                        "default mlx_model, or the shipped base_model when there is no mlx_model")
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype to compute in; auto = float32 on the CPU, the stored dtype on a GPU")
     # Generation
@@ -415,6 +419,8 @@ def main(argv=None):
     if not (args.train or args.test or args.prompt is not None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")
     mx.random.seed(args.seed)
+    if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
+        args.model = SHIPPED_MODEL
     print(f"Loading model {args.model}", file=sys.stderr)
     model, tokenizer, _ = models.load_model(args.model, compute_dtype=args.compute_dtype)
 

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 
 import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError, read_jsonl
@@ -148,8 +147,7 @@ def make_optimizer(args):
 
 def save_model(model, args, tokenizer_path, out):
     """Write the model folder atomically (temporary folder, then rename) in convert.py's layout."""
-    parent = os.path.dirname(os.path.abspath(out))
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
+    tmp = utils.temp_folder_beside(out)
     try:
         dtype = getattr(mx, args.dtype)
         weights = {k: v.astype(dtype) for k, v in tree_flatten(model.parameters())}

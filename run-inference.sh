@@ -2,7 +2,7 @@
 # Generate with the fine-tuned adapters (written by run-training.sh).
 #
 # Settings, as environment variables (default in brackets):
-#   MODEL          converted model folder                       [mlx_model]
+#   MODEL          converted model folder                       [mlx_model, else the shipped base_model]
 #   ADAPTER_FILE   adapters to apply                            [adapters/adapters.npz]
 #   PROMPT         the prompt                                   ["Q: What is ReLU in mlx?" + newline + "A:"]
 #   MAX_TOKENS     tokens to generate at most                   [100]

@@ -109,10 +109,14 @@ def atomic_write(path, mode="wb"):
         raise
 
 
-def _default_file_mode():
-    umask = os.umask(0)
+def _umask():
+    umask = os.umask(0)  # the only way to read it is to set it
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _default_file_mode():
+    return 0o666 & ~_umask()
 
 
 def _fsync_dir(folder):
@@ -154,6 +158,14 @@ def atomic_save_arrays(path, arrays, metadata=None, before_rename=None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def temp_folder_beside(target):
+    """A new empty folder next to `target` (same file system, so it can be renamed onto it)."""
+    parent = os.path.dirname(os.path.abspath(target))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(target))}.tmp-")
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual mode
+    return tmp
 
 
 def replace_folder(new, target):

@@ -311,10 +311,3 @@ def reference_logits(state_dict, params_like, tokens, compute_dtype=torch.float3
     h_BTD = _rms_norm(h_BTD, w["norm.weight"], eps)
     return (h_BTD @ w["output.weight"].T).to(torch.float32).numpy()
 
-
-if __name__ == "__main__":
-    import sys
-
-    # Used by run-training.sh to demonstrate the pipeline before a trained base model exists.
-    make_checkpoint(sys.argv[1], "llama2", dim=128, n_layers=4, n_heads=4, seed=0)
-    print(f"wrote an untrained llama2-layout checkpoint to {sys.argv[1]}")
