@@ -27,6 +27,8 @@ import time
 import utils  # noqa: F401  (fast BLAS before any section imports mlx.core)
 from utils import UserError, run_cli, read_json, write_json
 
+from convert import expected_shapes
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(ROOT, "..", "shared", "assets", "tokenizers", "mistral-7b-v0.1.model")
 
@@ -39,21 +41,6 @@ SIZES = {  # Mistral-flavour params.json values
 GiB = 2**30
 
 
-def checkpoint_shapes(p):
-    """Meta key -> shape for a Mistral-style params dict."""
-    D, C, V = p["dim"], p["hidden_dim"], p["vocab_size"]
-    Q, KV = p["n_heads"] * p["head_dim"], p["n_kv_heads"] * p["head_dim"]
-    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
-    for i in range(p["n_layers"]):
-        l = f"layers.{i}."
-        shapes.update({l + "attention.wq.weight": (Q, D), l + "attention.wk.weight": (KV, D),
-                       l + "attention.wv.weight": (KV, D), l + "attention.wo.weight": (D, Q),
-                       l + "feed_forward.w1.weight": (C, D), l + "feed_forward.w2.weight": (D, C),
-                       l + "feed_forward.w3.weight": (C, D),
-                       l + "attention_norm.weight": (D,), l + "ffn_norm.weight": (D,)})
-    return shapes
-
-
 def write_synthetic_checkpoint(folder, params):
     """Write consolidated.00.pth (bf16) without holding the model in anonymous memory.
 
@@ -64,7 +51,7 @@ def write_synthetic_checkpoint(folder, params):
     """
     import torch
 
-    shapes = checkpoint_shapes(params)
+    shapes = expected_shapes(params)
     biggest = max(math.prod(s) for s in shapes.values())
     scratch = os.path.join(folder, "scratch.bin")
     gen = torch.Generator().manual_seed(0)
@@ -128,7 +115,7 @@ def run_sampled(cmd, interval=0.05):
 def bench_convert(args):
     size = "quick" if args.quick else "7b"
     params = SIZES[size]
-    n_params = sum(math.prod(s) for s in checkpoint_shapes(params).values())
+    n_params = sum(math.prod(s) for s in expected_shapes(params).values())
     out_bytes = n_params * {"float16": 2, "bfloat16": 2, "float32": 4}[args.dtype]
     need = n_params * 2 + out_bytes + 2 * GiB  # input + output + slack
     root = os.path.abspath(args.dir or tempfile.gettempdir())

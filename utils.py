@@ -88,18 +88,16 @@ def run_cli(main):
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="wb"):
-    """Open a temporary file beside `path`; on success fsync and rename it over `path`.
-
-    On any exception the temporary file is removed and `path` is untouched.
-    """
+def _replace_when_done(path, suffix=".tmp"):
+    """Yield a temporary path beside `path`; when the block succeeds, fsync it and rename it
+    over `path`. On any exception the temporary is removed and `path` is untouched."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    os.close(fd)
     try:
         os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; give the usual mode
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(folder)
@@ -107,6 +105,13 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file beside `path`; on success it replaces `path`, durably."""
+    with _replace_when_done(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def _umask():
@@ -132,32 +137,19 @@ def _fsync_dir(folder):
 def atomic_save_arrays(path, arrays, metadata=None, before_rename=None):
     """Save a dict of MLX arrays to `path` (.npz, or .safetensors with string `metadata`) atomically.
 
-    `before_rename` runs once the data is on disk but not yet in place (tests kill the
+    `before_rename` runs once the data is written but not yet in place (tests kill the
     process there to show that a crash leaves the previous file intact).
     """
     import mlx.core as mx
 
-    # mx.savez wants a path of its own: write a sibling temporary, then rename.
-    folder = os.path.dirname(os.path.abspath(path))
     ext = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=ext)
-    os.close(fd)
-    try:
-        os.chmod(tmp, _default_file_mode())
+    with _replace_when_done(path, suffix=ext) as tmp:  # mx.savez wants the real extension
         if ext == ".safetensors":
             mx.save_safetensors(tmp, arrays, metadata=metadata or {})
         else:
             mx.savez(tmp, **arrays)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
         if before_rename is not None:
             before_rename()
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def temp_folder_beside(target):
