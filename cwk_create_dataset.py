@@ -40,7 +40,7 @@ import warnings
 
 from tqdm import tqdm
 
-from utils import UserError, atomic_write, run_cli
+from utils import UserError, atomic_write, require_positive, run_cli
 
 SPLITS = ("train", "valid", "test")
 
@@ -142,14 +142,7 @@ def check_args(args):
             raise UserError(f"{flag} must be at least 0 and below 1, got {value}")
     if args.test_size + args.valid_size >= 1:
         raise UserError(f"--test-size plus --valid-size must be below 1, got {args.test_size + args.valid_size:g}")
-    for flag, value in [
-        ("--seq-limit", args.seq_limit),
-        ("--batch-size", args.batch_size),
-        ("--workers", args.workers),
-        ("--import-timeout", args.import_timeout),
-    ]:
-        if value <= 0:
-            raise UserError(f"{flag} must be positive, got {value}")
+    require_positive(args, ("seq_limit", "batch_size", "workers", "import_timeout"))
 
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError, read_jsonl
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
@@ -58,14 +59,9 @@ def build_parser():
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="learning-rate schedule after warm-up")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear warm-up from 0")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward to save memory")
-    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
-    p.add_argument("--val-batches", type=int, default=25, help="validation batches per evaluation; -1 = whole set")
-    p.add_argument("--steps-per-report", type=int, default=10, help="steps between training-loss reports")
-    p.add_argument("--steps-per-eval", type=int, default=200, help="steps between validation runs")
-    p.add_argument("--save-every", type=int, default=100, help="steps between adapter saves")
+    trainer.add_loop_arguments(p, save_every=100, steps_per_eval=200, val_batches=25)
     p.add_argument("--resume-adapter-file", help="start training from these adapter weights (weights only)")
     p.add_argument("--resume", help="resume from a full-state checkpoint: its path, or 'latest' beside --adapter-file")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="full-state checkpoints to keep (saved every --save-every steps)")
     p.add_argument("--adapter-file", default="adapters.npz", help="where adapters are saved and loaded from")
     # Test
     p.add_argument("--test", action="store_true", help="report test loss and perplexity")
@@ -81,10 +77,8 @@ def parse_args(argv=None):
     if args.config:
         parser.set_defaults(**read_config(args.config, parser))
         args = parser.parse_args(argv)
-    for name in ("batch_size", "iters", "lora_layers", "max_seq_length", "steps_per_report",
-                 "steps_per_eval", "save_every", "num_tokens", "write_every", "max_bad_steps", "keep_checkpoints"):
-        if getattr(args, name) < (0 if name == "iters" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    utils.require_positive(args, ("batch_size", "iters", "lora_layers", "max_seq_length", "num_tokens",
+                                  "write_every") + trainer.LOOP_COUNTS)
     return args
 
 
@@ -219,22 +213,15 @@ def evaluate(model, dataset, batch_size, num_batches):
 # ----------------------------------------------------------------------------- training
 
 def count_parameters(model):
-    """(total, trainable) parameter counts; packed quantized weights count their real elements."""
-    total = 0
-    for name, p in tree_flatten(model.parameters()):
-        if p.dtype == mx.uint32 and name.endswith("weight"):
-            total += p.size * 32 // _bits_of(model, name)
-        elif not (name.endswith(".scales") or name.endswith(".biases")):
-            total += p.size
+    """(total, trainable) parameter counts; a quantized layer counts its unpacked weights."""
+    total = sum(p.size for _, p in tree_flatten(model.parameters()))
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            # Count the weights packed into the uint32 words, not the words, scales and biases.
+            unpacked = module.weight.size * 32 // module.bits
+            total += unpacked - module.weight.size - module.scales.size - module.biases.size
     trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
     return total, trainable
-
-
-def _bits_of(model, weight_name):
-    module = model
-    for part in weight_name.split(".")[:-1]:
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
-    return module.bits
 
 
 def learning_rate_schedule(args):

@@ -50,12 +50,7 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    p.add_argument("--val-batches", type=int, default=20, help="validation batches per evaluation; -1 = all")
-    p.add_argument("--steps-per-report", type=int, default=10, help="steps between training-loss reports")
-    p.add_argument("--steps-per-eval", type=int, default=200, help="steps between validation runs")
-    p.add_argument("--save-every", type=int, default=200, help="steps between model saves and checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="full-state checkpoints to keep")
-    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    trainer.add_loop_arguments(p, save_every=200, steps_per_eval=200, val_batches=20)
     p.add_argument("--resume", help="resume from a checkpoint path, or 'latest' beside --out")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the saved weights (training is float32)")
@@ -165,10 +160,8 @@ def save_model(model, args, tokenizer_path, out):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "context", "batch_size",
-                 "iters", "steps_per_report", "steps_per_eval", "save_every", "vocab_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    utils.require_positive(args, ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "context",
+                                  "batch_size", "iters", "vocab_size") + trainer.LOOP_COUNTS)
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
         raise UserError("--dim must be a multiple of --n-heads, and --n-heads of --n-kv-heads")
     work = args.out + "-work"  # tokenizer, checkpoints, metrics: what a resume needs

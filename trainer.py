@@ -30,6 +30,22 @@ CHECKPOINT_FORMAT = 1
 FAULT_ENV = "MLX_LORA_FAULT"
 
 
+# The loop's counting flags, which must be positive (utils.require_positive).
+LOOP_COUNTS = ("steps_per_report", "steps_per_eval", "save_every", "keep_checkpoints", "max_bad_steps")
+
+
+def add_loop_arguments(p, save_every, steps_per_eval, val_batches):
+    """The flags of `train`'s settings, shared by every script that trains."""
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--val-batches", type=int, default=val_batches,
+                   help="validation batches per evaluation; -1 = whole set")
+    p.add_argument("--steps-per-report", type=int, default=10, help="steps between training-loss reports")
+    p.add_argument("--steps-per-eval", type=int, default=steps_per_eval, help="steps between validation runs")
+    p.add_argument("--save-every", type=int, default=save_every,
+                   help="steps between saves of the result and of a full-state checkpoint")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="full-state checkpoints to keep")
+
+
 def step_seed(seed, step):
     """The random seed of one training step: reproducible after a resume."""
     return (seed * 1_000_003 + step) % (2 ** 63)
@@ -118,7 +134,7 @@ class Checkpoints:
             os.unlink(stale)  # the temporary of a write that a crash interrupted
         utils.atomic_save_arrays(self.path(step), arrays, metadata={"mlx_lora": json.dumps(meta)},
                                  before_rename=lambda: _fault_point(step))
-        for old in self.all()[:-self.keep] if self.keep > 0 else []:
+        for old in self.all()[:-self.keep]:
             os.unlink(old)
 
 
@@ -307,9 +323,9 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings, checkpo
             loss, ntoks, finite = step_fn(*batch_for_step(step))
             mx.eval(loss, ntoks, finite, model.trainable_parameters(), optimizer.state)
             if finite.item():
-                bad_in_a_row = 0
-                window["loss"] += loss.item() * ntoks.item()
-                window["toks"] += int(ntoks.item())
+                bad_in_a_row, n = 0, int(ntoks.item())
+                window["loss"] += loss.item() * n
+                window["toks"] += n
                 window["steps"] += 1
             else:
                 bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1

@@ -69,6 +69,14 @@ class UserError(Exception):
     """A mistake in the user's input: reported in one line, no traceback."""
 
 
+def require_positive(args, names):
+    """A UserError for the first of these parsed flags that is not above zero."""
+    for name in names:
+        value = getattr(args, name)
+        if value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
 def run_cli(main):
     """Run `main()`; report user errors in one line and exit non-zero."""
     try:
