@@ -105,10 +105,6 @@ class KVCache:
             values[:, :, :n_keep] = self.values[:, :, keep_lo:keep_lo + n_keep]
         self.keys, self.values, self.start = keys, values, first
 
-    @property
-    def state(self):
-        return self.keys, self.values
-
 
 def attention_mask(T, offset, window):
     """Mask for T queries at positions offset.. over the keys KVCache.update returns.

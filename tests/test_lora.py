@@ -302,3 +302,13 @@ def test_grad_checkpoint_and_cosine_schedule_train_the_same_adapters(tiny_llama,
         np.testing.assert_allclose(np.array(plain[key]), np.array(ckpt[key]), atol=1e-6)
     # B starts at zero: it has moved, so the comparison above compared trained adapters.
     assert all(np.abs(np.array(v)).max() > 0 for k, v in plain.items() if k.endswith("lora_b"))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_quantized_model_counts_the_same_parameters_as_dense(bits):
+    args = models.ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
+                            norm_eps=1e-5, vocab_size=512)
+    dense = models.Model(args)
+    quantized = models.Model(args)
+    models.nn.quantize(quantized, 64, bits)
+    assert lora.count_parameters(quantized)[0] == lora.count_parameters(dense)[0] == 426624

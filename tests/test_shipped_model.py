@@ -10,6 +10,7 @@ import numpy as np
 
 import lora
 import models
+import trainer
 
 SHIPPED = lora.SHIPPED_MODEL
 
@@ -49,7 +50,7 @@ def test_shipped_model_generates_deterministically_and_knows_docstrings():
     text = "Return the sum of the array elements over the given axis."
     words = text.split()
     shuffled = " ".join(words[i] for i in np.random.default_rng(0).permutation(len(words)))
-    nll = lambda t: float(lora.trainer.loss_fn(model, *make_example(tokenizer, t))[0])  # noqa: E731
+    nll = lambda t: float(trainer.loss_fn(model, *make_example(tokenizer, t))[0])  # noqa: E731
     assert nll(text) < nll(shuffled) - 0.5
 
 
