@@ -1,8 +1,13 @@
 """Benchmarks, one subcommand per script measured; results print as a table and go to a JSON file.
 
-    python bench.py convert [--quick] [--dir /tmp] [--dtype float16] [-q]
+    python bench.py                  everything below but qa, in one run (about 10 min here)
+    python bench.py machine          numpy float32 matmul GFLOP/s, memory copy bandwidth
+    python bench.py convert [--size 7b|medium] [--dir /tmp] [--dtype float16] [-q]
     python bench.py train [--size tiny|medium] [--qlora]
+    python bench.py generate [--size medium] [--kinds float32,float16,8-bit,4-bit]
     python bench.py qa --model base_model [--adapter-file adapters/adapters.npz]
+
+MLX_LORA_CPU_KERNELS=0 in the environment measures plain MLX, without cpu_kernels/.
 
 convert: writes a synthetic 7B-shaped bf16 checkpoint in Mistral's layout (dim
 4096, 32 layers, hidden 14336, 32 heads, 8 KV heads, vocab 32000; about 14.5 GB),
@@ -35,8 +40,8 @@ TOKENIZER = os.path.join(ROOT, "..", "shared", "assets", "tokenizers", "mistral-
 SIZES = {  # Mistral-flavour params.json values
     "7b": {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,
            "n_kv_heads": 8, "norm_eps": 1e-5, "sliding_window": 4096, "vocab_size": 32000},
-    "quick": {"dim": 1024, "n_layers": 4, "head_dim": 128, "hidden_dim": 3584, "n_heads": 8,
-              "n_kv_heads": 2, "norm_eps": 1e-5, "sliding_window": 4096, "vocab_size": 32000},
+    "medium": {"dim": 1024, "n_layers": 8, "head_dim": 64, "hidden_dim": 2816, "n_heads": 16,
+               "n_kv_heads": 4, "norm_eps": 1e-5, "vocab_size": 32000},
 }
 GiB = 2**30
 
@@ -113,7 +118,7 @@ def run_sampled(cmd, interval=0.05):
 
 
 def bench_convert(args):
-    size = "quick" if args.quick else "7b"
+    size = args.size
     params = SIZES[size]
     n_params = sum(math.prod(s) for s in expected_shapes(params).values())
     out_bytes = n_params * {"float16": 2, "bfloat16": 2, "float32": 4}[args.dtype]
@@ -156,7 +161,7 @@ def bench_convert(args):
 
 
 def add_convert_args(p):
-    p.add_argument("--quick", action="store_true", help="A small model (about 0.3 GB) instead of 7B-shaped (14.5 GB).")
+    p.add_argument("--size", default="7b", choices=list(SIZES), help="Checkpoint shape: 7b (14.5 GB) or medium (0.3 GB).")
     p.add_argument("--dir", default=None, help="Where to write the temporary checkpoint and output (default: the temp dir).")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="convert.py --dtype.")
     p.add_argument("--format", default="npz", choices=["npz", "safetensors"], help="convert.py --format.")
@@ -189,7 +194,6 @@ def matmul_parameters(model):
 def bench_train(args):
     """LoRA (and QLoRA) steps on random models: tokens/s and useful GFLOP/s."""
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
 
     import models
@@ -198,14 +202,8 @@ def bench_train(args):
     results = {"key": f"train-{args.size}", "size": args.size, "batch": f"{args.batch_size} x {args.seq_len}",
                "targets": args.targets}
     for kind in ["lora"] + (["qlora4"] if args.qlora else []):
-        mx.random.seed(0)
-        model = models.Model(models.ModelArgs(norm_eps=1e-5, **MODEL_SIZES[args.size]))
-        if kind == "qlora4":
-            # As convert.py: quantize the layers whose input width divides into groups.
-            nn.quantize(model, 64, 4, class_predicate=lambda _, m: hasattr(m, "to_quantized")
-                        and m.weight.shape[-1] % 64 == 0)
-        models.cast_floats(model, mx.float32)
-        mx.eval(model.parameters())
+        model = random_model(args.size, bits=4 if kind == "qlora4" else None)
+        mx.reset_peak_memory()
         flops_params = matmul_parameters(model)
         models.apply_lora(model, len(model.layers), models.parse_targets(args.targets))
         optimizer = optim.Adam(learning_rate=1e-5)
@@ -237,6 +235,116 @@ def add_train_args(p):
     p.add_argument("--targets", default="wq,wv", help="LoRA targets.")
     p.add_argument("--steps", type=int, default=5, help="Timed steps (median reported).")
     p.add_argument("--qlora", action="store_true", help="Also time QLoRA on a 4-bit base.")
+
+
+# ----------------------------------------------------------------------------- machine
+
+def copy_bandwidth_GBs():
+    """numpy copy of 512 MiB, counted as STREAM does: bytes read plus bytes written."""
+    import numpy as np
+
+    src = np.ones(2**27, np.float32)
+    dst = np.empty_like(src)
+    seconds = best_time(lambda: np.copyto(dst, src))
+    return 2 * src.nbytes / seconds / 1e9
+
+
+def numpy_matmul_GFLOPs(n=2048):
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    return 2 * n**3 / best_time(lambda: a @ a) / 1e9
+
+
+def best_time(fn, repeats=5):
+    fn()  # warm-up: page faults, thread start
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return min(times)
+
+
+def bench_machine(args):
+    """This machine's own ceilings: numpy (its own BLAS) float32 matmul, memory copy bandwidth."""
+    return {"key": "machine", "numpy_matmul_GFLOPs": round(numpy_matmul_GFLOPs(), 1),
+            "copy_bandwidth_GBs": round(copy_bandwidth_GBs(), 1)}
+
+
+# ----------------------------------------------------------------------------- generate
+
+WEIGHT_KINDS = {"float32": ("float32", None), "float16": ("float16", None), "8-bit": ("float32", 8),
+                "4-bit": ("float32", 4)}
+
+
+def random_model(size, bits=None, dtype="float32"):
+    """A random model of MODEL_SIZES[size], optionally quantized as convert.py -q does
+    (the layers whose input width divides into groups of 64)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    import models
+
+    mx.random.seed(0)
+    model = models.Model(models.ModelArgs(norm_eps=1e-5, **MODEL_SIZES[size]))
+    if bits:
+        nn.quantize(model, 64, bits, class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % 64 == 0)
+    models.cast_floats(model, getattr(mx, dtype))
+    mx.eval(model.parameters())
+    return model
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights one decoded token reads: every layer but the embedding table,
+    of which it reads one row."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if not k.startswith("tok_embeddings"))
+
+
+def bench_generate(args):
+    """Prompt and decode tokens/s per weight kind, beside the memory-bandwidth bound."""
+    import mlx.core as mx
+
+    import lora
+    import models
+
+    bandwidth = copy_bandwidth_GBs()
+    results = {"key": f"generate-{args.size}", "size": args.size, "prompt_tokens": args.prompt_len,
+               "copy_bandwidth_GBs": round(bandwidth, 1), "cpu_kernels": models.cpu_kernels is not None}
+    for kind in args.kinds.split(","):
+        dtype, bits = WEIGHT_KINDS[kind]
+        model = random_model(args.size, bits, dtype)
+        prompt = mx.random.randint(0, model.args.vocab_size, (args.prompt_len,)).tolist()
+
+        def process_prompt():
+            mx.eval(model(mx.array([prompt]), model.make_cache()))
+
+        prompt_s = best_time(process_prompt, repeats=2)
+        # float16 runs in MLX's scalar half-precision loops on the CPU: a few tokens tell.
+        n_decode = 8 if dtype == "float16" else args.decode_tokens
+        tokens = lora.generate_tokens(model, prompt, temp=0.0)
+        next(tokens)  # the first token comes with the prompt
+        tic = time.perf_counter()
+        for _ in range(n_decode):
+            next(tokens)
+        decode_tps = n_decode / (time.perf_counter() - tic)
+        bound_tps = bandwidth * 1e9 / weight_bytes_per_token(model)
+        results[f"{kind}_prompt_tokens_per_s"] = round(args.prompt_len / prompt_s, 1)
+        results[f"{kind}_decode_tokens_per_s"] = round(decode_tps, 1)
+        results[f"{kind}_bandwidth_bound_tokens_per_s"] = round(bound_tps, 1)
+        results[f"{kind}_decode_of_bound"] = f"{decode_tps / bound_tps:.0%}"
+        del model, tokens
+    return results
+
+
+def add_generate_args(p):
+    p.add_argument("--size", default="medium", choices=list(MODEL_SIZES), help="Model shape (medium: about 150M).")
+    p.add_argument("--kinds", default=",".join(WEIGHT_KINDS), help="Weight kinds, comma-separated.")
+    p.add_argument("--prompt-len", type=int, default=128, help="Prompt tokens.")
+    p.add_argument("--decode-tokens", type=int, default=64, help="Decoded tokens timed.")
 
 
 # ----------------------------------------------------------------------------- qa
@@ -287,17 +395,22 @@ def add_qa_args(p):
 
 
 SECTIONS = {
+    "machine": (lambda p: None, bench_machine, "numpy matmul GFLOP/s and memory copy bandwidth."),
     "convert": (add_convert_args, bench_convert, "Convert a synthetic checkpoint; peak memory and time."),
     "train": (add_train_args, bench_train, "LoRA / QLoRA training speed on a random model."),
+    "generate": (add_generate_args, bench_generate, "Prompt and decode tokens/s for float32/16, 8- and 4-bit."),
     "qa": (add_qa_args, bench_qa, "Exact-match of greedy answers to dataset questions."),
 }
+# What `python bench.py` with no section runs: the performance issue's whole table.
+ALL = [["machine"], ["convert", "--size", "medium"], ["convert", "--size", "7b"],
+       ["train", "--size", "tiny", "--qlora"], ["train", "--size", "medium", "--qlora"], ["generate"]]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Benchmarks for the mlx-lora scripts.")
     parser.add_argument("--results", default=os.path.join(ROOT, "bench_results.json"),
                         help="JSON file the results are merged into, one entry per section.")
-    sub = parser.add_subparsers(dest="section", required=True, help="What to measure.")
+    sub = parser.add_subparsers(dest="section", help="What to measure (default: everything but qa).")
     for name, (add_args, _, help_text) in SECTIONS.items():
         add_args(sub.add_parser(name, help=help_text))
     return parser
@@ -310,8 +423,7 @@ def print_table(title, results):
         print(f"  {key:<{width}}  {value}")
 
 
-def main():
-    args = build_parser().parse_args()
+def run_section(args):
     results = SECTIONS[args.section][1](args)
     results["when"] = datetime.datetime.now().isoformat(timespec="seconds")
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
@@ -319,7 +431,17 @@ def main():
     everything = read_json(args.results) if os.path.exists(args.results) else {}
     everything[results.pop("key", args.section)] = results
     write_json(args.results, everything)
-    print(f"\nwrote {args.results}")
+    return results
+
+
+def main():
+    parser = build_parser()
+    args = parser.parse_args()
+    runs = [args] if args.section else [parser.parse_args(["--results", args.results] + a) for a in ALL]
+    tic = time.perf_counter()
+    for run in runs:
+        run_section(run)
+    print(f"\nwrote {args.results} ({time.perf_counter() - tic:.0f} s)")
 
 
 if __name__ == "__main__":

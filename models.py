@@ -8,6 +8,7 @@ Shapes: B batch, T time (new tokens), S key length, D model dim, N query
 heads, K key/value heads, H head dim, C hidden (feed-forward) dim, V vocab.
 """
 
+import functools
 import math
 import os
 from dataclasses import MISSING, dataclass, fields
@@ -43,6 +44,106 @@ class ModelArgs:
         if args.n_heads % args.n_kv_heads:
             raise UserError(f"{source}: n_heads {args.n_heads} is not a multiple of n_kv_heads {args.n_kv_heads}")
         return args
+
+
+# ----------------------------------------------------------------------------- linear layers
+
+def _load_cpu_kernels():
+    """The compiled CPU kernels (cpu_kernels/, built by setup.sh), or None.
+
+    MLX_LORA_CPU_KERNELS=0 turns them off, to compare against plain MLX.
+    """
+    if os.environ.get("MLX_LORA_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        import _cpu_kernels
+    except ImportError:  # not built (or built for another MLX): plain MLX ops
+        return None
+    return _cpu_kernels
+
+
+cpu_kernels = _load_cpu_kernels()
+MATVEC_ROWS = 16  # up to this many rows of x, read each weight once (decoding)
+
+
+def _cpu_kernel_applies(x, *float_arrays):
+    return (cpu_kernels is not None and mx.default_device() == mx.cpu
+            and all(a.dtype == mx.float32 for a in (x, *float_arrays)))
+
+
+def _rows(x):
+    return x.size // x.shape[-1]
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose few-row products on the CPU stream the weight once.
+
+    MLX runs x @ W.T with one row of x as a BLAS GEMM that repacks all of W;
+    decoding is bound by exactly that read.
+    """
+
+    def __call__(self, x):
+        if "bias" not in self and _rows(x) <= MATVEC_ROWS and _cpu_kernel_applies(x, self.weight):
+            return cpu_kernels.matvec(x, self.weight)
+        return super().__call__(x)
+
+    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
+        if mode != "affine" or quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear with CPU paths: a fused quantized matvec for a few rows,
+    and for many rows (training, prompts) dequantization into the fast float32 BLAS.
+
+    MLX's own CPU quantized matmul is a single-threaded scalar loop (about 2 GFLOP/s).
+    """
+
+    def __call__(self, x):
+        if (self.mode != "affine" or self.bits not in (2, 4, 8) or "bias" in self
+                or not _cpu_kernel_applies(x, self.scales, self.biases)):
+            return super().__call__(x)
+        if _rows(x) <= MATVEC_ROWS:
+            return cpu_kernels.quantized_matvec(x, self.weight, self.scales, self.biases,
+                                                self.group_size, self.bits)
+        return _dequantized_matmul(self.group_size, self.bits)(x, self.weight, self.scales, self.biases)
+
+
+def cross_entropy(logits, targets):
+    """Cross-entropy along the last axis; on the CPU one fused multi-threaded kernel
+    (MLX's exp alone made the loss over a 32000-word vocabulary a fifth of a step)."""
+    if _cpu_kernel_applies(logits):
+        return cpu_kernels.cross_entropy(logits, targets)
+    return nn.losses.cross_entropy(logits, targets)
+
+
+def swiglu(a, b):
+    """silu(a) * b, LLaMA's gated feed-forward; on the CPU one fused kernel each way."""
+    if _cpu_kernel_applies(a, b):
+        return cpu_kernels.swiglu(a, b)
+    return nn.silu(a) * b
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantized_matmul(group_size, bits):
+    """x @ dequantize(w).T whose backward dequantizes again instead of keeping the
+    float32 weight alive from forward to backward: only the layer at work is ever
+    dense, so QLoRA keeps its memory saving."""
+
+    def dense(w, scales, biases):
+        return cpu_kernels.dequantize(w, scales, biases, group_size, bits)
+
+    @mx.custom_function
+    def matmul(x, w, scales, biases):
+        return x @ dense(w, scales, biases).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, w, scales, biases = primals
+        return cotangent @ dense(w, scales, biases), mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return matmul
 
 
 class RMSNorm(nn.Module):
@@ -132,10 +233,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.scale = args.head_dim ** -0.5
         self.rope_theta = args.rope_theta
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def __call__(self, x_BTD, mask, cache=None):
         B, T, _ = x_BTD.shape
@@ -158,12 +259,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w1 = Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = Linear(args.dim, args.hidden_dim, bias=False)
 
     def __call__(self, x_BTD):
-        return self.w2(nn.silu(self.w1(x_BTD)) * self.w3(x_BTD))  # SwiGLU
+        return self.w2(swiglu(self.w1(x_BTD), self.w3(x_BTD)))
 
 
 class TransformerBlock(nn.Module):
@@ -186,7 +287,7 @@ class Model(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.grad_checkpoint = False
 
     def __call__(self, tokens_BT, cache=None):

@@ -22,3 +22,17 @@ if [ "$(uname -s)" = Linux ] && ! blas_found; then
   fi
 fi
 "$PYTHON" -c "import utils; print('fast BLAS:', utils.BLAS_PATH or 'none (MLX uses its own BLAS)')"
+
+# The CPU kernels (cpu_kernels/): decoding, QLoRA and the loss at this machine's speed.
+# Optional: without CMake and a C++ compiler, or on macOS (Metal), plain MLX ops run.
+# Rebuilt on every run, so that an upgraded MLX gets a matching build.
+if [ "$(uname -s)" = Linux ] && command -v cmake >/dev/null && command -v c++ >/dev/null; then
+  "$PYTHON" -m pip install -q "nanobind==3.1.0"  # the nanobind ABI of mlx 0.32's own bindings
+  mkdir -p build
+  if cmake -S cpu_kernels -B build/cpu_kernels -DPython_EXECUTABLE="$(command -v "$PYTHON")" >build/cpu_kernels.log 2>&1 &&
+     cmake --build build/cpu_kernels --parallel >>build/cpu_kernels.log 2>&1; then
+    "$PYTHON" -c "import models; print('CPU kernels:', 'built' if models.cpu_kernels else 'built, but did not load')"
+  else
+    echo "CPU kernels: build failed (see build/cpu_kernels.log); plain MLX ops will run"
+  fi
+fi

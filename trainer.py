@@ -19,6 +19,8 @@ import time
 import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError
 
+import models
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -59,7 +61,7 @@ def epoch_order(n, seed, epoch):
 def loss_fn(model, inputs_BT, targets_BT, mask_BT):
     """Mean cross-entropy over the counted targets (mask 1), and their number."""
     logits_BTV = model(inputs_BT).astype(mx.float32)
-    ce_BT = nn.losses.cross_entropy(logits_BTV, targets_BT) * mask_BT
+    ce_BT = models.cross_entropy(logits_BTV, targets_BT) * mask_BT
     ntoks = mask_BT.sum()
     return ce_BT.sum() / mx.maximum(ntoks, 1), ntoks
 

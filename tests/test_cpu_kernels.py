@@ -1,0 +1,155 @@
+"""cpu_kernels/ against float64 numpy and against the plain MLX path they replace.
+
+Skipped when the kernels are not built (setup.sh builds them; a machine without a
+C++ compiler runs plain MLX ops, which the rest of the suite covers).
+"""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+import models
+import trainer
+
+kernels = models.cpu_kernels
+pytestmark = pytest.mark.skipif(kernels is None or mx.default_device() != mx.cpu,
+                                reason="cpu_kernels not built (run setup.sh), or not on the CPU")
+
+
+def f64(a):
+    return np.array(a).astype(np.float64)
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 64, 48), (3, 1027, 1000), (16, 33, 130)])
+def test_matvec_matches_float64(rows, n, k):
+    x, w = mx.random.normal((rows, k)), mx.random.normal((n, k))
+    np.testing.assert_allclose(np.array(kernels.matvec(x, w)), f64(x) @ f64(w).T, atol=1e-4, rtol=1e-5)
+    x3 = x.reshape(1, rows, k)  # leading axes are kept
+    assert kernels.matvec(x3, w).shape == (1, rows, n)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_dequantize_and_quantized_matvec_match_mlx(bits, group_size):
+    w = mx.random.normal((96, 256))
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    dense = mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits)
+    # one fused multiply-add where MLX rounds twice: equal to the last bit or so
+    np.testing.assert_allclose(np.array(kernels.dequantize(wq, scales, biases, group_size, bits)),
+                               np.array(dense), atol=1e-6, rtol=1e-6)
+    x = mx.random.normal((2, 3, 256))
+    np.testing.assert_allclose(np.array(kernels.quantized_matvec(x, wq, scales, biases, group_size, bits)),
+                               f64(x) @ f64(dense).T, atol=1e-4, rtol=1e-5)
+
+
+def test_gradients_of_the_matvecs_flow_to_x():
+    x, w = mx.random.normal((2, 64)), mx.random.normal((32, 64))
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    cot = mx.random.normal((2, 32))
+    grad = mx.grad(lambda x: (kernels.matvec(x, w) * cot).sum())(x)
+    np.testing.assert_allclose(np.array(grad), f64(cot) @ f64(w), atol=1e-4)
+    grad = mx.grad(lambda x: (kernels.quantized_matvec(x, wq, scales, biases, 64, 4) * cot).sum())(x)
+    dense = f64(mx.dequantize(wq, scales, biases, group_size=64, bits=4))
+    np.testing.assert_allclose(np.array(grad), f64(cot) @ dense, atol=1e-4)
+
+
+def test_cross_entropy_and_its_gradient_match_float64():
+    logits, targets = 3 * mx.random.normal((2, 5, 1003)), mx.random.randint(0, 1003, (2, 5))
+    weights = mx.random.uniform(shape=(2, 5))
+    L, t = f64(logits).reshape(10, -1), np.array(targets).reshape(-1)
+    lse = np.log(np.exp(L - L.max(-1, keepdims=True)).sum(-1)) + L.max(-1)
+    np.testing.assert_allclose(np.array(kernels.cross_entropy(logits, targets)).reshape(-1),
+                               lse - L[np.arange(10), t], atol=2e-5)
+    grad = mx.grad(lambda l: (kernels.cross_entropy(l, targets) * weights).sum())(logits)
+    expected = np.exp(L - lse[:, None])
+    expected[np.arange(10), t] -= 1
+    expected *= f64(weights).reshape(10, 1)
+    np.testing.assert_allclose(np.array(grad).reshape(10, -1), expected, atol=2e-6)
+
+
+def test_cross_entropy_keeps_bad_values_visible():
+    """The training loop skips steps whose loss is not finite: NaN must come through."""
+    loss = kernels.cross_entropy(mx.array([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]]), mx.array([0, 7]))
+    assert np.isnan(np.array(loss)).all()  # a NaN logit; a target outside the vocabulary
+
+
+def test_swiglu_and_its_gradient_match_float64():
+    a, b, cot = 4 * mx.random.normal((3, 7, 50)), mx.random.normal((3, 7, 50)), mx.random.normal((3, 7, 50))
+    A, B, C = f64(a), f64(b), f64(cot)
+    s = 1 / (1 + np.exp(-A))
+    np.testing.assert_allclose(np.array(kernels.swiglu(a, b)), A * s * B, atol=1e-5)
+    da, db = mx.grad(lambda a, b: (kernels.swiglu(a, b) * cot).sum(), argnums=(0, 1))(a, b)
+    np.testing.assert_allclose(np.array(da), C * B * s * (1 + A * (1 - s)), atol=1e-5)
+    np.testing.assert_allclose(np.array(db), C * A * s, atol=1e-5)
+    assert np.isnan(np.array(kernels.swiglu(mx.array([float("nan")]), mx.array([1.0])))).all()
+
+
+def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
+    with pytest.raises(ValueError):
+        kernels.matvec(mx.zeros((1, 5)), mx.zeros((4, 6)))
+    with pytest.raises(ValueError):
+        kernels.matvec(mx.zeros((1, 4), mx.float16), mx.zeros((4, 4), mx.float16))
+    wq, scales, biases = mx.quantize(mx.zeros((8, 64)), group_size=64, bits=4)
+    with pytest.raises(ValueError):
+        kernels.dequantize(wq, scales, biases, 32, 4)  # scales made for groups of 64
+
+
+# --------------------------------------------------------------------------- in the model
+
+ARGS = models.ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
+                        vocab_size=320, norm_eps=1e-5)
+
+
+def random_model(bits=None):
+    mx.random.seed(3)
+    model = models.Model(ARGS)
+    if bits:
+        nn.quantize(model, 64, bits)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture
+def plain_mlx(monkeypatch):
+    """Run the model code with the kernels off, as on a machine without them."""
+    def off():
+        monkeypatch.setattr(models, "cpu_kernels", None)
+    return off
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_model_logits_with_and_without_kernels(bits, plain_mlx):
+    """Prompt (many rows) and decoding (one row) both take the kernel paths."""
+    model = random_model(bits)
+    tokens = mx.array([[1, 5, 9, 200, 17, 3, 44, 12, 8, 60, 2, 7, 90, 31, 5, 6, 77, 19]])  # 18 > MATVEC_ROWS
+
+    def run():
+        cache = model.make_cache()
+        return model(tokens, cache), model(mx.array([[11]]), cache)
+
+    with_kernels = run()
+    plain_mlx()
+    for got, ref in zip(with_kernels, run()):
+        np.testing.assert_allclose(np.array(got), np.array(ref), atol=2e-4, rtol=1e-4)
+
+
+def test_qlora_gradients_with_and_without_kernels(plain_mlx):
+    """QLoRA's dequantize-into-BLAS path trains the same adapters as MLX's quantized matmul."""
+    def grads():
+        model = random_model(bits=4)
+        models.apply_lora(model, 2, models.parse_targets("all"))
+        model.update(tree_map(lambda p: p + 0.01, model.trainable_parameters()))  # B != 0
+        tokens = mx.random.randint(0, 320, (2, 17), key=mx.random.key(0))
+        batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((2, 16)))
+        (loss, _), g = nn.value_and_grad(model, trainer.loss_fn)(model, *batch)
+        return loss, tree_flatten(g)
+
+    loss, with_kernels = grads()
+    plain_mlx()
+    ref_loss, ref = grads()
+    assert abs(loss.item() - ref_loss.item()) < 1e-4
+    for (name, got), (_, expected) in zip(with_kernels, ref):
+        np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-5, rtol=1e-3, err_msg=name)
