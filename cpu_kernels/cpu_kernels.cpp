@@ -316,21 +316,22 @@ template <int B> struct DequantizeKernel {
 
 // ---------------------------------------------------------------- primitives
 
-// Shared plumbing: allocate the output, then run `body` on the stream's thread with
-// the inputs kept alive until it has finished.
+// Shared plumbing: allocate the outputs, then run `body(inputs, outputs)` on the
+// stream's thread with every array kept alive until it has finished.
 template <typename Body>
-void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& out, Body body) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
+void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, std::vector<mx::array> outputs, Body body) {
   auto& encoder = mx::cpu::get_command_encoder(stream);
-  std::vector<mx::array> held;
+  std::vector<mx::array> in, out;
   for (auto& a : inputs) {
     encoder.set_input_array(a);
-    held.push_back(mx::array::unsafe_weak_copy(a));
+    in.push_back(mx::array::unsafe_weak_copy(a));
   }
-  encoder.set_output_array(out);
-  encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out), body]() mutable {
-    body(held, out);
-  });
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+    encoder.set_output_array(o);
+    out.push_back(mx::array::unsafe_weak_copy(o));
+  }
+  encoder.dispatch([in = std::move(in), out = std::move(out), body]() mutable { body(in, out); });
 }
 
 std::runtime_error cpu_only(const char* name) {
@@ -341,7 +342,8 @@ class Matvec : public mx::UnaryPrimitive {
  public:
   explicit Matvec(mx::Stream s) : UnaryPrimitive(s) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, out, [](std::vector<mx::array>& in, mx::array& out) {
+    dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+      auto& out = outs[0];
       const int K = in[1].shape(1), N = in[1].shape(0), M = in[0].size() / K;
       matvec_rows(in[0].data<float>(), in[1].data<float>(), out.data<float>(), M, N, K);
     });
@@ -372,7 +374,8 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
   QuantizedMatvec(mx::Stream s, int group_size, int bits)
       : UnaryPrimitive(s), group_size_(group_size), bits_(bits) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, out, [gs = group_size_, bits = bits_](std::vector<mx::array>& in, mx::array& out) {
+    dispatch(stream(), in, {out}, [gs = group_size_, bits = bits_](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+      auto& out = outs[0];
       const int N = in[1].shape(0), K = in[1].shape(1) * 32 / bits, M = in[0].size() / K;
       by_bits<QuantizedMatvecKernel>(bits, in[0].data<float>(), in[1].data<uint32_t>(),
                                      in[2].data<float>(), in[3].data<float>(), out.data<float>(), M, N, K, gs);
@@ -402,7 +405,8 @@ class Dequantize : public mx::UnaryPrimitive {
   Dequantize(mx::Stream s, int group_size, int bits)
       : UnaryPrimitive(s), group_size_(group_size), bits_(bits) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, out, [gs = group_size_, bits = bits_](std::vector<mx::array>& in, mx::array& out) {
+    dispatch(stream(), in, {out}, [gs = group_size_, bits = bits_](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+      auto& out = outs[0];
       const int N = out.shape(0), K = out.shape(1);
       by_bits<DequantizeKernel>(bits, in[0].data<uint32_t>(), in[1].data<float>(), in[2].data<float>(),
                                 out.data<float>(), N, K, gs);
@@ -426,7 +430,8 @@ class CrossEntropy : public mx::UnaryPrimitive {
  public:
   explicit CrossEntropy(mx::Stream s) : UnaryPrimitive(s) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, out, [](std::vector<mx::array>& in, mx::array& out) {
+    dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+      auto& out = outs[0];
       const int V = in[0].shape(-1), M = in[0].size() / V;
       cross_entropy_rows(in[0].data<float>(), in[1].data<int32_t>(), out.data<float>(), M, V);
     });
@@ -454,7 +459,8 @@ class CrossEntropyGrad : public mx::UnaryPrimitive {
  public:
   explicit CrossEntropyGrad(mx::Stream s) : UnaryPrimitive(s) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, out, [](std::vector<mx::array>& in, mx::array& out) {
+    dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+      auto& out = outs[0];
       const int V = in[0].shape(-1), M = in[0].size() / V;
       cross_entropy_grad_rows(in[0].data<float>(), in[1].data<int32_t>(), in[2].data<float>(),
                               in[3].data<float>(), out.data<float>(), M, V);
@@ -469,14 +475,9 @@ class SwigluGrads : public mx::Primitive {
  public:
   explicit SwigluGrads(mx::Stream s) : Primitive(s) {}
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    for (auto& o : out) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) encoder.set_input_array(a);
-    for (auto& o : out) encoder.set_output_array(o);
-    encoder.dispatch([a = mx::array::unsafe_weak_copy(in[0]), b = mx::array::unsafe_weak_copy(in[1]),
-                      g = mx::array::unsafe_weak_copy(in[2]), da = mx::array::unsafe_weak_copy(out[0]),
-                      db = mx::array::unsafe_weak_copy(out[1])]() mutable {
-      swiglu_grads(a.data<float>(), b.data<float>(), g.data<float>(), da.data<float>(), db.data<float>(), a.size());
+    dispatch(stream(), in, out, [](std::vector<mx::array>& in, std::vector<mx::array>& out) {
+      swiglu_grads(in[0].data<float>(), in[1].data<float>(), in[2].data<float>(), out[0].data<float>(),
+                   out[1].data<float>(), in[0].size());
     });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { throw cpu_only(name()); }
@@ -488,7 +489,8 @@ class Swiglu : public mx::UnaryPrimitive {
  public:
   explicit Swiglu(mx::Stream s) : UnaryPrimitive(s) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, out, [](std::vector<mx::array>& in, mx::array& out) {
+    dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+      auto& out = outs[0];
       swiglu_values(in[0].data<float>(), in[1].data<float>(), out.data<float>(), out.size());
     });
   }
