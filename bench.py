@@ -19,6 +19,7 @@ cache, which VmHWM and ru_maxrss count but RssAnon does not.
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -239,6 +240,7 @@ def add_train_args(p):
 
 # ----------------------------------------------------------------------------- machine
 
+@functools.lru_cache(maxsize=None)  # machine and generate both report it: measure once
 def copy_bandwidth_GBs():
     """numpy copy of 512 MiB, counted as STREAM does: bytes read plus bytes written."""
     import numpy as np

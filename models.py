@@ -101,8 +101,8 @@ class QuantizedLinear(nn.QuantizedLinear):
     """
 
     def __call__(self, x):
-        if (self.mode != "affine" or self.bits not in (2, 4, 8) or "bias" in self
-                or not _cpu_kernel_applies(x, self.scales, self.biases)):
+        # Only affine layers get here: Linear.to_quantized hands other modes to MLX's class.
+        if self.bits not in (2, 4, 8) or "bias" in self or not _cpu_kernel_applies(x, self.scales, self.biases):
             return super().__call__(x)
         if _rows(x) <= MATVEC_ROWS:
             return cpu_kernels.quantized_matvec(x, self.weight, self.scales, self.biases,

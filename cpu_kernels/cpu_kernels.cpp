@@ -338,9 +338,31 @@ std::runtime_error cpu_only(const char* name) {
   return std::runtime_error(std::string(name) + " runs on the CPU only");
 }
 
-class Matvec : public mx::UnaryPrimitive {
+// One output, CPU only; equal to another of its kind unless it has parameters.
+class CpuPrimitive : public mx::UnaryPrimitive {
  public:
-  explicit Matvec(mx::Stream s) : UnaryPrimitive(s) {}
+  using UnaryPrimitive::UnaryPrimitive;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw cpu_only(name()); }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+// A CPU primitive on MLX affine-quantized weights of a group size and bit width.
+class QuantizedPrimitive : public CpuPrimitive {
+ public:
+  QuantizedPrimitive(mx::Stream s, int group_size, int bits)
+      : CpuPrimitive(s), group_size_(group_size), bits_(bits) {}
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantizedPrimitive&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+
+ protected:
+  int group_size_, bits_;
+};
+
+class Matvec : public CpuPrimitive {
+ public:
+  using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
       auto& out = outs[0];
@@ -348,7 +370,6 @@ class Matvec : public mx::UnaryPrimitive {
       matvec_rows(in[0].data<float>(), in[1].data<float>(), out.data<float>(), M, N, K);
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw cpu_only(name()); }
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums, const std::vector<mx::array>&) override {
@@ -366,13 +387,11 @@ class Matvec : public mx::UnaryPrimitive {
     return grads;
   }
   const char* name() const override { return "Matvec"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-class QuantizedMatvec : public mx::UnaryPrimitive {
+class QuantizedMatvec : public QuantizedPrimitive {
  public:
-  QuantizedMatvec(mx::Stream s, int group_size, int bits)
-      : UnaryPrimitive(s), group_size_(group_size), bits_(bits) {}
+  using QuantizedPrimitive::QuantizedPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     dispatch(stream(), in, {out}, [gs = group_size_, bits = bits_](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
       auto& out = outs[0];
@@ -381,7 +400,6 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
                                      in[2].data<float>(), in[3].data<float>(), out.data<float>(), M, N, K, gs);
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw cpu_only(name()); }
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums, const std::vector<mx::array>&) override {
@@ -391,19 +409,11 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
                                  group_size_, bits_, "affine", stream())};
   }
   const char* name() const override { return "QuantizedMatvec"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const QuantizedMatvec&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_;
-  }
-
- private:
-  int group_size_, bits_;
 };
 
-class Dequantize : public mx::UnaryPrimitive {
+class Dequantize : public QuantizedPrimitive {
  public:
-  Dequantize(mx::Stream s, int group_size, int bits)
-      : UnaryPrimitive(s), group_size_(group_size), bits_(bits) {}
+  using QuantizedPrimitive::QuantizedPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     dispatch(stream(), in, {out}, [gs = group_size_, bits = bits_](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
       auto& out = outs[0];
@@ -412,23 +422,15 @@ class Dequantize : public mx::UnaryPrimitive {
                                 out.data<float>(), N, K, gs);
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw cpu_only(name()); }
   const char* name() const override { return "Dequantize"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const Dequantize&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_;
-  }
-
- private:
-  int group_size_, bits_;
 };
 
 mx::array cross_entropy_grad(const mx::array& logits, const mx::array& targets, const mx::array& lse,
                              const mx::array& cotan, mx::Stream s);
 
-class CrossEntropy : public mx::UnaryPrimitive {
+class CrossEntropy : public CpuPrimitive {
  public:
-  explicit CrossEntropy(mx::Stream s) : UnaryPrimitive(s) {}
+  using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
       auto& out = outs[0];
@@ -436,7 +438,6 @@ class CrossEntropy : public mx::UnaryPrimitive {
       cross_entropy_rows(in[0].data<float>(), in[1].data<int32_t>(), out.data<float>(), M, V);
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw cpu_only(name()); }
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override {
@@ -452,12 +453,11 @@ class CrossEntropy : public mx::UnaryPrimitive {
     return {cross_entropy_grad(logits, targets, lse, cotangents[0], s)};
   }
   const char* name() const override { return "CrossEntropy"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-class CrossEntropyGrad : public mx::UnaryPrimitive {
+class CrossEntropyGrad : public CpuPrimitive {
  public:
-  explicit CrossEntropyGrad(mx::Stream s) : UnaryPrimitive(s) {}
+  using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
       auto& out = outs[0];
@@ -466,9 +466,7 @@ class CrossEntropyGrad : public mx::UnaryPrimitive {
                               in[3].data<float>(), out.data<float>(), M, V);
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw cpu_only(name()); }
   const char* name() const override { return "CrossEntropyGrad"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
 class SwigluGrads : public mx::Primitive {
@@ -485,16 +483,15 @@ class SwigluGrads : public mx::Primitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-class Swiglu : public mx::UnaryPrimitive {
+class Swiglu : public CpuPrimitive {
  public:
-  explicit Swiglu(mx::Stream s) : UnaryPrimitive(s) {}
+  using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
       auto& out = outs[0];
       swiglu_values(in[0].data<float>(), in[1].data<float>(), out.data<float>(), out.size());
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw cpu_only(name()); }
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums, const std::vector<mx::array>&) override {
@@ -507,7 +504,6 @@ class Swiglu : public mx::UnaryPrimitive {
     return out;
   }
   const char* name() const override { return "Swiglu"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
 // ---------------------------------------------------------------- operations

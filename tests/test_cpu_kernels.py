@@ -4,6 +4,8 @@ Skipped when the kernels are not built (setup.sh builds them; a machine without 
 C++ compiler runs plain MLX ops, which the rest of the suite covers).
 """
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -113,6 +115,23 @@ def random_model(bits=None):
 
 
 @pytest.fixture
+def kernel_calls(monkeypatch):
+    """Count the kernel calls the model code makes (else a path that silently stopped
+    using the kernels would still match plain MLX)."""
+    calls = collections.Counter()
+
+    class Counting:
+        def __getattr__(self, name):
+            def call(*args):
+                calls[name] += 1
+                return getattr(kernels, name)(*args)
+            return call
+
+    monkeypatch.setattr(models, "cpu_kernels", Counting())
+    return calls
+
+
+@pytest.fixture
 def plain_mlx(monkeypatch):
     """Run the model code with the kernels off, as on a machine without them."""
     def off():
@@ -121,7 +140,7 @@ def plain_mlx(monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
-def test_model_logits_with_and_without_kernels(bits, plain_mlx):
+def test_model_logits_with_and_without_kernels(bits, kernel_calls, plain_mlx):
     """Prompt (many rows) and decoding (one row) both take the kernel paths."""
     model = random_model(bits)
     tokens = mx.array([[1, 5, 9, 200, 17, 3, 44, 12, 8, 60, 2, 7, 90, 31, 5, 6, 77, 19]])  # 18 > MATVEC_ROWS
@@ -131,12 +150,18 @@ def test_model_logits_with_and_without_kernels(bits, plain_mlx):
         return model(tokens, cache), model(mx.array([[11]]), cache)
 
     with_kernels = run()
+    n_linear = 7 * ARGS.n_layers + 1
+    if bits:  # prompt: dequantize into BLAS; decoding: quantized matvec
+        assert kernel_calls["dequantize"] == kernel_calls["quantized_matvec"] == n_linear
+    else:  # prompt: MLX's matmul; decoding: matvec
+        assert kernel_calls["matvec"] == n_linear
+    assert kernel_calls["swiglu"] == 2 * ARGS.n_layers
     plain_mlx()
     for got, ref in zip(with_kernels, run()):
         np.testing.assert_allclose(np.array(got), np.array(ref), atol=2e-4, rtol=1e-4)
 
 
-def test_qlora_gradients_with_and_without_kernels(plain_mlx):
+def test_qlora_gradients_with_and_without_kernels(kernel_calls, plain_mlx):
     """QLoRA's dequantize-into-BLAS path trains the same adapters as MLX's quantized matmul."""
     def grads():
         model = random_model(bits=4)
@@ -148,6 +173,7 @@ def test_qlora_gradients_with_and_without_kernels(plain_mlx):
         return loss, tree_flatten(g)
 
     loss, with_kernels = grads()
+    assert kernel_calls["cross_entropy"] == 1 and kernel_calls["dequantize"] > 0
     plain_mlx()
     ref_loss, ref = grads()
     assert abs(loss.item() - ref_loss.item()) < 1e-4
