@@ -22,7 +22,7 @@ import sys
 import zipfile
 
 import utils  # noqa: F401  (before mlx.core: loads a fast BLAS)
-from utils import UserError, read_json, replace_folder, run_cli, temp_folder_beside, write_json
+from utils import UserError, folder_replaced_when_done, read_json, run_cli, write_json
 
 import mlx.core as mx
 import numpy as np
@@ -112,7 +112,7 @@ def derive_config(params, params_path, shards):
     def merged_rows(key):
         if key not in sd0:
             raise UserError(f"{path0}: missing key '{key}'")
-        return sd0[key].shape[0] * (n_shards if SPLIT_AXIS[module_name(key)] == 0 else 1)
+        return sd0[key].shape[0] * n_shards  # wk and w1: split along rows
 
     if "n_kv_heads" in params:
         n_kv_heads = _param(params, "n_kv_heads", params_path)
@@ -201,16 +201,20 @@ def is_quantized(key, shape, q):
     return q is not None and module_name(key) in QUANTIZABLE and shape[-1] % q[0] == 0
 
 
+def quantized_names(key):
+    """The three arrays a quantized `key` becomes: packed weight, scales, biases."""
+    base = key.removesuffix(".weight")
+    return key, base + ".scales", base + ".biases"
+
+
 def plan_outputs(shapes, dtype, q):
     """(name, dtype, shape) of every array to write, in order."""
     out = []
     for key, shape in shapes.items():
         if is_quantized(key, shape, q):
             rows, cols = shape
-            base = key[: -len(".weight")]
-            out += [(key, torch.uint32, (rows, cols * q[1] // 32)),  # packed
-                    (base + ".scales", dtype, (rows, cols // q[0])),
-                    (base + ".biases", dtype, (rows, cols // q[0]))]
+            out += zip(quantized_names(key), (torch.uint32, dtype, dtype),
+                       ((rows, cols * q[1] // 32), (rows, cols // q[0]), (rows, cols // q[0])))  # packed
         else:
             out.append((key, dtype, shape))
     return out
@@ -221,7 +225,7 @@ def merged(key, shards, dtype):
     pieces = [sd[key] for _, sd in shards]
     axis = SPLIT_AXIS.get(module_name(key))
     if axis is None or len(pieces) == 1:
-        return pieces[0].to(dtype, copy=True)
+        return pieces[0].to(dtype)  # written out, never changed: no copy needed
     shape = list(pieces[0].shape)
     shape[axis] = sum(p.shape[axis] for p in pieces)
     full = torch.empty(shape, dtype=dtype)
@@ -238,10 +242,9 @@ def convert_tensor(key, shape, shards, dtype, q):
         w = mx.array(merged(key, shards, torch.float32).numpy())  # quantize from float32 for accuracy
         wq, scales, biases = mx.quantize(w, group_size=q[0], bits=q[1])
         del w
-        base = key[: -len(".weight")]
-        yield key, torch.from_numpy(np.array(wq))  # uint32, 32 // bits weights per word
-        yield base + ".scales", torch.from_numpy(np.array(scales)).to(dtype)
-        yield base + ".biases", torch.from_numpy(np.array(biases)).to(dtype)
+        packed = torch.from_numpy(np.array(wq))  # uint32, 32 // bits weights per word
+        yield from zip(quantized_names(key), (packed, torch.from_numpy(np.array(scales)).to(dtype),
+                                              torch.from_numpy(np.array(biases)).to(dtype)))
     else:
         yield key, merged(key, shards, dtype)
 
@@ -257,7 +260,7 @@ def raw_bytes(tensor):
 class NpzWriter:
     """Stream arrays into an uncompressed .npz, one `name.npy` member at a time (as mx.savez writes)."""
 
-    def __init__(self, path, plan):
+    def __init__(self, path):
         self.zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED)
 
     def write(self, name, tensor):
@@ -344,10 +347,9 @@ def convert(torch_path, mlx_path, quantize=False, q_group_size=64, q_bits=4, dty
         raise UserError(f"{os.path.dirname(mlx_path)}: needs {need / 2**30:.1f} GiB free, has {free / 2**30:.1f} GiB")
 
     # Stream into a temporary folder beside the output; rename it into place only when complete.
-    tmp = temp_folder_beside(mlx_path)
-    try:
+    with folder_replaced_when_done(mlx_path) as tmp:
         weights = os.path.join(tmp, f"weights.{fmt}")
-        writer = (NpzWriter if fmt == "npz" else SafetensorsWriter)(weights, plan)
+        writer = NpzWriter(weights) if fmt == "npz" else SafetensorsWriter(weights, plan)
         try:
             for key, shape in tqdm(shapes.items(), desc="converting", unit="tensor", file=sys.stderr, disable=None):
                 for name, tensor in convert_tensor(key, shape, shards, out_dtype, q):
@@ -359,10 +361,6 @@ def convert(torch_path, mlx_path, quantize=False, q_group_size=64, q_bits=4, dty
             os.fsync(f.fileno())
         shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
         write_json(os.path.join(tmp, "config.json"), config)
-        replace_folder(tmp, mlx_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return config
 
 

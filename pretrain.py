@@ -142,18 +142,13 @@ def make_optimizer(args):
 
 def save_model(model, args, tokenizer_path, out):
     """Write the model folder atomically (temporary folder, then rename) in convert.py's layout."""
-    tmp = utils.temp_folder_beside(out)
-    try:
+    with utils.folder_replaced_when_done(out) as tmp:
         dtype = getattr(mx, args.dtype)
         weights = {k: v.astype(dtype) for k, v in tree_flatten(model.parameters())}
         utils.atomic_save_arrays(os.path.join(tmp, "weights.npz"), weights)
         config = dict(vars(model.args), dtype=args.dtype)
         utils.write_json(os.path.join(tmp, "config.json"), config)
         shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-        utils.replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- main

@@ -163,24 +163,27 @@ def atomic_save_arrays(path, arrays, metadata=None, before_rename=None):
             before_rename()
 
 
-def temp_folder_beside(target):
-    """A new empty folder next to `target` (same file system, so it can be renamed onto it)."""
+@contextlib.contextmanager
+def folder_replaced_when_done(target):
+    """Yield a new empty folder beside `target` (same file system); when the block succeeds,
+    it becomes `target`. An existing `target` is moved aside first and removed after, so
+    `target` is always either the old or the new complete folder; on any exception the new
+    one is removed and `target` is untouched."""
     parent = os.path.dirname(os.path.abspath(target))
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(target))}.tmp-")
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual mode
-    return tmp
-
-
-def replace_folder(new, target):
-    """Rename the finished folder `new` to `target`; an existing `target` is moved aside first
-    and removed after, so `target` is always either the old or the new complete folder."""
-    if not os.path.exists(target) or not os.listdir(target):
-        os.replace(new, target)  # rename(2) may replace an empty folder
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
-    os.replace(target, old)  # `old` is empty, so this rename replaces it
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual mode
+        yield tmp
+        if not os.path.exists(target) or not os.listdir(target):
+            os.replace(tmp, target)  # rename(2) may replace an empty folder
+            return
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+        os.replace(target, old)  # `old` is empty, so this rename replaces it
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_json(path, obj):

@@ -5,11 +5,13 @@ everything else calls convert.convert() in-process.
 """
 
 import concurrent.futures
-import json
+import contextlib
+import io
 import os
 import shlex
 import subprocess
 import sys
+import traceback
 
 import numpy as np
 import pytest
@@ -36,8 +38,7 @@ def leftovers(parent):
 
 
 def load(out, fmt="npz"):
-    with open(os.path.join(out, "config.json")) as f:
-        config = json.load(f)
+    config = utils.read_json(os.path.join(out, "config.json"))
     return config, mx.load(os.path.join(out, f"weights.{fmt}"))
 
 
@@ -64,11 +65,8 @@ def _resave(path, edit):
 
 
 def _edit_params(src, **changes):
-    with open(os.path.join(src, "params.json")) as f:
-        params = json.load(f)
-    params.update(changes)
-    with open(os.path.join(src, "params.json"), "w") as f:
-        json.dump(params, f)
+    path = os.path.join(src, "params.json")
+    utils.write_json(path, {**utils.read_json(path), **changes})
 
 
 def _case_missing_folder(src):
@@ -177,7 +175,7 @@ def _case_output_not_empty(src):
 
 def _case_malicious_pickle(src):
     make_checkpoint(src)
-    marker = os.path.join(os.path.dirname(src), os.path.basename(src) + "-PWNED")
+    marker = src + "-PWNED"
     torch.save({"tok_embeddings.weight": Evil(marker)}, os.path.join(src, "consolidated.00.pth"))
     return ["consolidated.00.pth", "refusing to load", "pickled code/objects"]
 
@@ -185,7 +183,7 @@ def _case_malicious_pickle(src):
 def _case_raw_pickle(src):
     import pickle
     make_checkpoint(src)
-    marker = os.path.join(os.path.dirname(src), os.path.basename(src) + "-PWNED")
+    marker = src + "-PWNED"
     with open(os.path.join(src, "consolidated.00.pth"), "wb") as f:
         pickle.dump({"tok_embeddings.weight": Evil(marker)}, f)  # not even a torch zip file
     return ["consolidated.00.pth", "not a zip archive"]
@@ -207,14 +205,15 @@ CLI_CASES = {"missing_folder", "missing_params", "missing_tokenizer", "missing_m
 
 
 def run_in_process(src, out):
-    """convert.convert() with run_cli's reporting, as a CompletedProcess."""
+    """convert.convert() under the real utils.run_cli, as a CompletedProcess."""
+    err = io.StringIO()
     try:
-        convert.convert(src, out)
-        return subprocess.CompletedProcess([], 0, "", "")
-    except utils.UserError as e:
-        return subprocess.CompletedProcess([], 2, "", f"error: {e}\n")
+        with contextlib.redirect_stderr(err):
+            utils.run_cli(lambda: convert.convert(src, out))
+        return subprocess.CompletedProcess([], 0, "", err.getvalue())
+    except SystemExit as e:
+        return subprocess.CompletedProcess([], e.code, "", err.getvalue())
     except Exception:
-        import traceback
         return subprocess.CompletedProcess([], 1, "", traceback.format_exc())
 
 
@@ -281,9 +280,12 @@ def test_force_replaces_a_non_empty_output_only_when_complete(tmp_path):
     assert leftovers(str(tmp_path)) == []
 
 
-def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
+def test_interrupted_conversion_leaves_the_old_output_untouched(tmp_path, monkeypatch):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     make_checkpoint(src)
+    os.makedirs(out)
+    with open(os.path.join(out, "old.txt"), "w") as f:
+        f.write("old")
     calls = []
     real = convert.convert_tensor
 
@@ -295,25 +297,25 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(convert, "convert_tensor", interrupt_on_third)
     with pytest.raises(KeyboardInterrupt):
-        convert.convert(src, out)
-    assert not os.path.exists(out) and leftovers(str(tmp_path)) == []
+        convert.convert(src, out, force=True)
+    assert os.listdir(out) == ["old.txt"] and leftovers(str(tmp_path)) == []
 
 
 # ---- good input ----
 
 def test_sharded_checkpoint_merges_bit_exact(tmp_path):
-    outs = {}
+    """The same weights split over 1, 2 or 4 model-parallel shards convert to the same model."""
+    configs = []
     for n in (1, 2, 4):
         src, out = str(tmp_path / f"src{n}"), str(tmp_path / f"out{n}")
         ck = make_checkpoint(src, "mistral", n_shards=n, seed=3, n_heads=8, n_kv_heads=4)
         convert.convert(src, out, dtype="float32")
-        outs[n] = load(out)
-    for n in (2, 4):
-        assert outs[n][0] == outs[1][0]
-        assert sorted(outs[n][1]) == sorted(ck.state_dict)
+        config, weights = load(out)
+        configs.append(config)
+        assert sorted(weights) == sorted(ck.state_dict)
         for key, value in ck.state_dict.items():
-            assert np.array_equal(np.array(outs[n][1][key]), value.numpy()), key
-            assert np.array_equal(np.array(outs[n][1][key]), np.array(outs[1][1][key])), key
+            assert np.array_equal(np.array(weights[key]), value.numpy()), (n, key)
+    assert configs[0] == configs[1] == configs[2]
 
 
 def test_sharded_checkpoint_quantizes_like_the_unsharded_one(tmp_path):
@@ -386,7 +388,7 @@ def test_npz_writer_round_trips_through_mx_load(tmp_path):
     arrays = {"f16": torch.randn(3, 5).half(), "bf16": torch.randn(4, 7).bfloat16(),
               "f32": torch.randn(2, 3, 4), "u32": torch.arange(12, dtype=torch.int64).reshape(3, 4).to(torch.uint32),
               "scalar_row": torch.randn(6)}
-    writer = convert.NpzWriter(path, None)
+    writer = convert.NpzWriter(path)
     for name, t in arrays.items():
         writer.write(name, t)
     writer.close()
