@@ -207,13 +207,20 @@ def prepare_text(prose, preprocess, seq_limit):
     return text, ("truncated" if text else "too long")
 
 
+# A line that starts with a call; numpy's scalar methods write the class too: "single.is_integer() -> bool".
+CALL_LINE = re.compile(r"(?:[\w.]+\.)?(\w+)\(")
+
+
 def split_call_lines(doc, names):
     """Split the call lines that compiled functions put first ("matmul(a, b) -> array") from the prose."""
     lines = doc.split("\n")
-    # numpy's scalar methods write the class too: "single.is_integer() -> bool".
-    call = re.compile(r"([\w.]+\.)?(%s)\(" % "|".join(map(re.escape, names)))
+
+    def is_call(line):  # one shared pattern: a pattern per object's names would never be cached
+        match = CALL_LINE.match(line)
+        return match is not None and match.group(1) in names
+
     count = 0
-    while count < len(lines) and call.match(lines[count]):
+    while count < len(lines) and is_call(lines[count]):
         count += 1
     # Call lines stand alone; "matmul(a, b) computes ..." is prose that happens to start with a call.
     if count and (count == len(lines) or not lines[count].strip()):
@@ -819,7 +826,8 @@ def report(args, modules, test_modules, skipped, cleaned, objects, examples, spl
     print("Splits: " + ", ".join(f"{name} {len(splits[name])}" for name in SPLITS) + f" (in {args.out})")
     status = collections.Counter(status for _, status in cleaned.values())
     duplicates = sum(len(found) - 1 for found in objects.values())
-    print(f"Objects: {len(objects)} found, {duplicates} duplicate import paths merged")
+    merged = "kept (--no-preprocess)" if args.no_preprocess else "merged"
+    print(f"Objects: {len(objects)} found, {duplicates} duplicate import paths {merged}")
     print(f"  dropped: {status['empty']} without docstring, {status['trivial']} trivial (under {MIN_WORDS} words)")
     print(
         f"  longer than {args.seq_limit} characters: {status['truncated']} cut at a paragraph or sentence end, "
