@@ -16,10 +16,8 @@ import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError, read_jsonl
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
 
 import models
 import trainer
@@ -212,63 +210,30 @@ def evaluate(model, dataset, batch_size, num_batches):
 
 # ----------------------------------------------------------------------------- training
 
-def count_parameters(model):
-    """(total, trainable) parameter counts; a quantized layer counts its unpacked weights."""
-    total = sum(p.size for _, p in tree_flatten(model.parameters()))
-    for _, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            # Count the weights packed into the uint32 words, not the words, scales and biases.
-            unpacked = module.weight.size * 32 // module.bits
-            total += unpacked - module.weight.size - module.scales.size - module.biases.size
-    trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
-    return total, trainable
-
-
-def learning_rate_schedule(args):
-    if args.lr_schedule == "cosine":
-        decay = optim.cosine_decay(args.learning_rate, max(args.iters - args.warmup, 1))
-    else:
-        decay = args.learning_rate
-    if args.warmup <= 0:
-        return decay
-    warmup = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
-    constant = decay if callable(decay) else (lambda step: mx.array(args.learning_rate))
-    return optim.join_schedules([warmup, constant], [args.warmup])
-
-
 def run_training(model, data, args):
     """Adapt, train (or resume), save; returns an exit code (non-zero when interrupted)."""
     stem = os.path.splitext(args.adapter_file)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.adapter_file)), exist_ok=True)
     checkpoints = trainer.Checkpoints(stem + "-checkpoints", args.keep_checkpoints)
     run_meta = {"seed": args.seed, "batch_size": args.batch_size}
-    start_step, meta, arrays = 0, {}, None
+    meta, arrays = {}, None
     if args.resume:
-        resume_path = checkpoints.latest() if args.resume == "latest" else args.resume
-        arrays, meta = trainer.load_checkpoint(resume_path)
-        for key, value in run_meta.items():
-            if meta.get(key) != value:
-                raise UserError(f"{resume_path}: checkpoint was made with --{key.replace('_', '-')} {meta.get(key)}, "
-                                f"this run has {value}")
+        resume_path, arrays, meta = trainer.resume(checkpoints, args.resume, run_meta)
         lora = meta["lora"]
         lora_config = models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"],
                                         lora["alpha"], lora["dropout"])
-        start_step = meta["step"]
-        print(f"Resuming from {resume_path} at step {start_step}", file=sys.stderr)
     else:
         lora_config = models.apply_lora(model, args.lora_layers, models.parse_targets(args.lora_targets),
                                         args.lora_rank, args.lora_alpha, args.lora_dropout)
     if args.resume_adapter_file:
-        weights = models.load_arrays(args.resume_adapter_file, "adapter file")
-        models.check_fit(args.resume_adapter_file, weights, dict(tree_flatten(model.trainable_parameters())),
-                         "adapters")
-        model.load_weights(list(weights.items()), strict=False)
+        models.load_adapter_weights(model, args.resume_adapter_file)
     model.grad_checkpoint = args.grad_checkpoint
-    total, trainable = count_parameters(model)
+    total, trainable = models.count_parameters(model)
     print(f"Parameters: {total / 1e6:.3f}M total, {trainable / 1e6:.3f}M trainable "
           f"({100 * trainable / total:.3f}%)", file=sys.stderr)
 
-    optimizer = optim.Adam(learning_rate=learning_rate_schedule(args))
+    optimizer = optim.Adam(learning_rate=trainer.learning_rate_schedule(
+        args.learning_rate, args.iters, args.warmup, cosine=args.lr_schedule == "cosine"))
     step_fn = trainer.make_train_step(model, optimizer)
     if arrays is not None:
         trainer.restore(resume_path, arrays, model, optimizer)
@@ -277,19 +242,17 @@ def run_training(model, data, args):
                             **{f"data.{s}": d.path for s, d in data.items()}},
                            {k: v for k, v in vars(args).items()})
     plan = batch_plan(data["train"], args.batch_size)
-    log = trainer.MetricsLog(stem + ".metrics.jsonl", stem + ".loss.png", append=start_step > 0)
+    log = trainer.MetricsLog(stem + ".metrics.jsonl", stem + ".loss.png", resume_step=meta.get("step"))
     model.train()
     try:
         trainer.train(
             model, optimizer, step_fn,
             batch_for_step=lambda step: make_batch(data["train"],
                                                    plan[training_batch_order(len(plan), args.seed, step - 1)]),
-            evaluate=lambda: evaluate_without_dropout(model, data["valid"], args),
+            evaluate=lambda: evaluate(model, data["valid"], args.batch_size, args.val_batches),
             settings=args, checkpoints=checkpoints, log=log,
             save_outputs=lambda: models.save_adapters(model, args.adapter_file, lora_config),
-            checkpoint_meta=dict(run_meta, lora=lora_config, bad_in_a_row=meta.get("bad_in_a_row", 0),
-                                 bad_total=meta.get("bad_total", 0)),
-            start_step=start_step)
+            checkpoint_meta=dict(run_meta, lora=lora_config), resumed=meta)
     except trainer.Interrupted as stop:
         print(f"Stopped by {signal.Signals(stop.signum).name}; checkpoint {stop.checkpoint}. Resume with:\n"
               f"  python lora.py {' '.join(sys.argv[1:])} --resume latest", file=sys.stderr)
@@ -300,14 +263,6 @@ def run_training(model, data, args):
     log.plot()
     print(f"Saved adapters to {args.adapter_file} (metrics {log.path}, plot {log.plot_path})", file=sys.stderr)
     return 0
-
-
-def evaluate_without_dropout(model, dataset, args):
-    model.eval()
-    try:
-        return evaluate(model, dataset, args.batch_size, args.val_batches)
-    finally:
-        model.train()
 
 
 # ----------------------------------------------------------------------------- generation

@@ -335,7 +335,6 @@ class LoRALinear(nn.Module):
             in_dims = in_dims * 32 // base.bits  # packed uint32 columns
         self.linear = base
         self.dropout = nn.Dropout(dropout)
-        self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
         bound = 1.0 / math.sqrt(in_dims)
         # Adapter weights stay float32 whatever the base's dtype: they are what trains.
@@ -346,16 +345,6 @@ class LoRALinear(nn.Module):
         y = self.linear(x)
         z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
         return y + (self.scale * z).astype(y.dtype)
-
-    def fused_weight(self):
-        """The dense weight W + scale * (A B)^T, shape (out, in), in the base's float dtype."""
-        base = self.linear
-        if isinstance(base, nn.QuantizedLinear):
-            w = mx.dequantize(base.weight, base.scales, base.biases, base.group_size, base.bits)
-        else:
-            w = base.weight
-        delta = (self.scale * (self.lora_a @ self.lora_b)).T
-        return (w.astype(mx.float32) + delta).astype(w.dtype)
 
 
 def parse_targets(targets):
@@ -412,11 +401,27 @@ def load_adapters(model, adapter_file):
                           int(config["rank"]), float(config["alpha"]), 0.0)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{lora_config_path(adapter_file)}: bad adapter configuration ({e!r})")
-    weights = load_arrays(adapter_file, "adapter file")
-    expected = dict(tree_flatten(model.trainable_parameters()))
-    check_fit(adapter_file, weights, expected, "adapters")
-    model.update(tree_unflatten(list(weights.items())))
+    load_adapter_weights(model, adapter_file)
     return lora
+
+
+def load_adapter_weights(model, adapter_file):
+    """Load saved adapter weights into a model already wrapped with LoRA layers of that shape."""
+    weights = load_arrays(adapter_file, "adapter file")
+    check_fit(adapter_file, weights, dict(tree_flatten(model.trainable_parameters())), "adapters")
+    model.update(tree_unflatten(list(weights.items())))
+
+
+def count_parameters(model):
+    """(total, trainable) parameter counts; a quantized layer counts its unpacked weights."""
+    total = sum(p.size for _, p in tree_flatten(model.parameters()))
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            # Count the weights packed into the uint32 words, not the words, scales and biases.
+            unpacked = module.weight.size * 32 // module.bits
+            total += unpacked - module.weight.size - module.scales.size - module.biases.size
+    trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
+    return total, trainable
 
 
 def check_fit(path, weights, expected, what):

@@ -131,10 +131,8 @@ def init_weights(model, args, seed):
 
 
 def make_optimizer(args):
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(0.0, args.learning_rate, max(args.warmup, 1)),
-         optim.cosine_decay(args.learning_rate, max(args.iters - args.warmup, 1), args.min_learning_rate)],
-        [max(args.warmup, 1)])
+    schedule = trainer.learning_rate_schedule(args.learning_rate, args.iters, max(args.warmup, 1),
+                                              end=args.min_learning_rate)
     # Weight decay on matrices only: decaying norm gains towards zero only hurts.
     return optim.MultiOptimizer([optim.AdamW(schedule, weight_decay=args.weight_decay), optim.AdamW(schedule, weight_decay=0.0)],
                                 [lambda name, w: w.ndim == 2])
@@ -183,19 +181,18 @@ def main(argv=None):
                                   rope_theta=args.rope_theta)
     model = models.Model(model_args)
     init_weights(model, model_args, args.seed)
-    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
+    n_params, _ = models.count_parameters(model)
     print(f"Model: {n_params / 1e6:.2f}M parameters", file=sys.stderr)
 
     optimizer = make_optimizer(args)
     step_fn = trainer.make_train_step(model, optimizer, clip_norm=args.grad_clip)
     checkpoints = trainer.Checkpoints(os.path.join(work, "checkpoints"), args.keep_checkpoints)
-    start_step, meta = 0, {}
+    # These decide the data order, which a resume replays exactly.
+    run_meta = {"seed": args.seed, "batch_size": args.batch_size, "context": args.context}
+    meta = {}
     if args.resume:
-        path = checkpoints.latest() if args.resume == "latest" else args.resume
-        arrays, meta = trainer.load_checkpoint(path)
+        path, arrays, meta = trainer.resume(checkpoints, args.resume, run_meta)
         trainer.restore(path, arrays, model, optimizer)
-        start_step = meta["step"]
-        print(f"Resuming from {path} at step {start_step}", file=sys.stderr)
 
     n_batches = max(1, len(train_blocks) // args.batch_size)  # whole batches: fixed shapes compile once
 
@@ -213,11 +210,11 @@ def main(argv=None):
                             "corpus.valid": os.path.join(args.corpus, "valid.jsonl"), "tokenizer": tokenizer_path},
                            vars(args))
     log = trainer.MetricsLog(os.path.join(work, "metrics.jsonl"), os.path.join(work, "loss.png"),
-                             append=start_step > 0)
+                             resume_step=meta.get("step"))
     try:
         trainer.train(model, optimizer, step_fn, batch_for_step, evaluate, args, checkpoints, log,
                       save_outputs=lambda: save_model(model, args, tokenizer_path, args.out),
-                      checkpoint_meta={"seed": args.seed}, start_step=start_step)
+                      checkpoint_meta=run_meta, resumed=meta)
     except trainer.Interrupted as stop:
         print(f"Stopped; checkpoint {stop.checkpoint}. Resume with the same command and --resume latest",
               file=sys.stderr)

@@ -7,6 +7,7 @@ schedule position) and the step. A checkpoint is one safetensors file written
 atomically; the newest `keep` are kept.
 """
 
+import functools
 import glob
 import hashlib
 import json
@@ -53,6 +54,7 @@ def step_seed(seed, step):
     return (seed * 1_000_003 + step) % (2 ** 63)
 
 
+@functools.lru_cache(maxsize=2)  # asked every step; the same for a whole epoch
 def epoch_order(n, seed, epoch):
     """The shuffle of n items in one epoch: a pure function of (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -67,13 +69,29 @@ def loss_fn(model, inputs_BT, targets_BT, mask_BT):
 
 
 def evaluate(model, batches):
-    """Token-weighted mean loss over an iterable of (inputs, targets, mask) batches."""
-    total, ntoks = mx.array(0.0), mx.array(0.0)
-    for batch in batches:
-        loss, n = loss_fn(model, *batch)
-        total, ntoks = total + loss * n, ntoks + n
-        mx.eval(total, ntoks)
-    return (total / mx.maximum(ntoks, 1)).item()
+    """Token-weighted mean loss over an iterable of (inputs, targets, mask) batches,
+    without dropout (the model's training mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        total, ntoks = mx.array(0.0), mx.array(0.0)
+        for batch in batches:
+            loss, n = loss_fn(model, *batch)
+            total, ntoks = total + loss * n, ntoks + n
+            mx.eval(total, ntoks)
+        return (total / mx.maximum(ntoks, 1)).item()
+    finally:
+        model.train(was_training)
+
+
+def learning_rate_schedule(peak, iters, warmup=0, cosine=True, end=0.0):
+    """Linear warm-up from 0 over `warmup` steps (none if 0), then `peak` held, or
+    decayed along a cosine to `end` at step `iters`."""
+    main = optim.cosine_decay(peak, max(iters - warmup, 1), end) if cosine else peak
+    if warmup <= 0:
+        return main
+    hold = main if callable(main) else (lambda step: mx.array(peak))
+    return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), hold], [warmup])
 
 
 def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None):
@@ -92,6 +110,8 @@ def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None):
         old_params = model.trainable_parameters()
         old_opt = tree_map(lambda x: x, optimizer.state)  # new containers, same arrays
         optimizer.update(model, grads)
+        for _, p in tree_flatten(model.trainable_parameters()):  # an update can overflow too
+            finite = finite & mx.isfinite(p).all()
         keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
         model.update(tree_map(keep, model.trainable_parameters(), old_params))
         # Update in place: the compiled function tracks this very dict.
@@ -159,6 +179,19 @@ def load_checkpoint(path):
     return arrays, meta
 
 
+def resume(checkpoints, which, run_meta):
+    """(path, arrays, meta) of the checkpoint `which` ("latest" or a path), refused when it was
+    made with other `run_meta` settings (they decide the data order: a resume must replay it)."""
+    path = checkpoints.latest() if which == "latest" else which
+    arrays, meta = load_checkpoint(path)
+    for key, value in run_meta.items():
+        if meta.get(key) != value:
+            raise UserError(f"{path}: checkpoint was made with --{key.replace('_', '-')} {meta.get(key)}, "
+                            f"this run has {value}")
+    print(f"Resuming from {path} at step {meta['step']}", file=sys.stderr)
+    return path, arrays, meta
+
+
 def restore(path, arrays, model, optimizer):
     """Put a checkpoint's weights into `model` and its state into `optimizer`."""
     optimizer.init(model.trainable_parameters())
@@ -217,15 +250,28 @@ def write_manifest(path, inputs, settings):
 # ----------------------------------------------------------------------------- the loop
 
 class MetricsLog:
-    """Metrics as JSON lines (appended to on resume), and a loss plot."""
+    """Metrics as JSON lines, and a loss plot.
 
-    def __init__(self, path, plot_path, append=False):
+    On resume from `resume_step`, the records up to that step are kept: a run killed
+    after its last checkpoint logged steps that the resumed run does again, and a kill
+    in mid-write may have left a torn last line.
+    """
+
+    def __init__(self, path, plot_path, resume_step=None):
         self.path, self.plot_path = path, plot_path
         self.records = []
-        if append and os.path.exists(path):
+        if resume_step is not None and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
-        self._file = open(path, "a" if append else "w", encoding="utf-8")
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # torn by a kill: nothing after it was written whole
+                    if record.get("step", 0) <= resume_step:
+                        self.records.append(record)
+        with utils.atomic_write(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        self._file = open(path, "a", encoding="utf-8")
 
     def log(self, **record):
         self.records.append(record)
@@ -295,21 +341,23 @@ def peak_memory_gb():
 
 
 def train(model, optimizer, step_fn, batch_for_step, evaluate, settings, checkpoints, log,
-          save_outputs, checkpoint_meta, start_step=0):
-    """Run steps start_step+1 .. settings.iters.
+          save_outputs, checkpoint_meta, resumed=None):
+    """Run steps 1 .. settings.iters, or from after the step of the `resumed` checkpoint's meta.
 
     batch_for_step(step) -> batch arrays; evaluate() -> validation loss or None;
     save_outputs() writes the user-facing result (adapters, weights) every
-    save_every steps and at the end, beside a full-state checkpoint.
+    save_every steps and at the end, beside a full-state checkpoint whose meta is
+    `checkpoint_meta` plus the step and the bad-step counts.
     """
     from tqdm import tqdm
 
+    resumed = resumed or {}
+    start_step = resumed.get("step", 0)
+    bad_in_a_row, bad_total = resumed.get("bad_in_a_row", 0), resumed.get("bad_total", 0)
     if start_step == 0 and (val := evaluate()) is not None:
         print(f"Iter 0: val loss {val:.3f}", file=sys.stderr)
         log.log(step=0, val_loss=val)
     window = dict(loss=0.0, toks=0, steps=0)
-    bad_in_a_row = checkpoint_meta.get("bad_in_a_row", 0)
-    bad_total = checkpoint_meta.get("bad_total", 0)
     tic = time.perf_counter()
 
     def checkpoint(step):

@@ -311,4 +311,4 @@ def test_quantized_model_counts_the_same_parameters_as_dense(bits):
     dense = models.Model(args)
     quantized = models.Model(args)
     models.nn.quantize(quantized, 64, bits)
-    assert lora.count_parameters(quantized)[0] == lora.count_parameters(dense)[0] == 426624
+    assert models.count_parameters(quantized)[0] == models.count_parameters(dense)[0] == 426624
