@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import lora
 import models
 import pretrain
 from test_lora import write_dataset
+from utils import UserError, read_jsonl
 
 SENTENCES = ["The cat sat on the mat.", "A dog ran in the park.", "Birds sing in the morning.",
              "Lily has a red ball.", "Tom reads a big book.", "The sun is warm today."]
@@ -63,7 +65,7 @@ def pretrained(tmp_path_factory):
 
 
 def test_pretraining_lowers_the_loss(pretrained):
-    records = [json.loads(l) for l in open(pretrained / "model-work" / "metrics.jsonl")]
+    records = metrics(pretrained / "model-work")
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert val[0] > math.log(300) - 1  # starts near uniform over the vocabulary
     assert val[-1] < 0.5 * val[0]
@@ -82,18 +84,32 @@ def test_pretrained_model_has_convert_layout_and_generates_deterministically(pre
     assert tokenizer.decode(prompt + runs[0]).startswith("The cat sat on the")  # learned the corpus
 
 
-def test_pretraining_resumes_from_its_checkpoint(pretrained):
-    corpus = str(pretrained / "corpus")
-    # Extending the same run by 10 steps from the step-80 checkpoint.
-    assert pretrain.main(["--corpus", corpus, "--out", str(pretrained / "model"), "--iters", "90",
-                          "--save-every", "10", "--resume", "latest", *TINY]) == 0
-    steps = [json.loads(l).get("step") for l in open(pretrained / "model-work" / "metrics.jsonl")]
-    assert max(steps) == 90 and steps.count(85) == 1
+def metrics(folder):
+    return [record for _, record in read_jsonl(str(folder / "metrics.jsonl"))]
+
+
+def test_pretraining_resumes_from_its_checkpoint(pretrained, tmp_path):
+    """Extending the run by 10 steps from its step-80 checkpoint, in a copy (other tests share it)."""
+    for name in ("model", "model-work"):
+        shutil.copytree(pretrained / name, tmp_path / name)
+    corpus, out = str(pretrained / "corpus"), str(tmp_path / "model")
+    assert pretrain.main(["--corpus", corpus, "--out", out, "--iters", "90", "--save-every", "10",
+                          "--resume", "latest", *TINY]) == 0
+    records = metrics(tmp_path / "model-work")
+    train_steps = [r["step"] for r in records if "train_loss" in r]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 90
+    # The restored weights and optimizer carry on: still far below the initial loss.
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    train = [r["train_loss"] for r in records if "train_loss" in r]
+    assert train[-1] < 0.6 * val[0]
+    with pytest.raises(UserError, match="--seed"):  # another data order cannot continue this run
+        pretrain.main(["--corpus", corpus, "--out", out, "--iters", "100", "--resume", "latest",
+                       "--seed", "7", *TINY])
 
 
 def test_pretrained_model_fine_tunes_with_lora(pretrained, tmp_path):
     data = write_dataset(tmp_path / "data")
     lora.main(["--model", str(pretrained / "model"), "--train", "--data", data, "--iters", "20",
                "--adapter-file", str(tmp_path / "a.npz"), "--learning-rate", "1e-2", "--steps-per-eval", "20"])
-    val = [json.loads(l)["val_loss"] for l in open(tmp_path / "a.metrics.jsonl") if "val_loss" in l]
+    val = [r["val_loss"] for _, r in read_jsonl(str(tmp_path / "a.metrics.jsonl")) if "val_loss" in r]
     assert val[-1] < val[0]

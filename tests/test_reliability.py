@@ -15,7 +15,7 @@ import lora
 import models
 import trainer
 from test_lora import LORA, write_dataset
-from utils import UserError
+from utils import UserError, read_jsonl
 
 ITERS, SAVE_EVERY = 24, 4
 
@@ -69,6 +69,10 @@ def resume_and_compare(setting, adapter_file):
     assert run.returncode == 0, run.stderr
     assert "Resuming from" in run.stderr
     assert_same_bits(read_adapters(adapter_file), reference)
+    # Steps a killed run logged after its last checkpoint are not logged twice.
+    metrics = os.path.splitext(adapter_file)[0] + ".metrics.jsonl"
+    reported = [r["step"] for _, r in read_jsonl(metrics) if "train_loss" in r]
+    assert reported == sorted(set(reported)) and reported[-1] == ITERS
 
 
 @pytest.mark.parametrize("kill_at_step", [4, 13])
@@ -80,14 +84,16 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_is_exact(setting, tmp_pa
     run = subprocess.run(train_command(model_dir, data, adapter_file), env=env, capture_output=True, text=True)
     assert run.returncode == -signal.SIGKILL
     checkpoints = trainer.Checkpoints(str(tmp_path / "adapters-checkpoints"))
+    killed_in = kill_at_step - kill_at_step % SAVE_EVERY
+    assert checkpoints.all() == [checkpoints.path(s) for s in range(SAVE_EVERY, killed_in, SAVE_EVERY)]
     for path in checkpoints.all():
-        trainer.load_checkpoint(path)  # every file left behind is readable
-    if not checkpoints.all():
+        assert trainer.load_checkpoint(path)[1]["step"] < killed_in  # every file left behind is readable
+    if killed_in == SAVE_EVERY:  # died in the first write: nothing to resume from
         run = subprocess.run(train_command(model_dir, data, adapter_file, "--resume", "latest"),
                              capture_output=True, text=True)
         assert run.returncode == 2 and "no checkpoint to resume from" in run.stderr
-        return
-    resume_and_compare(setting, adapter_file)
+    else:
+        resume_and_compare(setting, adapter_file)
 
 
 @pytest.mark.parametrize("after_step", [6, 15])
@@ -257,3 +263,13 @@ def test_unwritable_output_folder_is_a_clear_error(tiny_llama, tmp_path):
                           "--adapter-file", target, "--iters", "2"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in run.stderr
+
+
+def test_metrics_log_resumes_at_the_checkpoint_step_past_a_torn_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps({"step": s, "train_loss": 1.0}) for s in range(1, 16)]
+    path.write_text("\n".join(lines) + '\n{"step": 16, "train_lo')  # killed in mid-write
+    log = trainer.MetricsLog(str(path), str(tmp_path / "m.png"), resume_step=12)
+    log.log(step=13, train_loss=0.5)
+    log.close()
+    assert [r["step"] for _, r in read_jsonl(str(path))] == list(range(1, 14))
