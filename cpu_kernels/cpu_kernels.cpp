@@ -344,6 +344,15 @@ class CpuPrimitive : public mx::UnaryPrimitive {
   using UnaryPrimitive::UnaryPrimitive;
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw cpu_only(name()); }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
+
+ protected:
+  // Run body(inputs, output) on the stream's thread.
+  template <typename Body>
+  void run(const std::vector<mx::array>& in, mx::array& out, Body body) {
+    dispatch(stream(), in, {out}, [body](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+      body(in, outs[0]);
+    });
+  }
 };
 
 // A CPU primitive on MLX affine-quantized weights of a group size and bit width.
@@ -364,8 +373,7 @@ class Matvec : public CpuPrimitive {
  public:
   using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-      auto& out = outs[0];
+    run(in, out, [](std::vector<mx::array>& in, mx::array& out) {
       const int K = in[1].shape(1), N = in[1].shape(0), M = in[0].size() / K;
       matvec_rows(in[0].data<float>(), in[1].data<float>(), out.data<float>(), M, N, K);
     });
@@ -393,8 +401,7 @@ class QuantizedMatvec : public QuantizedPrimitive {
  public:
   using QuantizedPrimitive::QuantizedPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, {out}, [gs = group_size_, bits = bits_](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-      auto& out = outs[0];
+    run(in, out, [gs = group_size_, bits = bits_](std::vector<mx::array>& in, mx::array& out) {
       const int N = in[1].shape(0), K = in[1].shape(1) * 32 / bits, M = in[0].size() / K;
       by_bits<QuantizedMatvecKernel>(bits, in[0].data<float>(), in[1].data<uint32_t>(),
                                      in[2].data<float>(), in[3].data<float>(), out.data<float>(), M, N, K, gs);
@@ -415,8 +422,7 @@ class Dequantize : public QuantizedPrimitive {
  public:
   using QuantizedPrimitive::QuantizedPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, {out}, [gs = group_size_, bits = bits_](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-      auto& out = outs[0];
+    run(in, out, [gs = group_size_, bits = bits_](std::vector<mx::array>& in, mx::array& out) {
       const int N = out.shape(0), K = out.shape(1);
       by_bits<DequantizeKernel>(bits, in[0].data<uint32_t>(), in[1].data<float>(), in[2].data<float>(),
                                 out.data<float>(), N, K, gs);
@@ -432,8 +438,7 @@ class CrossEntropy : public CpuPrimitive {
  public:
   using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-      auto& out = outs[0];
+    run(in, out, [](std::vector<mx::array>& in, mx::array& out) {
       const int V = in[0].shape(-1), M = in[0].size() / V;
       cross_entropy_rows(in[0].data<float>(), in[1].data<int32_t>(), out.data<float>(), M, V);
     });
@@ -459,8 +464,7 @@ class CrossEntropyGrad : public CpuPrimitive {
  public:
   using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-      auto& out = outs[0];
+    run(in, out, [](std::vector<mx::array>& in, mx::array& out) {
       const int V = in[0].shape(-1), M = in[0].size() / V;
       cross_entropy_grad_rows(in[0].data<float>(), in[1].data<int32_t>(), in[2].data<float>(),
                               in[3].data<float>(), out.data<float>(), M, V);
@@ -487,8 +491,7 @@ class Swiglu : public CpuPrimitive {
  public:
   using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    dispatch(stream(), in, {out}, [](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-      auto& out = outs[0];
+    run(in, out, [](std::vector<mx::array>& in, mx::array& out) {
       swiglu_values(in[0].data<float>(), in[1].data<float>(), out.data<float>(), out.size());
     });
   }
