@@ -63,9 +63,6 @@ def _load_fast_blas():
 
 
 _load_fast_blas()
-# The CPU kernels' OpenMP threads must not spin between calls: the BLAS's threads need the
-# same cores right after (spinning made prompt processing 2-3x slower here).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class UserError(Exception):

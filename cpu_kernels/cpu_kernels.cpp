@@ -14,15 +14,20 @@
 // [bits * i, bits * (i + 1)), and per group of group_size consecutive values along
 // K a scale and a bias: w = scale * q + bias.
 
-#include <cmath>
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
-#include <nanobind/nanobind.h>
 #include <immintrin.h>
-#include <omp.h>
+#include <sched.h>
+
+#include <nanobind/nanobind.h>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -35,14 +40,100 @@ using namespace nb::literals;
 
 namespace {
 
+// ---------------------------------------------------------------- threads
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// One worker per core this process may run on, besides the calling thread, splitting
+// each loop with it; between loops they sleep on a futex. Why not OpenMP: its sleeping
+// threads took about 90 us to start a small decoding matvec (these: 40 us), and
+// spinning ones take the cores from the BLAS's own threads (prompts ran 2-3x slower).
+// Spinning between loops did not pay here either: decoding got slower, not faster.
+class Workers {
+ public:
+  static Workers& get() {
+    static Workers* workers = new Workers();  // never destroyed: the threads outlive statics
+    return *workers;
+  }
+
+  // body(begin, end) on contiguous parts of [0, n), one part per thread.
+  template <typename Body>
+  void parallel_for(int64_t n, const Body& body) {
+    const int parts = int(threads_.size()) + 1;
+    if (n <= 1 || parts == 1) {
+      if (n > 0) body(0, n);
+      return;
+    }
+    auto run_part = [&](int part) {
+      const int64_t begin = n * part / parts, end = n * (part + 1) / parts;
+      if (begin < end) body(begin, end);
+    };
+    std::lock_guard<std::mutex> lock(mutex_);  // one loop at a time
+    job_ = &run_part;
+    call_ = [](const void* job, int part) { (*static_cast<const decltype(run_part)*>(job))(part); };
+    pending_.store(parts - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
+    generation_.notify_all();
+    std::exception_ptr error;  // rethrown only once no worker still uses run_part
+    try {
+      run_part(0);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    // The parts are even: the others finish about when this one does.
+    for (int spins = 0;; spins++) {
+      const int left = pending_.load(std::memory_order_acquire);
+      if (left == 0) break;
+      if (spins < 4096) cpu_relax();
+      else pending_.wait(left, std::memory_order_acquire);
+    }
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  Workers() {
+    cpu_set_t cpus;
+    const int cores = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+    for (int part = 1; part < cores; part++) threads_.emplace_back([this, part] { work(part); });
+    for (auto& t : threads_) t.detach();
+  }
+
+  void work(int part) {
+    uint32_t seen = 0;  // the generation at construction: no loop was posted before
+    for (;;) {
+      generation_.wait(seen, std::memory_order_acquire);  // returns once it differs
+      seen = generation_.load(std::memory_order_acquire);
+      call_(job_, part);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) pending_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex mutex_;
+  std::atomic<uint32_t> generation_{0};
+  std::atomic<int> pending_{0};
+  const void* job_ = nullptr;
+  void (*call_)(const void*, int) = nullptr;
+};
+
+template <typename Body>
+void parallel_for(int64_t n, const Body& body) {
+  Workers::get().parallel_for(n, body);
+}
+
 // ---------------------------------------------------------------- the loops
 
 // y[m, n] = sum_k x[m, k] * w[n, k], for a few rows m: every weight is read once.
 // Four weight rows at a time give four independent streams and accumulators.
 void matvec_rows(const float* x, const float* w, float* y, int M, int N, int K) {
-  const int blocks = (N + 3) / 4;
-#pragma omp parallel for schedule(static)
-  for (int blk = 0; blk < blocks; blk++) {
+  parallel_for((N + 3) / 4, [&](int64_t first, int64_t end) {
+  for (int blk = int(first); blk < int(end); blk++) {
     const int n0 = blk * 4, rows = std::min(4, N - n0);
     const float* wn[4];
     for (int r = 0; r < 4; r++) wn[r] = w + size_t(n0 + std::min(r, rows - 1)) * K;
@@ -69,6 +160,7 @@ void matvec_rows(const float* x, const float* w, float* y, int M, int N, int K) 
       for (int r = 0; r < rows; r++) y[size_t(m) * N + n0 + r] = acc[r];
     }
   }
+  });
 }
 
 template <int BITS>
@@ -94,11 +186,9 @@ void quantized_matvec_rows(
         xt[size_t(m) * K + size_t(i) * words + j] = x[size_t(m) * K + size_t(j) * P::per_word + i];
     for (int k = 0; k < K; k++) xsum[size_t(m) * groups + k / group_size] += x[size_t(m) * K + k];
   }
-#pragma omp parallel
-  {
+  parallel_for(N, [&](int64_t first, int64_t end) {
     std::vector<float> word_dots(words);  // [words], x . q of each word
-#pragma omp for schedule(static)
-    for (int n = 0; n < N; n++) {
+    for (int n = int(first); n < int(end); n++) {
       const uint32_t* wn = wq + size_t(n) * words;
       const float* sn = scales + size_t(n) * groups;
       const float* bn = biases + size_t(n) * groups;
@@ -121,7 +211,7 @@ void quantized_matvec_rows(
         y[size_t(m) * N + n] = out;
       }
     }
-  }
+  });
 }
 
 #if defined(__AVX512F__)
@@ -160,10 +250,11 @@ void dequantize_rows(
     const uint32_t* wq, const float* scales, const float* biases, float* w,
     int N, int K, int group_size) {
   const int words = K / Packing<BITS>::per_word, groups = K / group_size;
-#pragma omp parallel for schedule(static)
-  for (int n = 0; n < N; n++)
-    dequantize_row<BITS>(wq + size_t(n) * words, scales + size_t(n) * groups, biases + size_t(n) * groups,
-                         w + size_t(n) * K, K, group_size);
+  parallel_for(N, [&](int64_t first, int64_t end) {
+    for (int64_t n = first; n < end; n++)
+      dequantize_row<BITS>(wq + size_t(n) * words, scales + size_t(n) * groups, biases + size_t(n) * groups,
+                           w + size_t(n) * K, K, group_size);
+  });
 }
 
 // ---------------------------------------------------------------- cross-entropy
@@ -227,25 +318,27 @@ void row_scaled_exp(const float* x, float shift, float scale, float* out, int V)
 
 // loss[m] = logsumexp(logits[m]) - logits[m, target[m]]; NaN for a target outside [0, V).
 void cross_entropy_rows(const float* logits, const int32_t* targets, float* loss, int M, int V) {
-#pragma omp parallel for schedule(static)
-  for (int m = 0; m < M; m++) {
-    const float* row = logits + size_t(m) * V;
-    const float top = row_max(row, V);
-    const float lse = top + std::log(row_sum_exp(row, top, V));
-    const int t = targets[m];
-    loss[m] = (t >= 0 && t < V) ? lse - row[t] : NAN;
-  }
+  parallel_for(M, [&](int64_t first, int64_t end) {
+    for (int64_t m = first; m < end; m++) {
+      const float* row = logits + size_t(m) * V;
+      const float top = row_max(row, V);
+      const float lse = top + std::log(row_sum_exp(row, top, V));
+      const int t = targets[m];
+      loss[m] = (t >= 0 && t < V) ? lse - row[t] : NAN;
+    }
+  });
 }
 
 // dlogits[m] = cotan[m] * (softmax(logits[m]) - onehot(target[m])), with lse[m] from forward.
 void cross_entropy_grad_rows(const float* logits, const int32_t* targets, const float* lse,
                              const float* cotan, float* out, int M, int V) {
-#pragma omp parallel for schedule(static)
-  for (int m = 0; m < M; m++) {
-    row_scaled_exp(logits + size_t(m) * V, lse[m], cotan[m], out + size_t(m) * V, V);
-    const int t = targets[m];
-    if (t >= 0 && t < V) out[size_t(m) * V + t] -= cotan[m];
-  }
+  parallel_for(M, [&](int64_t first, int64_t end) {
+    for (int64_t m = first; m < end; m++) {
+      row_scaled_exp(logits + size_t(m) * V, lse[m], cotan[m], out + size_t(m) * V, V);
+      const int t = targets[m];
+      if (t >= 0 && t < V) out[size_t(m) * V + t] -= cotan[m];
+    }
+  });
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -258,11 +351,18 @@ inline __m512 sigmoid16(__m512 a) {
 #endif
 inline float sigmoid(float a) { return 1.0f / (1.0f + std::exp(-a)); }
 
+// body(begin, end) over the elements [0, n), split between the threads in chunks.
+template <typename Body>
+void parallel_elements(size_t n, const Body& body) {
+  constexpr size_t chunk = 4096;
+  parallel_for(int64_t((n + chunk - 1) / chunk), [&](int64_t first, int64_t last) {
+    body(size_t(first) * chunk, std::min(n, size_t(last) * chunk));
+  });
+}
+
 // out = silu(a) * b = a * sigmoid(a) * b
 void swiglu_values(const float* a, const float* b, float* out, size_t n) {
-#pragma omp parallel for schedule(static)
-  for (size_t start = 0; start < n; start += 4096) {
-    const size_t end = std::min(n, start + 4096);
+  parallel_elements(n, [&](size_t start, size_t end) {
     size_t i = start;
 #if defined(__AVX512F__)
     for (; i + 16 <= end; i += 16) {
@@ -271,14 +371,12 @@ void swiglu_values(const float* a, const float* b, float* out, size_t n) {
     }
 #endif
     for (; i < end; i++) out[i] = a[i] * sigmoid(a[i]) * b[i];
-  }
+  });
 }
 
 // da = g * b * s * (1 + a * (1 - s)), db = g * a * s, with s = sigmoid(a)
 void swiglu_grads(const float* a, const float* b, const float* g, float* da, float* db, size_t n) {
-#pragma omp parallel for schedule(static)
-  for (size_t start = 0; start < n; start += 4096) {
-    const size_t end = std::min(n, start + 4096);
+  parallel_elements(n, [&](size_t start, size_t end) {
     size_t i = start;
 #if defined(__AVX512F__)
     const __m512 one = _mm512_set1_ps(1.0f);
@@ -295,7 +393,7 @@ void swiglu_grads(const float* a, const float* b, const float* g, float* da, flo
       db[i] = g[i] * s * a[i];
       da[i] = g[i] * s * b[i] * (1.0f + a[i] * (1.0f - s));
     }
-  }
+  });
 }
 
 template <template <int> class Kernel, typename... Args>
