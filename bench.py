@@ -348,12 +348,13 @@ def bench_generate(args):
         for _ in range(n_decode):
             next(tokens)
         decode_tps = n_decode / (time.perf_counter() - tic)
-        bound_tps = bandwidth * 1e9 / weight_bytes_per_token(model)
+        weight_bytes = weight_bytes_per_token(model)
+        bound_tps, read_bound_tps = bandwidth * 1e9 / weight_bytes, read_bw * 1e9 / weight_bytes
         results[f"{kind}_prompt_tokens_per_s"] = round(args.prompt_len / prompt_s, 1)
         results[f"{kind}_decode_tokens_per_s"] = round(decode_tps, 1)
         results[f"{kind}_bandwidth_bound_tokens_per_s"] = round(bound_tps, 1)
         results[f"{kind}_decode_of_bound"] = f"{decode_tps / bound_tps:.0%}"
-        results[f"{kind}_decode_of_read_bound"] = f"{decode_tps / (bound_tps * read_bw / bandwidth):.0%}"
+        results[f"{kind}_decode_of_read_bound"] = f"{decode_tps / read_bound_tps:.0%}"
         del model, tokens
     return results
 

@@ -133,33 +133,33 @@ void parallel_for(int64_t n, const Body& body) {
 // Four weight rows at a time give four independent streams and accumulators.
 void matvec_rows(const float* x, const float* w, float* y, int M, int N, int K) {
   parallel_for((N + 3) / 4, [&](int64_t first, int64_t end) {
-  for (int blk = int(first); blk < int(end); blk++) {
-    const int n0 = blk * 4, rows = std::min(4, N - n0);
-    const float* wn[4];
-    for (int r = 0; r < 4; r++) wn[r] = w + size_t(n0 + std::min(r, rows - 1)) * K;
-    for (int m = 0; m < M; m++) {
-      const float* xm = x + size_t(m) * K;
-      float acc[4];
-      int k = 0;
+    for (int blk = int(first); blk < int(end); blk++) {
+      const int n0 = blk * 4, rows = std::min(4, N - n0);
+      const float* wn[4];
+      for (int r = 0; r < 4; r++) wn[r] = w + size_t(n0 + std::min(r, rows - 1)) * K;
+      for (int m = 0; m < M; m++) {
+        const float* xm = x + size_t(m) * K;
+        float acc[4];
+        int k = 0;
 #if defined(__AVX512F__)
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (; k + 16 <= K; k += 16) {
-        const __m512 xv = _mm512_loadu_ps(xm + k);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[0] + k), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[1] + k), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[2] + k), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[3] + k), xv, a3);
-      }
-      acc[0] = _mm512_reduce_add_ps(a0), acc[1] = _mm512_reduce_add_ps(a1);
-      acc[2] = _mm512_reduce_add_ps(a2), acc[3] = _mm512_reduce_add_ps(a3);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (; k + 16 <= K; k += 16) {
+          const __m512 xv = _mm512_loadu_ps(xm + k);
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[0] + k), xv, a0);
+          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[1] + k), xv, a1);
+          a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[2] + k), xv, a2);
+          a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[3] + k), xv, a3);
+        }
+        acc[0] = _mm512_reduce_add_ps(a0), acc[1] = _mm512_reduce_add_ps(a1);
+        acc[2] = _mm512_reduce_add_ps(a2), acc[3] = _mm512_reduce_add_ps(a3);
 #else
-      acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
 #endif
-      for (; k < K; k++)
-        for (int r = 0; r < 4; r++) acc[r] += xm[k] * wn[r][k];
-      for (int r = 0; r < rows; r++) y[size_t(m) * N + n0 + r] = acc[r];
+        for (; k < K; k++)
+          for (int r = 0; r < 4; r++) acc[r] += xm[k] * wn[r][k];
+        for (int r = 0; r < rows; r++) y[size_t(m) * N + n0 + r] = acc[r];
+      }
     }
-  }
   });
 }
 

@@ -78,8 +78,9 @@ def test_cross_entropy_keeps_bad_values_visible():
     assert np.isnan(np.array(loss)).all()  # a NaN logit; a target outside the vocabulary
 
 
-def test_swiglu_and_its_gradient_match_float64():
-    a, b, cot = 4 * mx.random.normal((3, 7, 50)), mx.random.normal((3, 7, 50)), mx.random.normal((3, 7, 50))
+@pytest.mark.parametrize("shape", [(3, 7, 50), (3, 7, 1000)])  # one chunk; 6 chunks split between threads
+def test_swiglu_and_its_gradient_match_float64(shape):
+    a, b, cot = 4 * mx.random.normal(shape), mx.random.normal(shape), mx.random.normal(shape)
     A, B, C = f64(a), f64(b), f64(cot)
     s = 1 / (1 + np.exp(-A))
     np.testing.assert_allclose(np.array(kernels.swiglu(a, b)), A * s * B, atol=1e-5)
