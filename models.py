@@ -146,6 +146,34 @@ def _dequantized_matmul(group_size, bits):
     return matmul
 
 
+# ----------------------------------------------------------------------------- decoding kernels
+# On the CPU, mx.fast's norm, RoPE and attention are compositions of many small MLX
+# operations; for the few rows of decoding the compiled kernels do each in one pass.
+
+def _few_rows_on_cpu(x, *float_arrays):
+    return _rows(x) <= MATVEC_ROWS and _cpu_kernel_applies(x, *float_arrays)
+
+
+def rms_norm(x, weight, eps):
+    if _few_rows_on_cpu(x, weight):
+        return cpu_kernels.rms_norm(x, weight, eps)
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def rope(x_BNTH, theta, offset):
+    """Meta's RoPE, which rotates interleaved pairs (x0, x1), (x2, x3), ...: "traditional" in MLX."""
+    if x_BNTH.shape[2] <= MATVEC_ROWS and _cpu_kernel_applies(x_BNTH):
+        return cpu_kernels.rope(x_BNTH, x_BNTH.shape[-1], True, theta, 1.0, offset)
+    return mx.fast.rope(x_BNTH, x_BNTH.shape[-1], traditional=True, base=theta, scale=1.0, offset=offset)
+
+
+def attention(q_BNTH, k_BKSH, v_BKSH, scale, mask):
+    """softmax(scale * q k^T + mask) v; grouped-query attention (K < N) included."""
+    if mask is None and q_BNTH.shape[2] <= MATVEC_ROWS and _cpu_kernel_applies(q_BNTH, k_BKSH, v_BKSH):
+        return cpu_kernels.attention(q_BNTH, k_BKSH, v_BKSH, scale)
+    return mx.fast.scaled_dot_product_attention(q_BNTH, k_BKSH, v_BKSH, scale=scale, mask=mask)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dims, eps):
         super().__init__()
@@ -153,7 +181,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x):
-        return mx.fast.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -244,15 +272,11 @@ class Attention(nn.Module):
         k_BKTH = self.wk(x_BTD).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v_BKTH = self.wv(x_BTD).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
-        # Meta's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ...: "traditional" in MLX.
-        q_BNTH = mx.fast.rope(q_BNTH, self.head_dim, traditional=True, base=self.rope_theta,
-                              scale=1.0, offset=offset)
-        k_BKTH = mx.fast.rope(k_BKTH, self.head_dim, traditional=True, base=self.rope_theta,
-                              scale=1.0, offset=offset)
+        q_BNTH = rope(q_BNTH, self.rope_theta, offset)
+        k_BKTH = rope(k_BKTH, self.rope_theta, offset)
         if cache is not None:
             k_BKTH, v_BKTH = cache.update(k_BKTH, v_BKTH)
-        # The fused kernel handles grouped-query attention (K < N) itself.
-        o_BNTH = mx.fast.scaled_dot_product_attention(q_BNTH, k_BKTH, v_BKTH, scale=self.scale, mask=mask)
+        o_BNTH = attention(q_BNTH, k_BKTH, v_BKTH, self.scale, mask)
         return self.wo(o_BNTH.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 

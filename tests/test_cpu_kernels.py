@@ -90,6 +90,73 @@ def test_swiglu_and_its_gradient_match_float64(shape):
     assert np.isnan(np.array(kernels.swiglu(mx.array([float("nan")]), mx.array([1.0])))).all()
 
 
+def test_rms_norm_and_its_gradient_match_mlx():
+    x, w, cot = mx.random.normal((2, 3, 96)), mx.random.normal((96,)), mx.random.normal((2, 3, 96))
+    X = f64(x)
+    expected = X / np.sqrt((X ** 2).mean(-1, keepdims=True) + 1e-5) * f64(w)
+    np.testing.assert_allclose(np.array(kernels.rms_norm(x, w, 1e-5)), expected, atol=1e-5)
+    grads = [mx.grad(lambda x, w: (norm(x, w, 1e-5) * cot).sum(), argnums=(0, 1))(x, w)
+             for norm in (kernels.rms_norm, mx.fast.rms_norm)]
+    for got, ref in zip(*grads):
+        np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-5)
+
+
+def rope_float64(x, dims, traditional, base, offset):
+    X = f64(x)
+    half = dims // 2
+    theta = (offset + np.arange(X.shape[-2]))[:, None] * base ** (-np.arange(half) / half)  # [T, half]
+    a = np.arange(half) * 2 if traditional else np.arange(half)
+    b = a + 1 if traditional else a + half
+    out = X.copy()
+    out[..., a] = X[..., a] * np.cos(theta) - X[..., b] * np.sin(theta)
+    out[..., b] = X[..., a] * np.sin(theta) + X[..., b] * np.cos(theta)
+    return out
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+@pytest.mark.parametrize("dims,offset", [(32, 0), (32, 3000), (16, 7)])  # 16: half the head turns
+def test_rope_matches_float64(traditional, dims, offset):
+    """Angles in double: at position 3000 MLX's float32 angles are off by about 3e-4."""
+    x = mx.random.normal((2, 3, 4, 32))
+    np.testing.assert_allclose(np.array(kernels.rope(x, dims, traditional, 10000.0, 1.0, offset)),
+                               rope_float64(x, dims, traditional, 10000.0, offset), atol=2e-6)
+
+
+def test_rope_gradient_matches_mlx():
+    x, cot = mx.random.normal((1, 4, 2, 32)), mx.random.normal((1, 4, 2, 32))
+    grads = [mx.grad(lambda x: (fn(x) * cot).sum())(x)
+             for fn in (lambda x: kernels.rope(x, 32, True, 10000.0, 1.0, 5),
+                        lambda x: mx.fast.rope(x, 32, traditional=True, base=10000.0, scale=1.0, offset=5))]
+    np.testing.assert_allclose(np.array(grads[0]), np.array(grads[1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("S", [40, 600])  # 600: split between the threads
+def test_attention_over_cache_slices_matches_float64(S):
+    """Grouped-query attention (4 query heads on 2 key-value heads) over keys and values
+    that are slices of a longer buffer, as the KV cache hands them over."""
+    q = mx.random.normal((2, 4, 3, 16))
+    k_buf, v_buf = mx.random.normal((2, 2, S + 50, 16)), mx.random.normal((2, 2, S + 50, 16))
+    k, v = k_buf[:, :, 10:10 + S], v_buf[:, :, 10:10 + S]
+    Q, K, V = f64(q), np.repeat(f64(k), 2, axis=1), np.repeat(f64(v), 2, axis=1)
+    scores = Q @ K.swapaxes(-1, -2) * 0.25
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = p / p.sum(-1, keepdims=True) @ V
+    np.testing.assert_allclose(np.array(kernels.attention(q, k, v, 0.25)), expected, atol=1e-5)
+    k_t = mx.random.normal((2, 2, 16, S)).swapaxes(2, 3)  # strided along the head axis too
+    np.testing.assert_allclose(np.array(kernels.attention(q, k_t, v, 0.25)),
+                               np.array(mx.fast.scaled_dot_product_attention(q, k_t, v, scale=0.25)), atol=1e-5)
+
+
+def test_attention_gradient_matches_mlx():
+    q, k, v = mx.random.normal((1, 4, 2, 8)), mx.random.normal((1, 2, 9, 8)), mx.random.normal((1, 2, 9, 8))
+    cot = mx.random.normal((1, 4, 2, 8))
+    grads = [mx.grad(lambda q, k, v: (fn(q, k, v, scale=0.3) * cot).sum(), argnums=(0, 1, 2))(q, k, v)
+             for fn in (lambda q, k, v, scale: kernels.attention(q, k, v, scale),
+                        mx.fast.scaled_dot_product_attention)]
+    for got, ref in zip(*grads):
+        np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-5)
+
+
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     with pytest.raises(ValueError):
         kernels.matvec(mx.zeros((1, 5)), mx.zeros((4, 6)))
@@ -98,6 +165,12 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     wq, scales, biases = mx.quantize(mx.zeros((8, 64)), group_size=64, bits=4)
     with pytest.raises(ValueError):
         kernels.dequantize(wq, scales, biases, 32, 4)  # scales made for groups of 64
+    with pytest.raises(ValueError):
+        kernels.rope(mx.zeros((1, 2, 1, 8)), 7, True, 10000.0, 1.0, 0)  # odd number of dims
+    with pytest.raises(ValueError):
+        kernels.attention(mx.zeros((1, 3, 1, 8)), mx.zeros((1, 2, 5, 8)), mx.zeros((1, 2, 5, 8)), 1.0)
+    with pytest.raises(ValueError):
+        kernels.rms_norm(mx.zeros((1, 8)), mx.zeros((7,)), 1e-5)
 
 
 # --------------------------------------------------------------------------- in the model
@@ -142,7 +215,8 @@ def plain_mlx(monkeypatch):
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_model_logits_with_and_without_kernels(bits, kernel_calls, plain_mlx):
-    """Prompt (many rows) and decoding (one row) both take the kernel paths."""
+    """Prompt (many rows) and decoding (one row) both take the kernel paths; the norm,
+    RoPE and attention kernels serve decoding only."""
     model = random_model(bits)
     tokens = mx.array([[1, 5, 9, 200, 17, 3, 44, 12, 8, 60, 2, 7, 90, 31, 5, 6, 77, 19]])  # 18 > MATVEC_ROWS
 
@@ -157,6 +231,9 @@ def test_model_logits_with_and_without_kernels(bits, kernel_calls, plain_mlx):
     else:  # prompt: MLX's matmul; decoding: matvec
         assert kernel_calls["matvec"] == n_linear
     assert kernel_calls["swiglu"] == 2 * ARGS.n_layers
+    # decoding only: norms (two a layer and the last), RoPE of queries and keys, attention
+    assert kernel_calls["rms_norm"] == 2 * ARGS.n_layers + 1
+    assert kernel_calls["rope"] == 2 * ARGS.n_layers and kernel_calls["attention"] == ARGS.n_layers
     plain_mlx()
     for got, ref in zip(with_kernels, run()):
         np.testing.assert_allclose(np.array(got), np.array(ref), atol=2e-4, rtol=1e-4)
