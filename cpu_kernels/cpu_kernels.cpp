@@ -530,10 +530,31 @@ template <int B> struct DequantizeKernel {
 
 // ---------------------------------------------------------------- primitives
 
+// A row-contiguous copy of a strided array of 4-byte values (every input here is
+// float32, int32 or uint32).
+mx::array packed(const mx::array& a) {
+  if (a.itemsize() != 4) throw std::invalid_argument("cpu_kernels: inputs must have 4-byte values");
+  mx::array out(mx::allocator::malloc(a.nbytes()), a.shape(), a.dtype());
+  const uint32_t* src = a.data<uint32_t>();
+  uint32_t* dst = out.data<uint32_t>();
+  std::vector<int> index(a.ndim(), 0);
+  for (size_t i = 0; i < a.size(); i++) {
+    int64_t at = 0;
+    for (int d = 0; d < a.ndim(); d++) at += index[d] * a.strides(d);
+    dst[i] = src[at];
+    for (int d = a.ndim() - 1; d >= 0 && ++index[d] == a.shape(d); d--) index[d] = 0;
+  }
+  return out;
+}
+
 // Shared plumbing: allocate the outputs, then run `body(inputs, outputs)` on the
-// stream's thread with every array kept alive until it has finished.
+// stream's thread with every array kept alive until it has finished. The first
+// `n_packed` inputs (all by default) reach body row-contiguous: packed there when a
+// view is not, instead of a Contiguous node in the graph for every input, which on
+// every decoded token cost graph time for nothing (they almost always are).
 template <typename Body>
-void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, std::vector<mx::array> outputs, Body body) {
+void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, std::vector<mx::array> outputs, Body body,
+              size_t n_packed = SIZE_MAX) {
   auto& encoder = mx::cpu::get_command_encoder(stream);
   std::vector<mx::array> in, out;
   for (auto& a : inputs) {
@@ -545,14 +566,11 @@ void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, std::vect
     encoder.set_output_array(o);
     out.push_back(mx::array::unsafe_weak_copy(o));
   }
-  encoder.dispatch([in = std::move(in), out = std::move(out), body]() mutable { body(in, out); });
-}
-
-// a as a kernel reads it: row-contiguous. An evaluated array that already is (a weight)
-// is passed as it is: a Contiguous node would cost graph time on every decoded token.
-mx::array row_contiguous(const mx::array& a, mx::Stream s) {
-  if (a.is_available() && a.flags().row_contiguous) return a;
-  return mx::contiguous(a, false, s);
+  encoder.dispatch([in = std::move(in), out = std::move(out), body, n_packed]() mutable {
+    for (size_t i = 0; i < std::min(n_packed, in.size()); i++)
+      if (!in[i].flags().row_contiguous) in[i] = packed(in[i]);
+    body(in, out);
+  });
 }
 
 std::runtime_error cpu_only(const char* name) {
@@ -567,12 +585,12 @@ class CpuPrimitive : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 
  protected:
-  // Run body(inputs, output) on the stream's thread.
+  // Run body(inputs, output) on the stream's thread (see dispatch).
   template <typename Body>
-  void run(const std::vector<mx::array>& in, mx::array& out, Body body) {
+  void run(const std::vector<mx::array>& in, mx::array& out, Body body, size_t n_packed = SIZE_MAX) {
     dispatch(stream(), in, {out}, [body](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
       body(in, outs[0]);
-    });
+    }, n_packed);
   }
 };
 
@@ -722,7 +740,7 @@ class Swiglu : public CpuPrimitive {
     auto s = stream();
     auto grads = mx::array::make_arrays(
         {primals[0].shape(), primals[0].shape()}, {mx::float32, mx::float32}, std::make_shared<SwigluGrads>(s),
-        {primals[0], primals[1], row_contiguous(mx::astype(cotangents[0], mx::float32, s), s)});
+        {primals[0], primals[1], mx::astype(cotangents[0], mx::float32, s)});
     std::vector<mx::array> out;
     for (int arg : argnums) out.push_back(grads[arg]);
     return out;
@@ -812,7 +830,7 @@ class Attention : public CpuPrimitive {
       const auto& q = in[0];
       attention_rows(q.data<float>(), strided(in[1]), strided(in[2]), out.data<float>(), q.shape(0), q.shape(1),
                      q.shape(2), in[1].shape(1), in[1].shape(2), q.shape(3), scale);
-    });
+    }, /* n_packed: q; the cache's keys and values are read in place */ 1);
   }
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -865,8 +883,7 @@ mx::array matvec(const mx::array& x, const mx::array& w) {
   if (w.ndim() != 2 || x.ndim() < 1 || x.shape(-1) != w.shape(1))
     throw std::invalid_argument("matvec: x [..., K] and w [N, K] do not fit");
   auto s = cpu_stream();
-  return mx::array(with_last(x.shape(), w.shape(0)), mx::float32, std::make_shared<Matvec>(s),
-                   {row_contiguous(x, s), row_contiguous(w, s)});
+  return mx::array(with_last(x.shape(), w.shape(0)), mx::float32, std::make_shared<Matvec>(s), {x, w});
 }
 
 // x [..., K] @ dequantize(w)^T -> [..., N], float32
@@ -879,8 +896,7 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& wq, const mx::ar
   auto s = cpu_stream();
   return mx::array(with_last(x.shape(), wq.shape(0)), mx::float32,
                    std::make_shared<QuantizedMatvec>(s, group_size, bits),
-                   {row_contiguous(x, s), row_contiguous(wq, s),
-                    row_contiguous(scales, s), row_contiguous(biases, s)});
+                   {x, wq, scales, biases});
 }
 
 // w [N, K * bits / 32] uint32 -> [N, K] float32
@@ -890,8 +906,7 @@ mx::array dequantize(const mx::array& wq, const mx::array& scales, const mx::arr
   auto s = cpu_stream();
   return mx::array({wq.shape(0), wq.shape(1) * 32 / bits}, mx::float32,
                    std::make_shared<Dequantize>(s, group_size, bits),
-                   {row_contiguous(wq, s), row_contiguous(scales, s),
-                    row_contiguous(biases, s)});
+                   {wq, scales, biases});
 }
 
 // logits [..., V] float32, targets [...] integer -> loss [...]
@@ -903,14 +918,13 @@ mx::array cross_entropy(const mx::array& logits, const mx::array& targets) {
     throw std::invalid_argument("cross_entropy: targets must be integers shaped as logits without the last axis");
   auto s = cpu_stream();
   return mx::array(expected, mx::float32, std::make_shared<CrossEntropy>(s),
-                   {row_contiguous(logits, s), row_contiguous(mx::astype(targets, mx::int32, s), s)});
+                   {logits, mx::astype(targets, mx::int32, s)});
 }
 
 mx::array cross_entropy_grad(const mx::array& logits, const mx::array& targets, const mx::array& lse,
                              const mx::array& cotan, mx::Stream s) {
   return mx::array(logits.shape(), mx::float32, std::make_shared<CrossEntropyGrad>(s),
-                   {logits, targets, row_contiguous(lse, s),
-                    row_contiguous(mx::astype(cotan, mx::float32, s), s)});
+                   {logits, targets, lse, mx::astype(cotan, mx::float32, s)});
 }
 
 // silu(a) * b, float32, same shapes
@@ -919,8 +933,7 @@ mx::array swiglu(const mx::array& a, const mx::array& b) {
   check_float32(b, "b");
   if (a.shape() != b.shape()) throw std::invalid_argument("swiglu: a and b must have the same shape");
   auto s = cpu_stream();
-  return mx::array(a.shape(), mx::float32, std::make_shared<Swiglu>(s),
-                   {row_contiguous(a, s), row_contiguous(b, s)});
+  return mx::array(a.shape(), mx::float32, std::make_shared<Swiglu>(s), {a, b});
 }
 
 // x [..., D] / sqrt(mean(x^2) + eps) * w [D], float32
@@ -930,8 +943,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
   if (x.ndim() < 1 || w.ndim() != 1 || w.shape(0) != x.shape(-1))
     throw std::invalid_argument("rms_norm: x [..., D] and w [D] do not fit");
   auto s = cpu_stream();
-  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(s, eps),
-                   {row_contiguous(x, s), row_contiguous(w, s)});
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(s, eps), {x, w});
 }
 
 // mx.fast.rope of float32 x [..., T, H] with an integer offset
@@ -940,8 +952,8 @@ mx::array rope(const mx::array& x, int dims, bool traditional, float base, float
   if (x.ndim() < 2 || dims <= 0 || dims % 2 != 0 || dims > x.shape(-1))
     throw std::invalid_argument("rope: dims must be even, positive and at most x's last axis");
   auto s = cpu_stream();
-  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(s, RopeParams{dims, traditional, base, scale, offset}),
-                   {row_contiguous(x, s)});
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<Rope>(s, RopeParams{dims, traditional, base, scale, offset}), {x});
 }
 
 // softmax(scale * q @ k^T) @ v without a mask: q [B, N, T, H], k and v [B, K, S, H], N a multiple of K
@@ -953,8 +965,7 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
       k.shape(3) != q.shape(3) || q.shape(1) % k.shape(1) != 0)
     throw std::invalid_argument("attention: q [B, N, T, H], k and v [B, K, S, H] with N a multiple of K");
   auto s = cpu_stream();
-  // k and v stay as they are: strided slices of the KV cache are read in place.
-  return mx::array(q.shape(), mx::float32, std::make_shared<Attention>(s, scale), {row_contiguous(q, s), k, v});
+  return mx::array(q.shape(), mx::float32, std::make_shared<Attention>(s, scale), {q, k, v});
 }
 
 }  // namespace

@@ -157,6 +157,22 @@ def test_attention_gradient_matches_mlx():
         np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-5)
 
 
+def test_strided_views_are_read_as_their_values():
+    """Inputs reach the kernels as they are; a view that is not row-contiguous (a
+    transpose, a strided slice, a broadcast) is packed when the kernel runs."""
+    x, w = mx.random.normal((48, 3)), mx.random.normal((5, 48))
+    np.testing.assert_allclose(np.array(kernels.matvec(x.T, w)), f64(x).T @ f64(w).T, atol=1e-4)
+    a, b = mx.random.normal((6, 4)), mx.random.normal((4,))
+    np.testing.assert_allclose(np.array(kernels.swiglu(a.T, mx.broadcast_to(b[:, None], (4, 6)))),
+                               np.array(kernels.swiglu(mx.array(np.array(a.T)), mx.repeat(b[:, None], 6, 1))))
+    q = mx.random.normal((1, 3, 4, 16))  # [B, T, N, H] -> [B, N, T, H], as the model does
+    np.testing.assert_allclose(np.array(kernels.rope(q.transpose(0, 2, 1, 3), 16, True, 10000.0, 1.0, 2)),
+                               rope_float64(q.transpose(0, 2, 1, 3), 16, True, 10000.0, 2), atol=2e-6)
+    logits, targets = mx.random.normal((4, 20)), mx.array([1, 2, 3, 4])
+    np.testing.assert_allclose(np.array(kernels.cross_entropy(logits[:, ::2], targets)),
+                               np.array(nn.losses.cross_entropy(logits[:, ::2], targets)), atol=1e-5)
+
+
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     with pytest.raises(ValueError):
         kernels.matvec(mx.zeros((1, 5)), mx.zeros((4, 6)))
