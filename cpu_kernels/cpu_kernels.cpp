@@ -184,23 +184,84 @@ struct Packing {
   static constexpr uint32_t mask = (1u << BITS) - 1;
 };
 
+// Sums of x over each group of its values: [M, groups]
+std::vector<float> group_sums(const float* x, int M, int K, int group_size) {
+  std::vector<float> xsum(size_t(M) * (K / group_size), 0.0f);
+  for (int m = 0; m < M; m++)
+    for (int k = 0; k < K; k++) xsum[size_t(m) * (K / group_size) + k / group_size] += x[size_t(m) * K + k];
+  return xsum;
+}
+
+#if defined(__AVX512F__)
+// The 8- and 4-bit case of quantized_matvec_rows, for groups of 32 values or more. The
+// bytes of MLX's words hold the values in order (little-endian): 8 bits one a byte, 4
+// bits two, the even one in the low nibble. So 16 bytes zero-extended to 16 lanes are
+// 16 values (8 bits) or 32 (4 bits: masked, the even ones; shifted, the odd ones,
+// against x deinterleaved to match), and each takes a conversion and a multiply-add.
+template <int BITS>
+void byte_quantized_matvec_rows(
+    const float* x, const uint32_t* wq, const float* scales, const float* biases,
+    float* y, int M, int N, int K, int group_size) {
+  const int groups = K / group_size;
+  const std::vector<float> xsum = group_sums(x, M, K, group_size);
+  std::vector<float> xs(x, x + size_t(M) * K);  // 4 bits: per 32 values, the even then the odd
+  if (BITS == 4)
+    for (size_t c = 0; c < xs.size(); c += 32)
+      for (int l = 0; l < 16; l++) xs[c + l] = x[c + 2 * l], xs[c + 16 + l] = x[c + 2 * l + 1];
+  parallel_for(N, [&](int64_t first, int64_t end) {
+    const __m512i low_nibble = _mm512_set1_epi32(15);
+    for (int64_t n = first; n < end; n++) {
+      const uint8_t* qn = reinterpret_cast<const uint8_t*>(wq) + size_t(n) * K * BITS / 8;
+      const float *sn = scales + size_t(n) * groups, *bn = biases + size_t(n) * groups;
+      for (int m = 0; m < M; m++) {
+        const float* xm = xs.data() + size_t(m) * K;
+        __m512 acc = _mm512_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+          __m512 part = _mm512_setzero_ps();  // x . q over the group, 16 lanes
+          for (int k = g * group_size; k < (g + 1) * group_size; k += 32) {
+            __m512 q0, q1;  // values k..k+15 and k+16..k+31 in x's order
+            if (BITS == 8) {
+              q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qn + k))));
+              q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qn + k + 16))));
+            } else {
+              const __m512i pairs = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qn + k / 2)));
+              q0 = _mm512_cvtepi32_ps(_mm512_and_si512(pairs, low_nibble));
+              q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(pairs, 4));
+            }
+            part = _mm512_fmadd_ps(q0, _mm512_loadu_ps(xm + k), part);
+            part = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xm + k + 16), part);
+          }
+          acc = _mm512_fmadd_ps(part, _mm512_set1_ps(sn[g]), acc);
+        }
+        float out = _mm512_reduce_add_ps(acc);
+        for (int g = 0; g < groups; g++) out += bn[g] * xsum[size_t(m) * groups + g];
+        y[size_t(m) * N + n] = out;
+      }
+    }
+  });
+}
+#endif
+
 // y[m, n] = sum_g scale[n, g] * (x[m, group g] . q[n, group g]) + bias[n, g] * sum(x[m, group g])
 template <int BITS>
 void quantized_matvec_rows(
     const float* x, const uint32_t* wq, const float* scales, const float* biases,
     float* y, int M, int N, int K, int group_size) {
+#if defined(__AVX512F__)
+  if ((BITS == 8 || BITS == 4) && group_size >= 32)
+    return byte_quantized_matvec_rows<BITS>(x, wq, scales, biases, y, M, N, K, group_size);
+#endif
   using P = Packing<BITS>;
   const int words = K / P::per_word, groups = K / group_size;
   const int words_per_group = group_size / P::per_word;
   // x reordered so that value i of every word is contiguous, [M, per_word, words]:
   // the inner loop then runs over whole words with plain vector loads.
-  std::vector<float> xt(size_t(M) * K), xsum(size_t(M) * groups, 0.0f);
-  for (int m = 0; m < M; m++) {
+  const std::vector<float> xsum = group_sums(x, M, K, group_size);
+  std::vector<float> xt(size_t(M) * K);
+  for (int m = 0; m < M; m++)
     for (int j = 0; j < words; j++)
       for (int i = 0; i < P::per_word; i++)
         xt[size_t(m) * K + size_t(i) * words + j] = x[size_t(m) * K + size_t(j) * P::per_word + i];
-    for (int k = 0; k < K; k++) xsum[size_t(m) * groups + k / group_size] += x[size_t(m) * K + k];
-  }
   parallel_for(N, [&](int64_t first, int64_t end) {
     std::vector<float> word_dots(words);  // [words], x . q of each word
     for (int n = int(first); n < int(end); n++) {
@@ -878,8 +939,11 @@ void check_quantized(const mx::array& wq, const mx::array& scales, const mx::arr
   check_float32(scales, "scales");
   check_float32(biases, "biases");
   const int K = wq.shape(1) * 32 / bits;
-  if (group_size % 16 != 0 || K % group_size != 0 ||
-      scales.shape() != mx::Shape{wq.shape(0), K / group_size} || biases.shape() != scales.shape())
+  // Powers of two from 16 (MLX's own are 32, 64 and 128): groups then never straddle
+  // the 16 or 32 values the vector loops take at a time.
+  if (group_size < 16 || (group_size & (group_size - 1)) != 0)
+    throw std::invalid_argument("group_size must be a power of two from 16");
+  if (K % group_size != 0 || scales.shape() != mx::Shape{wq.shape(0), K / group_size} || biases.shape() != scales.shape())
     throw std::invalid_argument("scales and biases do not fit w for this group size");
 }
 

@@ -34,17 +34,21 @@ def test_matvec_matches_float64(rows, n, k):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_dequantize_and_quantized_matvec_match_mlx(bits, group_size):
-    w = mx.random.normal((96, 256))
+@pytest.mark.parametrize("group_size,K", [(32, 256), (64, 256), (128, 256), (32, 96)])  # 96: words not 16s
+def test_dequantize_and_quantized_matvec_match_mlx(bits, group_size, K):
+    w = mx.random.normal((96, K))
     wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
     dense = mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits)
     # one fused multiply-add where MLX rounds twice: equal to the last bit or so
     np.testing.assert_allclose(np.array(kernels.dequantize(wq, scales, biases, group_size, bits)),
                                np.array(dense), atol=1e-6, rtol=1e-6)
-    x = mx.random.normal((2, 3, 256))
+    x = mx.random.normal((2, 3, K))
     np.testing.assert_allclose(np.array(kernels.quantized_matvec(x, wq, scales, biases, group_size, bits)),
                                f64(x) @ f64(dense).T, atol=1e-4, rtol=1e-5)
+    if group_size == 32:  # the same weights in groups of 16: the word-by-word loop, not the byte one
+        halves = [mx.repeat(a, 2, axis=1) for a in (scales, biases)]
+        np.testing.assert_allclose(np.array(kernels.quantized_matvec(x, wq, *halves, 16, bits)),
+                                   f64(x) @ f64(dense).T, atol=1e-4, rtol=1e-5)
 
 
 def test_gradients_of_the_matvecs_flow_to_x():
@@ -181,6 +185,9 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     wq, scales, biases = mx.quantize(mx.zeros((8, 64)), group_size=64, bits=4)
     with pytest.raises(ValueError):
         kernels.dequantize(wq, scales, biases, 32, 4)  # scales made for groups of 64
+    with pytest.raises(ValueError):
+        # 96 values in 2 groups of 48: groups must be powers of two
+        kernels.dequantize(mx.zeros((8, 12), mx.uint32), mx.zeros((8, 2)), mx.zeros((8, 2)), 48, 4)
     with pytest.raises(ValueError):
         kernels.rope(mx.zeros((1, 2, 1, 8)), 7, True, 10000.0, 1.0, 0)  # odd number of dims
     with pytest.raises(ValueError):
