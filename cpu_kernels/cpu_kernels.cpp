@@ -31,6 +31,7 @@
 #include <sched.h>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -144,36 +145,49 @@ void parallel_for(int64_t n, const Body& body) {
 
 // ---------------------------------------------------------------- the loops
 
-// y[m, n] = sum_k x[m, k] * w[n, k], for a few rows m: every weight is read once.
-// Four weight rows at a time give four independent streams and accumulators.
-void matvec_rows(const float* x, const float* w, float* y, int M, int N, int K) {
-  parallel_for((N + 3) / 4, [&](int64_t first, int64_t end) {
-    for (int blk = int(first); blk < int(end); blk++) {
-      const int n0 = blk * 4, rows = std::min(4, N - n0);
-      const float* wn[4];
-      for (int r = 0; r < 4; r++) wn[r] = w + size_t(n0 + std::min(r, rows - 1)) * K;
-      for (int m = 0; m < M; m++) {
-        const float* xm = x + size_t(m) * K;
-        float acc[4];
-        int k = 0;
+// y[m, n0..n0+3] = sum_k x[m, k] * w[n, k] for the block of four weight rows from n0,
+// for a few rows m: four independent streams and accumulators, each weight read once.
+void matvec_block(const float* x, const float* w, float* y, int M, int N, int K, int n0) {
+  const int rows = std::min(4, N - n0);
+  const float* wn[4];
+  for (int r = 0; r < 4; r++) wn[r] = w + size_t(n0 + std::min(r, rows - 1)) * K;
+  for (int m = 0; m < M; m++) {
+    const float* xm = x + size_t(m) * K;
+    float acc[4];
+    int k = 0;
 #if defined(__AVX512F__)
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (; k + 16 <= K; k += 16) {
-          const __m512 xv = _mm512_loadu_ps(xm + k);
-          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[0] + k), xv, a0);
-          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[1] + k), xv, a1);
-          a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[2] + k), xv, a2);
-          a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[3] + k), xv, a3);
-        }
-        acc[0] = _mm512_reduce_add_ps(a0), acc[1] = _mm512_reduce_add_ps(a1);
-        acc[2] = _mm512_reduce_add_ps(a2), acc[3] = _mm512_reduce_add_ps(a3);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 16 <= K; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(xm + k);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[0] + k), xv, a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[1] + k), xv, a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[2] + k), xv, a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[3] + k), xv, a3);
+    }
+    acc[0] = _mm512_reduce_add_ps(a0), acc[1] = _mm512_reduce_add_ps(a1);
+    acc[2] = _mm512_reduce_add_ps(a2), acc[3] = _mm512_reduce_add_ps(a3);
 #else
-        acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
 #endif
-        for (; k < K; k++)
-          for (int r = 0; r < 4; r++) acc[r] += xm[k] * wn[r][k];
-        for (int r = 0; r < rows; r++) y[size_t(m) * N + n0 + r] = acc[r];
-      }
+    for (; k < K; k++)
+      for (int r = 0; r < 4; r++) acc[r] += xm[k] * wn[r][k];
+    for (int r = 0; r < rows; r++) y[size_t(m) * N + n0 + r] = acc[r];
+  }
+}
+
+// y_i = x @ w_i^T for weights w_i [N_i, K] of the same input x [M, K], M small: one
+// loop over the row blocks of all of them, so that the projections of one input
+// (queries, keys and values; the two halves of the gated feed-forward) cost one
+// start of the threads, not one each.
+void matvec_rows(const float* x, const std::vector<const float*>& w, const std::vector<float*>& y,
+                 const std::vector<int>& N, int M, int K) {
+  std::vector<int64_t> first_block(w.size() + 1, 0);  // of each weight, in the joint count
+  for (size_t i = 0; i < w.size(); i++) first_block[i + 1] = first_block[i] + (N[i] + 3) / 4;
+  parallel_for(first_block.back(), [&](int64_t first, int64_t end) {
+    size_t i = std::upper_bound(first_block.begin(), first_block.end(), first) - first_block.begin() - 1;
+    for (int64_t blk = first; blk < end; blk++) {
+      while (blk >= first_block[i + 1]) i++;
+      matvec_block(x, w[i], y[i], M, N[i], K, int(blk - first_block[i]) * 4);
     }
   });
 }
@@ -681,32 +695,46 @@ class QuantizedPrimitive : public CpuPrimitive {
   int group_size_, bits_;
 };
 
-class Matvec : public CpuPrimitive {
+// x [..., K] and weights w_1..w_n [N_i, K] -> x @ w_i^T [..., N_i]
+class Matvecs : public mx::Primitive {
  public:
-  using CpuPrimitive::CpuPrimitive;
-  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    run(in, out, [](std::vector<mx::array>& in, mx::array& out) {
-      const int K = in[1].shape(1), N = in[1].shape(0), M = in[0].size() / K;
-      matvec_rows(in[0].data<float>(), in[1].data<float>(), out.data<float>(), M, N, K);
+  explicit Matvecs(mx::Stream s) : Primitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    dispatch(stream(), in, out, [](std::vector<mx::array>& in, std::vector<mx::array>& out) {
+      const int K = in[0].shape(-1), M = in[0].size() / K;
+      std::vector<const float*> w;
+      std::vector<float*> y;
+      std::vector<int> N;
+      for (size_t i = 0; i < out.size(); i++) {
+        w.push_back(in[i + 1].data<float>());
+        y.push_back(out[i].data<float>());
+        N.push_back(in[i + 1].shape(0));
+      }
+      matvec_rows(in[0].data<float>(), w, y, N, M, K);
     });
   }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { throw cpu_only(name()); }
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    auto s = stream();
     const auto& x = primals[0];
-    const auto& w = primals[1];
-    const int K = w.shape(1), N = w.shape(0);
-    auto cotan = mx::reshape(cotangents[0], {-1, N}, stream());  // [M, N]
+    const int K = x.shape(-1);
+    auto cotan = [&](size_t i) { return mx::reshape(cotangents[i], {-1, primals[i + 1].shape(0)}, s); };  // [M, N_i]
     std::vector<mx::array> grads;
     for (int arg : argnums) {
-      if (arg == 0)
-        grads.push_back(mx::reshape(mx::matmul(cotan, w, stream()), x.shape(), stream()));
-      else
-        grads.push_back(mx::matmul(mx::transpose(cotan, stream()), mx::reshape(x, {-1, K}, stream()), stream()));
+      if (arg == 0) {
+        auto dx = mx::matmul(cotan(0), primals[1], s);
+        for (size_t i = 1; i < cotangents.size(); i++) dx = mx::add(dx, mx::matmul(cotan(i), primals[i + 1], s), s);
+        grads.push_back(mx::reshape(dx, x.shape(), s));
+      } else {
+        grads.push_back(mx::matmul(mx::transpose(cotan(arg - 1), s), mx::reshape(x, {-1, K}, s), s));
+      }
     }
     return grads;
   }
-  const char* name() const override { return "Matvec"; }
+  const char* name() const override { return "Matvecs"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
 class QuantizedMatvec : public QuantizedPrimitive {
@@ -952,15 +980,25 @@ mx::Shape with_last(mx::Shape shape, int last) {
   return shape;
 }
 
-// x [..., K] @ w [N, K]^T -> [..., N], float32
-mx::array matvec(const mx::array& x, const mx::array& w) {
+// x [..., K] @ w_i [N_i, K]^T -> [..., N_i] for each weight, float32
+std::vector<mx::array> matvecs(const mx::array& x, const std::vector<mx::array>& w) {
   check_float32(x, "x");
-  check_float32(w, "w");
-  if (w.ndim() != 2 || x.ndim() < 1 || x.shape(-1) != w.shape(1))
-    throw std::invalid_argument("matvec: x [..., K] and w [N, K] do not fit");
-  auto s = cpu_stream();
-  return mx::array(with_last(x.shape(), w.shape(0)), mx::float32, std::make_shared<Matvec>(s), {x, w});
+  if (w.empty()) throw std::invalid_argument("matvecs: no weights");
+  std::vector<mx::Shape> shapes;
+  for (const auto& wi : w) {
+    check_float32(wi, "w");
+    if (wi.ndim() != 2 || x.ndim() < 1 || x.shape(-1) != wi.shape(1))
+      throw std::invalid_argument("matvecs: x [..., K] and each w [N, K] must fit");
+    shapes.push_back(with_last(x.shape(), wi.shape(0)));
+  }
+  std::vector<mx::array> inputs{x};
+  inputs.insert(inputs.end(), w.begin(), w.end());
+  return mx::array::make_arrays(std::move(shapes), std::vector<mx::Dtype>(w.size(), mx::float32),
+                                std::make_shared<Matvecs>(cpu_stream()), inputs);
 }
+
+// x [..., K] @ w [N, K]^T -> [..., N], float32
+mx::array matvec(const mx::array& x, const mx::array& w) { return matvecs(x, {w})[0]; }
 
 // x [..., K] @ dequantize(w)^T -> [..., N], float32
 mx::array quantized_matvec(const mx::array& x, const mx::array& wq, const mx::array& scales,
@@ -1049,6 +1087,8 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 NB_MODULE(_cpu_kernels, m) {
   m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, cross-entropy, SwiGLU, and the norm, RoPE and attention of decoding.";
   m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32).");
+  m.def("matvecs", &matvecs, "x"_a, "w"_a,
+        "[x @ w.T for w in w] for a few rows of x, in one pass over all the weights (float32).");
   m.def("quantized_matvec", &quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
         "x [..., K] @ dequantize(w).T for a few rows of x (float32 x, scales and biases).");
   m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,

@@ -51,6 +51,21 @@ def test_dequantize_and_quantized_matvec_match_mlx(bits, group_size, K):
                                    f64(x) @ f64(dense).T, atol=1e-4, rtol=1e-5)
 
 
+def test_matvecs_of_one_input_match_float64():
+    """Several weights of one input in one loop, split between the threads across them."""
+    x, ws = mx.random.normal((2, 3, 64)), [mx.random.normal((n, 64)) for n in (5, 70, 33)]
+    for y, w in zip(kernels.matvecs(x, ws), ws):
+        np.testing.assert_allclose(np.array(y), f64(x) @ f64(w).T, atol=1e-4, rtol=1e-5)
+    cots = [mx.random.normal((2, 3, w.shape[0])) for w in ws]
+
+    def loss(x, *ws):
+        return sum((y * c).sum() for y, c in zip(kernels.matvecs(x, list(ws)), cots))
+    grads = mx.grad(loss, argnums=(0, 1, 2, 3))(x, *ws)
+    np.testing.assert_allclose(np.array(grads[0]), sum(f64(c) @ f64(w) for c, w in zip(cots, ws)), atol=1e-4)
+    for g, c in zip(grads[1:], cots):
+        np.testing.assert_allclose(np.array(g), f64(c).reshape(-1, g.shape[0]).T @ f64(x).reshape(-1, 64), atol=1e-4)
+
+
 def test_gradients_of_the_matvecs_flow_to_x():
     x, w = mx.random.normal((2, 64)), mx.random.normal((32, 64))
     wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
@@ -251,8 +266,8 @@ def test_model_logits_with_and_without_kernels(bits, kernel_calls, plain_mlx):
     n_linear = 7 * ARGS.n_layers + 1
     if bits:  # prompt: dequantize into BLAS; decoding: quantized matvec
         assert kernel_calls["dequantize"] == kernel_calls["quantized_matvec"] == n_linear
-    else:  # prompt: MLX's matmul; decoding: matvec
-        assert kernel_calls["matvec"] == n_linear
+    else:  # prompt: MLX's matmul; decoding: matvecs for q, k, v and w1, w3, matvec for the rest
+        assert kernel_calls["matvecs"] == 2 * ARGS.n_layers and kernel_calls["matvec"] == n_linear - 5 * ARGS.n_layers
     assert kernel_calls["swiglu"] == 2 * ARGS.n_layers
     # decoding only: norms (two a layer and the last), RoPE of queries and keys, attention
     assert kernel_calls["rms_norm"] == 2 * ARGS.n_layers + 1
