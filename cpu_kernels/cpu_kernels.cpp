@@ -849,41 +849,53 @@ class Swiglu : public CpuPrimitive {
   const char* name() const override { return "Swiglu"; }
 };
 
-// Gradients through MLX's own composition of the same function (`mlx_fn` of the
-// primals): the decoding kernels below only replace the forward pass.
-using ArraysFn = std::function<std::vector<mx::array>(const std::vector<mx::array>&)>;
-std::vector<mx::array> vjp_through(const ArraysFn& mlx_fn, const std::vector<mx::array>& primals,
-                                   const std::vector<mx::array>& cotangents, const std::vector<int>& argnums) {
-  auto grads = mx::vjp(mlx_fn, primals, cotangents).second;
-  std::vector<mx::array> out;
-  for (int arg : argnums) out.push_back(grads[arg]);
-  return out;
-}
-
-class RmsNorm : public CpuPrimitive {
+// A decoding kernel in place of an mx.fast function of the same parameters P: its
+// gradient goes through MLX's own composition of that function (mlx_fn), so the
+// kernel only replaces the forward pass.
+template <typename P>
+class FastStandIn : public CpuPrimitive {
  public:
-  RmsNorm(mx::Stream s, float eps) : CpuPrimitive(s), eps_(eps) {}
-  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    run(in, out, [eps = eps_](std::vector<mx::array>& in, mx::array& out) {
-      const int D = in[0].shape(-1);
-      rms_norm_rows(in[0].data<float>(), in[1].data<float>(), eps, out.data<float>(), in[0].size() / D, D);
-    });
-  }
+  using ArraysFn = std::function<std::vector<mx::array>(const std::vector<mx::array>&)>;
+  FastStandIn(mx::Stream s, P p) : CpuPrimitive(s), p_(p) {}
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums, const std::vector<mx::array>&) override {
-    auto fn = [eps = eps_, s = stream()](const std::vector<mx::array>& in) {
-      return std::vector<mx::array>{mx::fast::rms_norm(in[0], in[1], eps, s)};
-    };
-    return vjp_through(fn, primals, cotangents, argnums);
+    auto grads = mx::vjp(mlx_fn(), primals, cotangents).second;
+    std::vector<mx::array> out;
+    for (int arg : argnums) out.push_back(grads[arg]);
+    return out;
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+    return p_ == static_cast<const FastStandIn&>(other).p_;
+  }
+
+ protected:
+  virtual ArraysFn mlx_fn() = 0;
+  P p_;
+};
+
+struct RmsNormParams {
+  float eps;
+  bool operator==(const RmsNormParams&) const = default;
+};
+
+class RmsNorm : public FastStandIn<RmsNormParams> {
+ public:
+  using FastStandIn::FastStandIn;
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    run(in, out, [p = p_](std::vector<mx::array>& in, mx::array& out) {
+      const int D = in[0].shape(-1);
+      rms_norm_rows(in[0].data<float>(), in[1].data<float>(), p.eps, out.data<float>(), in[0].size() / D, D);
+    });
   }
   const char* name() const override { return "RmsNorm"; }
 
- private:
-  float eps_;
+ protected:
+  ArraysFn mlx_fn() override {
+    return [p = p_, s = stream()](const std::vector<mx::array>& in) {
+      return std::vector<mx::array>{mx::fast::rms_norm(in[0], in[1], p.eps, s)};
+    };
+  }
 };
 
 struct RopeParams {
@@ -894,9 +906,9 @@ struct RopeParams {
   bool operator==(const RopeParams&) const = default;
 };
 
-class Rope : public CpuPrimitive {
+class Rope : public FastStandIn<RopeParams> {
  public:
-  Rope(mx::Stream s, RopeParams p) : CpuPrimitive(s), p_(p) {}
+  using FastStandIn::FastStandIn;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     run(in, out, [p = p_](std::vector<mx::array>& in, mx::array& out) {
       const int H = in[0].shape(-1), T = in[0].shape(-2);
@@ -904,51 +916,44 @@ class Rope : public CpuPrimitive {
                 p.traditional, p.base, p.scale, p.offset);
     });
   }
-  std::vector<mx::array> vjp(
-      const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
-      const std::vector<int>& argnums, const std::vector<mx::array>&) override {
-    auto fn = [p = p_, s = stream()](const std::vector<mx::array>& in) {
+  const char* name() const override { return "Rope"; }
+
+ protected:
+  ArraysFn mlx_fn() override {
+    return [p = p_, s = stream()](const std::vector<mx::array>& in) {
       return std::vector<mx::array>{
           mx::fast::rope(in[0], p.dims, p.traditional, p.base, p.scale, p.offset, std::nullopt, s)};
     };
-    return vjp_through(fn, primals, cotangents, argnums);
   }
-  bool is_equivalent(const mx::Primitive& other) const override { return p_ == static_cast<const Rope&>(other).p_; }
-  const char* name() const override { return "Rope"; }
-
- private:
-  RopeParams p_;
 };
 
-class Attention : public CpuPrimitive {
+struct AttentionParams {
+  float scale;
+  bool operator==(const AttentionParams&) const = default;
+};
+
+class Attention : public FastStandIn<AttentionParams> {
  public:
-  Attention(mx::Stream s, float scale) : CpuPrimitive(s), scale_(scale) {}
+  using FastStandIn::FastStandIn;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    run(in, out, [scale = scale_](std::vector<mx::array>& in, mx::array& out) {
+    run(in, out, [p = p_](std::vector<mx::array>& in, mx::array& out) {
       auto strided = [](const mx::array& a) {
         return Strided4{a.data<float>(), {a.strides(0), a.strides(1), a.strides(2), a.strides(3)}};
       };
       const auto& q = in[0];
       attention_rows(q.data<float>(), strided(in[1]), strided(in[2]), out.data<float>(), q.shape(0), q.shape(1),
-                     q.shape(2), in[1].shape(1), in[1].shape(2), q.shape(3), scale);
+                     q.shape(2), in[1].shape(1), in[1].shape(2), q.shape(3), p.scale);
     }, /* n_packed: q; the cache's keys and values are read in place */ 1);
-  }
-  std::vector<mx::array> vjp(
-      const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
-      const std::vector<int>& argnums, const std::vector<mx::array>&) override {
-    auto fn = [scale = scale_, s = stream()](const std::vector<mx::array>& in) {
-      return std::vector<mx::array>{
-          mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale, "", {}, {}, false, s)};
-    };
-    return vjp_through(fn, primals, cotangents, argnums);
-  }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return scale_ == static_cast<const Attention&>(other).scale_;
   }
   const char* name() const override { return "Attention"; }
 
- private:
-  float scale_;
+ protected:
+  ArraysFn mlx_fn() override {
+    return [p = p_, s = stream()](const std::vector<mx::array>& in) {
+      return std::vector<mx::array>{
+          mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], p.scale, "", {}, {}, false, s)};
+    };
+  }
 };
 
 // ---------------------------------------------------------------- operations
@@ -1057,7 +1062,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
   if (x.ndim() < 1 || w.ndim() != 1 || w.shape(0) != x.shape(-1))
     throw std::invalid_argument("rms_norm: x [..., D] and w [D] do not fit");
   auto s = cpu_stream();
-  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(s, eps), {x, w});
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(s, RmsNormParams{eps}), {x, w});
 }
 
 // mx.fast.rope of float32 x [..., T, H] with an integer offset
@@ -1079,7 +1084,7 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
       k.shape(3) != q.shape(3) || q.shape(1) % k.shape(1) != 0)
     throw std::invalid_argument("attention: q [B, N, T, H], k and v [B, K, S, H] with N a multiple of K");
   auto s = cpu_stream();
-  return mx::array(q.shape(), mx::float32, std::make_shared<Attention>(s, scale), {q, k, v});
+  return mx::array(q.shape(), mx::float32, std::make_shared<Attention>(s, AttentionParams{scale}), {q, k, v});
 }
 
 }  // namespace
