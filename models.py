@@ -63,7 +63,7 @@ def _load_cpu_kernels():
 
 
 cpu_kernels = _load_cpu_kernels()
-MATVEC_ROWS = 16  # up to this many rows of x, read each weight once (decoding)
+MATVEC_ROWS = 16  # up to this many rows of x (decoding): each weight read once, the decoding kernels
 
 
 def _cpu_kernel_applies(x, *float_arrays):
@@ -159,12 +159,8 @@ def _dequantized_matmul(group_size, bits):
 # On the CPU, mx.fast's norm, RoPE and attention are compositions of many small MLX
 # operations; for the few rows of decoding the compiled kernels do each in one pass.
 
-def _few_rows_on_cpu(x, *float_arrays):
-    return _rows(x) <= MATVEC_ROWS and _cpu_kernel_applies(x, *float_arrays)
-
-
 def rms_norm(x, weight, eps):
-    if _few_rows_on_cpu(x, weight):
+    if _rows(x) <= MATVEC_ROWS and _cpu_kernel_applies(x, weight):
         return cpu_kernels.rms_norm(x, weight, eps)
     return mx.fast.rms_norm(x, weight, eps)
 
@@ -267,7 +263,7 @@ def attention_mask(T, offset, window):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
         self.scale = args.head_dim ** -0.5
         self.rope_theta = args.rope_theta
         self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
