@@ -202,7 +202,7 @@ def test_checkpoint_of_another_lora_setup_is_a_clear_error(setting, tmp_path):
                         metadata={"mlx_lora": json.dumps(meta)})
     run = subprocess.run(train_command(model_dir, data, tmp_path / "adapters.npz", "--resume", "latest"),
                          capture_output=True, text=True)
-    assert run.returncode == 2 and "checkpoint does not fit this run" in run.stderr
+    assert run.returncode == 2 and "checkpoint does not fit this run" in run.stderr, (run.returncode, run.stderr)
 
 
 @pytest.mark.parametrize("how", ["truncate", "corrupt"])
