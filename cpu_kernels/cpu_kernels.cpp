@@ -540,11 +540,12 @@ void rope_rows(const float* x, float* out, int64_t rows, int T, int H, int dims,
   }
 }
 
-// A [B, heads, S, H] float32 array as MLX laid it out: the KV cache hands its keys
-// and values over as slices of a longer buffer, so the strides are read, not assumed.
+// A [B, heads, S, H] float32 array whose rows of H values are contiguous: the KV cache
+// hands its keys and values over as slices of a longer buffer, so the other strides
+// are read, not assumed.
 struct Strided4 {
   const float* data;
-  int64_t stride[4];
+  int64_t stride[3];
   const float* row(int64_t b, int64_t head, int64_t s) const {
     return data + b * stride[0] + head * stride[1] + s * stride[2];
   }
@@ -556,7 +557,6 @@ struct Strided4 {
 void attention_rows(const float* q, Strided4 k, Strided4 v, float* out, int B, int N, int T, int K, int S,
                     int H, float scale) {
   const int rep = N / K;
-  const bool unit = k.stride[3] == 1 && v.stride[3] == 1;
   auto one_query = [&](int64_t row, std::vector<float>& p_S, std::vector<float>& q_H) {
     const int64_t b = row / (int64_t(N) * T), n = row / T % N, kv = n / rep;
     for (int h = 0; h < H; h++) q_H[h] = scale * q[row * H + h];  // scaled first, as MLX does
@@ -565,12 +565,8 @@ void attention_rows(const float* q, Strided4 k, Strided4 v, float* out, int B, i
     for (int s = 0; s < S; s++) {
       const float* kr = k.row(b, kv, s);
       float dot = 0.0f;
-      if (unit) {
 #pragma omp simd reduction(+ : dot)
-        for (int h = 0; h < H; h++) dot += qr[h] * kr[h];
-      } else {
-        for (int h = 0; h < H; h++) dot += qr[h] * kr[h * k.stride[3]];
-      }
+      for (int h = 0; h < H; h++) dot += qr[h] * kr[h];
       p_S[s] = dot;
     }
     const float top = row_max(p_S.data(), S);
@@ -581,12 +577,8 @@ void attention_rows(const float* q, Strided4 k, Strided4 v, float* out, int B, i
     for (int s = 0; s < S; s++) {
       const float p = p_S[s] / total;
       const float* vr = v.row(b, kv, s);
-      if (unit) {
 #pragma omp simd
-        for (int h = 0; h < H; h++) o[h] += p * vr[h];
-      } else {
-        for (int h = 0; h < H; h++) o[h] += p * vr[h * v.stride[3]];
-      }
+      for (int h = 0; h < H; h++) o[h] += p * vr[h];
     }
   };
   const int64_t rows = int64_t(B) * N * T;
@@ -660,6 +652,13 @@ void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, std::vect
   });
 }
 
+// The gradients of `all` (one per primal) that argnums asks for.
+std::vector<mx::array> chosen(const std::vector<mx::array>& all, const std::vector<int>& argnums) {
+  std::vector<mx::array> out;
+  for (int arg : argnums) out.push_back(all[arg]);
+  return out;
+}
+
 std::runtime_error cpu_only(const char* name) {
   return std::runtime_error(std::string(name) + " runs on the CPU only");
 }
@@ -681,6 +680,14 @@ class CpuPrimitive : public mx::UnaryPrimitive {
   }
 };
 
+// The same for several outputs.
+class CpuMultiPrimitive : public mx::Primitive {
+ public:
+  using Primitive::Primitive;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { throw cpu_only(name()); }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
 // A CPU primitive on MLX affine-quantized weights of a group size and bit width.
 class QuantizedPrimitive : public CpuPrimitive {
  public:
@@ -696,9 +703,9 @@ class QuantizedPrimitive : public CpuPrimitive {
 };
 
 // x [..., K] and weights w_1..w_n [N_i, K] -> x @ w_i^T [..., N_i]
-class Matvecs : public mx::Primitive {
+class Matvecs : public CpuMultiPrimitive {
  public:
-  explicit Matvecs(mx::Stream s) : Primitive(s) {}
+  using CpuMultiPrimitive::CpuMultiPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     dispatch(stream(), in, out, [](std::vector<mx::array>& in, std::vector<mx::array>& out) {
       const int K = in[0].shape(-1), M = in[0].size() / K;
@@ -713,7 +720,6 @@ class Matvecs : public mx::Primitive {
       matvec_rows(in[0].data<float>(), w, y, N, M, K);
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { throw cpu_only(name()); }
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums, const std::vector<mx::array>&) override {
@@ -734,7 +740,6 @@ class Matvecs : public mx::Primitive {
     return grads;
   }
   const char* name() const override { return "Matvecs"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
 class QuantizedMatvec : public QuantizedPrimitive {
@@ -813,18 +818,16 @@ class CrossEntropyGrad : public CpuPrimitive {
   const char* name() const override { return "CrossEntropyGrad"; }
 };
 
-class SwigluGrads : public mx::Primitive {
+class SwigluGrads : public CpuMultiPrimitive {
  public:
-  explicit SwigluGrads(mx::Stream s) : Primitive(s) {}
+  using CpuMultiPrimitive::CpuMultiPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     dispatch(stream(), in, out, [](std::vector<mx::array>& in, std::vector<mx::array>& out) {
       swiglu_grads(in[0].data<float>(), in[1].data<float>(), in[2].data<float>(), out[0].data<float>(),
                    out[1].data<float>(), in[0].size());
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { throw cpu_only(name()); }
   const char* name() const override { return "SwigluGrads"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
 class Swiglu : public CpuPrimitive {
@@ -842,9 +845,7 @@ class Swiglu : public CpuPrimitive {
     auto grads = mx::array::make_arrays(
         {primals[0].shape(), primals[0].shape()}, {mx::float32, mx::float32}, std::make_shared<SwigluGrads>(s),
         {primals[0], primals[1], mx::astype(cotangents[0], mx::float32, s)});
-    std::vector<mx::array> out;
-    for (int arg : argnums) out.push_back(grads[arg]);
-    return out;
+    return chosen(grads, argnums);
   }
   const char* name() const override { return "Swiglu"; }
 };
@@ -860,10 +861,7 @@ class FastStandIn : public CpuPrimitive {
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
       const std::vector<int>& argnums, const std::vector<mx::array>&) override {
-    auto grads = mx::vjp(mlx_fn(), primals, cotangents).second;
-    std::vector<mx::array> out;
-    for (int arg : argnums) out.push_back(grads[arg]);
-    return out;
+    return chosen(mx::vjp(mlx_fn(), primals, cotangents).second, argnums);
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     return p_ == static_cast<const FastStandIn&>(other).p_;
@@ -937,8 +935,9 @@ class Attention : public FastStandIn<AttentionParams> {
   using FastStandIn::FastStandIn;
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     run(in, out, [p = p_](std::vector<mx::array>& in, mx::array& out) {
-      auto strided = [](const mx::array& a) {
-        return Strided4{a.data<float>(), {a.strides(0), a.strides(1), a.strides(2), a.strides(3)}};
+      auto strided = [](mx::array& a) {
+        if (a.strides(3) != 1) a = packed(a);  // rows of H values must be contiguous
+        return Strided4{a.data<float>(), {a.strides(0), a.strides(1), a.strides(2)}};
       };
       const auto& q = in[0];
       attention_rows(q.data<float>(), strided(in[1]), strided(in[2]), out.data<float>(), q.shape(0), q.shape(1),
@@ -959,7 +958,6 @@ class Attention : public FastStandIn<AttentionParams> {
 // ---------------------------------------------------------------- operations
 
 mx::Stream cpu_stream() { return mx::default_stream(mx::Device::cpu); }
-
 
 void check_float32(const mx::array& a, const char* what) {
   if (a.dtype() != mx::float32) throw std::invalid_argument(std::string(what) + " must be float32");
