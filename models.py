@@ -174,9 +174,23 @@ def rope(x_BNTH, theta, offset):
 
 def attention(q_BNTH, k_BKSH, v_BKSH, scale, mask):
     """softmax(scale * q k^T + mask) v; grouped-query attention (K < N) included."""
-    if mask is None and q_BNTH.shape[2] <= MATVEC_ROWS and _cpu_kernel_applies(q_BNTH, k_BKSH, v_BKSH):
-        return cpu_kernels.attention(q_BNTH, k_BKSH, v_BKSH, scale)
+    if _cpu_kernel_applies(q_BNTH, k_BKSH, v_BKSH):
+        if mask is None and q_BNTH.shape[2] <= MATVEC_ROWS:
+            return cpu_kernels.attention(q_BNTH, k_BKSH, v_BKSH, scale)
+        if isinstance(mask, str) and mask == "causal":
+            return _causal_attention(q_BNTH, k_BKSH, v_BKSH, scale)
     return mx.fast.scaled_dot_product_attention(q_BNTH, k_BKSH, v_BKSH, scale=scale, mask=mask)
+
+
+def _causal_attention(q_BNTH, k_BKSH, v_BKSH, scale):
+    """Causal attention of many queries (training, prompts): both products in BLAS,
+    the masked softmax one multi-threaded kernel each way."""
+    B, N, T, H = q_BNTH.shape
+    K, S = k_BKSH.shape[1:3]
+    q_BKQH = q_BNTH.reshape(B, K, -1, H)  # Q = N // K * T: the query heads of one KV head, stacked
+    s_BKQS = q_BKQH @ k_BKSH.swapaxes(-1, -2)
+    p_BKQS = cpu_kernels.causal_softmax(s_BKQS.reshape(B, K, N // K, T, S), scale).reshape(B, K, -1, S)
+    return (p_BKQS @ v_BKSH).reshape(B, N, T, H)
 
 
 class RMSNorm(nn.Module):

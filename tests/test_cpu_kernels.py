@@ -109,6 +109,32 @@ def test_swiglu_and_its_gradient_match_float64(shape):
     assert np.isnan(np.array(kernels.swiglu(mx.array([float("nan")]), mx.array([1.0])))).all()
 
 
+@pytest.mark.parametrize("T,S", [(5, 9), (40, 40)])  # queries the last T of S positions; square
+def test_causal_softmax_and_its_gradient_match_float64(T, S):
+    x, cot = 3 * mx.random.normal((2, 3, T, S)), mx.random.normal((2, 3, T, S))
+    X, C = 0.7 * f64(x), f64(cot)
+    seen = np.arange(S)[None] <= np.arange(T)[:, None] + S - T  # [T, S]
+    e = np.where(seen, np.exp(X - X.max(-1, keepdims=True)), 0.0)
+    P = e / e.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.array(kernels.causal_softmax(x, 0.7)), P, atol=1e-6)
+    grad = mx.grad(lambda x: (kernels.causal_softmax(x, 0.7) * cot).sum())(x)
+    np.testing.assert_allclose(np.array(grad), 0.7 * P * (C - (P * C).sum(-1, keepdims=True)), atol=1e-6)
+
+
+def test_causal_attention_and_its_gradient_match_mlx():
+    """The model's attention of many queries (BLAS products around the softmax kernel)
+    against mx.fast's, grouped-query heads included."""
+    q, k, v = mx.random.normal((2, 4, 24, 8)), mx.random.normal((2, 2, 24, 8)), mx.random.normal((2, 2, 24, 8))
+    cot = mx.random.normal((2, 4, 24, 8))
+    grads = [mx.value_and_grad(lambda q, k, v: (fn(q, k, v) * cot).sum(), argnums=(0, 1, 2))(q, k, v)
+             for fn in (lambda q, k, v: models.attention(q, k, v, 0.3, "causal"),
+                        lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask="causal"))]
+    (value, got), (ref_value, ref) = grads
+    assert abs(value.item() - ref_value.item()) < 1e-4
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(np.array(g), np.array(r), atol=1e-5)
+
+
 def test_rms_norm_and_its_gradient_match_mlx():
     x, w, cot = mx.random.normal((2, 3, 96)), mx.random.normal((96,)), mx.random.normal((2, 3, 96))
     X = f64(x)
@@ -209,6 +235,8 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
         kernels.attention(mx.zeros((1, 3, 1, 8)), mx.zeros((1, 2, 5, 8)), mx.zeros((1, 2, 5, 8)), 1.0)
     with pytest.raises(ValueError):
         kernels.rms_norm(mx.zeros((1, 8)), mx.zeros((7,)), 1e-5)
+    with pytest.raises(ValueError):
+        kernels.causal_softmax(mx.zeros((1, 6, 5)), 1.0)  # more queries than keys
 
 
 # --------------------------------------------------------------------------- in the model
@@ -254,7 +282,7 @@ def plain_mlx(monkeypatch):
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_model_logits_with_and_without_kernels(bits, kernel_calls, plain_mlx):
     """Prompt (many rows) and decoding (one row) both take the kernel paths; the norm,
-    RoPE and attention kernels serve decoding only."""
+    RoPE and attention kernels serve decoding only, the causal softmax the prompt."""
     model = random_model(bits)
     tokens = mx.array([[1, 5, 9, 200, 17, 3, 44, 12, 8, 60, 2, 7, 90, 31, 5, 6, 77, 19]])  # 18 > MATVEC_ROWS
 
@@ -272,6 +300,7 @@ def test_model_logits_with_and_without_kernels(bits, kernel_calls, plain_mlx):
     # decoding only: norms (two a layer and the last), RoPE of queries and keys, attention
     assert kernel_calls["rms_norm"] == 2 * ARGS.n_layers + 1
     assert kernel_calls["rope"] == 2 * ARGS.n_layers and kernel_calls["attention"] == ARGS.n_layers
+    assert kernel_calls["causal_softmax"] == ARGS.n_layers
     plain_mlx()
     for got, ref in zip(with_kernels, run()):
         np.testing.assert_allclose(np.array(got), np.array(ref), atol=2e-4, rtol=1e-4)
@@ -290,6 +319,7 @@ def test_qlora_gradients_with_and_without_kernels(kernel_calls, plain_mlx):
 
     loss, with_kernels = grads()
     assert kernel_calls["cross_entropy"] == 1 and kernel_calls["dequantize"] > 0
+    assert kernel_calls["causal_softmax"] == ARGS.n_layers
     plain_mlx()
     ref_loss, ref = grads()
     assert abs(loss.item() - ref_loss.item()) < 1e-4
