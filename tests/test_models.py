@@ -161,3 +161,13 @@ def test_lora_adds_expected_parameter_count(tiny_llama, targets, rank):
     shapes = {"wq": (d, d), "wk": (d, kv), "wv": (d, kv), "wo": (d, d), "w1": (d, h), "w2": (h, d), "w3": (d, h)}
     expected = sum(rank * (i + o) for t in targets for i, o in [shapes[t]])  # one layer adapted
     assert sum(p.size for _, p in models.tree_flatten(model.trainable_parameters())) == expected
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="a setting of MLX's CPU backend")
+def test_big_freed_buffers_stay_for_reuse_on_the_cpu():
+    """MLX's CPU default gives back every freed buffer beyond 32 MiB to the OS (models.py)."""
+    mx.clear_cache()
+    a = mx.arange(16 * 2**20, dtype=mx.float32)  # 64 MiB
+    mx.eval(a)
+    del a
+    assert mx.get_cache_memory() >= 64 * 2**20
