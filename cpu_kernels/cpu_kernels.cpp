@@ -207,52 +207,86 @@ std::vector<float> group_sums(const float* x, int M, int K, int group_size) {
 }
 
 #if defined(__AVX512F__)
-// The 8- and 4-bit case of quantized_matvec_rows, for groups of 32 values or more. The
-// bytes of MLX's words hold the values in order (little-endian): 8 bits one a byte, 4
-// bits two, the even one in the low nibble. So 16 bytes zero-extended to 16 lanes are
-// 16 values (8 bits) or 32 (4 bits: masked, the even ones; shifted, the odd ones,
-// against x deinterleaved to match), and each takes a conversion and a multiply-add.
+// Values k..k+15 and k+16..k+31 of a row of 8- or 4-bit weights, as floats in x's
+// order. The bytes of MLX's words hold the values in order (little-endian): 8 bits one
+// a byte, 4 bits two, the even one in the low nibble. So 16 bytes zero-extended to 16
+// lanes are 16 values (8 bits) or 32 (4 bits: masked, the even ones; shifted, the odd
+// ones, against x deinterleaved to match).
+template <int BITS>
+inline void byte_values32(const uint8_t* qn, int k, __m512& q0, __m512& q1) {
+  if (BITS == 8) {
+    q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qn + k))));
+    q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qn + k + 16))));
+  } else {
+    const __m512i pairs = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qn + k / 2)));
+    q0 = _mm512_cvtepi32_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(15)));
+    q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(pairs, 4));
+  }
+}
+
+// R weight rows from n against every row of x: R streams of weights at once and 2R
+// independent multiply-add chains (one chain per row waited on the 4-cycle latency of
+// each multiply-add), and each stream asked for 8 KB ahead, which the hardware
+// prefetchers alone left this loop waiting for. Per token of the 150M model, in-process
+// A/B: the 8-bit matvecs 6.5 -> 5.4 ms, the 4-bit 8-9 -> 5.3 ms.
+constexpr int PREFETCH_AHEAD = 8192;  // bytes
+
+template <int BITS, int R>
+void byte_quantized_block(const float* xs, const uint32_t* wq, const float* scales, const float* biases,
+                          const float* xsum, float* y, int M, int N, int K, int group_size, int64_t n) {
+  const int groups = K / group_size;
+  const uint8_t* qn[R];
+  for (int r = 0; r < R; r++) qn[r] = reinterpret_cast<const uint8_t*>(wq) + size_t(n + r) * K * BITS / 8;
+  for (int m = 0; m < M; m++) {
+    const float* xm = xs + size_t(m) * K;
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+      __m512 part[R][2];  // x . q over the group, 16 lanes, two chains
+      for (int r = 0; r < R; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();
+      for (int k = g * group_size; k < (g + 1) * group_size; k += 32) {
+        const __m512 x0 = _mm512_loadu_ps(xm + k), x1 = _mm512_loadu_ps(xm + k + 16);
+        if (m == 0 && k * BITS / 8 % 64 == 0)  // once per cache line
+          for (int r = 0; r < R; r++) _mm_prefetch((const char*)(qn[r] + k * BITS / 8 + PREFETCH_AHEAD), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) {
+          __m512 q0, q1;
+          byte_values32<BITS>(qn[r], k, q0, q1);
+          part[r][0] = _mm512_fmadd_ps(q0, x0, part[r][0]);
+          part[r][1] = _mm512_fmadd_ps(q1, x1, part[r][1]);
+        }
+      }
+      for (int r = 0; r < R; r++)
+        acc[r] = _mm512_fmadd_ps(_mm512_add_ps(part[r][0], part[r][1]),
+                                 _mm512_set1_ps(scales[size_t(n + r) * groups + g]), acc[r]);
+    }
+    for (int r = 0; r < R; r++) {
+      float out = _mm512_reduce_add_ps(acc[r]);
+      const float* bn = biases + size_t(n + r) * groups;
+      for (int g = 0; g < groups; g++) out += bn[g] * xsum[size_t(m) * groups + g];
+      y[size_t(m) * N + n + r] = out;
+    }
+  }
+}
+
+// The 8- and 4-bit case of quantized_matvec_rows, for groups of 32 values or more:
+// each value takes a conversion and a multiply-add.
 template <int BITS>
 void byte_quantized_matvec_rows(
     const float* x, const uint32_t* wq, const float* scales, const float* biases,
     float* y, int M, int N, int K, int group_size) {
-  const int groups = K / group_size;
+  constexpr int R = 4;
   const std::vector<float> xsum = group_sums(x, M, K, group_size);
   std::vector<float> xs(x, x + size_t(M) * K);  // 4 bits: per 32 values, the even then the odd
   if (BITS == 4)
     for (size_t c = 0; c < xs.size(); c += 32)
       for (int l = 0; l < 16; l++) xs[c + l] = x[c + 2 * l], xs[c + 16 + l] = x[c + 2 * l + 1];
-  parallel_for(N, [&](int64_t first, int64_t end) {
-    const __m512i low_nibble = _mm512_set1_epi32(15);
-    for (int64_t n = first; n < end; n++) {
-      const uint8_t* qn = reinterpret_cast<const uint8_t*>(wq) + size_t(n) * K * BITS / 8;
-      const float *sn = scales + size_t(n) * groups, *bn = biases + size_t(n) * groups;
-      for (int m = 0; m < M; m++) {
-        const float* xm = xs.data() + size_t(m) * K;
-        __m512 acc = _mm512_setzero_ps();
-        for (int g = 0; g < groups; g++) {
-          __m512 part = _mm512_setzero_ps();  // x . q over the group, 16 lanes
-          for (int k = g * group_size; k < (g + 1) * group_size; k += 32) {
-            __m512 q0, q1;  // values k..k+15 and k+16..k+31 in x's order
-            if (BITS == 8) {
-              q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qn + k))));
-              q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qn + k + 16))));
-            } else {
-              const __m512i pairs = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qn + k / 2)));
-              q0 = _mm512_cvtepi32_ps(_mm512_and_si512(pairs, low_nibble));
-              q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(pairs, 4));
-            }
-            part = _mm512_fmadd_ps(q0, _mm512_loadu_ps(xm + k), part);
-            part = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xm + k + 16), part);
-          }
-          acc = _mm512_fmadd_ps(part, _mm512_set1_ps(sn[g]), acc);
-        }
-        float out = _mm512_reduce_add_ps(acc);
-        for (int g = 0; g < groups; g++) out += bn[g] * xsum[size_t(m) * groups + g];
-        y[size_t(m) * N + n] = out;
-      }
-    }
+  const int64_t blocks = N / R;
+  parallel_for(blocks, [&](int64_t first, int64_t end) {
+    for (int64_t b = first; b < end; b++)
+      byte_quantized_block<BITS, R>(xs.data(), wq, scales, biases, xsum.data(), y, M, N, K, group_size, b * R);
   });
+  for (int64_t n = blocks * R; n < N; n++)
+    byte_quantized_block<BITS, 1>(xs.data(), wq, scales, biases, xsum.data(), y, M, N, K, group_size, n);
 }
 #endif
 
