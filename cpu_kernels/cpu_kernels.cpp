@@ -1,7 +1,7 @@
 // CPU kernels MLX lacks on x86, as lazy MLX primitives: multi-threaded float32
 // matrix-vector products, 2/4/8-bit affine (de)quantized products, fused
-// cross-entropy and SwiGLU with their gradients, and one-pass RMS norm, RoPE and
-// attention for the few rows of decoding.
+// cross-entropy, SwiGLU and the causal softmax of attention with their gradients, and
+// one-pass RMS norm, RoPE and attention for the few rows of decoding.
 //
 // Why: on the CPU, MLX runs a one-row matmul as a BLAS GEMM that repacks the whole
 // weight (about a third of the memory bandwidth), and its quantized matmul and
@@ -1208,7 +1208,7 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
-  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, cross-entropy, SwiGLU, and the norm, RoPE and attention of decoding.";
+  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, cross-entropy, SwiGLU, causal softmax, and the norm, RoPE and attention of decoding.";
   m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32).");
   m.def("matvecs", &matvecs, "x"_a, "w"_a,
         "[x @ w.T for w in w] for a few rows of x, in one pass over all the weights (float32).");
