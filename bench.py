@@ -291,9 +291,10 @@ WEIGHT_KINDS = {"float32": ("float32", None), "float16": ("float16", None), "8-b
                 "4-bit": ("float32", 4)}
 
 
-def random_model(size, bits=None, dtype="float32"):
+def random_model(size, bits=None, dtype="float32", generation_only=False):
     """A random model of MODEL_SIZES[size], optionally quantized as convert.py -q does
-    (the layers whose input width divides into groups of 64)."""
+    (the layers whose input width divides into groups of 64), its floats stored in
+    `dtype` and then cast as load_model does (on the CPU: float32 computation)."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -305,6 +306,7 @@ def random_model(size, bits=None, dtype="float32"):
         nn.quantize(model, 64, bits, class_predicate=lambda _, m: hasattr(m, "to_quantized")
                     and m.weight.shape[-1] % 64 == 0)
     models.cast_floats(model, getattr(mx, dtype))
+    models.set_compute_dtype(model, generation_only=generation_only)
     mx.eval(model.parameters())
     return model
 
@@ -330,22 +332,20 @@ def bench_generate(args):
     best_copy = best_read = 0.0
     for kind in args.kinds.split(","):
         dtype, bits = WEIGHT_KINDS[kind]
-        model = random_model(args.size, bits, dtype)
+        model = random_model(args.size, bits, dtype, generation_only=True)  # as lora.py --prompt
         prompt = mx.random.randint(0, model.args.vocab_size, (args.prompt_len,)).tolist()
 
         def process_prompt():
             mx.eval(model(mx.array([prompt]), model.make_cache()))
 
         prompt_s = best_time(process_prompt, repeats=2)
-        # float16 runs in MLX's scalar half-precision loops on the CPU: a few tokens tell.
-        n_decode = 8 if dtype == "float16" else args.decode_tokens
         tokens = lora.generate_tokens(model, prompt, temp=0.0)
         next(tokens)  # the first token comes with the prompt
         before = copy_bandwidth_GBs(), read_bandwidth_GBs()
         tic = time.perf_counter()
-        for _ in range(n_decode):
+        for _ in range(args.decode_tokens):
             next(tokens)
-        decode_tps = n_decode / (time.perf_counter() - tic)
+        decode_tps = args.decode_tokens / (time.perf_counter() - tic)
         after = copy_bandwidth_GBs(), read_bandwidth_GBs()
         bandwidth, read_bw = map(max, before, after)  # the machine's best around this decode
         best_copy, best_read = max(best_copy, bandwidth), max(best_read, read_bw)

@@ -369,7 +369,8 @@ def main(argv=None):
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
         args.model = SHIPPED_MODEL
     print(f"Loading model {args.model}", file=sys.stderr)
-    model, tokenizer, _ = models.load_model(args.model, compute_dtype=args.compute_dtype)
+    model, tokenizer, _ = models.load_model(args.model, compute_dtype=args.compute_dtype,
+                                            generation_only=not (args.train or args.test))
 
     if args.train:
         data = {split: load_split(args.data, split, tokenizer, args.max_seq_length, args.mask_prompt)

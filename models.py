@@ -19,7 +19,7 @@ from utils import UserError, read_json
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 
 @dataclass
@@ -79,25 +79,38 @@ cpu_kernels = _load_cpu_kernels()
 MATVEC_ROWS = 16  # up to this many rows of x (decoding): each weight read once, the decoding kernels
 
 
+def _cpu_kernels_run():
+    return cpu_kernels is not None and mx.default_device() == mx.cpu
+
+
 def _cpu_kernel_applies(x, *float_arrays):
-    return (cpu_kernels is not None and mx.default_device() == mx.cpu
-            and all(a.dtype == mx.float32 for a in (x, *float_arrays)))
+    return _cpu_kernels_run() and all(a.dtype == mx.float32 for a in (x, *float_arrays))
 
 
 def _rows(x):
     return x.size // x.shape[-1]
 
 
+def _matvec_applies(x, weights):
+    """A few rows of float32 x against float32 weights, or float16 ones (a float16 model
+    generating on the CPU keeps its weights as stored: half the bytes a token)."""
+    return (_rows(x) <= MATVEC_ROWS and _cpu_kernel_applies(x)
+            and weights[0].dtype in (mx.float32, mx.float16) and all(w.dtype == weights[0].dtype for w in weights))
+
+
 class Linear(nn.Linear):
     """nn.Linear whose few-row products on the CPU stream the weight once.
 
     MLX runs x @ W.T with one row of x as a BLAS GEMM that repacks all of W;
-    decoding is bound by exactly that read.
+    decoding is bound by exactly that read. A float16 W (kept for generation, see
+    set_compute_dtype) is read as it is, or widened on every thread for a prompt.
     """
 
     def __call__(self, x):
-        if "bias" not in self and _rows(x) <= MATVEC_ROWS and _cpu_kernel_applies(x, self.weight):
+        if "bias" not in self and _matvec_applies(x, [self.weight]):
             return cpu_kernels.matvec(x, self.weight)
+        if "bias" not in self and self.weight.dtype == mx.float16 and _cpu_kernel_applies(x):
+            return x @ cpu_kernels.to_float32(self.weight).T  # a prompt, weights kept float16 for decoding
         return super().__call__(x)
 
     def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
@@ -124,10 +137,10 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 
 def projections(x, layers):
-    """[layer(x) for layer in layers]. On the CPU's decoding path plain float32 layers
-    take one pass over all their weights: one start of the threads, not one each."""
+    """[layer(x) for layer in layers]. On the CPU's decoding path plain layers take one
+    pass over all their weights: one start of the threads, not one each."""
     weights = [layer.weight for layer in layers if type(layer) is Linear and "bias" not in layer]
-    if len(weights) == len(layers) and _rows(x) <= MATVEC_ROWS and _cpu_kernel_applies(x, *weights):
+    if len(weights) == len(layers) and _matvec_applies(x, weights):
         return cpu_kernels.matvecs(x, weights)
     return [layer(x) for layer in layers]
 
@@ -538,10 +551,27 @@ def default_compute_dtype():
     return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else None
 
 
-def cast_floats(model, dtype):
-    """Cast the model's floating parameters (not packed quantized weights) to `dtype`."""
-    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-                          model.parameters()))
+def cast_floats(model, dtype, keep_float16_weights=False):
+    """Cast the model's floating parameters (not packed quantized weights) to `dtype`;
+    with keep_float16_weights, float16 weights of plain linear layers stay as they are."""
+    kept = {f"{name}.weight" for name, module in model.named_modules()
+            if keep_float16_weights and type(module) is Linear and module.weight.dtype == mx.float16}
+    model.update(tree_unflatten([(k, p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) and k not in kept else p)
+                                 for k, p in tree_flatten(model.parameters())]))
+
+
+def set_compute_dtype(model, compute_dtype="auto", generation_only=False):
+    """Cast the model's floats for computation in `compute_dtype`: "auto" (float32 on
+    the CPU, the stored dtype on a GPU) or a dtype name.
+
+    With `generation_only`, on the CPU with the kernels, the float16 weights of linear
+    layers stay float16 under float32 computation: decoding reads half the bytes and
+    the model takes about half the memory. (Training and evaluation, whose products
+    all go through BLAS, would convert them at every step.)
+    """
+    dtype = default_compute_dtype() if compute_dtype == "auto" else getattr(mx, compute_dtype)
+    if dtype is not None:
+        cast_floats(model, dtype, generation_only and dtype == mx.float32 and _cpu_kernels_run())
 
 
 def weights_file(path):
@@ -551,11 +581,11 @@ def weights_file(path):
     raise UserError(f"{path}: no weights.npz or weights.safetensors (convert a checkpoint with convert.py)")
 
 
-def load_model(path, adapter_file=None, compute_dtype="auto"):
+def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=False):
     """Load a converted model folder: (model, tokenizer, config).
 
-    `compute_dtype` is "auto" (float32 on the CPU, stored dtype on a GPU) or a
-    dtype name. With `adapter_file`, its LoRA adapters are applied.
+    `compute_dtype` and `generation_only`: see set_compute_dtype. With
+    `adapter_file`, its LoRA adapters are applied.
     """
     if not os.path.isdir(path):
         raise UserError(f"{path}: model folder not found")
@@ -571,9 +601,7 @@ def load_model(path, adapter_file=None, compute_dtype="auto"):
                     class_predicate=lambda name, module: f"{name}.scales" in weights)
     check_fit(weights_path, weights, dict(tree_flatten(model.parameters())), "weights")
     model.update(tree_unflatten(list(weights.items())))
-    dtype = default_compute_dtype() if compute_dtype == "auto" else getattr(mx, compute_dtype)
-    if dtype is not None:
-        cast_floats(model, dtype)
+    set_compute_dtype(model, compute_dtype, generation_only)
     tokenizer = Tokenizer(os.path.join(path, "tokenizer.model"))
     if tokenizer.vocab_size > args.vocab_size:
         raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} pieces, the model only {args.vocab_size}")

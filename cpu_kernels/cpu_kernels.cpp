@@ -1,7 +1,8 @@
 // CPU kernels MLX lacks on x86, as lazy MLX primitives: multi-threaded float32
 // matrix-vector products, 2/4/8-bit affine (de)quantized products, fused
-// cross-entropy, SwiGLU and the causal softmax of attention with their gradients, and
-// one-pass RMS norm, RoPE and attention for the few rows of decoding.
+// cross-entropy, SwiGLU and the causal softmax of attention with their gradients,
+// one-pass RMS norm, RoPE and attention for the few rows of decoding, and float16
+// weights read as they are.
 //
 // Why: on the CPU, MLX runs a one-row matmul as a BLAS GEMM that repacks the whole
 // weight (about a third of the memory bandwidth), and its quantized matmul and
@@ -145,11 +146,30 @@ void parallel_for(int64_t n, const Body& body) {
 
 // ---------------------------------------------------------------- the loops
 
+// The matvecs ask for each weight row's bytes this far ahead, once per cache line: the
+// hardware prefetchers alone left the loops waiting on memory whenever they do more
+// than a multiply-add per weight. In-process A/B over 0-16 KB, the 150M model's
+// weights a token: float16 11.0 -> 8.2 ms, float32 14.2 -> 13.3 ms (the quantized
+// ones: below).
+constexpr int PREFETCH_AHEAD = 8192;  // bytes
+
+inline void prefetch_ahead(const void* at) {
+  __builtin_prefetch(static_cast<const char*>(at) + PREFETCH_AHEAD, 0, 3);  // read, keep in every cache level
+}
+
+#if defined(__AVX512F__)
+// 16 weights from w + k as floats: float32 as they are, float16 converted (exactly)
+inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 load16(const mx::float16_t* w) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)w)); }
+#endif
+
 // y[m, n0..n0+3] = sum_k x[m, k] * w[n, k] for the block of four weight rows from n0,
 // for a few rows m: four independent streams and accumulators, each weight read once.
-void matvec_block(const float* x, const float* w, float* y, int M, int N, int K, int n0) {
+// W: float, or float16 (decoding a float16 model reads half the bytes).
+template <typename W>
+void matvec_block(const float* x, const W* w, float* y, int M, int N, int K, int n0) {
   const int rows = std::min(4, N - n0);
-  const float* wn[4];
+  const W* wn[4];
   for (int r = 0; r < 4; r++) wn[r] = w + size_t(n0 + std::min(r, rows - 1)) * K;
   for (int m = 0; m < M; m++) {
     const float* xm = x + size_t(m) * K;
@@ -159,10 +179,12 @@ void matvec_block(const float* x, const float* w, float* y, int M, int N, int K,
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; k + 16 <= K; k += 16) {
       const __m512 xv = _mm512_loadu_ps(xm + k);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[0] + k), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[1] + k), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[2] + k), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wn[3] + k), xv, a3);
+      if (m == 0 && k * sizeof(W) % 64 == 0)  // once per cache line
+        for (int r = 0; r < 4; r++) prefetch_ahead(wn[r] + k);
+      a0 = _mm512_fmadd_ps(load16(wn[0] + k), xv, a0);
+      a1 = _mm512_fmadd_ps(load16(wn[1] + k), xv, a1);
+      a2 = _mm512_fmadd_ps(load16(wn[2] + k), xv, a2);
+      a3 = _mm512_fmadd_ps(load16(wn[3] + k), xv, a3);
     }
     acc[0] = _mm512_reduce_add_ps(a0), acc[1] = _mm512_reduce_add_ps(a1);
     acc[2] = _mm512_reduce_add_ps(a2), acc[3] = _mm512_reduce_add_ps(a3);
@@ -170,7 +192,7 @@ void matvec_block(const float* x, const float* w, float* y, int M, int N, int K,
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
 #endif
     for (; k < K; k++)
-      for (int r = 0; r < 4; r++) acc[r] += xm[k] * wn[r][k];
+      for (int r = 0; r < 4; r++) acc[r] += xm[k] * float(wn[r][k]);
     for (int r = 0; r < rows; r++) y[size_t(m) * N + n0 + r] = acc[r];
   }
 }
@@ -179,7 +201,8 @@ void matvec_block(const float* x, const float* w, float* y, int M, int N, int K,
 // loop over the row blocks of all of them, so that the projections of one input
 // (queries, keys and values; the two halves of the gated feed-forward) cost one
 // start of the threads, not one each.
-void matvec_rows(const float* x, const std::vector<const float*>& w, const std::vector<float*>& y,
+template <typename W>
+void matvec_rows(const float* x, const std::vector<const W*>& w, const std::vector<float*>& y,
                  const std::vector<int>& N, int M, int K) {
   std::vector<int64_t> first_block(w.size() + 1, 0);  // of each weight, in the joint count
   for (size_t i = 0; i < w.size(); i++) first_block[i + 1] = first_block[i] + (N[i] + 3) / 4;
@@ -226,11 +249,8 @@ inline void byte_values32(const uint8_t* qn, int k, __m512& q0, __m512& q1) {
 
 // R weight rows from n against every row of x: R streams of weights at once and 2R
 // independent multiply-add chains (one chain per row waited on the 4-cycle latency of
-// each multiply-add), and each stream asked for 8 KB ahead, which the hardware
-// prefetchers alone left this loop waiting for. Per token of the 150M model, in-process
-// A/B: the 8-bit matvecs 6.5 -> 5.4 ms, the 4-bit 8-9 -> 5.3 ms.
-constexpr int PREFETCH_AHEAD = 8192;  // bytes
-
+// each multiply-add), and each stream asked for PREFETCH_AHEAD. Per token of the 150M
+// model, in-process A/B: the 8-bit matvecs 6.5 -> 5.4 ms, the 4-bit 8-9 -> 5.3 ms.
 template <int BITS, int R>
 void byte_quantized_block(const float* xs, const uint32_t* wq, const float* scales, const float* biases,
                           const float* xsum, float* y, int M, int N, int K, int group_size, int64_t n) {
@@ -247,7 +267,7 @@ void byte_quantized_block(const float* xs, const uint32_t* wq, const float* scal
       for (int k = g * group_size; k < (g + 1) * group_size; k += 32) {
         const __m512 x0 = _mm512_loadu_ps(xm + k), x1 = _mm512_loadu_ps(xm + k + 16);
         if (m == 0 && k * BITS / 8 % 64 == 0)  // once per cache line
-          for (int r = 0; r < R; r++) _mm_prefetch((const char*)(qn[r] + k * BITS / 8 + PREFETCH_AHEAD), _MM_HINT_T0);
+          for (int r = 0; r < R; r++) prefetch_ahead(qn[r] + k * BITS / 8);
         for (int r = 0; r < R; r++) {
           __m512 q0, q1;
           byte_values32<BITS>(qn[r], k, q0, q1);
@@ -521,6 +541,20 @@ void swiglu_grads(const float* a, const float* b, const float* g, float* da, flo
   });
 }
 
+// ---------------------------------------------------------------- float16 weights
+
+// out = x as float32 (exact), on every thread: the weights of a float16 model for the
+// products of a prompt (MLX's conversion: about 1.2 G values/s on one core)
+void widen_float16(const mx::float16_t* x, float* out, size_t n) {
+  parallel_elements(n, [&](size_t start, size_t end) {
+    size_t i = start;
+#if defined(__AVX512F__)
+    for (; i + 16 <= end; i += 16) _mm512_storeu_ps(out + i, load16(x + i));
+#endif
+    for (; i < end; i++) out[i] = float(x[i]);
+  });
+}
+
 // ---------------------------------------------------------------- causal softmax
 // The softmax of attention over many queries (training, prompts). MLX's CPU softmax
 // takes one exp at a time on one core, and mx.fast's attention builds and applies
@@ -687,13 +721,11 @@ template <int B> struct DequantizeKernel {
 
 // ---------------------------------------------------------------- primitives
 
-// A row-contiguous copy of a strided array of 4-byte values (every input here is
-// float32, int32 or uint32).
-mx::array packed(const mx::array& a) {
-  if (a.itemsize() != 4) throw std::invalid_argument("cpu_kernels: inputs must have 4-byte values");
-  mx::array out(mx::allocator::malloc(a.nbytes()), a.shape(), a.dtype());
-  const uint32_t* src = a.data<uint32_t>();
-  uint32_t* dst = out.data<uint32_t>();
+// A row-contiguous copy of a strided array of 4-byte values (float32, int32, uint32)
+// or 2-byte ones (float16 weights).
+template <typename T>
+void copy_in_order(const mx::array& a, T* dst) {
+  const T* src = a.data<T>();
   std::vector<int> index(a.ndim(), 0);
   for (size_t i = 0; i < a.size(); i++) {
     int64_t at = 0;
@@ -701,6 +733,13 @@ mx::array packed(const mx::array& a) {
     dst[i] = src[at];
     for (int d = a.ndim() - 1; d >= 0 && ++index[d] == a.shape(d); d--) index[d] = 0;
   }
+}
+
+mx::array packed(const mx::array& a) {
+  mx::array out(mx::allocator::malloc(a.nbytes()), a.shape(), a.dtype());
+  if (a.itemsize() == 4) copy_in_order(a, out.data<uint32_t>());
+  else if (a.itemsize() == 2) copy_in_order(a, out.data<uint16_t>());
+  else throw std::invalid_argument("cpu_kernels: inputs must have 2- or 4-byte values");
   return out;
 }
 
@@ -797,15 +836,20 @@ class Matvecs : public CpuMultiPrimitive {
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     dispatch(stream(), in, out, [](std::vector<mx::array>& in, std::vector<mx::array>& out) {
       const int K = in[0].shape(-1), M = in[0].size() / K;
-      std::vector<const float*> w;
       std::vector<float*> y;
       std::vector<int> N;
       for (size_t i = 0; i < out.size(); i++) {
-        w.push_back(in[i + 1].data<float>());
         y.push_back(out[i].data<float>());
         N.push_back(in[i + 1].shape(0));
       }
-      matvec_rows(in[0].data<float>(), w, y, N, M, K);
+      auto with_weights = [&](auto type) {  // every weight has the first one's type
+        using W = decltype(type);
+        std::vector<const W*> w;
+        for (size_t i = 1; i < in.size(); i++) w.push_back(in[i].data<W>());
+        matvec_rows(in[0].data<float>(), w, y, N, M, K);
+      };
+      if (in[1].dtype() == mx::float16) with_weights(mx::float16_t{});
+      else with_weights(float{});
     });
   }
   std::vector<mx::array> vjp(
@@ -822,7 +866,9 @@ class Matvecs : public CpuMultiPrimitive {
         for (size_t i = 1; i < cotangents.size(); i++) dx = mx::add(dx, mx::matmul(cotan(i), primals[i + 1], s), s);
         grads.push_back(mx::reshape(dx, x.shape(), s));
       } else {
-        grads.push_back(mx::matmul(mx::transpose(cotan(arg - 1), s), mx::reshape(x, {-1, K}, s), s));
+        const auto& w = primals[arg];
+        grads.push_back(mx::astype(mx::matmul(mx::transpose(cotan(arg - 1), s), mx::reshape(x, {-1, K}, s), s),
+                                   w.dtype(), s));
       }
     }
     return grads;
@@ -936,6 +982,22 @@ class Swiglu : public CpuPrimitive {
     return chosen(grads, argnums);
   }
   const char* name() const override { return "Swiglu"; }
+};
+
+class Float32Of : public CpuPrimitive {
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    run(in, out, [](std::vector<mx::array>& in, mx::array& out) {
+      widen_float16(in[0].data<mx::float16_t>(), out.data<float>(), out.size());
+    });
+  }
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>&, const std::vector<mx::array>& cotangents, const std::vector<int>&,
+      const std::vector<mx::array>&) override {
+    return {mx::astype(cotangents[0], mx::float16, stream())};
+  }
+  const char* name() const override { return "Float32Of"; }
 };
 
 class CausalSoftmaxGrad : public CpuPrimitiveWith<ScaleParams> {
@@ -1094,13 +1156,15 @@ mx::Shape with_last(mx::Shape shape, int last) {
   return shape;
 }
 
-// x [..., K] @ w_i [N_i, K]^T -> [..., N_i] for each weight, float32
+// x [..., K] @ w_i [N_i, K]^T -> [..., N_i] for each weight: x float32, the weights float32
+// or float16, the results float32
 std::vector<mx::array> matvecs(const mx::array& x, const std::vector<mx::array>& w) {
   check_float32(x, "x");
   if (w.empty()) throw std::invalid_argument("matvecs: no weights");
   std::vector<mx::Shape> shapes;
   for (const auto& wi : w) {
-    check_float32(wi, "w");
+    if ((wi.dtype() != mx::float32 && wi.dtype() != mx::float16) || wi.dtype() != w[0].dtype())
+      throw std::invalid_argument("matvecs: the weights must all be float32 or all float16");
     if (wi.ndim() != 2 || x.ndim() < 1 || x.shape(-1) != wi.shape(1))
       throw std::invalid_argument("matvecs: x [..., K] and each w [N, K] must fit");
     shapes.push_back(with_last(x.shape(), wi.shape(0)));
@@ -1111,7 +1175,7 @@ std::vector<mx::array> matvecs(const mx::array& x, const std::vector<mx::array>&
                                 std::make_shared<Matvecs>(cpu_stream()), inputs);
 }
 
-// x [..., K] @ w [N, K]^T -> [..., N], float32
+// x [..., K] @ w [N, K]^T -> [..., N], float32 (w float32 or float16)
 mx::array matvec(const mx::array& x, const mx::array& w) { return matvecs(x, {w})[0]; }
 
 // x [..., K] @ dequantize(w)^T -> [..., N], float32
@@ -1135,6 +1199,12 @@ mx::array dequantize(const mx::array& wq, const mx::array& scales, const mx::arr
   return mx::array({wq.shape(0), wq.shape(1) * 32 / bits}, mx::float32,
                    std::make_shared<Dequantize>(s, QuantizedParams{group_size, bits}),
                    {wq, scales, biases});
+}
+
+// float16 x -> float32, same shape
+mx::array to_float32(const mx::array& x) {
+  if (x.dtype() != mx::float16) throw std::invalid_argument("to_float32: x must be float16");
+  return mx::array(x.shape(), mx::float32, std::make_shared<Float32Of>(cpu_stream()), {x});
 }
 
 // logits [..., V] float32, targets [...] integer -> loss [...]
@@ -1208,14 +1278,15 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
-  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, cross-entropy, SwiGLU, causal softmax, and the norm, RoPE and attention of decoding.";
-  m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32).");
+  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, float16 widening, cross-entropy, SwiGLU, causal softmax, and the norm, RoPE and attention of decoding.";
+  m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32; w float32 or float16).");
   m.def("matvecs", &matvecs, "x"_a, "w"_a,
         "[x @ w.T for w in w] for a few rows of x, in one pass over all the weights (float32).");
   m.def("quantized_matvec", &quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
         "x [..., K] @ dequantize(w).T for a few rows of x (float32 x, scales and biases).");
   m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
         "The float32 matrix of MLX affine-quantized weights.");
+  m.def("to_float32", &to_float32, "x"_a, "float16 x as float32 (exact), on every thread.");
   m.def("cross_entropy", &cross_entropy, "logits"_a, "targets"_a,
         "logsumexp(logits) - logits[target] along the last axis (float32 logits).");
   m.def("swiglu", &swiglu, "a"_a, "b"_a, "silu(a) * b (float32).");

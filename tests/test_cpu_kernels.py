@@ -51,10 +51,13 @@ def test_dequantize_and_quantized_matvec_match_mlx(bits, group_size, K):
                                    f64(x) @ f64(dense).T, atol=1e-4, rtol=1e-5)
 
 
-def test_matvecs_of_one_input_match_float64():
-    """Several weights of one input in one loop, split between the threads across them."""
-    x, ws = mx.random.normal((2, 3, 64)), [mx.random.normal((n, 64)) for n in (5, 70, 33)]
+@pytest.mark.parametrize("dtype,rtol", [(mx.float32, 1e-5), (mx.float16, 1e-3)])  # float16: a float16 model generating
+def test_matvecs_of_one_input_match_float64(dtype, rtol):
+    """Several weights of one input in one loop, split between the threads across them;
+    70 values a row: four vectors of 16 and a tail."""
+    x, ws = mx.random.normal((2, 3, 70)), [mx.random.normal((n, 70)).astype(dtype) for n in (5, 70, 33)]
     for y, w in zip(kernels.matvecs(x, ws), ws):
+        assert y.dtype == mx.float32
         np.testing.assert_allclose(np.array(y), f64(x) @ f64(w).T, atol=1e-4, rtol=1e-5)
     cots = [mx.random.normal((2, 3, w.shape[0])) for w in ws]
 
@@ -63,7 +66,18 @@ def test_matvecs_of_one_input_match_float64():
     grads = mx.grad(loss, argnums=(0, 1, 2, 3))(x, *ws)
     np.testing.assert_allclose(np.array(grads[0]), sum(f64(c) @ f64(w) for c, w in zip(cots, ws)), atol=1e-4)
     for g, c in zip(grads[1:], cots):
-        np.testing.assert_allclose(np.array(g), f64(c).reshape(-1, g.shape[0]).T @ f64(x).reshape(-1, 64), atol=1e-4)
+        assert g.dtype == dtype
+        np.testing.assert_allclose(f64(g), f64(c).reshape(-1, g.shape[0]).T @ f64(x).reshape(-1, 70),
+                                   atol=1e-4, rtol=rtol)
+
+
+def test_float16_widens_exactly_on_every_thread():
+    w = (100 * mx.random.normal((3, 5000))).astype(mx.float16)  # 15000 values: chunks for both threads, a tail
+    wide = kernels.to_float32(w)
+    assert wide.dtype == mx.float32 and (np.array(wide) == np.array(w).astype(np.float32)).all()
+    cot = mx.random.normal((3, 5000))
+    grad = mx.grad(lambda w: (kernels.to_float32(w) * cot).sum())(w)
+    assert grad.dtype == mx.float16 and (np.array(grad) == np.array(cot.astype(mx.float16))).all()
 
 
 def test_gradients_of_the_matvecs_flow_to_x():
@@ -222,7 +236,11 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     with pytest.raises(ValueError):
         kernels.matvec(mx.zeros((1, 5)), mx.zeros((4, 6)))
     with pytest.raises(ValueError):
-        kernels.matvec(mx.zeros((1, 4), mx.float16), mx.zeros((4, 4), mx.float16))
+        kernels.matvec(mx.zeros((1, 4), mx.float16), mx.zeros((4, 4), mx.float16))  # x must be float32
+    with pytest.raises(ValueError):
+        kernels.matvecs(mx.zeros((1, 4)), [mx.zeros((4, 4)), mx.zeros((4, 4), mx.float16)])
+    with pytest.raises(ValueError):
+        kernels.to_float32(mx.zeros((4,)))
     wq, scales, biases = mx.quantize(mx.zeros((8, 64)), group_size=64, bits=4)
     with pytest.raises(ValueError):
         kernels.dequantize(wq, scales, biases, 32, 4)  # scales made for groups of 64

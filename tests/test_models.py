@@ -171,3 +171,20 @@ def test_big_freed_buffers_stay_for_reuse_on_the_cpu():
     mx.eval(a)
     del a
     assert mx.get_cache_memory() >= 64 * 2**20
+
+
+def test_float16_model_generates_from_its_float16_weights(tmp_path):
+    """For generation alone (lora.py --prompt), a float16 model keeps its linear weights
+    float16 on the CPU: half the memory, half the bytes a decoded token, and the logits
+    of the float32 computation, for a prompt and for decoding alike."""
+    make_checkpoint(tmp_path / "torch", "llama2", seed=2)
+    folder = convert_checkpoint(tmp_path / "torch", tmp_path / "mlx", dtype="float16")
+    widened, _, _ = models.load_model(folder)
+    kept, _, _ = models.load_model(folder, generation_only=True)
+    if models.cpu_kernels is not None and mx.default_device() == mx.cpu:
+        assert kept.layers[0].attention.wq.weight.dtype == kept.output.weight.dtype == mx.float16
+        assert kept.tok_embeddings.weight.dtype == mx.float32  # so every activation is float32
+    widened_cache, kept_cache = widened.make_cache(), kept.make_cache()
+    for tokens in (TOKENS[:1, :20], TOKENS[:1, 20:21]):  # a prompt, then one decoded token
+        ref = np.array(widened(mx.array(tokens), widened_cache))
+        np.testing.assert_allclose(np.array(kept(mx.array(tokens), kept_cache)), ref, atol=1e-4, rtol=1e-4)
