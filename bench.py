@@ -386,7 +386,7 @@ def bench_qa(args):
 
     from utils import read_jsonl
 
-    model, tokenizer, _ = models.load_model(args.model, adapter_file=args.adapter_file)
+    model, tokenizer, _ = models.load_model(args.model, adapter_file=args.adapter_file, generation_only=True)
     results = {"key": f"qa-{'adapted' if args.adapter_file else 'base'}", "model": args.model,
                "adapter_file": args.adapter_file}
     for split in ("train", "test"):
