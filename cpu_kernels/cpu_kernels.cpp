@@ -665,42 +665,51 @@ struct Strided4 {
 
 // out[b, n, t] = softmax_s(scale * q[b, n, t] . k[b, n / rep, s]) @ v[b, n / rep, s],
 // every query seeing all S keys (decoding: no mask); rep = N / K query heads share a
-// key-value head (grouped-query attention). q and out [B, N, T, H] are contiguous.
+// key-value head (grouped-query attention), and are taken together: each key and
+// value row is read once for all of them. q and out [B, N, T, H] are contiguous.
 void attention_rows(const float* q, Strided4 k, Strided4 v, float* out, int B, int N, int T, int K, int S,
                     int H, float scale) {
   const int rep = N / K;
-  auto one_query = [&](int64_t row, std::vector<float>& p_S, std::vector<float>& q_H) {
-    const int64_t b = row / (int64_t(N) * T), n = row / T % N, kv = n / rep;
-    for (int h = 0; h < H; h++) q_H[h] = scale * q[row * H + h];  // scaled first, as MLX does
-    const float* qr = q_H.data();
-    float* o = out + row * H;
+  // The rep queries of key-value head kv at position t: p_RS [rep, S], q_RH [rep, H]
+  auto one_group = [&](int64_t group, std::vector<float>& p_RS, std::vector<float>& q_RH) {
+    const int64_t b = group / (int64_t(K) * T), kv = group / T % K, t = group % T;
+    auto row = [&](int j) { return ((b * N + kv * rep + j) * T + t) * H; };  // of query head kv * rep + j
+    for (int j = 0; j < rep; j++)
+      for (int h = 0; h < H; h++) q_RH[j * H + h] = scale * q[row(j) + h];  // scaled first, as MLX does
     for (int s = 0; s < S; s++) {
       const float* kr = k.row(b, kv, s);
-      float dot = 0.0f;
+      for (int j = 0; j < rep; j++) {
+        const float* qj = q_RH.data() + j * H;
+        float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int h = 0; h < H; h++) dot += qr[h] * kr[h];
-      p_S[s] = dot;
+        for (int h = 0; h < H; h++) dot += qj[h] * kr[h];
+        p_RS[size_t(j) * S + s] = dot;
+      }
     }
-    const float top = row_max(p_S.data(), S);
-    row_scaled_exp(p_S.data(), 1.0f, top, 1.0f, p_S.data(), S);
-    float total = 0.0f;
-    for (int s = 0; s < S; s++) total += p_S[s];
-    std::fill(o, o + H, 0.0f);
+    for (int j = 0; j < rep; j++) {
+      float* p = p_RS.data() + size_t(j) * S;
+      const float top = row_max(p, S);
+      row_scaled_exp(p, 1.0f, top, 1.0f / row_sum_exp(p, 1.0f, top, S), p, S);
+      std::fill(out + row(j), out + row(j) + H, 0.0f);
+    }
     for (int s = 0; s < S; s++) {
-      const float p = p_S[s] / total;
       const float* vr = v.row(b, kv, s);
+      for (int j = 0; j < rep; j++) {
+        const float p = p_RS[size_t(j) * S + s];
+        float* o = out + row(j);
 #pragma omp simd
-      for (int h = 0; h < H; h++) o[h] += p * vr[h];
+        for (int h = 0; h < H; h++) o[h] += p * vr[h];
+      }
     }
   };
-  const int64_t rows = int64_t(B) * N * T;
-  auto some_queries = [&](int64_t first, int64_t end) {
-    std::vector<float> p_S(S), q_H(H);
-    for (int64_t row = first; row < end; row++) one_query(row, p_S, q_H);
+  const int64_t groups = int64_t(B) * K * T;
+  auto some_groups = [&](int64_t first, int64_t end) {
+    std::vector<float> p_RS(size_t(rep) * S), q_RH(size_t(rep) * H);
+    for (int64_t group = first; group < end; group++) one_group(group, p_RS, q_RH);
   };
   // Waking the other threads costs about as much as 64K multiply-adds.
-  if (rows * S * H < (int64_t(1) << 17)) some_queries(0, rows);
-  else parallel_for(rows, some_queries);
+  if (groups * rep * S * H < (int64_t(1) << 17)) some_groups(0, groups);
+  else parallel_for(groups, some_groups);
 }
 
 template <template <int> class Kernel, typename... Args>
