@@ -369,8 +369,9 @@ def main(argv=None):
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
         args.model = SHIPPED_MODEL
     print(f"Loading model {args.model}", file=sys.stderr)
+    generation_only = not (args.train or args.test)
     model, tokenizer, _ = models.load_model(args.model, compute_dtype=args.compute_dtype,
-                                            generation_only=not (args.train or args.test))
+                                            generation_only=generation_only)
 
     if args.train:
         data = {split: load_split(args.data, split, tokenizer, args.max_seq_length, args.mask_prompt)
@@ -384,6 +385,8 @@ def main(argv=None):
             return code
     elif os.path.exists(args.adapter_file):
         models.load_adapters(model, args.adapter_file)
+        if generation_only:
+            models.merge_adapters(model)
     elif args.adapter_file != build_parser().get_default("adapter_file"):
         raise UserError(f"{args.adapter_file}: adapter file not found")
     else:

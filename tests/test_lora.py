@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -85,6 +86,25 @@ def test_adapters_reload_from_file_alone_gives_same_logits(trained):
     by_hand.load_weights(str(adapter_file), strict=False)
     np.testing.assert_array_equal(np.array(adapted(tokens)), np.array(by_hand(tokens)))
     assert np.abs(np.array(adapted(tokens)) - np.array(base(tokens))).max() > 1e-3  # training moved it
+
+
+def test_adapters_merged_for_generation_give_the_same_logits(trained):
+    """Generation alone (lora.py --prompt) folds the adapters into float bases, one
+    product a layer: the adapted model's logits, for a prompt and for decoding; a
+    quantized base keeps its adapters (folding would requantize it)."""
+    model_dir, _, adapter_file, _ = trained
+    adapted, _, _ = models.load_model(model_dir, adapter_file=str(adapter_file))
+    merged, _, _ = models.load_model(model_dir, adapter_file=str(adapter_file), generation_only=True)
+    assert not any(isinstance(m, models.LoRALinear) for _, m in merged.named_modules())
+    adapted_cache, merged_cache = adapted.make_cache(), merged.make_cache()
+    for tokens in ([[1, 20, 30, 40, 50, 60]], [[7]]):
+        ref = np.array(adapted(mx.array(tokens), adapted_cache))
+        np.testing.assert_allclose(np.array(merged(mx.array(tokens), merged_cache)), ref, atol=1e-5, rtol=1e-5)
+    qlora, _, _ = models.load_model(model_dir)
+    nn.quantize(qlora, 32, 4)
+    models.apply_lora(qlora, 2)  # wq and wv of 2 layers
+    models.merge_adapters(qlora)
+    assert sum(isinstance(m, models.LoRALinear) for _, m in qlora.named_modules()) == 4
 
 
 def test_test_split_reports_finite_loss_and_perplexity(trained):
