@@ -284,13 +284,15 @@ def attention_mask(T, offset, window):
     """Mask for T queries at positions offset.. over the keys KVCache.update returns.
 
     A query at position i sees keys i-W+1 .. i (all keys up to i without a window).
-    Returns None when every query sees every key, "causal" for the plain
-    square case (MLX's fused kernel), else a boolean (T, S) array.
+    Returns None when every query sees every key; "causal" when the keys are all
+    positions up to the last query's, none out of the window (MLX's causal mask takes
+    the queries as the last T of the S keys: a prompt, or its continuation after
+    earlier tokens); else a boolean (T, S) array.
     """
     start = 0 if window is None else max(0, offset - window + 1)
     if T == 1:
         return None
-    if offset == 0 and (window is None or window >= T):
+    if window is None or offset + T <= window:
         return "causal"
     q_T1 = mx.arange(offset, offset + T)[:, None]
     k_1S = mx.arange(start, offset + T)[None]
