@@ -110,7 +110,7 @@ class Linear(nn.Linear):
         if "bias" not in self and _matvec_applies(x, [self.weight]):
             return cpu_kernels.matvec(x, self.weight)
         if "bias" not in self and self.weight.dtype == mx.float16 and _cpu_kernel_applies(x):
-            return x @ cpu_kernels.to_float32(self.weight).T  # a prompt, weights kept float16 for decoding
+            return _widened_matmul()(x, self.weight)  # many rows: a prompt, a training step
         return super().__call__(x)
 
     def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
@@ -160,25 +160,40 @@ def swiglu(a, b):
     return nn.silu(a) * b
 
 
-@functools.lru_cache(maxsize=None)
-def _dequantized_matmul(group_size, bits):
-    """x @ dequantize(w).T whose backward dequantizes again instead of keeping the
-    float32 weight alive from forward to backward: only the layer at work is ever
-    dense, so QLoRA keeps its memory saving."""
+def _frozen_matmul(dense):
+    """x @ dense(*stored).T whose backward calls `dense` again instead of keeping the
+    float32 weight alive from forward to backward, so that a quantized or float16
+    base keeps its memory saving. The stored arrays are a frozen base (LoRA's): they
+    take no gradient.
 
-    def dense(w, scales, biases):
-        return cpu_kernels.dequantize(w, scales, biases, group_size, bits)
+    Each dense weight is made to depend on the activation it multiplies: otherwise,
+    depending on leaves alone, MLX may compute them all first and hold every layer
+    dense at once (a QLoRA step of the medium model at batch 1 x 32 peaked at 0.61 GB
+    for 0.10 GB of weights)."""
+
+    def dense_after(activation, stored):
+        return dense(*mx.depends(list(stored), [activation]))
 
     @mx.custom_function
-    def matmul(x, w, scales, biases):
-        return x @ dense(w, scales, biases).T
+    def matmul(x, *stored):
+        return x @ dense_after(x, stored).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
-        x, w, scales, biases = primals
-        return cotangent @ dense(w, scales, biases), mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+        x, *stored = primals
+        return (cotangent @ dense_after(cotangent, stored), *map(mx.zeros_like, stored))
 
     return matmul
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantized_matmul(group_size, bits):
+    return _frozen_matmul(lambda w, scales, biases: cpu_kernels.dequantize(w, scales, biases, group_size, bits))
+
+
+@functools.lru_cache(maxsize=None)
+def _widened_matmul():
+    return _frozen_matmul(lambda w: cpu_kernels.to_float32(w))
 
 
 # ----------------------------------------------------------------------------- decoding kernels
