@@ -153,6 +153,12 @@ void parallel_for(int64_t n, const Body& body) {
 // ones: below).
 constexpr int PREFETCH_AHEAD = 8192;  // bytes
 
+// Weight rows a matvec takes at once: that many independent streams and accumulators
+// (2 or 8 measured no faster).
+constexpr int BLOCK_ROWS = 4;
+
+int64_t row_blocks(int64_t N) { return (N + BLOCK_ROWS - 1) / BLOCK_ROWS; }
+
 inline void prefetch_ahead(const void* at) {
   __builtin_prefetch(static_cast<const char*>(at) + PREFETCH_AHEAD, 0, 3);  // read, keep in every cache level
 }
@@ -163,24 +169,26 @@ inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
 inline __m512 load16(const mx::float16_t* w) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)w)); }
 #endif
 
-// y[m, n0..n0+3] = sum_k x[m, k] * w[n, k] for the block of four weight rows from n0,
-// for a few rows m: four independent streams and accumulators, each weight read once.
-// W: float, or float16 (decoding a float16 model reads half the bytes).
+// y[m, n0..n0+3] = sum_k x[m, k] * w[n, k] for the block of BLOCK_ROWS weight rows
+// from n0 (fewer at the end: the last row stands in for the missing ones), for a few
+// rows m, each weight read once. W: float, or float16 (decoding a float16 model
+// reads half the bytes).
 template <typename W>
 void matvec_block(const float* x, const W* w, float* y, int M, int N, int K, int n0) {
-  const int rows = std::min(4, N - n0);
-  const W* wn[4];
-  for (int r = 0; r < 4; r++) wn[r] = w + size_t(n0 + std::min(r, rows - 1)) * K;
+  static_assert(BLOCK_ROWS == 4, "four accumulators below");
+  const int rows = std::min(BLOCK_ROWS, N - n0);
+  const W* wn[BLOCK_ROWS];
+  for (int r = 0; r < BLOCK_ROWS; r++) wn[r] = w + size_t(n0 + std::min(r, rows - 1)) * K;
   for (int m = 0; m < M; m++) {
     const float* xm = x + size_t(m) * K;
-    float acc[4];
+    float acc[BLOCK_ROWS];
     int k = 0;
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; k + 16 <= K; k += 16) {
       const __m512 xv = _mm512_loadu_ps(xm + k);
       if (m == 0 && k * sizeof(W) % 64 == 0)  // once per cache line
-        for (int r = 0; r < 4; r++) prefetch_ahead(wn[r] + k);
+        for (int r = 0; r < BLOCK_ROWS; r++) prefetch_ahead(wn[r] + k);
       a0 = _mm512_fmadd_ps(load16(wn[0] + k), xv, a0);
       a1 = _mm512_fmadd_ps(load16(wn[1] + k), xv, a1);
       a2 = _mm512_fmadd_ps(load16(wn[2] + k), xv, a2);
@@ -192,7 +200,7 @@ void matvec_block(const float* x, const W* w, float* y, int M, int N, int K, int
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
 #endif
     for (; k < K; k++)
-      for (int r = 0; r < 4; r++) acc[r] += xm[k] * float(wn[r][k]);
+      for (int r = 0; r < BLOCK_ROWS; r++) acc[r] += xm[k] * float(wn[r][k]);
     for (int r = 0; r < rows; r++) y[size_t(m) * N + n0 + r] = acc[r];
   }
 }
@@ -205,12 +213,12 @@ template <typename W>
 void matvec_rows(const float* x, const std::vector<const W*>& w, const std::vector<float*>& y,
                  const std::vector<int>& N, int M, int K) {
   std::vector<int64_t> first_block(w.size() + 1, 0);  // of each weight, in the joint count
-  for (size_t i = 0; i < w.size(); i++) first_block[i + 1] = first_block[i] + (N[i] + 3) / 4;
+  for (size_t i = 0; i < w.size(); i++) first_block[i + 1] = first_block[i] + row_blocks(N[i]);
   parallel_for(first_block.back(), [&](int64_t first, int64_t end) {
     size_t i = std::upper_bound(first_block.begin(), first_block.end(), first) - first_block.begin() - 1;
     for (int64_t blk = first; blk < end; blk++) {
       while (blk >= first_block[i + 1]) i++;
-      matvec_block(x, w[i], y[i], M, N[i], K, int(blk - first_block[i]) * 4);
+      matvec_block(x, w[i], y[i], M, N[i], K, int(blk - first_block[i]) * BLOCK_ROWS);
     }
   });
 }
@@ -247,16 +255,22 @@ inline void byte_values32(const uint8_t* qn, int k, __m512& q0, __m512& q1) {
   }
 }
 
-// R weight rows from n against every row of x: R streams of weights at once and 2R
-// independent multiply-add chains (one chain per row waited on the 4-cycle latency of
-// each multiply-add), and each stream asked for PREFETCH_AHEAD. Per token of the 150M
-// model, in-process A/B: the 8-bit matvecs 6.5 -> 5.4 ms, the 4-bit 8-9 -> 5.3 ms.
-template <int BITS, int R>
+// The block of BLOCK_ROWS weight rows from n0 (fewer at the end, as in matvec_block)
+// against every row of x, with two independent multiply-add chains a row (one waited
+// on the 4-cycle latency of each multiply-add), each stream asked for PREFETCH_AHEAD. Per token of the 150M model, in-process A/B: the
+// 8-bit matvecs 6.5 -> 5.4 ms, the 4-bit 8-9 -> 5.3 ms.
+template <int BITS>
 void byte_quantized_block(const float* xs, const uint32_t* wq, const float* scales, const float* biases,
-                          const float* xsum, float* y, int M, int N, int K, int group_size, int64_t n) {
-  const int groups = K / group_size;
-  const uint8_t* qn[R];
-  for (int r = 0; r < R; r++) qn[r] = reinterpret_cast<const uint8_t*>(wq) + size_t(n + r) * K * BITS / 8;
+                          const float* xsum, float* y, int M, int N, int K, int group_size, int64_t n0) {
+  constexpr int R = BLOCK_ROWS;
+  const int groups = K / group_size, rows = std::min<int64_t>(R, N - n0);
+  const uint8_t* qn[R];  // row n0 + r's bytes and scales; the last row stands in for missing ones
+  const float* sn[R];
+  for (int r = 0; r < R; r++) {
+    const size_t n = n0 + std::min(r, rows - 1);
+    qn[r] = reinterpret_cast<const uint8_t*>(wq) + n * K * BITS / 8;
+    sn[r] = scales + n * groups;
+  }
   for (int m = 0; m < M; m++) {
     const float* xm = xs + size_t(m) * K;
     __m512 acc[R];
@@ -277,13 +291,13 @@ void byte_quantized_block(const float* xs, const uint32_t* wq, const float* scal
       }
       for (int r = 0; r < R; r++)
         acc[r] = _mm512_fmadd_ps(_mm512_add_ps(part[r][0], part[r][1]),
-                                 _mm512_set1_ps(scales[size_t(n + r) * groups + g]), acc[r]);
+                                 _mm512_set1_ps(sn[r][g]), acc[r]);
     }
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < rows; r++) {
       float out = _mm512_reduce_add_ps(acc[r]);
-      const float* bn = biases + size_t(n + r) * groups;
+      const float* bn = biases + size_t(n0 + r) * groups;
       for (int g = 0; g < groups; g++) out += bn[g] * xsum[size_t(m) * groups + g];
-      y[size_t(m) * N + n + r] = out;
+      y[size_t(m) * N + n0 + r] = out;
     }
   }
 }
@@ -294,19 +308,15 @@ template <int BITS>
 void byte_quantized_matvec_rows(
     const float* x, const uint32_t* wq, const float* scales, const float* biases,
     float* y, int M, int N, int K, int group_size) {
-  constexpr int R = 4;
   const std::vector<float> xsum = group_sums(x, M, K, group_size);
   std::vector<float> xs(x, x + size_t(M) * K);  // 4 bits: per 32 values, the even then the odd
   if (BITS == 4)
     for (size_t c = 0; c < xs.size(); c += 32)
       for (int l = 0; l < 16; l++) xs[c + l] = x[c + 2 * l], xs[c + 16 + l] = x[c + 2 * l + 1];
-  const int64_t blocks = N / R;
-  parallel_for(blocks, [&](int64_t first, int64_t end) {
+  parallel_for(row_blocks(N), [&](int64_t first, int64_t end) {
     for (int64_t b = first; b < end; b++)
-      byte_quantized_block<BITS, R>(xs.data(), wq, scales, biases, xsum.data(), y, M, N, K, group_size, b * R);
+      byte_quantized_block<BITS>(xs.data(), wq, scales, biases, xsum.data(), y, M, N, K, group_size, b * BLOCK_ROWS);
   });
-  for (int64_t n = blocks * R; n < N; n++)
-    byte_quantized_block<BITS, 1>(xs.data(), wq, scales, biases, xsum.data(), y, M, N, K, group_size, n);
 }
 #endif
 
@@ -461,6 +471,12 @@ void row_scaled_exp(const float* x, float alpha, float shift, float scale, float
 }
 #endif
 
+// out = softmax(alpha * x) over n values (alpha > 0); out may be x
+void row_softmax(const float* x, float alpha, float* out, int n) {
+  const float shift = alpha * row_max(x, n);
+  row_scaled_exp(x, alpha, shift, 1.0f / row_sum_exp(x, alpha, shift, n), out, n);
+}
+
 // loss[m] = logsumexp(logits[m]) - logits[m, target[m]]; NaN for a target outside [0, V).
 void cross_entropy_rows(const float* logits, const int32_t* targets, float* loss, int M, int V) {
   parallel_for(M, [&](int64_t first, int64_t end) {
@@ -572,8 +588,7 @@ void causal_softmax_rows(const float* x, float* p, int64_t rows, int T, int S, f
       const float* xr = x + size_t(r) * S;
       float* pr = p + size_t(r) * S;
       const int seen = int(r % T) + S - T + 1;
-      const float shift = alpha * row_max(xr, seen);
-      row_scaled_exp(xr, alpha, shift, 1.0f / row_sum_exp(xr, alpha, shift, seen), pr, seen);
+      row_softmax(xr, alpha, pr, seen);
       std::fill(pr + seen, pr + S, 0.0f);
     }
   });
@@ -687,9 +702,7 @@ void attention_rows(const float* q, Strided4 k, Strided4 v, float* out, int B, i
       }
     }
     for (int j = 0; j < rep; j++) {
-      float* p = p_RS.data() + size_t(j) * S;
-      const float top = row_max(p, S);
-      row_scaled_exp(p, 1.0f, top, 1.0f / row_sum_exp(p, 1.0f, top, S), p, S);
+      row_softmax(p_RS.data() + size_t(j) * S, 1.0f, p_RS.data() + size_t(j) * S, S);
       std::fill(out + row(j), out + row(j) + H, 0.0f);
     }
     for (int s = 0; s < S; s++) {
