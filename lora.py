@@ -361,6 +361,17 @@ def generate(model, tokenizer, args):
 
 # ----------------------------------------------------------------------------- main
 
+def adapters_to_apply(adapter_file):
+    """The adapter file --test and --prompt apply, or None for the base model: the
+    default file may be missing, a file named explicitly may not."""
+    if os.path.exists(adapter_file):
+        return adapter_file
+    if adapter_file != build_parser().get_default("adapter_file"):
+        raise UserError(f"{adapter_file}: adapter file not found")
+    print(f"note: no {adapter_file}; using the base model without adapters", file=sys.stderr)
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not (args.train or args.test or args.prompt is not None):
@@ -368,10 +379,10 @@ def main(argv=None):
     mx.random.seed(args.seed)
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
         args.model = SHIPPED_MODEL
+    adapter_file = None if args.train else adapters_to_apply(args.adapter_file)
     print(f"Loading model {args.model}", file=sys.stderr)
-    generation_only = not (args.train or args.test)
-    model, tokenizer, _ = models.load_model(args.model, compute_dtype=args.compute_dtype,
-                                            generation_only=generation_only)
+    model, tokenizer, _ = models.load_model(args.model, adapter_file, args.compute_dtype,
+                                            generation_only=not (args.train or args.test))
 
     if args.train:
         data = {split: load_split(args.data, split, tokenizer, args.max_seq_length, args.mask_prompt)
@@ -383,14 +394,6 @@ def main(argv=None):
         code = run_training(model, data, args)
         if code:
             return code
-    elif os.path.exists(args.adapter_file):
-        models.load_adapters(model, args.adapter_file)
-        if generation_only:
-            models.merge_adapters(model)
-    elif args.adapter_file != build_parser().get_default("adapter_file"):
-        raise UserError(f"{args.adapter_file}: adapter file not found")
-    else:
-        print(f"note: no {args.adapter_file}; using the base model without adapters", file=sys.stderr)
 
     if args.test:
         test_set = load_split(args.data, "test", tokenizer, args.max_seq_length, args.mask_prompt)

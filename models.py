@@ -110,7 +110,7 @@ class Linear(nn.Linear):
         if "bias" not in self and _matvec_applies(x, [self.weight]):
             return cpu_kernels.matvec(x, self.weight)
         if "bias" not in self and self.weight.dtype == mx.float16 and _cpu_kernel_applies(x):
-            return _widened_matmul()(x, self.weight)  # many rows: a prompt, a training step
+            return _widened_matmul(x, self.weight)  # many rows: a prompt
         return super().__call__(x)
 
     def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
@@ -191,9 +191,7 @@ def _dequantized_matmul(group_size, bits):
     return _frozen_matmul(lambda w, scales, biases: cpu_kernels.dequantize(w, scales, biases, group_size, bits))
 
 
-@functools.lru_cache(maxsize=None)
-def _widened_matmul():
-    return _frozen_matmul(lambda w: cpu_kernels.to_float32(w))
+_widened_matmul = _frozen_matmul(lambda w: cpu_kernels.to_float32(w))
 
 
 # ----------------------------------------------------------------------------- decoding kernels

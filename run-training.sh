@@ -11,7 +11,7 @@
 #   LORA_RANK      rank of the LoRA matrices                    [16]
 #   LORA_TARGETS   linears to adapt                             [all]
 #   LEARNING_RATE  Adam learning rate                           [1e-3]
-# The defaults suit the small shipped model (about 5 minutes on a 2-core CPU); for a 7B model
+# The defaults suit the small shipped model (about 4 minutes on a 2-core CPU); for a 7B model
 # use the example's LEARNING_RATE=1e-5 and LORA_TARGETS=wq,wv.
 #   PYTHON         interpreter                                  [python3]
 # Extra arguments go to lora.py and win over the variables, e.g.
