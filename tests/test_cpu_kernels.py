@@ -264,11 +264,15 @@ ARGS = models.ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=3
                         vocab_size=320, norm_eps=1e-5)
 
 
-def random_model(bits=None):
+def random_model(weights="float32"):
+    """float32, 4 or 8 (bits), or float16: stored so, kept so for generation (set_compute_dtype)."""
     mx.random.seed(3)
     model = models.Model(ARGS)
-    if bits:
-        nn.quantize(model, 64, bits)
+    if weights in (4, 8):
+        nn.quantize(model, 64, weights)
+    elif weights == "float16":
+        models.cast_floats(model, mx.float16)
+        models.set_compute_dtype(model, generation_only=True)
     mx.eval(model.parameters())
     return model
 
@@ -298,11 +302,11 @@ def plain_mlx(monkeypatch):
     return off
 
 
-@pytest.mark.parametrize("bits", [None, 4, 8])
-def test_model_logits_with_and_without_kernels(bits, kernel_calls, plain_mlx):
+@pytest.mark.parametrize("weights", ["float32", "float16", 4, 8])
+def test_model_logits_with_and_without_kernels(weights, kernel_calls, plain_mlx):
     """Prompt (many rows) and decoding (one row) both take the kernel paths; the norm,
     RoPE and attention kernels serve decoding only, the causal softmax the prompt."""
-    model = random_model(bits)
+    model = random_model(weights)
     tokens = mx.array([[1, 5, 9, 200, 17, 3, 44, 12, 8, 60, 2, 7, 90, 31, 5, 6, 77, 19]])  # 18 > MATVEC_ROWS
 
     def run():
@@ -311,10 +315,12 @@ def test_model_logits_with_and_without_kernels(bits, kernel_calls, plain_mlx):
 
     with_kernels = run()
     n_linear = 7 * ARGS.n_layers + 1
-    if bits:  # prompt: dequantize into BLAS; decoding: quantized matvec
+    if weights in (4, 8):  # prompt: dequantize into BLAS; decoding: quantized matvec
         assert kernel_calls["dequantize"] == kernel_calls["quantized_matvec"] == n_linear
-    else:  # prompt: MLX's matmul; decoding: matvecs for q, k, v and w1, w3, matvec for the rest
+    else:  # decoding: matvecs for q, k, v and w1, w3, matvec for the rest
         assert kernel_calls["matvecs"] == 2 * ARGS.n_layers and kernel_calls["matvec"] == n_linear - 5 * ARGS.n_layers
+        # prompt: MLX's matmul, float16 weights widened first
+        assert kernel_calls["to_float32"] == (n_linear if weights == "float16" else 0)
     assert kernel_calls["swiglu"] == 2 * ARGS.n_layers
     # decoding only: norms (two a layer and the last), RoPE of queries and keys, attention
     assert kernel_calls["rms_norm"] == 2 * ARGS.n_layers + 1
@@ -328,7 +334,7 @@ def test_model_logits_with_and_without_kernels(bits, kernel_calls, plain_mlx):
 def test_qlora_gradients_with_and_without_kernels(kernel_calls, plain_mlx):
     """QLoRA's dequantize-into-BLAS path trains the same adapters as MLX's quantized matmul."""
     def grads():
-        model = random_model(bits=4)
+        model = random_model(4)
         models.apply_lora(model, 2, models.parse_targets("all"))
         model.update(tree_map(lambda p: p + 0.01, model.trainable_parameters()))  # B != 0
         tokens = mx.random.randint(0, 320, (2, 17), key=mx.random.key(0))
