@@ -703,13 +703,7 @@ void attention_rows(const float* q, Strided4 k, Strided4 v, float* out, int B, i
       for (int h = 0; h < H; h++) q_RH[j * H + h] = scale * q[row(j) + h];  // scaled first, as MLX does
     for (int s = 0; s < S; s++) {
       const float* kr = k.row(b, kv, s);
-      for (int j = 0; j < rep; j++) {
-        const float* qj = q_RH.data() + j * H;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int h = 0; h < H; h++) dot += qj[h] * kr[h];
-        p_RS[size_t(j) * S + s] = dot;
-      }
+      for (int j = 0; j < rep; j++) p_RS[size_t(j) * S + s] = dot<false>(q_RH.data() + j * H, kr, H);
     }
     for (int j = 0; j < rep; j++) {
       row_softmax(p_RS.data() + size_t(j) * S, 1.0f, p_RS.data() + size_t(j) * S, S);
