@@ -4,7 +4,7 @@
     python bench.py machine          numpy float32 matmul GFLOP/s, memory copy bandwidth
     python bench.py convert [--size 7b|medium] [--dir /tmp] [--dtype float16] [-q]
     python bench.py train [--size tiny|medium] [--qlora]
-    python bench.py generate [--size medium] [--kinds float32,float16,8-bit,4-bit]
+    python bench.py generate [--size medium] [--kinds float32,float16,8-bit,4-bit] [--samples 16]
     python bench.py qa --model base_model [--adapter-file adapters/adapters.npz]
 
 MLX_LORA_CPU_KERNELS=0 in the environment measures plain MLX, without cpu_kernels/.
@@ -241,6 +241,7 @@ def add_train_args(p):
 
 def copy_bandwidth_GBs():
     """numpy copy of 512 MiB, counted as STREAM does: bytes read plus bytes written."""
+    import mlx.core as mx
     import numpy as np
 
     src = np.ones(2**27, np.float32)
@@ -319,6 +320,32 @@ def weight_bytes_per_token(model):
     return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if not k.startswith("tok_embeddings"))
 
 
+def decode_beside_bandwidth(tokens, n_tokens, samples, weight_bytes):
+    """Decode n_tokens in `samples` parts, each after one timed 512 MiB copy and one read,
+    so that the bound and the decoding see the same moments of this machine, whose
+    bandwidth drifts by 10-30 % within seconds. Returns the decode tokens/s and the mean
+    copy and read bandwidth (GB/s) over those moments."""
+    import mlx.core as mx
+    import numpy as np
+
+    src = np.ones(2**27, np.float32)
+    dst = src.copy()  # its pages faulted in before any copy is timed
+    copy_s = read_s = decode_s = 0.0
+    for part in range(samples):
+        tic = time.perf_counter()
+        np.copyto(dst, src)
+        copy_s += time.perf_counter() - tic
+        tic = time.perf_counter()
+        src.dot(src)
+        read_s += time.perf_counter() - tic
+        tic = time.perf_counter()
+        for _ in range(n_tokens * (part + 1) // samples - n_tokens * part // samples):
+            next(tokens)
+        mx.synchronize()  # the step queued behind the last token is this part's, not the copy's
+        decode_s += time.perf_counter() - tic
+    return n_tokens / decode_s, 2 * src.nbytes * samples / copy_s / 1e9, src.nbytes * samples / read_s / 1e9
+
+
 def bench_generate(args):
     """Prompt and decode tokens/s per weight kind, beside the memory-bandwidth bound."""
     import mlx.core as mx
@@ -326,9 +353,10 @@ def bench_generate(args):
     import lora
     import models
 
+    if min(args.decode_tokens, args.samples, args.prompt_len) < 1:
+        raise UserError("--decode-tokens, --samples and --prompt-len must be at least 1")
     results = {"key": f"generate-{args.size}", "size": args.size, "prompt_tokens": args.prompt_len,
                "cpu_kernels": models.cpu_kernels is not None}
-    # Copy and read bandwidth (GB/s) are measured around every decode: this machine's drift 10-30 %.
     best_copy = best_read = 0.0
     for kind in args.kinds.split(","):
         dtype, bits = WEIGHT_KINDS[kind]
@@ -341,19 +369,13 @@ def bench_generate(args):
         prompt_s = best_time(process_prompt, repeats=2)
         tokens = lora.generate_tokens(model, prompt, temp=0.0)
         next(tokens)  # the first token comes with the prompt
-        before = copy_bandwidth_GBs(), read_bandwidth_GBs()
-        tic = time.perf_counter()
-        for _ in range(args.decode_tokens):
-            next(tokens)
-        decode_tps = args.decode_tokens / (time.perf_counter() - tic)
-        after = copy_bandwidth_GBs(), read_bandwidth_GBs()
-        bandwidth, read_bw = map(max, before, after)  # the machine's best around this decode
-        best_copy, best_read = max(best_copy, bandwidth), max(best_read, read_bw)
         weight_bytes = weight_bytes_per_token(model)
-        bound_tps, read_bound_tps = bandwidth * 1e9 / weight_bytes, read_bw * 1e9 / weight_bytes
+        decode_tps, copy_bw, read_bw = decode_beside_bandwidth(tokens, args.decode_tokens, args.samples, weight_bytes)
+        best_copy, best_read = max(best_copy, copy_bw), max(best_read, read_bw)
+        bound_tps, read_bound_tps = copy_bw * 1e9 / weight_bytes, read_bw * 1e9 / weight_bytes
         results[f"{kind}_prompt_tokens_per_s"] = round(args.prompt_len / prompt_s, 1)
         results[f"{kind}_decode_tokens_per_s"] = round(decode_tps, 1)
-        results[f"{kind}_copy_bandwidth_GBs"] = round(bandwidth, 1)
+        results[f"{kind}_copy_bandwidth_GBs"] = round(copy_bw, 1)
         results[f"{kind}_bandwidth_bound_tokens_per_s"] = round(bound_tps, 1)
         results[f"{kind}_decode_of_bound"] = f"{decode_tps / bound_tps:.0%}"
         results[f"{kind}_decode_of_read_bound"] = f"{decode_tps / read_bound_tps:.0%}"
@@ -367,6 +389,8 @@ def add_generate_args(p):
     p.add_argument("--kinds", default=",".join(WEIGHT_KINDS), help="Weight kinds, comma-separated.")
     p.add_argument("--prompt-len", type=int, default=128, help="Prompt tokens.")
     p.add_argument("--decode-tokens", type=int, default=64, help="Decoded tokens timed.")
+    p.add_argument("--samples", type=int, default=16,
+                   help="Parts the decoding is timed in, each after a timed copy and read of 512 MiB.")
 
 
 # ----------------------------------------------------------------------------- qa
