@@ -239,27 +239,31 @@ def add_train_args(p):
 
 # ----------------------------------------------------------------------------- machine
 
-def copy_bandwidth_GBs():
-    """numpy copy of 512 MiB, counted as STREAM does: bytes read plus bytes written."""
-    import mlx.core as mx
+def memory_probes():
+    """Two ways of moving 512 MiB, each returning the bytes it counts: a numpy copy,
+    counted as STREAM does (bytes read plus bytes written), and numpy's dot of the array
+    with itself (its BLAS, every core), bytes read only. Decoding only reads weights,
+    and reading alone runs slower here than a copy counted as STREAM does: the read is
+    the ceiling a decoding step can reach."""
     import numpy as np
 
     src = np.ones(2**27, np.float32)
-    dst = np.empty_like(src)
-    seconds = best_time(lambda: np.copyto(dst, src))
-    return 2 * src.nbytes / seconds / 1e9
+    dst = src.copy()  # its pages faulted in before any copy is timed
+
+    def copy():
+        np.copyto(dst, src)
+        return 2 * src.nbytes
+
+    def read():
+        src.dot(src)
+        return src.nbytes
+
+    return copy, read
 
 
-def read_bandwidth_GBs():
-    """numpy's dot of 512 MiB with itself (its BLAS, every core): bytes read only.
-
-    Decoding only reads weights, and reading alone runs slower here than a copy
-    counted as STREAM does; this is the ceiling a decoding step can reach.
-    """
-    import numpy as np
-
-    a = np.ones(2**27, np.float32)
-    return a.nbytes / best_time(lambda: a.dot(a)) / 1e9
+def best_GBs(probe):
+    """A probe's GB/s at its best of five (after a first run)."""
+    return probe() / best_time(probe) / 1e9
 
 
 def numpy_matmul_GFLOPs(n=2048):
@@ -281,9 +285,9 @@ def best_time(fn, repeats=5):
 
 def bench_machine(args):
     """This machine's own ceilings: numpy (its own BLAS) float32 matmul, memory bandwidth."""
+    copy, read = memory_probes()
     return {"key": "machine", "numpy_matmul_GFLOPs": round(numpy_matmul_GFLOPs(), 1),
-            "copy_bandwidth_GBs": round(copy_bandwidth_GBs(), 1),
-            "read_bandwidth_GBs": round(read_bandwidth_GBs(), 1)}
+            "copy_bandwidth_GBs": round(best_GBs(copy), 1), "read_bandwidth_GBs": round(best_GBs(read), 1)}
 
 
 # ----------------------------------------------------------------------------- generate
@@ -320,30 +324,27 @@ def weight_bytes_per_token(model):
     return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if not k.startswith("tok_embeddings"))
 
 
-def decode_beside_bandwidth(tokens, n_tokens, samples, weight_bytes):
-    """Decode n_tokens in `samples` parts, each after one timed 512 MiB copy and one read,
-    so that the bound and the decoding see the same moments of this machine, whose
-    bandwidth drifts by 10-30 % within seconds. Returns the decode tokens/s and the mean
-    copy and read bandwidth (GB/s) over those moments."""
+def decode_beside_bandwidth(tokens, n_tokens, samples):
+    """Decode n_tokens in `samples` parts, each after one timed copy and one read of
+    memory_probes, so that the bound and the decoding see the same moments of this
+    machine, whose bandwidth drifts by 10-30 % within seconds. Returns the decode
+    tokens/s and the mean copy and read bandwidth (GB/s) over those moments."""
     import mlx.core as mx
-    import numpy as np
 
-    src = np.ones(2**27, np.float32)
-    dst = src.copy()  # its pages faulted in before any copy is timed
-    copy_s = read_s = decode_s = 0.0
+    probes = memory_probes()
+    probe_bytes, probe_s, decode_s = [0, 0], [0.0, 0.0], 0.0
     for part in range(samples):
-        tic = time.perf_counter()
-        np.copyto(dst, src)
-        copy_s += time.perf_counter() - tic
-        tic = time.perf_counter()
-        src.dot(src)
-        read_s += time.perf_counter() - tic
+        for i, probe in enumerate(probes):
+            tic = time.perf_counter()
+            probe_bytes[i] += probe()
+            probe_s[i] += time.perf_counter() - tic
         tic = time.perf_counter()
         for _ in range(n_tokens * (part + 1) // samples - n_tokens * part // samples):
             next(tokens)
         mx.synchronize()  # the step queued behind the last token is this part's, not the copy's
         decode_s += time.perf_counter() - tic
-    return n_tokens / decode_s, 2 * src.nbytes * samples / copy_s / 1e9, src.nbytes * samples / read_s / 1e9
+    copy_bw, read_bw = (n / seconds / 1e9 for n, seconds in zip(probe_bytes, probe_s))
+    return n_tokens / decode_s, copy_bw, read_bw
 
 
 def bench_generate(args):
@@ -357,7 +358,6 @@ def bench_generate(args):
         raise UserError("--decode-tokens, --samples and --prompt-len must be at least 1")
     results = {"key": f"generate-{args.size}", "size": args.size, "prompt_tokens": args.prompt_len,
                "cpu_kernels": models.cpu_kernels is not None}
-    best_copy = best_read = 0.0
     for kind in args.kinds.split(","):
         dtype, bits = WEIGHT_KINDS[kind]
         model = random_model(args.size, bits, dtype, generation_only=True)  # as lora.py --prompt
@@ -370,17 +370,16 @@ def bench_generate(args):
         tokens = lora.generate_tokens(model, prompt, temp=0.0)
         next(tokens)  # the first token comes with the prompt
         weight_bytes = weight_bytes_per_token(model)
-        decode_tps, copy_bw, read_bw = decode_beside_bandwidth(tokens, args.decode_tokens, args.samples, weight_bytes)
-        best_copy, best_read = max(best_copy, copy_bw), max(best_read, read_bw)
+        decode_tps, copy_bw, read_bw = decode_beside_bandwidth(tokens, args.decode_tokens, args.samples)
         bound_tps, read_bound_tps = copy_bw * 1e9 / weight_bytes, read_bw * 1e9 / weight_bytes
         results[f"{kind}_prompt_tokens_per_s"] = round(args.prompt_len / prompt_s, 1)
         results[f"{kind}_decode_tokens_per_s"] = round(decode_tps, 1)
         results[f"{kind}_copy_bandwidth_GBs"] = round(copy_bw, 1)
+        results[f"{kind}_read_bandwidth_GBs"] = round(read_bw, 1)
         results[f"{kind}_bandwidth_bound_tokens_per_s"] = round(bound_tps, 1)
         results[f"{kind}_decode_of_bound"] = f"{decode_tps / bound_tps:.0%}"
         results[f"{kind}_decode_of_read_bound"] = f"{decode_tps / read_bound_tps:.0%}"
         del model, tokens
-    results["copy_bandwidth_GBs"], results["read_bandwidth_GBs"] = round(best_copy, 1), round(best_read, 1)
     return results
 
 
