@@ -91,11 +91,15 @@ def _rows(x):
     return x.size // x.shape[-1]
 
 
+def _few_rows_on_cpu(x, *float_arrays):
+    return _rows(x) <= MATVEC_ROWS and _cpu_kernel_applies(x, *float_arrays)
+
+
 def _matvec_applies(x, weights):
     """A few rows of float32 x against float32 weights, or float16 ones (a float16 model
     generating on the CPU keeps its weights as stored: half the bytes a token)."""
-    return (_rows(x) <= MATVEC_ROWS and _cpu_kernel_applies(x)
-            and weights[0].dtype in (mx.float32, mx.float16) and all(w.dtype == weights[0].dtype for w in weights))
+    return (_few_rows_on_cpu(x) and weights[0].dtype in (mx.float32, mx.float16)
+            and all(w.dtype == weights[0].dtype for w in weights))
 
 
 class Linear(nn.Linear):
@@ -199,7 +203,7 @@ _widened_matmul = _frozen_matmul(lambda w: cpu_kernels.to_float32(w))
 # operations; for the few rows of decoding the compiled kernels do each in one pass.
 
 def rms_norm(x, weight, eps):
-    if _rows(x) <= MATVEC_ROWS and _cpu_kernel_applies(x, weight):
+    if _few_rows_on_cpu(x, weight):
         return cpu_kernels.rms_norm(x, weight, eps)
     return mx.fast.rms_norm(x, weight, eps)
 
