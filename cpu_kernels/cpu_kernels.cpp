@@ -613,9 +613,7 @@ void causal_softmax_grad_rows(const float* p, const float* g, float* dx, int64_t
       const float *pr = p + at, *gr = g + at;
       float* dr = dx + at;
       const int seen = int(r % T) + S - T + 1;
-      float pg = 0.0f;
-#pragma omp simd reduction(+ : pg)
-      for (int s = 0; s < seen; s++) pg += pr[s] * gr[s];
+      const float pg = dot<false>(pr, gr, seen);
 #pragma omp simd
       for (int s = 0; s < seen; s++) dr[s] = alpha * pr[s] * (gr[s] - pg);
       std::fill(dr + seen, dr + S, 0.0f);
@@ -634,9 +632,7 @@ void rms_norm_rows(const float* x, const float* w, float eps, float* out, int M,
   for (int m = 0; m < M; m++) {
     const float* xm = x + size_t(m) * D;
     float* om = out + size_t(m) * D;
-    float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-    for (int d = 0; d < D; d++) squares += xm[d] * xm[d];
+    const float squares = dot<false>(xm, xm, D);
     const float r = 1.0f / std::sqrt(squares / float(D) + eps);
 #pragma omp simd
     for (int d = 0; d < D; d++) om[d] = xm[d] * r * w[d];
