@@ -124,7 +124,7 @@ def test_swiglu_and_its_gradient_match_float64(shape):
     assert np.isnan(np.array(kernels.swiglu(mx.array([float("nan")]), mx.array([1.0])))).all()
 
 
-@pytest.mark.parametrize("T,S", [(5, 9), (40, 40)])  # queries the last T of S positions; square
+@pytest.mark.parametrize("T,S", [(5, 9), (40, 40), (3, 100)])  # queries the last T of S positions; square; rows past 64 keys
 def test_causal_softmax_and_its_gradient_match_float64(T, S):
     x, cot = 3 * mx.random.normal((2, 3, T, S)), mx.random.normal((2, 3, T, S))
     X, C = 0.7 * f64(x), f64(cot)
@@ -190,21 +190,22 @@ def test_rope_gradient_matches_mlx():
     np.testing.assert_allclose(np.array(grads[0]), np.array(grads[1]), atol=1e-5)
 
 
-@pytest.mark.parametrize("S", [40, 600])  # 600: split between the threads
-def test_attention_over_cache_slices_matches_float64(S):
+@pytest.mark.parametrize("S,H", [(40, 16), (600, 16), (40, 88)])  # 600: split between the threads; 88: 64 + 16 + 8
+def test_attention_over_cache_slices_matches_float64(S, H):
     """Grouped-query attention (4 query heads on 2 key-value heads) over keys and values
     that are slices of a longer buffer, as the KV cache hands them over."""
-    q = mx.random.normal((2, 4, 3, 16))
-    k_buf, v_buf = mx.random.normal((2, 2, S + 50, 16)), mx.random.normal((2, 2, S + 50, 16))
+    q = mx.random.normal((2, 4, 3, H))
+    k_buf, v_buf = mx.random.normal((2, 2, S + 50, H)), mx.random.normal((2, 2, S + 50, H))
     k, v = k_buf[:, :, 10:10 + S], v_buf[:, :, 10:10 + S]
     Q, K, V = f64(q), np.repeat(f64(k), 2, axis=1), np.repeat(f64(v), 2, axis=1)
-    scores = Q @ K.swapaxes(-1, -2) * 0.25
+    scale = H ** -0.5
+    scores = Q @ K.swapaxes(-1, -2) * scale
     p = np.exp(scores - scores.max(-1, keepdims=True))
     expected = p / p.sum(-1, keepdims=True) @ V
-    np.testing.assert_allclose(np.array(kernels.attention(q, k, v, 0.25)), expected, atol=1e-5)
-    k_t = mx.random.normal((2, 2, 16, S)).swapaxes(2, 3)  # strided along the head axis too
-    np.testing.assert_allclose(np.array(kernels.attention(q, k_t, v, 0.25)),
-                               np.array(mx.fast.scaled_dot_product_attention(q, k_t, v, scale=0.25)), atol=1e-5)
+    np.testing.assert_allclose(np.array(kernels.attention(q, k, v, scale)), expected, atol=1e-5)
+    k_t = mx.random.normal((2, 2, H, S)).swapaxes(2, 3)  # strided along the head axis too
+    np.testing.assert_allclose(np.array(kernels.attention(q, k_t, v, scale)),
+                               np.array(mx.fast.scaled_dot_product_attention(q, k_t, v, scale=scale)), atol=1e-5)
 
 
 def test_attention_gradient_matches_mlx():
