@@ -99,7 +99,10 @@ def test_adapters_merged_for_generation_give_the_same_logits(trained):
     adapted_cache, merged_cache = adapted.make_cache(), merged.make_cache()
     for tokens in ([[1, 20, 30, 40, 50, 60]], [[7]]):
         ref = np.array(adapted(mx.array(tokens), adapted_cache))
-        np.testing.assert_allclose(np.array(merged(mx.array(tokens), merged_cache)), ref, atol=1e-5, rtol=1e-5)
+        # float32 rounding of W + scale (A B)^T, against the logits' scale (up to about 6 here):
+        # an adapter folded wrongly moves them by 0.1 or more
+        np.testing.assert_allclose(np.array(merged(mx.array(tokens), merged_cache)), ref,
+                                   atol=1e-5 * np.abs(ref).max(), rtol=0)
     qlora, _, _ = models.load_model(model_dir)
     nn.quantize(qlora, 32, 4)
     models.apply_lora(qlora, 2)  # wq and wv of 2 layers
