@@ -32,7 +32,7 @@ import time
 import utils  # noqa: F401  (fast BLAS before any section imports mlx.core)
 from utils import UserError, run_cli, read_json, write_json
 
-from convert import expected_shapes
+from formats import expected_shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(ROOT, "..", "shared", "assets", "tokenizers", "mistral-7b-v0.1.model")
@@ -303,6 +303,7 @@ def random_model(size, bits=None, dtype="float32", generation_only=False):
     import mlx.core as mx
     import mlx.nn as nn
 
+    import loading
     import models
 
     mx.random.seed(0)
@@ -310,8 +311,8 @@ def random_model(size, bits=None, dtype="float32", generation_only=False):
     if bits:
         nn.quantize(model, 64, bits, class_predicate=lambda _, m: hasattr(m, "to_quantized")
                     and m.weight.shape[-1] % 64 == 0)
-    models.cast_floats(model, getattr(mx, dtype))
-    models.set_compute_dtype(model, generation_only=generation_only)
+    loading.cast_floats(model, getattr(mx, dtype))
+    loading.set_compute_dtype(model, generation_only=generation_only)
     mx.eval(model.parameters())
     return model
 
@@ -351,13 +352,13 @@ def bench_generate(args):
     """Prompt and decode tokens/s per weight kind, beside the memory-bandwidth bound."""
     import mlx.core as mx
 
-    import lora
-    import models
+    import generate
+    import ops
 
     if min(args.decode_tokens, args.samples, args.prompt_len) < 1:
         raise UserError("--decode-tokens, --samples and --prompt-len must be at least 1")
     results = {"key": f"generate-{args.size}", "size": args.size, "prompt_tokens": args.prompt_len,
-               "cpu_kernels": models.cpu_kernels is not None}
+               "cpu_kernels": ops.kernels is not None}
     for kind in args.kinds.split(","):
         dtype, bits = WEIGHT_KINDS[kind]
         model = random_model(args.size, bits, dtype, generation_only=True)  # as lora.py --prompt
@@ -367,7 +368,7 @@ def bench_generate(args):
             mx.eval(model(mx.array([prompt]), model.make_cache()))
 
         prompt_s = best_time(process_prompt, repeats=2)
-        tokens = lora.generate_tokens(model, prompt, temp=0.0)
+        tokens = generate.generate_tokens(model, prompt, temp=0.0)
         next(tokens)  # the first token comes with the prompt
         weight_bytes = weight_bytes_per_token(model)
         decode_tps, copy_bw, read_bw = decode_beside_bandwidth(tokens, args.decode_tokens, args.samples)
@@ -404,12 +405,11 @@ def answer_metrics(generated, reference):
 
 def bench_qa(args):
     """Greedy answers to Q/A questions, scored against the dataset's answers."""
-    import models
-    import lora
-
+    import generate
+    from loading import load_model
     from utils import read_jsonl
 
-    model, tokenizer, _ = models.load_model(args.model, adapter_file=args.adapter_file, generation_only=True)
+    model, tokenizer, _ = load_model(args.model, adapter_file=args.adapter_file, generation_only=True)
     results = {"key": f"qa-{'adapted' if args.adapter_file else 'base'}", "model": args.model,
                "adapter_file": args.adapter_file}
     for split in ("train", "test"):
@@ -417,15 +417,9 @@ def bench_qa(args):
         scores = {"name": 0, "first_line": 0, "exact": 0}
         for text in rows:
             question, reference = text.split("\nA: ", 1)
-            prompt = tokenizer.encode(question + "\nA:")
             limit = len(tokenizer.encode(reference, bos=False)) + 8
-            out = []
-            for token in lora.generate_tokens(model, prompt, temp=0.0):
-                if token == tokenizer.eos_id or len(out) >= limit:
-                    break
-                out.append(token)
-            generated = tokenizer.decode(prompt + out)[len(tokenizer.decode(prompt)):].lstrip()
-            for metric, ok in answer_metrics(generated, reference).items():
+            answer = "".join(generate.stream_text(model, tokenizer, tokenizer.encode(question + "\nA:"), limit))
+            for metric, ok in answer_metrics(answer.lstrip(), reference).items():
                 scores[metric] += ok
         for metric, n in scores.items():
             results[f"{split}_{metric}"] = f"{n}/{len(rows)}"

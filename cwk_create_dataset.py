@@ -20,7 +20,6 @@ Modules are imported in worker processes, so one that raises, hangs or prints
 cannot stop or pollute the run; it is listed at the end instead.
 """
 
-import argparse
 import collections
 import contextlib
 import hashlib
@@ -37,10 +36,14 @@ import sys
 import textwrap
 import time
 import warnings
+from dataclasses import dataclass
+from typing import List
 
 from tqdm import tqdm
 
-from utils import UserError, atomic_write, require_positive, run_cli
+import settings
+from settings import option
+from utils import UserError, atomic_write, run_cli
 
 SPLITS = ("train", "valid", "test")
 
@@ -51,98 +54,37 @@ TEST_MODULE_NAMES = {"tests", "test", "conftest"}
 MIN_WORDS = 2
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        description="Turn the docstrings of installed packages into train/valid/test JSONL for lora.py."
-    )
-    parser.add_argument(
-        "--packages",
-        nargs="+",
-        default=["mlx"],
-        help="Top-level packages whose docstrings to use, space-separated (default: mlx).",
-    )
-    parser.add_argument(
-        "--out",
-        default="data",
-        help="Folder for train.jsonl, valid.jsonl and test.jsonl (default: data).",
-    )
-    parser.add_argument(
-        "--format",
-        choices=["text", "completions", "plain"],
-        default="text",
-        help='"text" writes {"text": "Q: ...\\nA: ..."}; "completions" writes '
-        '{"prompt": "Q: ...\\nA:", "completion": " ..."} for training on answers only; '
-        '"plain" writes {"text": "<path><signature> <docstring>"}, a pretraining corpus (pretrain.py).',
-    )
-    parser.add_argument(
-        "--seq-limit",
-        type=int,
-        default=2048,
-        help="Longest docstring kept, in characters. A longer one is cut at its last paragraph "
-        "break within the limit, else at its last sentence end; one with neither is dropped "
-        "(default: 2048).",
-    )
-    parser.add_argument(
-        "--test-size",
-        type=float,
-        default=0.1,
-        help="Fraction of documented objects in test.jsonl (default: 0.1).",
-    )
-    parser.add_argument(
-        "--valid-size",
-        type=float,
-        default=0.1,
-        help="Fraction of documented objects in valid.jsonl (default: 0.1).",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=64,
-        help="Docstrings cleaned per task handed to a worker (default: 64).",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="Worker processes that import modules and clean docstrings (default: the number of cores).",
-    )
-    parser.add_argument(
-        "--import-timeout",
-        type=float,
-        default=30.0,
-        help="Seconds one module may take to import and read before its worker is killed "
-        "and the module skipped (default: 30).",
-    )
-    parser.add_argument(
-        "--no-preprocess",
-        action="store_true",
-        help="Keep docstrings as written: no markup cleaning, no dropping of trivial ones, and one "
-        "example per import path instead of one per object.",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="Seed of the train/valid/test assignment (default: 0).",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="Overwrite an existing dataset in --out.",
-    )
-    return parser
+@dataclass
+class DatasetSettings(settings.Settings):
+    packages: List[str] = option(("mlx",), "top-level packages whose docstrings to use, space-separated",
+                                 metavar="PACKAGE")
+    out: str = option("data", "folder for train.jsonl, valid.jsonl and test.jsonl")
+    format: str = option("text", '"text" writes {"text": "Q: ...\\nA: ..."}; "completions" writes '
+                         '{"prompt": "Q: ...\\nA:", "completion": " ..."} for training on answers only; '
+                         '"plain" writes {"text": "<path><signature> <docstring>"}, a pretraining corpus (pretrain.py)',
+                         choices=["text", "completions", "plain"])
+    seq_limit: int = option(2048, "longest docstring kept, in characters; a longer one is cut at its last "
+                                  "paragraph break within the limit, else at its last sentence end; one with "
+                                  "neither is dropped", at_least=1)
+    test_size: float = option(0.1, "fraction of documented objects in test.jsonl", at_least=0, below=1)
+    valid_size: float = option(0.1, "fraction of documented objects in valid.jsonl", at_least=0, below=1)
+    batch_size: int = option(64, "docstrings cleaned per task handed to a worker", at_least=1)
+    workers: int = option(os.cpu_count() or 1, "worker processes that import modules and clean docstrings",
+                          at_least=1, at_most=256)
+    import_timeout: float = option(30.0, "seconds one module may take to import and read before its worker "
+                                         "is killed and the module skipped", above=0)
+    no_preprocess: bool = option(False, "keep docstrings as written: no markup cleaning, no dropping of trivial "
+                                        "ones, and one example per import path instead of one per object")
+    seed: int = option(0, "seed of the train/valid/test assignment", at_least=0)
+    force: bool = option(False, "overwrite an existing dataset in --out")
 
-
-def check_args(args):
-    for package in args.packages:
-        if not package.isidentifier():
-            raise UserError(f"--packages takes top-level package names such as mlx or numpy, got {package!r}")
-    for flag, value in [("--test-size", args.test_size), ("--valid-size", args.valid_size)]:
-        if not 0 <= value < 1:
-            raise UserError(f"{flag} must be at least 0 and below 1, got {value}")
-    if args.test_size + args.valid_size >= 1:
-        raise UserError(f"--test-size plus --valid-size must be below 1, got {args.test_size + args.valid_size:g}")
-    require_positive(args, ("seq_limit", "batch_size", "workers", "import_timeout"))
+    def check(self):
+        for package in self.packages:
+            if not package.isidentifier():
+                raise UserError(f"--packages takes top-level package names such as mlx or numpy, got {package!r}")
+        if self.test_size + self.valid_size >= 1:
+            raise UserError(f"--test-size plus --valid-size must be below 1, got {self.test_size + self.valid_size:g}")
+        self.packages = list(dict.fromkeys(self.packages))
 
 
 # ---------------------------------------------------------------------------
@@ -842,19 +784,18 @@ def report(args, modules, test_modules, skipped, cleaned, objects, examples, spl
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    args.packages = list(dict.fromkeys(args.packages))
-    check_args(args)
+    args = settings.parse(DatasetSettings, argv, "Turn the docstrings of installed packages into "
+                                                 "train/valid/test JSONL for lora.py.")
     paths = dataset_paths(args.out, args.force)
     modules, test_modules = list_modules(args.packages)
 
     start = time.perf_counter()
-    settings = {
+    worker_settings = {
         "modules": frozenset(name for _, name in modules),
         "preprocess": not args.no_preprocess,
         "seq_limit": args.seq_limit,
     }
-    with Pool(args.workers, settings) as pool:
+    with Pool(args.workers, worker_settings) as pool:
         objects, skipped = read_modules(pool, modules, args.import_timeout)
         cleaned = clean_all(pool, objects, args.batch_size)
     examples = make_examples(objects, cleaned, not args.no_preprocess)

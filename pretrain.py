@@ -11,12 +11,13 @@ and its padding masked out of the loss. The output folder has convert.py's layou
 (config.json, weights.npz, tokenizer.model), so lora.py fine-tunes it directly.
 """
 
-import argparse
 import io
 import math
 import os
 import shutil
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError, read_jsonl
@@ -27,35 +28,43 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 import models
+import settings
 import trainer
+from settings import option, redefault
+from tokenizer import SentencePieceTokenizer
+
+DESCRIPTION = "Pretrain a LLaMA-architecture model from scratch."
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description="Pretrain a LLaMA-architecture model from scratch.")
-    p.add_argument("--corpus", required=True, help="folder with train.jsonl and valid.jsonl of {\"text\": ...}")
-    p.add_argument("--out", required=True, help="output model folder (config.json, weights.npz, tokenizer.model)")
-    p.add_argument("--tokenizer", help="an existing tokenizer.model; default: train one on the corpus")
-    p.add_argument("--vocab-size", type=int, default=4096, help="pieces of the trained tokenizer")
-    p.add_argument("--dim", type=int, default=256, help="model dimension")
-    p.add_argument("--n-layers", type=int, default=6, help="transformer blocks")
-    p.add_argument("--n-heads", type=int, default=8, help="query heads")
-    p.add_argument("--n-kv-heads", type=int, default=4, help="key/value heads (grouped-query attention)")
-    p.add_argument("--hidden-dim", type=int, default=704, help="feed-forward hidden dimension")
-    p.add_argument("--context", type=int, default=256, help="tokens per training block")
-    p.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base")
-    p.add_argument("--batch-size", type=int, default=16, help="blocks per step")
-    p.add_argument("--iters", type=int, default=2000, help="training steps")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--min-learning-rate", type=float, default=1e-4, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    trainer.add_loop_arguments(p, save_every=200, steps_per_eval=200, val_batches=20)
-    p.add_argument("--resume", help="resume from a checkpoint path, or 'latest' beside --out")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="dtype of the saved weights (training is float32)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    return p
+@dataclass
+class PretrainSettings(trainer.TrainingSettings):
+    corpus: str = option(None, "folder with train.jsonl and valid.jsonl of {\"text\": ...}", required=True)
+    out: str = option(None, "output model folder (config.json, weights.npz, tokenizer.model)", required=True)
+    tokenizer: Optional[str] = option(None, "an existing tokenizer.model; default: train one on the corpus")
+    vocab_size: int = option(4096, "pieces of the trained tokenizer", at_least=16)
+    dim: int = option(256, "model dimension", at_least=1)
+    n_layers: int = option(6, "transformer blocks", at_least=1)
+    n_heads: int = option(8, "query heads", at_least=1)
+    n_kv_heads: int = option(4, "key/value heads (grouped-query attention)", at_least=1)
+    hidden_dim: int = option(704, "feed-forward hidden dimension", at_least=1)
+    context: int = option(256, "tokens per training block", at_least=1)
+    rope_theta: float = option(10000.0, "RoPE base", above=0)
+    min_learning_rate: float = option(1e-4, "learning rate at the end of the cosine", at_least=0)
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)", at_least=0)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this", above=0)
+    dtype: str = option("float16", "dtype of the saved weights (training is float32)",
+                        choices=["float16", "bfloat16", "float32"])
+    # The training loop's settings, with this script's defaults
+    batch_size: int = redefault(trainer.TrainingSettings, "batch_size", 16)
+    iters: int = redefault(trainer.TrainingSettings, "iters", 2000)
+    learning_rate: float = redefault(trainer.TrainingSettings, "learning_rate", 1e-3)
+    warmup: int = redefault(trainer.TrainingSettings, "warmup", 100)
+    save_every: int = redefault(trainer.TrainingSettings, "save_every", 200)
+    val_batches: int = redefault(trainer.TrainingSettings, "val_batches", 20)
+
+    def check(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise UserError("--dim must be a multiple of --n-heads, and --n-heads of --n-kv-heads")
 
 
 # ----------------------------------------------------------------------------- tokenizer and blocks
@@ -152,11 +161,7 @@ def save_model(model, args, tokenizer_path, out):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    utils.require_positive(args, ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "context",
-                                  "batch_size", "iters", "vocab_size") + trainer.LOOP_COUNTS)
-    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
-        raise UserError("--dim must be a multiple of --n-heads, and --n-heads of --n-kv-heads")
+    args = settings.parse(PretrainSettings, argv, DESCRIPTION)
     work = args.out + "-work"  # tokenizer, checkpoints, metrics: what a resume needs
     os.makedirs(work, exist_ok=True)
 
@@ -168,7 +173,7 @@ def main(argv=None):
     elif not os.path.exists(tokenizer_path):
         print(f"Training a {args.vocab_size}-piece tokenizer on {len(train_docs)} documents", file=sys.stderr)
         train_tokenizer(train_docs, args.vocab_size, tokenizer_path, args.seed)
-    tokenizer = models.Tokenizer(tokenizer_path)
+    tokenizer = SentencePieceTokenizer(tokenizer_path)
 
     train_blocks, train_mask = make_blocks(train_docs, tokenizer, args.context)
     val_blocks, val_mask = make_blocks(valid_docs, tokenizer, args.context)

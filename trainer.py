@@ -16,11 +16,15 @@ import platform
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError
 
-import models
+import ops
+import settings
+from settings import option
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,24 +33,23 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 CHECKPOINT_FORMAT = 1
-# Tests set this to "kill-in-save:STEP" to die half-way through writing that checkpoint.
-FAULT_ENV = "MLX_LORA_FAULT"
 
 
-# The loop's counting flags, which must be positive (utils.require_positive).
-LOOP_COUNTS = ("steps_per_report", "steps_per_eval", "save_every", "keep_checkpoints", "max_bad_steps")
-
-
-def add_loop_arguments(p, save_every, steps_per_eval, val_batches):
-    """The flags of `train`'s settings, shared by every script that trains."""
-    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
-    p.add_argument("--val-batches", type=int, default=val_batches,
-                   help="validation batches per evaluation; -1 = whole set")
-    p.add_argument("--steps-per-report", type=int, default=10, help="steps between training-loss reports")
-    p.add_argument("--steps-per-eval", type=int, default=steps_per_eval, help="steps between validation runs")
-    p.add_argument("--save-every", type=int, default=save_every,
-                   help="steps between saves of the result and of a full-state checkpoint")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="full-state checkpoints to keep")
+@dataclass
+class TrainingSettings(settings.Settings):
+    """Training loop (the settings of `train`, shared by every script that trains; each may change the defaults)."""
+    batch_size: int = option(4, "examples per step", at_least=1)
+    iters: int = option(1000, "training steps", at_least=1)
+    learning_rate: float = option(1e-5, "peak learning rate (after any warm-up)", above=0)
+    warmup: int = option(0, "steps of linear warm-up from 0", at_least=0)
+    seed: int = option(0, "random seed (data order, initialization, dropout)", at_least=0, below=2**63)
+    resume: Optional[str] = option(None, "resume from a full-state checkpoint: its path, or 'latest' of this run")
+    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row", at_least=1)
+    val_batches: int = option(25, "validation batches per evaluation", at_least=1, special={-1: "the whole set"})
+    steps_per_report: int = option(10, "steps between training-loss reports", at_least=1)
+    steps_per_eval: int = option(200, "steps between validation runs", at_least=1)
+    save_every: int = option(100, "steps between saves of the result and of a full-state checkpoint", at_least=1)
+    keep_checkpoints: int = option(3, "full-state checkpoints to keep", at_least=1)
 
 
 def step_seed(seed, step):
@@ -63,7 +66,7 @@ def epoch_order(n, seed, epoch):
 def loss_fn(model, inputs_BT, targets_BT, mask_BT):
     """Mean cross-entropy over the counted targets (mask 1), and their number."""
     logits_BTV = model(inputs_BT).astype(mx.float32)
-    ce_BT = models.cross_entropy(logits_BTV, targets_BT) * mask_BT
+    ce_BT = ops.cross_entropy(logits_BTV, targets_BT) * mask_BT
     ntoks = mask_BT.sum()
     return ce_BT.sum() / mx.maximum(ntoks, 1), ntoks
 
@@ -154,15 +157,9 @@ class Checkpoints:
         os.makedirs(self.folder, exist_ok=True)
         for stale in glob.glob(os.path.join(self.folder, ".step-*")):
             os.unlink(stale)  # the temporary of a write that a crash interrupted
-        utils.atomic_save_arrays(self.path(step), arrays, metadata={"mlx_lora": json.dumps(meta)},
-                                 before_rename=lambda: _fault_point(step))
+        utils.atomic_save_arrays(self.path(step), arrays, metadata={"mlx_lora": json.dumps(meta)})
         for old in self.all()[:-self.keep]:
             os.unlink(old)
-
-
-def _fault_point(step):
-    if os.environ.get(FAULT_ENV) == f"kill-in-save:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_checkpoint(path):
@@ -340,7 +337,7 @@ def peak_memory_gb():
     return peak / 1e9
 
 
-def train(model, optimizer, step_fn, batch_for_step, evaluate, settings, checkpoints, log,
+def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: TrainingSettings, checkpoints, log,
           save_outputs, checkpoint_meta, resumed=None):
     """Run steps 1 .. settings.iters, or from after the step of the `resumed` checkpoint's meta.
 

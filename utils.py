@@ -69,14 +69,6 @@ class UserError(Exception):
     """A mistake in the user's input: reported in one line, no traceback."""
 
 
-def require_positive(args, names):
-    """A UserError for the first of these parsed flags that is not above zero."""
-    for name in names:
-        value = getattr(args, name)
-        if value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-
 def run_cli(main):
     """Run `main()`; report user errors in one line and exit non-zero."""
     try:
@@ -142,12 +134,8 @@ def _fsync_dir(folder):
             os.close(fd)
 
 
-def atomic_save_arrays(path, arrays, metadata=None, before_rename=None):
-    """Save a dict of MLX arrays to `path` (.npz, or .safetensors with string `metadata`) atomically.
-
-    `before_rename` runs once the data is written but not yet in place (tests kill the
-    process there to show that a crash leaves the previous file intact).
-    """
+def atomic_save_arrays(path, arrays, metadata=None):
+    """Save a dict of MLX arrays to `path` (.npz, or .safetensors with string `metadata`) atomically."""
     import mlx.core as mx
 
     ext = os.path.splitext(path)[1]
@@ -156,8 +144,35 @@ def atomic_save_arrays(path, arrays, metadata=None, before_rename=None):
             mx.save_safetensors(tmp, arrays, metadata=metadata or {})
         else:
             mx.savez(tmp, **arrays)
-        if before_rename is not None:
-            before_rename()
+
+
+def load_arrays(path, what="weights"):
+    """mx.load a .npz or .safetensors file, with user-facing errors (no pickles involved)."""
+    import mlx.core as mx
+
+    if not os.path.exists(path):
+        raise UserError(f"{path}: {what} not found")
+    try:
+        arrays = mx.load(path)
+    except Exception as e:  # MLX raises RuntimeError/ValueError for corrupt archives
+        raise UserError(f"{path}: cannot read {what} ({e})")
+    if not isinstance(arrays, dict):
+        raise UserError(f"{path}: expected named arrays in {what}")
+    return arrays
+
+
+def check_fit(path, arrays, expected, what):
+    """A UserError unless `arrays` has exactly the names of `expected`, each of its shape."""
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        n = len(missing) + len(extra)
+        raise UserError(f"{path}: {what} do not fit this model ({detail}{f' and {n - 1} more' if n > 1 else ''})")
+    for key, value in expected.items():
+        if arrays[key].shape != value.shape:
+            raise UserError(f"{path}: {what} do not fit this model ({key} has shape "
+                            f"{tuple(arrays[key].shape)}, the model expects {tuple(value.shape)})")
 
 
 @contextlib.contextmanager

@@ -21,6 +21,8 @@ import utils  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 
 import convert
+import settings
+import formats
 from checkpoints import ASSETS, FLAVOURS, make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,11 +264,10 @@ def test_malicious_pickle_never_runs(case, bad_runs):
         assert os.path.exists(marker)
 
 
-def test_parser_rejects_unsupported_bits_group_size_and_dtype(capsys):
+def test_parser_rejects_unsupported_bits_group_size_and_dtype():
     for flags in (["-q", "--q-bits", "5"], ["-q", "--q-group-size", "48"], ["--dtype", "float64"]):
-        with pytest.raises(SystemExit) as exit_info:
-            convert.build_parser().parse_args(["--torch-path", "x", *flags])
-        assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+        with pytest.raises(utils.UserError, match="invalid choice"):
+            settings.parse(convert.ConvertSettings, ["--torch-path", "x", *flags], "")
 
 
 def test_force_replaces_a_non_empty_output_only_when_complete(tmp_path):
@@ -406,7 +407,7 @@ def _data_bytes(shapes, bits, group_size, itemsize, quantize):
     total = 0
     for key, shape in shapes.items():
         n = int(np.prod(shape))
-        if quantize and convert.module_name(key) in convert.QUANTIZABLE and shape[-1] % group_size == 0:
+        if quantize and formats.module_name(key) in convert.QUANTIZABLE and shape[-1] % group_size == 0:
             total += n * bits / 8 + 2 * (n / group_size) * itemsize  # packed weights + scales + biases
         else:
             total += n * itemsize
@@ -424,7 +425,7 @@ def test_quantized_files_shrink_and_dequantize_within_one_step(tmp_path, bits):
         out = str(tmp_path / name)
         convert.convert(src, out, quantize=quantize, q_bits=bits, q_group_size=group_size, dtype="float32")
         sizes[name] = os.path.getsize(os.path.join(out, "weights.npz"))
-    shapes = convert.expected_shapes({**ck.config})
+    shapes = formats.expected_shapes({**ck.config})
     expected = _data_bytes(shapes, bits, group_size, 4, True) / _data_bytes(shapes, bits, group_size, 4, False)
     assert sizes["quant"] / sizes["plain"] == pytest.approx(expected, rel=0.02)
 

@@ -6,8 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import lora
-import models
+import loading
+import generate
+import tokenizer as tokenizer_module
 from checkpoints import ASSETS, make_tokenizer
 
 TEXTS = ["Once upon a time", " héllo wörld", " 日本語のテキスト", " emoji 🙂🎉 end", "  two  spaces\nand a newline",
@@ -16,15 +17,15 @@ TEXTS = ["Once upon a time", " héllo wörld", " 日本語のテキスト", " em
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    found = {"tiny": models.Tokenizer(make_tokenizer(tmp_path_factory.mktemp("tok")))}
+    found = {"tiny": tokenizer_module.SentencePieceTokenizer(make_tokenizer(tmp_path_factory.mktemp("tok")))}
     mistral = os.path.join(ASSETS, "tokenizers", "mistral-7b-v0.1.model")
     if os.path.exists(mistral):
-        found["mistral"] = models.Tokenizer(mistral)
+        found["mistral"] = tokenizer_module.SentencePieceTokenizer(mistral)
     return found
 
 
 def stream(tokenizer, prompt_ids, new_ids):
-    detok = lora.StreamingDetokenizer(tokenizer, prompt_ids)
+    detok = generate.StreamingDetokenizer(tokenizer, prompt_ids)
     chunks = [detok.add(t) for t in new_ids]
     chunks.append(detok.flush())
     return chunks
@@ -63,15 +64,15 @@ def test_word_leading_space_is_kept(tokenizers):
 
 def test_greedy_sampling_is_argmax():
     logits = mx.array([0.1, 3.0, -1.0, 2.9])
-    assert lora.sample(logits, 0.0, 1.0).item() == 1
+    assert generate.sample(logits, 0.0, 1.0).item() == 1
 
 
 def test_top_p_keeps_only_the_nucleus():
     mx.random.seed(0)
     logits = mx.log(mx.array([0.5, 0.3, 0.15, 0.05]))
-    draws = {lora.sample(logits, 1.0, 0.7).item() for _ in range(200)}
+    draws = {generate.sample(logits, 1.0, 0.7).item() for _ in range(200)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is cut
-    draws = {lora.sample(logits, 1.0, 1.0).item() for _ in range(400)}
+    draws = {generate.sample(logits, 1.0, 1.0).item() for _ in range(400)}
     assert draws == {0, 1, 2, 3}
 
 
@@ -82,9 +83,8 @@ def test_generation_stops_at_eos(tokenizers, monkeypatch, capsys):
     def fake_tokens(model, prompt, temp, top_p):
         yield from words + [tok.eos_id] + tok.encode("never printed", bos=False)
 
-    monkeypatch.setattr(lora, "generate_tokens", fake_tokens)
-    args = lora.parse_args(["--prompt", "Once", "-n", "50"])
-    lora.generate(None, tok, args)
+    monkeypatch.setattr(generate, "generate_tokens", fake_tokens)
+    generate.generate(None, tok, "Once", max_tokens=50)
     out = capsys.readouterr()
     assert out.out == "Once the cat\n"
     assert f"({len(words)} tokens)" in out.err
@@ -93,18 +93,18 @@ def test_generation_stops_at_eos(tokenizers, monkeypatch, capsys):
 def test_generation_respects_num_tokens(tokenizers, monkeypatch, capsys):
     tok = tokenizers["tiny"]
     letters = tok.encode("a b c d e f g h", bos=False)
-    monkeypatch.setattr(lora, "generate_tokens", lambda *a: iter(letters))
-    lora.generate(None, tok, lora.parse_args(["--prompt", "x", "-n", "3", "--write-every", "2"]))
+    monkeypatch.setattr(generate, "generate_tokens", lambda *a: iter(letters))
+    generate.generate(None, tok, "x", max_tokens=3, write_every=2)
     out = capsys.readouterr()
     assert "(3 tokens)" in out.err
     assert out.out == "x" + tok.decode(tok.encode("x") + letters[:3])[1:] + "\n"
 
 
 def test_generate_tokens_uses_the_cache_like_a_full_forward(tiny_llama):
-    model, _, _ = models.load_model(tiny_llama[0])
+    model, _, _ = loading.load_model(tiny_llama[0])
     prompt = [1, 5, 9, 13]
     tokens = []
-    for t in lora.generate_tokens(model, prompt, temp=0.0):
+    for t in generate.generate_tokens(model, prompt, temp=0.0):
         tokens.append(t)
         if len(tokens) == 12:
             break

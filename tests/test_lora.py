@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 
 import lora
+import settings
 import models
 from checkpoints import make_checkpoint
 from conftest import convert_checkpoint
 import trainer
+import loading
+import dataset
+import adapters
+from mlx.utils import tree_flatten
 from utils import UserError, read_jsonl
 
 LORA = os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "lora.py")
@@ -78,10 +83,10 @@ def test_adapters_reload_from_file_alone_gives_same_logits(trained):
     config = json.load(open(os.path.splitext(adapter_file)[0] + ".json"))
     assert config == {"lora_layers": 2, "targets": ["wq", "wv"], "rank": 8, "alpha": 16.0, "dropout": 0.0}
     tokens = mx.array([[1, 20, 30, 40, 50, 60]])
-    base, _, _ = models.load_model(model_dir)
-    adapted, _, _ = models.load_model(model_dir, adapter_file=str(adapter_file))
+    base, _, _ = loading.load_model(model_dir)
+    adapted, _, _ = loading.load_model(model_dir, adapter_file=str(adapter_file))
     # The same adapters applied by hand to a fresh model: identical logits.
-    by_hand, _, _ = models.load_model(model_dir)
+    by_hand, _, _ = loading.load_model(model_dir)
     models.apply_lora(by_hand, 2)
     by_hand.load_weights(str(adapter_file), strict=False)
     np.testing.assert_array_equal(np.array(adapted(tokens)), np.array(by_hand(tokens)))
@@ -93,8 +98,8 @@ def test_adapters_merged_for_generation_give_the_same_logits(trained):
     product a layer: the adapted model's logits, for a prompt and for decoding; a
     quantized base keeps its adapters (folding would requantize it)."""
     model_dir, _, adapter_file, _ = trained
-    adapted, _, _ = models.load_model(model_dir, adapter_file=str(adapter_file))
-    merged, _, _ = models.load_model(model_dir, adapter_file=str(adapter_file), generation_only=True)
+    adapted, _, _ = loading.load_model(model_dir, adapter_file=str(adapter_file))
+    merged, _, _ = loading.load_model(model_dir, adapter_file=str(adapter_file), generation_only=True)
     assert not any(isinstance(m, models.LoRALinear) for _, m in merged.named_modules())
     adapted_cache, merged_cache = adapted.make_cache(), merged.make_cache()
     for tokens in ([[1, 20, 30, 40, 50, 60]], [[7]]):
@@ -103,10 +108,10 @@ def test_adapters_merged_for_generation_give_the_same_logits(trained):
         # an adapter folded wrongly moves them by 0.1 or more
         np.testing.assert_allclose(np.array(merged(mx.array(tokens), merged_cache)), ref,
                                    atol=1e-5 * np.abs(ref).max(), rtol=0)
-    qlora, _, _ = models.load_model(model_dir)
+    qlora, _, _ = loading.load_model(model_dir)
     nn.quantize(qlora, 32, 4)
     models.apply_lora(qlora, 2)  # wq and wv of 2 layers
-    models.merge_adapters(qlora)
+    adapters.merge(qlora)
     assert sum(isinstance(m, models.LoRALinear) for _, m in qlora.named_modules()) == 4
 
 
@@ -119,25 +124,25 @@ def test_test_split_reports_finite_loss_and_perplexity(trained):
     loss, ppl = (float(x.rstrip(".,")) for x in run.stdout.split()[2::3][:2])
     assert abs(ppl - math.exp(loss)) < 1e-2 * ppl
     # The adapted model's loss on the whole test split, not the base model's.
-    adapted, tokenizer, _ = models.load_model(model_dir, adapter_file=str(adapter_file))
-    test_set = lora.load_split(data, "test", tokenizer, 2048, False)
+    adapted, tokenizer, _ = loading.load_model(model_dir, adapter_file=str(adapter_file))
+    test_set = dataset.load_split(data, "test", tokenizer, 2048, False)
     assert loss == pytest.approx(lora.evaluate(adapted, test_set, 4, -1), abs=1e-3)
-    base, _, _ = models.load_model(model_dir)
+    base, _, _ = loading.load_model(model_dir)
     assert abs(loss - lora.evaluate(base, test_set, 4, -1)) > 1e-2
 
 
 def test_zero_initialized_lora_equals_base(tiny_llama):
-    base, _, _ = models.load_model(tiny_llama[0])
-    adapted, _, _ = models.load_model(tiny_llama[0])
+    base, _, _ = loading.load_model(tiny_llama[0])
+    adapted, _, _ = loading.load_model(tiny_llama[0])
     models.apply_lora(adapted, 2, models.LORA_TARGETS, rank=4)
     tokens = mx.array([[1, 7, 8, 9, 10]])
     np.testing.assert_array_equal(np.array(adapted(tokens)), np.array(base(tokens)))
 
 
 def test_only_lora_parameters_train(tiny_llama):
-    model, _, _ = models.load_model(tiny_llama[0])
+    model, _, _ = loading.load_model(tiny_llama[0])
     models.apply_lora(model, 2)
-    names = [k for k, _ in models.tree_flatten(model.trainable_parameters())]
+    names = [k for k, _ in tree_flatten(model.trainable_parameters())]
     assert names and all(k.endswith(("lora_a", "lora_b")) for k in names)
 
 
@@ -165,17 +170,17 @@ def test_stories260k_short_run_lowers_validation_loss(stories_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama):
-    return models.load_model(tiny_llama[0])[1]
+    return loading.load_model(tiny_llama[0])[1]
 
 
 def test_loss_counts_exactly_the_real_target_tokens(tokenizer, tmp_path):
     rng = random.Random(3)
     write_split(tmp_path, "train", [{"text": " ".join(rng.choice(THINGS) for _ in range(rng.randint(1, 12)))}
                                     for _ in range(9)])
-    ds = lora.load_split(str(tmp_path), "train", tokenizer, 2048, False)
-    for indices in lora.batch_plan(ds, 4):
-        inputs, _, mask = lora.make_batch(ds, indices)
-        assert inputs.shape[1] % lora.PAD_TO == 0  # few shapes: the compiled step traces each once
+    ds = dataset.load_split(str(tmp_path), "train", tokenizer, 2048, False)
+    for indices in dataset.batch_plan(ds, 4):
+        inputs, _, mask = dataset.make_batch(ds, indices)
+        assert inputs.shape[1] % dataset.PAD_TO == 0  # few shapes: the compiled step traces each once
         assert mask.sum().item() == sum(len(ds.tokens[i]) - 1 for i in indices)
 
 
@@ -183,9 +188,9 @@ def test_mask_prompt_excludes_prompt_tokens(tokenizer, tmp_path):
     rows = [{"prompt": "Q: What is a cat?\nA:", "completion": " A cat is a small animal."},
             {"prompt": "Q: Where is Tom?\nA:", "completion": " Tom is in the park."}]
     write_split(tmp_path, "train", rows)
-    masked = lora.load_split(str(tmp_path), "train", tokenizer, 2048, True)
-    full = lora.load_split(str(tmp_path), "train", tokenizer, 2048, False)
-    _, targets, mask = lora.make_batch(masked, [0, 1])
+    masked = dataset.load_split(str(tmp_path), "train", tokenizer, 2048, True)
+    full = dataset.load_split(str(tmp_path), "train", tokenizer, 2048, False)
+    _, targets, mask = dataset.make_batch(masked, [0, 1])
     completion_tokens = 0
     for row in rows:
         n_prompt = len(tokenizer.encode(row["prompt"]))
@@ -193,7 +198,7 @@ def test_mask_prompt_excludes_prompt_tokens(tokenizer, tmp_path):
         assert tokenizer.encode(row["prompt"] + row["completion"])[:n_prompt] == tokenizer.encode(row["prompt"])
         completion_tokens += total - n_prompt  # completion tokens plus EOS
     assert mask.sum().item() == completion_tokens
-    assert lora.make_batch(full, [0, 1])[2].sum().item() == sum(len(t) - 1 for t in full.tokens)
+    assert dataset.make_batch(full, [0, 1])[2].sum().item() == sum(len(t) - 1 for t in full.tokens)
     # The first counted target of each row is the completion's first token.
     first = int(np.argmax(np.array(mask[0])))
     assert targets[0, first].item() == tokenizer.encode(rows[0]["prompt"] + rows[0]["completion"])[
@@ -202,12 +207,12 @@ def test_mask_prompt_excludes_prompt_tokens(tokenizer, tmp_path):
 
 def test_every_example_is_seen_each_epoch_including_the_partial_batch(tokenizer, tmp_path):
     write_split(tmp_path, "train", [{"text": f"the cat {i}"} for i in range(10)])
-    ds = lora.load_split(str(tmp_path), "train", tokenizer, 2048, False)
-    plan = lora.batch_plan(ds, 4)
+    ds = dataset.load_split(str(tmp_path), "train", tokenizer, 2048, False)
+    plan = dataset.batch_plan(ds, 4)
     assert [len(b) for b in plan] == [4, 4, 2]
     for epoch in range(3):
         seen = [i for step in range(epoch * 3, epoch * 3 + 3)
-                for i in plan[lora.training_batch_order(len(plan), 0, step)]]
+                for i in plan[dataset.training_batch_order(len(plan), 0, step)]]
         assert sorted(seen) == list(range(10))
 
 
@@ -222,9 +227,9 @@ def test_training_set_smaller_than_batch_size_trains(tiny_llama, tmp_path):
 
 def test_whole_set_validation_weighs_every_token_once(tiny_llama, tokenizer, tmp_path):
     """7 examples in batches of 4 (a partial last batch) or of 1: the same token-weighted mean."""
-    model, _, _ = models.load_model(tiny_llama[0])
+    model, _, _ = loading.load_model(tiny_llama[0])
     write_split(tmp_path, "valid", [{"text": story(random.Random(i))} for i in range(7)])
-    ds = lora.load_split(str(tmp_path), "valid", tokenizer, 2048, False)
+    ds = dataset.load_split(str(tmp_path), "valid", tokenizer, 2048, False)
     assert lora.evaluate(model, ds, 4, -1) == pytest.approx(lora.evaluate(model, ds, 1, -1), rel=1e-5)
 
 
@@ -241,7 +246,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_end_value():
 
 def test_long_examples_are_truncated_with_one_warning(tokenizer, tmp_path, capsys):
     write_split(tmp_path, "train", [{"text": "the cat " * 50}, {"text": "the dog " * 80}, {"text": "short"}])
-    ds = lora.load_split(str(tmp_path), "train", tokenizer, 32, False)
+    ds = dataset.load_split(str(tmp_path), "train", tokenizer, 32, False)
     assert max(len(t) for t in ds.tokens) == 32
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "2 example(s)" in err and "longest" in err
@@ -272,7 +277,7 @@ def test_yaml_config_sets_defaults_and_flags_win(tmp_path):
 
 @pytest.mark.parametrize("text, message", [("bogus_key: 1\n", "unknown key 'bogus_key'"),
                                            ("lora_rank: many\n", "key 'lora_rank'"),
-                                           ("lr_schedule: linear\n", "not one of constant, cosine"),
+                                           ("lr_schedule: linear\n", "must be one of constant, cosine, got .linear."),
                                            ("[1, 2\n", "invalid YAML")])
 def test_bad_yaml_config_is_a_clear_error(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
@@ -284,11 +289,11 @@ def test_adapters_that_do_not_fit_are_a_clear_error(trained, tmp_path):
     make_checkpoint(tmp_path / "torch", "llama2", dim=32, n_heads=4, seed=9)
     other = convert_checkpoint(tmp_path / "torch", tmp_path / "mlx")
     with pytest.raises(UserError, match="adapters.npz: adapters do not fit this model"):
-        models.load_model(other, adapter_file=str(trained[2]))
+        loading.load_model(other, adapter_file=str(trained[2]))
 
 
 def test_help_explains_every_flag():
-    parser = lora.build_parser()
+    parser = settings.build_parser(lora.LoraSettings, lora.DESCRIPTION)
     assert all(a.help for a in parser._actions)
 
 
@@ -310,13 +315,13 @@ def test_bad_data_lines_name_file_and_line(tokenizer, tmp_path, content, message
     with open(tmp_path / "train.jsonl", mode) as f:
         f.write(content)
     with pytest.raises(UserError, match=message):
-        lora.load_split(str(tmp_path), "train", tokenizer, 2048, False)
+        dataset.load_split(str(tmp_path), "train", tokenizer, 2048, False)
 
 
 def test_mask_prompt_on_text_lines_is_an_error(tokenizer, tmp_path):
     write_split(tmp_path, "train", [{"text": "the cat"}])
     with pytest.raises(UserError, match="line 1: --mask-prompt needs 'prompt' and 'completion'"):
-        lora.load_split(str(tmp_path), "train", tokenizer, 2048, True)
+        dataset.load_split(str(tmp_path), "train", tokenizer, 2048, True)
 
 
 @pytest.mark.parametrize("missing, message", [("valid", "valid.jsonl: file not found"),
@@ -354,5 +359,5 @@ def test_quantized_model_counts_the_same_parameters_as_dense(bits):
                             norm_eps=1e-5, vocab_size=512)
     dense = models.Model(args)
     quantized = models.Model(args)
-    models.nn.quantize(quantized, 64, bits)
+    nn.quantize(quantized, 64, bits)
     assert models.count_parameters(quantized)[0] == models.count_parameters(dense)[0] == 426624

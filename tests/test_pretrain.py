@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import lora
-import models
+import loading
+import generate
 import pretrain
 from test_lora import write_dataset
 from utils import UserError, read_jsonl
@@ -73,12 +74,12 @@ def test_pretraining_lowers_the_loss(pretrained):
 
 
 def test_pretrained_model_has_convert_layout_and_generates_deterministically(pretrained):
-    model, tokenizer, config = models.load_model(str(pretrained / "model"))
+    model, tokenizer, config = loading.load_model(str(pretrained / "model"))
     assert config["dim"] == 64 and config["vocab_size"] == tokenizer.vocab_size == 300
     prompt = tokenizer.encode("The cat")
     runs = []
     for _ in range(2):
-        tokens = lora.generate_tokens(model, prompt, temp=0.0)
+        tokens = generate.generate_tokens(model, prompt, temp=0.0)
         runs.append([next(tokens) for _ in range(12)])
     assert runs[0] == runs[1]
     assert tokenizer.decode(prompt + runs[0]).startswith("The cat sat on the")  # learned the corpus

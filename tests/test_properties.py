@@ -6,8 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import lora
-import models
+import dataset
+import generate
+import tokenizer as tokenizer_module
 import utils
 from checkpoints import make_tokenizer
 from utils import UserError
@@ -17,7 +18,7 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return models.Tokenizer(make_tokenizer(tmp_path_factory.mktemp("tok")))
+    return tokenizer_module.SentencePieceTokenizer(make_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 @FAST
@@ -44,7 +45,7 @@ def test_jsonl_reader_gives_objects_or_a_clear_error(tmp_path_factory, lines):
        mask_prompt=st.booleans())
 def test_tokenizing_any_example_gives_tokens_or_a_clear_error(tokenizer, obj, mask_prompt):
     try:
-        tokens, n_prompt = lora.tokenize_example(obj, tokenizer, mask_prompt, "train.jsonl: line 1")
+        tokens, n_prompt = dataset.tokenize_example(obj, tokenizer, mask_prompt, "train.jsonl: line 1")
     except UserError as e:
         assert str(e).startswith("train.jsonl: line 1: ")
         return
@@ -55,16 +56,16 @@ def test_tokenizing_any_example_gives_tokens_or_a_clear_error(tokenizer, obj, ma
 @FAST
 @given(prompt=st.text(max_size=30), completion=st.text(min_size=1, max_size=30).filter(str.strip))
 def test_masking_counts_exactly_the_completion(tokenizer, tmp_path_factory, prompt, completion):
-    tokens, n_prompt = lora.tokenize_example({"prompt": prompt, "completion": completion}, tokenizer, True, "x")
-    dataset = lora.Dataset("x", [tokens], [n_prompt])
-    _, targets, mask = lora.make_batch(dataset, [0])
+    tokens, n_prompt = dataset.tokenize_example({"prompt": prompt, "completion": completion}, tokenizer, True, "x")
+    examples = dataset.Dataset("x", [tokens], [n_prompt])
+    _, targets, mask = dataset.make_batch(examples, [0])
     assert mask.sum().item() == len(tokens) - max(n_prompt, 1)
     alone = tokenizer.encode(prompt)
     assert tokens[:n_prompt] == alone[:n_prompt]  # only tokens the prompt alone produces are masked
 
 
 def streamed(tokenizer, prompt_ids, new_ids):
-    detok = lora.StreamingDetokenizer(tokenizer, prompt_ids)
+    detok = generate.StreamingDetokenizer(tokenizer, prompt_ids)
     chunks = [detok.add(t) for t in new_ids] + [detok.flush()]
     return chunks
 

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 import lora
-import models
 import trainer
+import loading
+import dataset
 from test_lora import LORA, write_dataset
 from utils import UserError, read_jsonl
 
 ITERS, SAVE_EVERY = 24, 4
+KILL_IN_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_in_checkpoint.py")
 
 
 def train_command(model_dir, data, adapter_file, *extra):
@@ -80,11 +82,12 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_is_exact(setting, tmp_pa
     """kill_at_step 4 dies in the very first checkpoint write: resume starts from nothing."""
     model_dir, data, _, _ = setting
     adapter_file = tmp_path / "adapters.npz"
-    env = dict(os.environ, **{trainer.FAULT_ENV: f"kill-in-save:{kill_at_step - kill_at_step % SAVE_EVERY}"})
-    run = subprocess.run(train_command(model_dir, data, adapter_file), env=env, capture_output=True, text=True)
+    killed_in = kill_at_step - kill_at_step % SAVE_EVERY
+    command = train_command(model_dir, data, adapter_file)
+    command[1:2] = [KILL_IN_CHECKPOINT, str(killed_in)]  # lora.py's flags after the step
+    run = subprocess.run(command, capture_output=True, text=True)
     assert run.returncode == -signal.SIGKILL
     checkpoints = trainer.Checkpoints(str(tmp_path / "adapters-checkpoints"))
-    killed_in = kill_at_step - kill_at_step % SAVE_EVERY
     assert checkpoints.all() == [checkpoints.path(s) for s in range(SAVE_EVERY, killed_in, SAVE_EVERY)]
     for path in checkpoints.all():
         assert trainer.load_checkpoint(path)[1]["step"] < killed_in  # every file left behind is readable
@@ -136,17 +139,17 @@ def test_manifest_records_inputs_versions_and_command(setting):
 
 def test_a_nan_step_is_skipped_reported_and_training_goes_on(tiny_llama, tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "data")
-    real_make_batch = lora.make_batch
+    real_make_batch = dataset.make_batch
     calls = []
 
-    def poisoned(dataset, indices):
-        inputs, targets, mask = real_make_batch(dataset, indices)
+    def poisoned(data, indices):
+        inputs, targets, mask = real_make_batch(data, indices)
         calls.append(1)
-        if len(calls) == 3 and dataset.path.endswith("train.jsonl"):
+        if len(calls) == 3 and data.path.endswith("train.jsonl"):
             mask = mask * mx.nan  # a poisoned batch: its loss is NaN
         return inputs, targets, mask
 
-    monkeypatch.setattr(lora, "make_batch", poisoned)
+    monkeypatch.setattr(dataset, "make_batch", poisoned)
     lora.main(["--model", tiny_llama[0], "--train", "--data", data, "--adapter-file", str(tmp_path / "a.npz"),
                "--iters", "8", "--steps-per-report", "4", "--learning-rate", "1e-2", "--lora-layers", "2"])
     records = [json.loads(l) for l in open(tmp_path / "a.metrics.jsonl")]
@@ -212,7 +215,7 @@ def test_damaged_adapter_file_is_a_clear_error(setting, tmp_path, how):
         (tmp_path / f"adapters{suffix}").write_bytes((root / "reference" / f"adapters{suffix}").read_bytes())
     damage(tmp_path / "adapters.npz", how)
     with pytest.raises(UserError, match="adapters.npz: cannot read adapter file"):
-        models.load_model(model_dir, adapter_file=str(tmp_path / "adapters.npz"))
+        loading.load_model(model_dir, adapter_file=str(tmp_path / "adapters.npz"))
 
 
 def test_damaged_adapter_config_is_a_clear_error(setting, tmp_path):
@@ -220,10 +223,10 @@ def test_damaged_adapter_config_is_a_clear_error(setting, tmp_path):
     (tmp_path / "adapters.npz").write_bytes((root / "reference" / "adapters.npz").read_bytes())
     (tmp_path / "adapters.json").write_text('{"rank": 8')
     with pytest.raises(UserError, match="adapters.json: line 1: invalid JSON"):
-        models.load_model(model_dir, adapter_file=str(tmp_path / "adapters.npz"))
+        loading.load_model(model_dir, adapter_file=str(tmp_path / "adapters.npz"))
     (tmp_path / "adapters.json").write_text('{"rank": 8}')
     with pytest.raises(UserError, match="adapters.json: bad adapter configuration"):
-        models.load_model(model_dir, adapter_file=str(tmp_path / "adapters.npz"))
+        loading.load_model(model_dir, adapter_file=str(tmp_path / "adapters.npz"))
 
 
 @pytest.mark.parametrize("target, how, message", [
@@ -238,7 +241,7 @@ def test_damaged_model_files_are_clear_errors(tiny_llama, tmp_path, target, how,
     shutil.copytree(tiny_llama[0], tmp_path / "m")
     damage(tmp_path / "m" / target, how)
     with pytest.raises(UserError, match=message):
-        models.load_model(str(tmp_path / "m"))
+        loading.load_model(str(tmp_path / "m"))
 
 
 def test_config_missing_a_key_is_a_clear_error(tiny_llama, tmp_path):
@@ -249,7 +252,7 @@ def test_config_missing_a_key_is_a_clear_error(tiny_llama, tmp_path):
     del config["n_kv_heads"]
     json.dump(config, open(tmp_path / "m" / "config.json", "w"))
     with pytest.raises(UserError, match="config.json: missing key\\(s\\) n_kv_heads"):
-        models.load_model(str(tmp_path / "m"))
+        loading.load_model(str(tmp_path / "m"))
 
 
 def test_unwritable_output_folder_is_a_clear_error(tiny_llama, tmp_path):

@@ -9,8 +9,9 @@ import mlx.core as mx
 import numpy as np
 
 import lora
-import models
 import trainer
+import loading
+import generate
 
 SHIPPED = lora.SHIPPED_MODEL
 
@@ -28,13 +29,13 @@ def test_shipped_model_config_matches_its_weights():
     assert weights["layers.0.attention.wk.weight"].shape == (config["n_kv_heads"] * config["head_dim"], config["dim"])
     assert weights["layers.0.feed_forward.w1.weight"].shape == (config["hidden_dim"], config["dim"])
     assert len({k.split(".")[1] for k in weights if k.startswith("layers.")}) == config["n_layers"]
-    model, tokenizer, _ = models.load_model(SHIPPED)  # checks every other shape
+    model, tokenizer, _ = loading.load_model(SHIPPED)  # checks every other shape
     assert tokenizer.vocab_size == config["vocab_size"]
 
 
 def greedy(model, tokenizer, prompt, n):
     out = []
-    for token in lora.generate_tokens(model, tokenizer.encode(prompt), temp=0.0):
+    for token in generate.generate_tokens(model, tokenizer.encode(prompt), temp=0.0):
         if token == tokenizer.eos_id or len(out) == n:
             break
         out.append(token)
@@ -42,7 +43,7 @@ def greedy(model, tokenizer, prompt, n):
 
 
 def test_shipped_model_generates_deterministically_and_knows_docstrings():
-    model, tokenizer, _ = models.load_model(SHIPPED)
+    model, tokenizer, _ = loading.load_model(SHIPPED)
     prompt = "numpy.linalg.norm(x, ord=None, axis=None) Matrix or vector norm."
     first, second = greedy(model, tokenizer, prompt, 40), greedy(model, tokenizer, prompt, 40)
     assert first == second and len(first) > 10

@@ -1,0 +1,208 @@
+"""Meta's and Mistral's original checkpoint folders: consolidated.NN.pth + params.json + tokenizer.model.
+
+The format of LLaMA 1/2, Code Llama and Mistral 7B v0.1 downloads. Shards of
+Meta's model parallelism are merged (each weight split along the axis of
+SPLIT_AXIS); the names of the tensors are already this toolkit's. Shards are
+memory-mapped, and every shape is checked against params.json before a tensor
+is read.
+"""
+
+import glob
+import math
+import os
+import pickle
+import zipfile
+
+from utils import UserError, read_json
+
+from formats import expected_shapes, module_name
+
+import torch
+
+# Meta's model parallelism: which axis of each weight is split across shards.
+SPLIT_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # column-parallel
+              "wo": 1, "w2": 1, "tok_embeddings": 1}                     # row-parallel
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def detect(folder):
+    """Whether `folder` holds a checkpoint of this format."""
+    return os.path.isdir(folder) and bool(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+
+
+class Checkpoint:
+    """An opened, fully checked Meta checkpoint folder.
+
+    config: the model configuration (convert.py's config.json keys);
+    shapes: {name: full shape} of every weight the model needs, in writing order;
+    tensor(name, dtype): that weight, merged across shards, as a torch tensor;
+    tokenizer_files: the files the output folder needs to tokenize.
+    """
+
+    def __init__(self, folder):
+        if not os.path.isdir(folder):
+            raise UserError(f"{folder}: checkpoint folder not found")
+        params_path = os.path.join(folder, "params.json")
+        params = read_json(params_path, "params.json")
+        tokenizer_path = os.path.join(folder, "tokenizer.model")
+        if not os.path.isfile(tokenizer_path):
+            raise UserError(f"{tokenizer_path}: tokenizer.model not found")
+        self.shards = open_shards(folder)
+        self.config = derive_config(params, params_path, self.shards)
+        self.shapes = expected_shapes(self.config)
+        check_shards(self.shards, self.shapes)
+        self.tokenizer_files = [tokenizer_path]
+
+    def tensor(self, key, dtype):
+        return merged(key, self.shards, dtype)
+
+
+def open_shards(folder):
+    """Memory-map every consolidated.NN.pth; refuse anything that is not plain tensors."""
+    paths = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    if not paths:
+        raise UserError(f"{folder}: no consolidated.NN.pth shards found")
+    for n, path in enumerate(paths):
+        if os.path.basename(path) != f"consolidated.{n:02d}.pth":
+            raise UserError(f"{os.path.join(folder, f'consolidated.{n:02d}.pth')}: shard missing "
+                            f"(found {len(paths)} shards up to {os.path.basename(paths[-1])})")
+    shards = []
+    for path in paths:
+        if not zipfile.is_zipfile(path):
+            raise UserError(f"{path}: not a PyTorch checkpoint: not a zip archive (corrupt or truncated "
+                            "file, or torch's legacy pre-1.6 format, which cannot be memory-mapped)")
+        try:
+            # weights_only: the unpickler accepts tensors and plain containers, nothing that runs code.
+            sd = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError:
+            raise UserError(f"{path}: refusing to load it: it contains pickled code/objects not allowed "
+                            "in a weights-only checkpoint (it could run arbitrary code)")
+        except Exception as e:  # torch raises RuntimeError / OSError / EOFError for damaged files
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {detail}")
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise UserError(f"{path}: expected a dict of tensors (a Meta state dict)")
+        shards.append((path, sd))
+    return shards
+
+
+def _param(params, name, path, kind=int, default=None):
+    """params[name], checked to be a positive int (or number); `default` when absent."""
+    if name not in params and default is not None:
+        return default
+    if name not in params:
+        raise UserError(f"{path}: missing '{name}'")
+    value = params[name]
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or value <= 0:
+        raise UserError(f"{path}: '{name}' must be a positive {'number' if kind is float else 'integer'}, "
+                        f"got {value!r}")
+    return kind(value)
+
+
+def llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
+    """Meta's FeedForward size: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def derive_config(params, params_path, shards):
+    """The output config: params.json's values, the rest read off shard 00's shapes (checked later)."""
+    dim, n_layers, n_heads = (_param(params, k, params_path) for k in ("dim", "n_layers", "n_heads"))
+    if "head_dim" in params:
+        head_dim = _param(params, "head_dim", params_path)
+    elif dim % n_heads:
+        raise UserError(f"{params_path}: dim {dim} is not divisible by n_heads {n_heads}")
+    else:
+        head_dim = dim // n_heads
+    n_shards = len(shards)
+    path0, sd0 = shards[0]
+
+    def merged_rows(key):
+        if key not in sd0:
+            raise UserError(f"{path0}: missing key '{key}'")
+        return sd0[key].shape[0] * n_shards  # wk and w1: split along rows
+
+    if "n_kv_heads" in params:
+        n_kv_heads = _param(params, "n_kv_heads", params_path)
+    else:  # LLaMA 1/2 params omit it: read it off wk (checked for every layer later)
+        kv_rows = merged_rows("layers.0.attention.wk.weight")
+        if kv_rows % head_dim or kv_rows == 0:
+            raise UserError(f"{path0}: layers.0.attention.wk.weight has {kv_rows} rows, "
+                            f"not a multiple of head_dim {head_dim}")
+        n_kv_heads = kv_rows // head_dim
+    if n_heads % n_kv_heads:
+        raise UserError(f"{params_path}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+    hidden_dim = merged_rows("layers.0.feed_forward.w1.weight")
+    if "hidden_dim" in params:
+        if params["hidden_dim"] != hidden_dim:
+            raise UserError(f"{path0}: layers.0.feed_forward.w1.weight has {hidden_dim} rows but "
+                            f"{params_path} says hidden_dim {params['hidden_dim']}")
+    elif "multiple_of" in params:
+        multiplier = params.get("ffn_dim_multiplier")
+        if multiplier is not None:
+            multiplier = _param(params, "ffn_dim_multiplier", params_path, float)
+        expected = llama_hidden_dim(dim, _param(params, "multiple_of", params_path), multiplier)
+        if expected != hidden_dim:
+            raise UserError(f"{path0}: layers.0.feed_forward.w1.weight has {hidden_dim} rows but "
+                            f"{params_path} (multiple_of, ffn_dim_multiplier) gives hidden_dim {expected}")
+    if "tok_embeddings.weight" not in sd0:
+        raise UserError(f"{path0}: missing key 'tok_embeddings.weight'")
+    vocab_size = sd0["tok_embeddings.weight"].shape[0]
+    if params.get("vocab_size", -1) not in (-1, vocab_size):  # LLaMA writes -1: "from the tokenizer"
+        raise UserError(f"{path0}: tok_embeddings.weight has {vocab_size} rows but "
+                        f"{params_path} says vocab_size {params['vocab_size']}")
+    window = params.get("sliding_window")  # Mistral; null or absent: full causal attention
+    return {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
+            "head_dim": head_dim, "hidden_dim": hidden_dim,
+            "norm_eps": _param(params, "norm_eps", params_path, float, default=1e-5),
+            "vocab_size": vocab_size,
+            "rope_theta": _param(params, "rope_theta", params_path, float, default=10000.0),
+            "sliding_window": None if window is None else _param(params, "sliding_window", params_path)}
+
+
+def check_shards(shards, shapes):
+    """Every shard holds exactly the expected keys, each with its slice's shape; replicas agree."""
+    n = len(shards)
+    for path, sd in shards:
+        keys = set(sd) - {"rope.freqs"}  # old LLaMA checkpoints: RoPE frequencies, not a weight
+        for key in sorted(set(shapes) - keys):
+            raise UserError(f"{path}: missing key '{key}' (expected from params.json)")
+        for key in sorted(keys - set(shapes)):
+            raise UserError(f"{path}: unexpected key '{key}' (does params.json match these weights?)")
+        for key, shape in shapes.items():
+            tensor, want = sd[key], list(shape)
+            axis = SPLIT_AXIS.get(module_name(key))
+            if axis is not None:
+                if want[axis] % n:
+                    raise UserError(f"{path}: {key}: size {want[axis]} cannot be split over {n} shards")
+                want[axis] //= n
+            if tuple(tensor.shape) != tuple(want):
+                raise UserError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(want)} "
+                                f"from params.json{f' (1/{n} of {shape})' if n > 1 and axis is not None else ''}")
+            if tensor.dtype not in FLOAT_DTYPES:
+                raise UserError(f"{path}: {key} has dtype {tensor.dtype}, expected a float type")
+    first_path, first = shards[0]
+    for path, sd in shards[1:]:  # replicated tensors (norms) are small: compare them now
+        for key in shapes:
+            if module_name(key) not in SPLIT_AXIS and not torch.equal(sd[key], first[key]):
+                raise UserError(f"{path}: {key} differs from {os.path.basename(first_path)}; "
+                                "replicated tensors must be identical in every shard")
+
+
+def merged(key, shards, dtype):
+    """The full tensor for `key` in `dtype`: each shard's slice is copied straight into place."""
+    pieces = [sd[key] for _, sd in shards]
+    axis = SPLIT_AXIS.get(module_name(key))
+    if axis is None or len(pieces) == 1:
+        return pieces[0].to(dtype)  # written out, never changed: no copy needed
+    shape = list(pieces[0].shape)
+    shape[axis] = sum(p.shape[axis] for p in pieces)
+    full = torch.empty(shape, dtype=dtype)
+    offset = 0
+    for p in pieces:
+        full.narrow(axis, offset, p.shape[axis]).copy_(p)  # reads the mapped pages once
+        offset += p.shape[axis]
+    return full

@@ -1,0 +1,130 @@
+"""Generation: sampling, the KV-cache decode loop, and text streamed as it completes.
+
+    tokens = generate_tokens(model, prompt_tokens, temp=0.0)      # ids, forever
+    for piece in stream_text(model, tokenizer, prompt_tokens, 100): ...
+    generate(model, tokenizer, "Once upon a time", max_tokens=100)  # prints
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+
+import utils  # noqa: F401  (fast BLAS before mlx.core)
+
+import mlx.core as mx
+
+
+def sample(logits_V, temp, top_p):
+    """Next token: greedy when temp is 0, else temperature and nucleus (top-p) sampling."""
+    if temp == 0:
+        return mx.argmax(logits_V, axis=-1)
+    logits_V = logits_V.astype(mx.float32) / temp
+    if top_p < 1.0:
+        probs_V = mx.softmax(logits_V, axis=-1)
+        order_V = mx.argsort(-probs_V, axis=-1)
+        sorted_V = mx.take_along_axis(probs_V, order_V, axis=-1)
+        # Keep a token if the mass before it is below top_p (the first is always kept).
+        keep_sorted_V = (mx.cumsum(sorted_V, axis=-1) - sorted_V) < top_p
+        keep_V = mx.put_along_axis(mx.zeros_like(keep_sorted_V), order_V, keep_sorted_V, axis=-1)
+        logits_V = mx.where(keep_V, logits_V, -mx.inf)
+    return mx.random.categorical(logits_V)
+
+
+def generate_tokens(model, prompt_tokens, temp=0.0, top_p=1.0):
+    """Yield generated token ids forever (the caller stops), using a KV cache."""
+    cache = model.make_cache()
+    logits_BTV = model(mx.array([prompt_tokens]), cache)
+    token = sample(logits_BTV[0, -1], temp, top_p)
+    mx.async_eval(token)
+    while True:
+        # Queue the next step before waiting for this token: the CPU goes from one
+        # step's last kernel to the next's first without waiting for Python. If the
+        # caller stops here, one step was computed for nothing.
+        next_logits = model(token.reshape(1, 1), cache)
+        next_token = sample(next_logits[0, -1], temp, top_p)
+        mx.async_eval(next_token)
+        yield token.item()
+        token = next_token
+
+
+class StreamingDetokenizer:
+    """Turns tokens into text as they come, without splitting multi-byte characters.
+
+    Decoding the whole sequence each time keeps SentencePiece's word-leading
+    spaces right; text is held back while it ends in an incomplete UTF-8 sequence
+    (byte-fallback tokens decode to U+FFFD until the character is complete).
+    """
+
+    def __init__(self, tokenizer, prompt_tokens=()):
+        self.tokenizer = tokenizer
+        self.tokens = list(prompt_tokens)
+        # A prompt ending inside a character leaves that character to the stream.
+        self.printed = len(tokenizer.decode(self.tokens).rstrip("\ufffd"))
+
+    def add(self, token):
+        """Add a token; return the newly completed text (maybe empty)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._take(text)
+
+    def flush(self):
+        """Return whatever text is left, complete or not."""
+        return self._take(self.tokenizer.decode(self.tokens))
+
+    def _take(self, text):
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+
+@dataclass
+class Timing:
+    """What stream_text measured: the prompt's tokens and seconds, then the generated ones'."""
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    tokens: int = 0
+    generation_s: float = 0.0  # from the first generated token (which comes with the prompt) to the last
+
+    def prompt_tokens_per_s(self):
+        return self.prompt_tokens / max(self.prompt_s, 1e-9)
+
+    def tokens_per_s(self):
+        return (self.tokens - 1) / self.generation_s if self.tokens > 1 else 0.0
+
+
+def stream_text(model, tokenizer, prompt_tokens, max_tokens, temp=0.0, top_p=1.0, timing=None):
+    """Yield the continuation of `prompt_tokens` as text, one piece per generated token
+    (empty while a character is incomplete) and what is left at the end; stop at EOS
+    or after `max_tokens` tokens. `timing`, if given, is filled in as it goes."""
+    timing = timing if timing is not None else Timing()
+    timing.prompt_tokens = len(prompt_tokens)
+    detok = StreamingDetokenizer(tokenizer, prompt_tokens)
+    tic = time.perf_counter()
+    for n, token in enumerate(generate_tokens(model, prompt_tokens, temp, top_p), start=1):
+        if n == 1:  # the first token comes with the prompt
+            timing.prompt_s = time.perf_counter() - tic
+            tic = time.perf_counter()
+        if token == tokenizer.eos_id:
+            break
+        timing.tokens, timing.generation_s = n, time.perf_counter() - tic
+        yield detok.add(token)
+        if n >= max_tokens:
+            break
+    yield detok.flush()
+
+
+def generate(model, tokenizer, prompt, max_tokens=100, temp=0.0, top_p=1.0, write_every=1):
+    """Print the prompt and its continuation as it streams, then the speed on stderr."""
+    prompt_tokens = tokenizer.encode(prompt, bos=True)
+    print(prompt, end="", flush=True)
+    timing, pending = Timing(), ""
+    for n, piece in enumerate(stream_text(model, tokenizer, prompt_tokens, max_tokens, temp, top_p, timing), 1):
+        pending += piece
+        if n % write_every == 0:
+            print(pending, end="", flush=True)
+            pending = ""
+    print(pending, flush=True)
+    print(f"Prompt: {timing.prompt_tokens_per_s():.1f} tokens/s ({timing.prompt_tokens} tokens), "
+          f"generation: {timing.tokens_per_s():.1f} tokens/s ({timing.tokens} tokens)",
+          file=sys.stderr)

@@ -1,0 +1,104 @@
+"""Loading a converted model folder: its configuration, weights, tokenizer and adapters,
+and the dtype the model computes in.
+
+A model folder (what convert.py and pretrain.py write) holds config.json,
+weights.npz or weights.safetensors, and the tokenizer's files. `load_model` is
+the one loader: scripts, benchmarks and users' own code call it.
+"""
+
+import os
+from dataclasses import MISSING, fields
+
+import utils  # noqa: F401  (fast BLAS before mlx.core)
+from utils import UserError, read_json
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+import adapters
+import models
+import ops
+from tokenizer import load_tokenizer
+
+
+def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=False):
+    """Load a converted model folder: (model, tokenizer, config).
+
+    `compute_dtype` and `generation_only`: see set_compute_dtype. With
+    `adapter_file`, its LoRA adapters are applied (and merged, for generation alone:
+    see adapters.merge).
+    """
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: model folder not found")
+    config_path = os.path.join(path, "config.json")
+    config = read_json(config_path, "model configuration")
+    args = model_args(config, config_path)
+    model = models.Model(args)
+    weights_path = weights_file(path)
+    weights = utils.load_arrays(weights_path)
+    quantization = config.get("quantization")
+    if quantization:
+        nn.quantize(model, quantization["group_size"], quantization["bits"],
+                    class_predicate=lambda name, module: f"{name}.scales" in weights)
+    utils.check_fit(weights_path, weights, dict(tree_flatten(model.parameters())), "weights")
+    model.update(tree_unflatten(list(weights.items())))
+    set_compute_dtype(model, compute_dtype, generation_only)
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} pieces, the model only {args.vocab_size}")
+    if adapter_file is not None:
+        adapters.load(model, adapter_file)
+        if generation_only:
+            adapters.merge(model)
+    mx.eval(model.parameters())
+    return model, tokenizer, config
+
+
+def model_args(config, source="config.json"):
+    """ModelArgs from a model folder's configuration."""
+    missing = [f.name for f in fields(models.ModelArgs) if f.default is MISSING and f.name not in config]
+    if missing:
+        raise UserError(f"{source}: missing key(s) {', '.join(missing)}")
+    args = models.ModelArgs(**{f.name: config[f.name] for f in fields(models.ModelArgs) if f.name in config})
+    if args.n_heads % args.n_kv_heads:
+        raise UserError(f"{source}: n_heads {args.n_heads} is not a multiple of n_kv_heads {args.n_kv_heads}")
+    return args
+
+
+def weights_file(path):
+    for name in ("weights.safetensors", "weights.npz"):
+        if os.path.exists(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise UserError(f"{path}: no weights.npz or weights.safetensors (convert a checkpoint with convert.py)")
+
+
+# ----------------------------------------------------------------------------- dtype policy
+
+def default_compute_dtype():
+    """float32 on the CPU (its float16 matmul is slow and unstable), the stored dtype elsewhere."""
+    return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else None
+
+
+def cast_floats(model, dtype, keep_float16_weights=False):
+    """Cast the model's floating parameters (not packed quantized weights) to `dtype`;
+    with keep_float16_weights, float16 weights of plain linear layers stay as they are."""
+    kept = {f"{name}.weight" for name, module in model.named_modules()
+            if keep_float16_weights and isinstance(module, nn.Linear) and module.weight.dtype == mx.float16}
+    model.update(tree_unflatten([(k, p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) and k not in kept else p)
+                                 for k, p in tree_flatten(model.parameters())]))
+
+
+def set_compute_dtype(model, compute_dtype="auto", generation_only=False):
+    """Cast the model's floats for computation in `compute_dtype`: "auto" (float32 on
+    the CPU, the stored dtype on a GPU) or a dtype name.
+
+    With `generation_only`, where the ops read float16 weights as they are, the
+    float16 weights of linear layers stay float16 under float32 computation:
+    decoding reads half the bytes and the model takes about half the memory.
+    (Training and evaluation, whose products all go through BLAS, would convert
+    them at every step.)
+    """
+    dtype = default_compute_dtype() if compute_dtype == "auto" else getattr(mx, compute_dtype)
+    if dtype is not None:
+        cast_floats(model, dtype, generation_only and dtype == mx.float32 and ops.reads_float16_weights())

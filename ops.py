@@ -1,0 +1,189 @@
+"""The operations the model calls, run by the CPU kernels where they apply.
+
+On the CPU, MLX lacks what decoding, QLoRA and the loss are bound by: it runs a
+one-row product as a GEMM that repacks the whole weight, its quantized matmul
+and its exp are single-threaded scalar loops, and mx.fast's norm, RoPE and
+attention are compositions of many small operations. The compiled kernels
+(cpu_kernels/, built by setup.sh) do these in one multi-threaded pass each.
+
+One rule decides where a kernel runs: the kernels are built, MLX computes on
+the CPU, the arrays are float32, and for the decoding kernels the input has at
+most FEW_ROWS rows. Everywhere else (a GPU, float16 computation, a machine
+without a compiler) each op is MLX's own. MLX_LORA_CPU_KERNELS=0 turns the
+kernels off, to compare against plain MLX.
+
+Shapes: B batch, T queries, S keys, N query heads, K key/value heads, H head dim.
+"""
+
+import functools
+import os
+
+import utils  # noqa: F401  (fast BLAS before mlx.core)
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def _load_kernels():
+    if os.environ.get("MLX_LORA_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        import _cpu_kernels
+    except ImportError:  # not built (or built for another MLX): plain MLX ops
+        return None
+    return _cpu_kernels
+
+
+kernels = _load_kernels()
+FEW_ROWS = 16  # up to this many rows (decoding), each weight is read once by the matvec kernels
+
+
+def active():
+    """The kernels run here: they are built and MLX computes on the CPU."""
+    return kernels is not None and mx.default_device() == mx.cpu
+
+
+def _applies(*float32_arrays, rows=None):
+    """The one rule: active, every array float32, and at most FEW_ROWS rows when `rows` counts."""
+    return (active() and all(a.dtype == mx.float32 for a in float32_arrays)
+            and (rows is None or rows <= FEW_ROWS))
+
+
+def _rows(x):
+    return x.size // x.shape[-1]
+
+
+def reads_float16_weights():
+    """Whether a float16 weight can stay float16 under float32 computation: the matvec
+    kernel reads it as it is (half the bytes a decoded token), and a prompt widens it
+    on every thread."""
+    return active()
+
+
+def _reuse_freed_buffers():
+    """MLX's CPU allocator keeps only 32 MiB of freed buffers; bigger ones go back to
+    the OS and come back zeroed page by page. Keep up to a quarter of the memory
+    limit, as its Metal backend keeps up to all of it."""
+    if mx.default_device() == mx.cpu:
+        mx.set_cache_limit(mx.get_memory_limit() // 4)
+
+
+_reuse_freed_buffers()
+
+
+# ----------------------------------------------------------------------------- products
+
+def linear(x, weight):
+    """x @ weight.T, float32 x; weight float32, or float16 kept for generation."""
+    if _matvec_applies(x, [weight]):
+        return kernels.matvec(x, weight)
+    if weight.dtype == mx.float16 and _applies(x):
+        return _widened_matmul(x, weight)  # a prompt's many rows: widen, then BLAS
+    return x @ weight.T
+
+
+def quantized_linear(x, weight, scales, biases, group_size, bits):
+    """x @ dequantize(weight).T for MLX's affine quantization."""
+    if bits in (2, 4, 8) and _applies(x, scales, biases):
+        if _rows(x) <= FEW_ROWS:
+            return kernels.quantized_matvec(x, weight, scales, biases, group_size, bits)
+        return _dequantized_matmul(group_size, bits)(x, weight, scales, biases)
+    return mx.quantized_matmul(x, weight, scales=scales, biases=biases, transpose=True,
+                               group_size=group_size, bits=bits)
+
+
+def projections(x, layers):
+    """[layer(x) for layer in layers]; when decoding with plain bias-free linears, one
+    pass over all their weights (one start of the threads, not one each)."""
+    weights = [layer.weight for layer in layers if isinstance(layer, nn.Linear) and "bias" not in layer]
+    if len(weights) == len(layers) and _matvec_applies(x, weights):
+        return kernels.matvecs(x, weights)
+    return [layer(x) for layer in layers]
+
+
+def _matvec_applies(x, weights):
+    return (_applies(x, rows=_rows(x)) and weights[0].dtype in (mx.float32, mx.float16)
+            and all(w.dtype == weights[0].dtype for w in weights))
+
+
+def _frozen_matmul(dense):
+    """x @ dense(*stored).T whose backward calls `dense` again instead of keeping the
+    float32 weight from forward to backward: a quantized or float16 frozen base keeps
+    its memory saving. The stored arrays take no gradient.
+
+    Each dense weight depends on the activation it multiplies: depending on leaves
+    alone, MLX may make every layer's dense weight first and hold them all at once."""
+
+    def dense_after(activation, stored):
+        return dense(*mx.depends(list(stored), [activation]))
+
+    @mx.custom_function
+    def matmul(x, *stored):
+        return x @ dense_after(x, stored).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, *stored = primals
+        return (cotangent @ dense_after(cotangent, stored), *map(mx.zeros_like, stored))
+
+    return matmul
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantized_matmul(group_size, bits):
+    return _frozen_matmul(lambda w, scales, biases: kernels.dequantize(w, scales, biases, group_size, bits))
+
+
+_widened_matmul = _frozen_matmul(lambda w: kernels.to_float32(w))
+
+
+# ----------------------------------------------------------------------------- element-wise and the loss
+
+def cross_entropy(logits, targets):
+    """Cross-entropy along the last axis."""
+    if _applies(logits):
+        return kernels.cross_entropy(logits, targets)
+    return nn.losses.cross_entropy(logits, targets)
+
+
+def swiglu(a, b):
+    """silu(a) * b, LLaMA's gated feed-forward."""
+    if _applies(a, b):
+        return kernels.swiglu(a, b)
+    return nn.silu(a) * b
+
+
+def rms_norm(x, weight, eps):
+    if _applies(x, weight, rows=_rows(x)):
+        return kernels.rms_norm(x, weight, eps)
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def rope(x_BNTH, theta, offset):
+    """Meta's RoPE, which rotates interleaved pairs (x0, x1), (x2, x3), ...: "traditional" in MLX."""
+    if _applies(x_BNTH, rows=x_BNTH.shape[2]):
+        return kernels.rope(x_BNTH, x_BNTH.shape[-1], True, theta, 1.0, offset)
+    return mx.fast.rope(x_BNTH, x_BNTH.shape[-1], traditional=True, base=theta, scale=1.0, offset=offset)
+
+
+def attention(q_BNTH, k_BKSH, v_BKSH, scale, mask):
+    """softmax(scale * q k^T + mask) v; grouped-query attention (K < N) included.
+    mask: None (every query sees every key), "causal", or a boolean (T, S) array."""
+    if mask is None and _applies(q_BNTH, k_BKSH, v_BKSH, rows=q_BNTH.shape[2]):
+        return kernels.attention(q_BNTH, k_BKSH, v_BKSH, scale)
+    if isinstance(mask, str) and mask == "causal" and _applies(q_BNTH, k_BKSH, v_BKSH):
+        return _causal_attention(q_BNTH, k_BKSH, v_BKSH, scale)
+    return mx.fast.scaled_dot_product_attention(q_BNTH, k_BKSH, v_BKSH, scale=scale, mask=mask)
+
+
+def _causal_attention(q_BNTH, k_BKSH, v_BKSH, scale):
+    """Many queries (training, prompts): both products in BLAS, the masked softmax one
+    multi-threaded kernel each way."""
+    B, N, T, H = q_BNTH.shape
+    K, S = k_BKSH.shape[1:3]
+    q_BKQH = q_BNTH.reshape(B, K, -1, H)  # Q = N // K * T: the query heads of one KV head, stacked
+    s_BKQS = q_BKQH @ k_BKSH.swapaxes(-1, -2)
+    p_BKQS = kernels.causal_softmax(s_BKQS.reshape(B, K, N // K, T, S), scale).reshape(B, K, -1, S)
+    return (p_BKQS @ v_BKSH).reshape(B, N, T, H)

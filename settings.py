@@ -1,0 +1,227 @@
+"""Command-line settings declared once.
+
+Each field of a settings dataclass is one flag: its type, default, help and the
+values it may take. The same declaration builds the argparse parser, reads a
+`--config` YAML file, and validates every value (type, range, finiteness, choice)
+before a script loads or writes anything:
+
+    @dataclass
+    class Settings(settings.Settings):
+        iters: int = settings.option(1000, "training steps", at_least=1)
+
+    args = settings.parse(Settings, argv, "what the script does")
+
+A value from the command line or the YAML file that does not fit is a UserError
+naming the flag (or the file and key) and what it must be.
+"""
+
+import argparse
+import dataclasses
+import math
+import typing
+
+from utils import UserError
+
+
+def option(default, help, *, flags=(), choices=None, at_least=None, at_most=None, above=None, below=None,
+           special=None, text=False, required=False, metavar=None):
+    """A settings field and its flag.
+
+    flags: other spellings (the first flag is always --field-name); choices: the
+    allowed values; at_least/at_most/above/below: the range of a number; special:
+    {value: meaning} of values outside the range that mean something (-1: "all");
+    text: the string must be valid Unicode (prompts, not paths); required: no
+    default, must be given.
+    """
+    meta = dict(help=help, flags=tuple(flags), choices=choices, at_least=at_least, at_most=at_most, above=above,
+                below=below, special=special or {}, text=text, required=required, metavar=metavar)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def redefault(cls, name, default):
+    """The field `name` of settings class `cls` with another default (a script's own)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=default, metadata=field.metadata)
+
+
+@dataclasses.dataclass
+class Settings:
+    """Base of every script's settings: each field is validated when the object is built."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_value(f, hints[f.name], getattr(self, f.name), flag(f)))
+        self.check()
+
+    def check(self):
+        """Rules between settings; a subclass raises UserError when they are broken."""
+
+
+def flag(field):
+    return "--" + field.name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one line, exit code 2, no usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser(cls, description):
+    """The argparse parser of settings class `cls`; flags not given are absent from its result.
+
+    --help lists the flags in groups: those of `cls` itself first, then those of each
+    base class (titled by its docstring's first line), each where it was first declared.
+    """
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file whose keys are flag names; command-line flags win")
+    hints = typing.get_type_hints(cls)
+    for owner in _declaring_classes(cls):
+        title = owner.__doc__.strip().splitlines()[0].rstrip(".")
+        group = parser if owner is cls else parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            if _first_declared_in(cls, f.name) is owner:
+                _add_flag(group, f, _base_type(hints[f.name]))
+    return parser
+
+
+def _declaring_classes(cls):
+    return [c for c in cls.__mro__ if issubclass(c, Settings) and c is not Settings]
+
+
+def _first_declared_in(cls, name):
+    return [c for c in _declaring_classes(cls) if name in c.__dict__.get("__annotations__", {})][-1]
+
+
+def _add_flag(group, field, kind):
+    meta = field.metadata
+    names = (flag(field),) + meta["flags"]
+    help_text = meta["help"] + "".join(f"; {v} = {meaning}" for v, meaning in meta["special"].items())
+    if field.default is not None and field.default is not False and not meta["required"]:
+        shown = " ".join(field.default) if kind is list else field.default
+        help_text += f" (default: {shown})"
+    if kind is bool:
+        group.add_argument(*names, dest=field.name, action="store_true", help=help_text)
+    elif kind is list:
+        group.add_argument(*names, dest=field.name, nargs="+", metavar=meta["metavar"], help=help_text)
+    else:
+        group.add_argument(*names, dest=field.name, type=kind, choices=meta["choices"], metavar=meta["metavar"],
+                           help=help_text)
+
+
+def parse(cls, argv, description):
+    """Settings from the command line `argv` over a --config YAML file over the defaults."""
+    given = vars(build_parser(cls, description).parse_args(argv))
+    config_path = given.pop("config", None)
+    values = {}
+    if config_path is not None:
+        values = read_config(cls, config_path)
+    values.update(given)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata["required"] and values.get(f.name) is None:
+            raise UserError(f"{flag(f)} is required")
+        if f.name in given:  # the command line's, checked with its name
+            values[f.name] = check_value(f, hints[f.name], values[f.name], flag(f))
+    return cls(**values)
+
+
+def read_config(cls, path):
+    """The settings a YAML file gives, each checked for its field's type and range."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})")
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})")
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a mapping of flag names to values")
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in config.items():
+        name = str(key).replace("-", "_")
+        if name not in by_name:
+            raise UserError(f"{path}: unknown key '{key}'")
+        values[name] = check_value(by_name[name], hints[name], value, f"{path}: key '{key}'")
+    return values
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _base_type(hint):
+    """int, float, str, bool or list (of strings): the type of a field, Optional[...] unwrapped."""
+    if typing.get_origin(hint) is list:
+        return list
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return _base_type(args[0]) if args else hint
+
+
+def check_value(field, hint, value, where):
+    """`value` for `field`, checked; a UserError naming `where` if it does not fit."""
+    meta, kind = field.metadata, _base_type(hint)
+    if value is None:
+        if typing.get_origin(hint) is typing.Union or meta["required"]:
+            return None
+        raise UserError(f"{where}: a value is required")
+    value = _of_type(kind, value, where)
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise UserError(f"{where} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    if kind in (int, float) and value not in meta["special"]:
+        _check_range(meta, value, where)
+    if meta["text"]:
+        for text in value if kind is list else [value]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(f"{where} is not valid Unicode text (undecodable bytes or lone surrogates)")
+    return value
+
+
+def _of_type(kind, value, where):
+    if kind is bool:
+        if not isinstance(value, bool):  # YAML's quoted "no" is a string, not false
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if kind is list:
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{where}: expected a non-empty list of strings, got {value!r}")
+        return list(value)
+    if kind is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-5, without a dot, as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _check_range(meta, value, where):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number, got {value}")
+    bounds = [("above", lambda b: value > b), ("at_least", lambda b: value >= b),
+              ("below", lambda b: value < b), ("at_most", lambda b: value <= b)]
+    if all(meta[name] is None or holds(meta[name]) for name, holds in bounds):
+        return
+    words = " and ".join(f"{name.replace('_', ' ')} {meta[name]}" for name, _ in bounds if meta[name] is not None)
+    specials = "".join(f" (or {v} for {meaning})" for v, meaning in meta["special"].items())
+    raise UserError(f"{where} must be {words}{specials}, got {value}")
