@@ -31,7 +31,7 @@ if [ "$(uname -s)" = Linux ] && command -v cmake >/dev/null && command -v c++ >/
   mkdir -p build
   if cmake -S cpu_kernels -B build/cpu_kernels -DPython_EXECUTABLE="$(command -v "$PYTHON")" >build/cpu_kernels.log 2>&1 &&
      cmake --build build/cpu_kernels --parallel >>build/cpu_kernels.log 2>&1; then
-    "$PYTHON" -c "import models; print('CPU kernels:', 'built' if models.cpu_kernels else 'built, but did not load')"
+    "$PYTHON" -c "import ops; print('CPU kernels:', 'built' if ops.kernels else 'built, but did not load')"
   else
     echo "CPU kernels: build failed (see build/cpu_kernels.log); plain MLX ops will run"
   fi

@@ -1,0 +1,53 @@
+// The Python module: CPU kernels MLX lacks on x86, as lazy MLX primitives. Decoding,
+// QLoRA training and the loss are bound by operations that MLX's CPU backend runs
+// single-threaded, one value at a time, or through a BLAS call made for large
+// matrices; these run them threaded and vectorised.
+//
+// One file per kernel family, each with its loops, its MLX primitives and its
+// operations: matvec.cpp (float32 and float16 weights), quantized.cpp, cross_entropy.cpp,
+// swiglu.cpp, causal_softmax.cpp, decoding.cpp (norm, RoPE, attention). Shared:
+// threads.h (the thread pool), simd.h (dot, exp, softmax rows), primitive.h (the MLX
+// plumbing), ops.h (what this file binds).
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
+
+#include "ops.h"
+
+// The module's name is the file's name: _cpu_kernels, or _cpu_kernels_portable for the
+// build that tests the code paths without AVX-512 (see CMakeLists.txt).
+#ifndef MLX_LORA_MODULE_NAME
+#define MLX_LORA_MODULE_NAME _cpu_kernels
+#endif
+
+// The portable build exists to compile the #else branches; with AVX-512 on, it would
+// silently test the same code as the native one.
+#if defined(MLX_LORA_PORTABLE) && defined(__AVX512F__)
+#error "MLX_LORA_PORTABLE builds must not enable AVX-512"
+#endif
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace cpu_kernels;
+
+NB_MODULE(MLX_LORA_MODULE_NAME, m) {
+  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, float16 widening, cross-entropy, SwiGLU, causal softmax, and the norm, RoPE and attention of decoding.";
+  m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32; w float32 or float16).");
+  m.def("matvecs", &matvecs, "x"_a, "w"_a,
+        "[x @ w.T for w in w] for a few rows of x, in one pass over all the weights (float32).");
+  m.def("quantized_matvec", &quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
+        "x [..., K] @ dequantize(w).T for a few rows of x (float32 x, scales and biases).");
+  m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
+        "The float32 matrix of MLX affine-quantized weights.");
+  m.def("to_float32", &to_float32, "x"_a, "float16 x as float32 (exact), on every thread.");
+  m.def("cross_entropy", &cross_entropy, "logits"_a, "targets"_a,
+        "logsumexp(logits) - logits[target] along the last axis (float32 logits).");
+  m.def("swiglu", &swiglu, "a"_a, "b"_a, "silu(a) * b (float32).");
+  m.def("causal_softmax", &causal_softmax, "x"_a, "scale"_a,
+        "softmax(scale * x) along the last axis of x [..., T, S] under MLX's causal mask (float32).");
+  m.def("rms_norm", &rms_norm, "x"_a, "w"_a, "eps"_a, "mx.fast.rms_norm for a few rows (float32).");
+  m.def("rope", &rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a,
+        "mx.fast.rope for a few positions (float32, integer offset).");
+  m.def("attention", &attention, "q"_a, "k"_a, "v"_a, "scale"_a,
+        "mx.fast.scaled_dot_product_attention without a mask, for a few queries (float32).");
+}
