@@ -39,20 +39,37 @@ def load(model, adapter_file):
     Adapters that do not fit the model (other dims, layers or rank) are a UserError.
     """
     path = config_path(adapter_file)
-    config = read_json(path, "adapter configuration")
-    try:
-        lora = models.apply_lora(model, int(config["lora_layers"]), tuple(config["targets"]),
-                                 int(config["rank"]), float(config["alpha"]), 0.0)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: bad adapter configuration ({e!r})")
+    lora = checked_config(read_json(path, "adapter configuration"), path)
+    models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"], lora["alpha"], 0.0)
     load_weights(model, adapter_file)
     return lora
+
+
+def checked_config(config, where):
+    """A LoRA configuration (what apply_lora returns) read from a file, every key checked."""
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: bad adapter configuration (expected an object, got {config!r})")
+    missing = [k for k in ("lora_layers", "targets", "rank", "alpha") if k not in config]
+    if missing:
+        raise UserError(f"{where}: bad adapter configuration (no '{missing[0]}')")
+    targets = config["targets"]
+    if (not isinstance(targets, list) or not targets
+            or not all(isinstance(t, str) and t in models.LORA_TARGETS for t in targets)):
+        raise UserError(f"{where}: 'targets' must be a list of {', '.join(models.LORA_TARGETS)}, got {targets!r}")
+    return {"lora_layers": utils.checked_number(config["lora_layers"], int, 1, 2**16, f"{where}: 'lora_layers'"),
+            "targets": targets,
+            "rank": utils.checked_number(config["rank"], int, 1, 2**16, f"{where}: 'rank'"),
+            "alpha": utils.checked_number(config["alpha"], float, 1e-12, 1e12, f"{where}: 'alpha'"),
+            "dropout": utils.checked_number(config.get("dropout", 0.0), float, 0.0, 0.999, f"{where}: 'dropout'")}
 
 
 def load_weights(model, adapter_file):
     """Load saved adapter weights into a model already wrapped with LoRA layers of that shape."""
     weights = utils.load_arrays(adapter_file, "adapter file")
     utils.check_fit(adapter_file, weights, dict(tree_flatten(model.trainable_parameters())), "adapters")
+    for name, w in weights.items():
+        if not mx.issubdtype(w.dtype, mx.floating) or not mx.isfinite(w).all().item():
+            raise UserError(f"{adapter_file}: adapter {name} is not finite floating-point numbers")
     model.update(tree_unflatten(list(weights.items())))
 
 

@@ -20,7 +20,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 
-import utils  # noqa: F401  (before mlx.core: loads a fast BLAS)
+import utils  # (before mlx.core: loads a fast BLAS)
 from utils import UserError, folder_replaced_when_done, run_cli, write_json
 
 import mlx.core as mx
@@ -30,14 +30,13 @@ from tqdm import tqdm
 
 import settings
 from formats import module_name, open_checkpoint
+from loading import Q_BITS, Q_GROUP_SIZES
 from settings import option
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # bfloat16 is stored as "<V2" in .npy, exactly as mx.savez writes it (mx.load reads it back as bfloat16).
 NPY_DESCR = {torch.float16: "<f2", torch.bfloat16: "<V2", torch.float32: "<f4", torch.uint32: "<u4"}
 ST_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.uint32: "U32"}
-Q_BITS = (2, 3, 4, 6, 8)
-Q_GROUP_SIZES = (32, 64, 128)
 # Every linear layer and the embedding; never the norms.
 QUANTIZABLE = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output", "tok_embeddings"}
 
@@ -68,14 +67,24 @@ def plan_outputs(shapes, dtype, q):
 def convert_tensor(checkpoint, key, shape, dtype, q):
     """Yield (name, torch tensor) for one checkpoint key of full `shape`: as is, or quantized."""
     if is_quantized(key, shape, q):
-        w = mx.array(checkpoint.tensor(key, torch.float32).numpy())  # quantize from float32 for accuracy
+        w32 = finite(checkpoint.tensor(key, torch.float32), checkpoint, key, torch.float32)  # quantized from float32
+        w = mx.array(w32.numpy())
+        del w32
         wq, scales, biases = mx.quantize(w, group_size=q[0], bits=q[1])
         del w
         packed = torch.from_numpy(np.array(wq))  # uint32, 32 // bits weights per word
         yield from zip(quantized_names(key), (packed, torch.from_numpy(np.array(scales)).to(dtype),
                                               torch.from_numpy(np.array(biases)).to(dtype)))
     else:
-        yield key, checkpoint.tensor(key, dtype)
+        yield key, finite(checkpoint.tensor(key, dtype), checkpoint, key, dtype)
+
+
+def finite(tensor, checkpoint, key, dtype):
+    """`tensor`, checked to hold no NaN or infinity (a value beyond float16's range becomes one)."""
+    if not torch.isfinite(tensor).all():
+        raise UserError(f"{checkpoint.path}: {key} is not finite in {str(dtype).removeprefix('torch.')}: NaN, infinity, or values "
+                        "beyond that type's range (try --dtype bfloat16 or float32)")
+    return tensor
 
 
 def raw_bytes(tensor):
@@ -99,7 +108,11 @@ class NpzWriter:
             f.write(raw_bytes(tensor))
 
     def close(self):
-        self.zip.close()
+        try:
+            self.zip.close()
+        except OSError:
+            self.zip.fp = None  # already failed: nothing left for its finalizer to flush
+            raise
 
 
 class SafetensorsWriter:
@@ -169,22 +182,25 @@ def convert(torch_path, mlx_path, quantize=False, q_group_size=64, q_bits=4, dty
         raise UserError(f"{os.path.dirname(mlx_path)}: needs {need / 2**30:.1f} GiB free, has {free / 2**30:.1f} GiB")
 
     # Stream into a temporary folder beside the output; rename it into place only when complete.
-    with folder_replaced_when_done(mlx_path) as tmp:
-        weights = os.path.join(tmp, f"weights.{fmt}")
-        writer = NpzWriter(weights) if fmt == "npz" else SafetensorsWriter(weights, plan)
-        try:
-            for key, shape in tqdm(shapes.items(), desc="converting", unit="tensor", file=sys.stderr, disable=None):
-                for name, tensor in convert_tensor(checkpoint, key, shape, out_dtype, q):
-                    writer.write(name, tensor)
-                    del tensor
-        finally:
-            writer.close()
-        with open(weights, "rb") as f:
-            os.fsync(f.fileno())
+    with utils.claimed_output(mlx_path), folder_replaced_when_done(mlx_path) as tmp:
+        write_weights(os.path.join(tmp, f"weights.{fmt}"), fmt, plan, checkpoint, shapes, out_dtype, q)
         for path in checkpoint.tokenizer_files:
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
         write_json(os.path.join(tmp, "config.json"), config)
     return config
+
+
+def write_weights(path, fmt, plan, checkpoint, shapes, dtype, q):
+    writer = NpzWriter(path) if fmt == "npz" else SafetensorsWriter(path, plan)
+    try:
+        for key, shape in tqdm(shapes.items(), desc="converting", unit="tensor", file=sys.stderr, disable=None):
+            for name, tensor in convert_tensor(checkpoint, key, shape, dtype, q):
+                writer.write(name, tensor)
+                del tensor
+    finally:
+        writer.close()
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 @dataclass

@@ -42,6 +42,7 @@ from typing import List
 from tqdm import tqdm
 
 import settings
+import utils
 from settings import option
 from utils import UserError, atomic_write, run_cli
 
@@ -70,9 +71,9 @@ class DatasetSettings(settings.Settings):
     valid_size: float = option(0.1, "fraction of documented objects in valid.jsonl", at_least=0, below=1)
     batch_size: int = option(64, "docstrings cleaned per task handed to a worker", at_least=1)
     workers: int = option(os.cpu_count() or 1, "worker processes that import modules and clean docstrings",
-                          at_least=1, at_most=256)
+                          at_least=1, at_most=64)
     import_timeout: float = option(30.0, "seconds one module may take to import and read before its worker "
-                                         "is killed and the module skipped", above=0)
+                                         "is killed and the module skipped", above=0, at_most=86400)
     no_preprocess: bool = option(False, "keep docstrings as written: no markup cleaning, no dropping of trivial "
                                         "ones, and one example per import path instead of one per object")
     seed: int = option(0, "seed of the train/valid/test assignment", at_least=0)
@@ -787,6 +788,11 @@ def main(argv=None):
     args = settings.parse(DatasetSettings, argv, "Turn the docstrings of installed packages into "
                                                  "train/valid/test JSONL for lora.py.")
     paths = dataset_paths(args.out, args.force)
+    with utils.claimed_output(args.out, *paths.values()):
+        make_dataset(args, paths)
+
+
+def make_dataset(args, paths):
     modules, test_modules = list_modules(args.packages)
 
     start = time.perf_counter()

@@ -10,8 +10,16 @@ import time
 from dataclasses import dataclass
 
 import utils  # noqa: F401  (fast BLAS before mlx.core)
+from utils import UserError
 
 import mlx.core as mx
+
+from loading import explain_non_finite
+from models import KVCache
+
+# Prompt tokens run through the model at a time: attention's scores then take
+# chunk x keys values, not prompt x prompt (a 20,000-token prompt: 2 GB a head).
+PREFILL_CHUNK = 512
 
 
 def sample(logits_V, temp, top_p):
@@ -30,11 +38,24 @@ def sample(logits_V, temp, top_p):
     return mx.random.categorical(logits_V)
 
 
+def prefill(model, prompt_tokens, cache):
+    """Run the prompt into `cache`, PREFILL_CHUNK tokens at a time; the logits after its last token."""
+    for start in range(0, len(prompt_tokens), PREFILL_CHUNK):
+        logits_BTV = model(mx.array([prompt_tokens[start:start + PREFILL_CHUNK]]), cache)
+        if start + PREFILL_CHUNK < len(prompt_tokens):
+            mx.eval([(c.keys, c.values) for c in cache])  # one chunk's graph at a time
+    return logits_BTV[0, -1]
+
+
 def generate_tokens(model, prompt_tokens, temp=0.0, top_p=1.0):
     """Yield generated token ids forever (the caller stops), using a KV cache."""
+    if not prompt_tokens:
+        raise UserError("nothing to continue: the prompt is empty and the model has no BOS token")
     cache = model.make_cache()
-    logits_BTV = model(mx.array([prompt_tokens]), cache)
-    token = sample(logits_BTV[0, -1], temp, top_p)
+    logits_V = prefill(model, prompt_tokens, cache)
+    if not mx.isfinite(logits_V).all().item():
+        explain_non_finite(model, "the prompt's logits")
+    token = sample(logits_V, temp, top_p)
     mx.async_eval(token)
     while True:
         # Queue the next step before waiting for this token: the CPU goes from one
@@ -93,10 +114,42 @@ class Timing:
         return (self.tokens - 1) / self.generation_s if self.tokens > 1 else 0.0
 
 
+def tokens_that_fit(args, n_prompt, max_tokens):
+    """How many tokens to generate after a prompt of n_prompt: max_tokens, cut at the
+    model's context length when its checkpoint gives one (said on stderr). A UserError
+    when the prompt alone fills the context, or the KV cache and the prompt's attention
+    would need more memory than MLX may use."""
+    if args.context_length is not None:
+        if n_prompt >= args.context_length:
+            raise UserError(f"the prompt is {n_prompt} tokens, the model's context only {args.context_length}: "
+                            "shorten the prompt")
+        if n_prompt + max_tokens > args.context_length:
+            max_tokens = args.context_length - n_prompt
+            print(f"note: generating at most {max_tokens} tokens, up to the model's context of "
+                  f"{args.context_length}", file=sys.stderr)
+    need = generation_bytes(args, n_prompt + max_tokens)
+    free = mx.get_memory_limit() - mx.get_active_memory()
+    if need > free:
+        raise UserError(f"a prompt of {n_prompt} tokens and {max_tokens} more to generate need about "
+                        f"{need / 2**30:.1f} GiB for the KV cache and attention, more than the {free / 2**30:.1f} "
+                        "GiB free: shorten the prompt or lower --max-tokens")
+    return max_tokens
+
+
+def generation_bytes(args, total):
+    """Memory of a KV cache of `total` positions (float32) and of one prefill chunk's attention scores."""
+    kept = total if args.sliding_window is None else min(total, args.sliding_window + PREFILL_CHUNK + KVCache.step)
+    cache = args.n_layers * 2 * args.n_kv_heads * args.head_dim * 4 * kept
+    scores = 2 * args.n_heads * min(total, PREFILL_CHUNK) * kept * 4
+    return cache + scores
+
+
 def stream_text(model, tokenizer, prompt_tokens, max_tokens, temp=0.0, top_p=1.0, timing=None):
     """Yield the continuation of `prompt_tokens` as text, one piece per generated token
     (empty while a character is incomplete) and what is left at the end; stop at EOS
-    or after `max_tokens` tokens. `timing`, if given, is filled in as it goes."""
+    or after `max_tokens` tokens (or the model's context: tokens_that_fit). `timing`,
+    if given, is filled in as it goes."""
+    max_tokens = tokens_that_fit(model.args, len(prompt_tokens), max_tokens)
     timing = timing if timing is not None else Timing()
     timing.prompt_tokens = len(prompt_tokens)
     detok = StreamingDetokenizer(tokenizer, prompt_tokens)

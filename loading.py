@@ -27,26 +27,25 @@ def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=Fa
 
     `compute_dtype` and `generation_only`: see set_compute_dtype. With
     `adapter_file`, its LoRA adapters are applied (and merged, for generation alone:
-    see adapters.merge).
+    see adapters.merge). The small files are checked before the weights are read.
     """
     if not os.path.isdir(path):
         raise UserError(f"{path}: model folder not found")
     config_path = os.path.join(path, "config.json")
     config = read_json(config_path, "model configuration")
     args = model_args(config, config_path)
-    model = models.Model(args)
-    weights_path = weights_file(path)
-    weights = utils.load_arrays(weights_path)
-    quantization = config.get("quantization")
-    if quantization:
-        nn.quantize(model, quantization["group_size"], quantization["bits"],
-                    class_predicate=lambda name, module: f"{name}.scales" in weights)
-    utils.check_fit(weights_path, weights, dict(tree_flatten(model.parameters())), "weights")
-    model.update(tree_unflatten(list(weights.items())))
-    set_compute_dtype(model, compute_dtype, generation_only)
+    q = quantization(config, config_path)
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size > args.vocab_size:
         raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} pieces, the model only {args.vocab_size}")
+    model = models.Model(args)
+    weights_path = weights_file(path)
+    weights = utils.load_arrays(weights_path)
+    if q:
+        nn.quantize(model, *q, class_predicate=lambda name, module: f"{name}.scales" in weights)
+    utils.check_fit(weights_path, weights, dict(tree_flatten(model.parameters())), "weights")
+    model.update(tree_unflatten(list(weights.items())))
+    set_compute_dtype(model, compute_dtype, generation_only)
     if adapter_file is not None:
         adapters.load(model, adapter_file)
         if generation_only:
@@ -55,15 +54,67 @@ def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=Fa
     return model, tokenizer, config
 
 
+def first_non_finite(model):
+    """The name of the first parameter holding NaN or infinity, or None.
+
+    Called to explain a non-finite loss or logits rather than on every load: a sum
+    per tensor is cheap, but not free on a 7B model. The sum is taken in float32 so
+    that large finite float16 weights do not overflow it.
+    """
+    for name, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating) and not mx.isfinite(p.astype(mx.float32).sum()).item():
+            return name
+    return None
+
+
+def explain_non_finite(model, what):
+    """Raise a UserError naming the parameter that made `what` non-finite, if one did."""
+    name = first_non_finite(model)
+    if name is not None:
+        raise UserError(f"{what} is not finite: the model's {name} holds NaN or infinity")
+
+
+# The keys of config.json the model uses: (type, lowest, highest). The bounds keep a
+# hostile file from asking for terabytes before a weight is read.
+CONFIG_KEYS = {
+    "dim": (int, 1, 2**17), "n_layers": (int, 1, 2**10), "n_heads": (int, 1, 2**12), "n_kv_heads": (int, 1, 2**12),
+    "head_dim": (int, 1, 2**12), "hidden_dim": (int, 1, 2**19), "norm_eps": (float, 1e-12, 1.0),
+    "vocab_size": (int, 1, 2**22), "rope_theta": (float, 1.0, 1e12), "sliding_window": (int, 1, 2**31),
+    "context_length": (int, 1, 2**31),
+}
+Q_BITS, Q_GROUP_SIZES = (2, 3, 4, 6, 8), (32, 64, 128)
+
+
 def model_args(config, source="config.json"):
-    """ModelArgs from a model folder's configuration."""
-    missing = [f.name for f in fields(models.ModelArgs) if f.default is MISSING and f.name not in config]
+    """ModelArgs from a model folder's configuration, every key the model uses checked."""
+    names = {f.name: f for f in fields(models.ModelArgs)}
+    missing = [name for name, f in names.items() if f.default is MISSING and name not in config]
     if missing:
         raise UserError(f"{source}: missing key(s) {', '.join(missing)}")
-    args = models.ModelArgs(**{f.name: config[f.name] for f in fields(models.ModelArgs) if f.name in config})
+    values = {}
+    for name in names:
+        if name in config and not (config[name] is None and names[name].default is None):
+            values[name] = utils.checked_number(config[name], *CONFIG_KEYS[name], f"{source}: '{name}'")
+    args = models.ModelArgs(**values)
     if args.n_heads % args.n_kv_heads:
         raise UserError(f"{source}: n_heads {args.n_heads} is not a multiple of n_kv_heads {args.n_kv_heads}")
     return args
+
+
+def quantization(config, source="config.json"):
+    """(group_size, bits) of a quantized model folder, or None."""
+    q = config.get("quantization")
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise UserError(f"{source}: 'quantization' must be an object with group_size and bits, got {q!r}")
+    for key, allowed in (("group_size", Q_GROUP_SIZES), ("bits", Q_BITS)):
+        if key not in q:
+            raise UserError(f"{source}: 'quantization' has no '{key}'")
+        if isinstance(q[key], bool) or q[key] not in allowed:
+            raise UserError(f"{source}: 'quantization.{key}' must be one of {', '.join(map(str, allowed))}, "
+                            f"got {q[key]!r}")
+    return q["group_size"], q["bits"]
 
 
 def weights_file(path):

@@ -5,6 +5,7 @@
     python lora.py --model mlx_model --prompt "Q: What is ReLU in mlx?"
 """
 
+import dataclasses
 import math
 import os
 import shlex
@@ -25,7 +26,7 @@ import generate
 import models
 import settings
 import trainer
-from loading import load_model, weights_file
+from loading import explain_non_finite, load_model, weights_file
 from settings import option, redefault
 
 # The example's default folder; without one, the small base model shipped in this repository.
@@ -71,7 +72,10 @@ class LoraSettings(trainer.TrainingSettings):
     val_batches: int = redefault(trainer.TrainingSettings, "val_batches", 25)
 
     def check(self):
+        super().check()
         models.parse_targets(self.lora_targets)
+        if os.path.splitext(self.adapter_file)[1] not in (".npz", ".safetensors"):
+            raise UserError(f"--adapter-file {self.adapter_file}: the name must end in .npz or .safetensors")
 
 
 def parse_args(argv=None):
@@ -87,19 +91,44 @@ def evaluate(model, data, batch_size, num_batches):
     return trainer.evaluate(model, (dataset.make_batch(data, indices) for indices in plan))
 
 
-def run_training(model, data, args):
+def training_outputs(adapter_file):
+    """Every file training writes beside the adapters, the adapters first."""
+    stem = os.path.splitext(adapter_file)[0]
+    return [adapter_file] + [stem + suffix for suffix in (".json", ".metrics.jsonl", ".loss.png", ".manifest.json")]
+
+
+def check_training_outputs(adapter_file):
+    """The adapter path must be writable as a file, checked before anything loads."""
+    parent = os.path.dirname(os.path.abspath(adapter_file))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise UserError(f"{adapter_file}: {parent} is not a folder")
+    for path in training_outputs(adapter_file):
+        if os.path.isdir(path):
+            raise UserError(f"{path}: a folder is in the way of an output file")
+    os.makedirs(parent, exist_ok=True)
+
+
+def resume_point(args):
+    """(checkpoints, run_meta, resumed) of this run: `resumed` is trainer.resume's
+    (path, arrays, meta), or None for a fresh run."""
+    checkpoints = trainer.Checkpoints(os.path.splitext(args.adapter_file)[0] + "-checkpoints", args.keep_checkpoints)
+    run_meta = {"seed": args.seed, "batch_size": args.batch_size}
+    resumed = trainer.resume(checkpoints, args.resume, run_meta, args.iters) if args.resume else None
+    if resumed:
+        resumed[2]["lora"] = adapters.checked_config(resumed[2].get("lora"), resumed[0])
+    return checkpoints, run_meta, resumed
+
+
+def run_training(model, data, args, checkpoints, run_meta, resumed):
     """Adapt, train (or resume), save; returns an exit code (non-zero when interrupted)."""
     stem = os.path.splitext(args.adapter_file)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(args.adapter_file)), exist_ok=True)
-    checkpoints = trainer.Checkpoints(stem + "-checkpoints", args.keep_checkpoints)
-    run_meta = {"seed": args.seed, "batch_size": args.batch_size}
-    meta, arrays = {}, None
-    if args.resume:
-        resume_path, arrays, meta = trainer.resume(checkpoints, args.resume, run_meta)
+    if resumed:
+        resume_path, arrays, meta = resumed
         lora = meta["lora"]
         lora_config = models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"],
                                         lora["alpha"], lora["dropout"])
     else:
+        arrays, meta = None, {}
         lora_config = models.apply_lora(model, args.lora_layers, models.parse_targets(args.lora_targets),
                                         args.lora_rank, args.lora_alpha, args.lora_dropout)
     if args.resume_adapter_file:
@@ -116,7 +145,7 @@ def run_training(model, data, args):
         trainer.restore(resume_path, arrays, model, optimizer)
     trainer.write_manifest(stem + ".manifest.json",
                            {"weights": weights_file(args.model), **{f"data.{s}": d.path for s, d in data.items()}},
-                           vars(args))
+                           dataclasses.asdict(args))
     plan = dataset.batch_plan(data["train"], args.batch_size)
     log = trainer.MetricsLog(stem + ".metrics.jsonl", stem + ".loss.png", resume_step=meta.get("step"))
     model.train()
@@ -159,7 +188,18 @@ def main(argv=None):
     mx.random.seed(args.seed)
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
         args.model = SHIPPED_MODEL
-    adapter_file = None if args.train else adapters_to_apply(args.adapter_file)
+    if not args.train:
+        return use_model(args, adapters_to_apply(args.adapter_file))
+    # Every output is checked, and a resume point read, before anything loads.
+    check_training_outputs(args.adapter_file)
+    if args.resume_adapter_file and not os.path.isfile(args.resume_adapter_file):
+        raise UserError(f"{args.resume_adapter_file}: adapter file not found")
+    with utils.claimed_output(*training_outputs(args.adapter_file)):
+        return use_model(args, None, resume_point(args))
+
+
+def use_model(args, adapter_file, resume=None):
+    """Load the model, then train, test and generate as asked; returns an exit code."""
     print(f"Loading model {args.model}", file=sys.stderr)
     model, tokenizer, _ = load_model(args.model, adapter_file, args.compute_dtype,
                                      generation_only=not (args.train or args.test))
@@ -171,7 +211,8 @@ def main(argv=None):
             raise UserError(f"{data['train'].path}: no training examples")
         if len(data["valid"]) == 0:
             raise UserError(f"{data['valid'].path}: no validation examples")
-        code = run_training(model, data, args)
+        trainer.check_memory(model.args, args.batch_size, max(map(len, data["train"].tokens)))
+        code = run_training(model, data, args, *resume)
         if code:
             return code
 
@@ -179,12 +220,16 @@ def main(argv=None):
         test_set = dataset.load_split(args.data, "test", tokenizer, args.max_seq_length, args.mask_prompt)
         if len(test_set) == 0:
             raise UserError(f"{test_set.path}: no test examples")
+        trainer.check_memory(model.args, args.batch_size, max(map(len, test_set.tokens)))
         test_loss = evaluate(model, test_set, args.batch_size, args.test_batches)
+        if not math.isfinite(test_loss):
+            explain_non_finite(model, "the test loss")
         print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(min(test_loss, 700)):.3f}.")
 
     if args.prompt is not None:
         mx.random.seed(args.seed)
         generate.generate(model, tokenizer, args.prompt, args.num_tokens, args.temp, args.top_p, args.write_every)
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class ModelArgs:
     vocab_size: int
     rope_theta: float = 10000.0
     sliding_window: Optional[int] = None
+    context_length: Optional[int] = None  # positions the model was trained for, when its checkpoint says
 
 
 class Linear(nn.Linear):
@@ -243,6 +244,18 @@ def count_parameters(model):
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
+def _parent(layer, name):
+    return layer.attention if name in ("wq", "wk", "wv", "wo") else layer.feed_forward
+
+
+def _linear_dims(linear):
+    """(out, in) of a plain or quantized linear layer."""
+    out_dims, in_dims = linear.weight.shape
+    if isinstance(linear, nn.QuantizedLinear):
+        in_dims = in_dims * 32 // linear.bits  # packed uint32 columns
+    return out_dims, in_dims
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / rank) * dropout(x) A B, with the base frozen.
 
@@ -252,9 +265,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank=8, alpha=16.0, dropout=0.0):
         super().__init__()
-        out_dims, in_dims = base.weight.shape
-        if isinstance(base, nn.QuantizedLinear):
-            in_dims = in_dims * 32 // base.bits  # packed uint32 columns
+        out_dims, in_dims = _linear_dims(base)
         self.linear = base
         self.dropout = nn.Dropout(dropout)
         self.scale = alpha / rank
@@ -289,9 +300,13 @@ def apply_lora(model, lora_layers, targets=("wq", "wv"), rank=8, alpha=16.0, dro
     model.freeze()
     n = len(model.layers)
     first = max(0, n - lora_layers)
+    smallest = min(min(_linear_dims(getattr(_parent(model.layers[0], name), name))) for name in targets)
+    if rank > smallest:
+        raise UserError(f"--lora-rank {rank} is more than {smallest}, the smallest dimension of the layers "
+                        "to adapt: a larger rank adds nothing")
     for layer in model.layers[first:]:
         for name in targets:
-            parent = layer.attention if name in ("wq", "wk", "wv", "wo") else layer.feed_forward
+            parent = _parent(layer, name)
             setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
     return {"lora_layers": n - first, "targets": list(targets), "rank": rank,
             "alpha": alpha, "dropout": dropout}

@@ -11,9 +11,11 @@ and its padding masked out of the loss. The output folder has convert.py's layou
 (config.json, weights.npz, tokenizer.model), so lora.py fine-tunes it directly.
 """
 
+import dataclasses
 import io
 import math
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 import models
 import settings
 import trainer
+from formats import expected_shapes
 from settings import option, redefault
 from tokenizer import SentencePieceTokenizer
 
@@ -41,7 +44,7 @@ class PretrainSettings(trainer.TrainingSettings):
     corpus: str = option(None, "folder with train.jsonl and valid.jsonl of {\"text\": ...}", required=True)
     out: str = option(None, "output model folder (config.json, weights.npz, tokenizer.model)", required=True)
     tokenizer: Optional[str] = option(None, "an existing tokenizer.model; default: train one on the corpus")
-    vocab_size: int = option(4096, "pieces of the trained tokenizer", at_least=16)
+    vocab_size: int = option(4096, "pieces of the trained tokenizer", at_least=260, at_most=2**20)
     dim: int = option(256, "model dimension", at_least=1)
     n_layers: int = option(6, "transformer blocks", at_least=1)
     n_heads: int = option(8, "query heads", at_least=1)
@@ -81,8 +84,8 @@ def read_documents(path):
     return docs
 
 
-def train_tokenizer(docs, vocab_size, path, seed):
-    """SentencePiece BPE with byte fallback and split digits, as LLaMA's tokenizer."""
+def train_tokenizer(docs, vocab_size, seed):
+    """SentencePiece BPE with byte fallback and split digits, as LLaMA's tokenizer: its model's bytes."""
     import sentencepiece as spm
 
     spm.set_random_generator_seed(seed)  # its sentence sampling: same corpus, same tokenizer
@@ -90,15 +93,18 @@ def train_tokenizer(docs, vocab_size, path, seed):
     # Sentences are lines; SentencePiece caps their length, so long lines are wrapped.
     lines = (line[i:i + 2000] for doc in docs for line in doc.splitlines() if line.strip()
              for i in range(0, len(line), 2000))
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, character_coverage=0.9995,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        input_sentence_size=2_000_000, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
-        num_threads=os.cpu_count() or 1, minloglevel=2)
-    with utils.atomic_write(path) as f:
-        f.write(model.getvalue())
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, split_digits=True, character_coverage=0.9995,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            input_sentence_size=2_000_000, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:  # "Vocabulary size too high", say: the corpus decides what fits
+        raise UserError(f"--vocab-size {vocab_size}: SentencePiece cannot train it on this corpus "
+                        f"({str(e).strip().splitlines()[-1]})")
+    return model.getvalue()
 
 
 def make_blocks(docs, tokenizer, context):
@@ -163,16 +169,58 @@ def save_model(model, args, tokenizer_path, out):
 def main(argv=None):
     args = settings.parse(PretrainSettings, argv, DESCRIPTION)
     work = args.out + "-work"  # tokenizer, checkpoints, metrics: what a resume needs
-    os.makedirs(work, exist_ok=True)
+    for folder in (args.out, work):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"{folder}: exists and is not a folder")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UserError(f"{args.out}: its parent folder does not exist")
+    if args.tokenizer:
+        SentencePieceTokenizer(args.tokenizer)  # a bad tokenizer fails now, not after the corpus
+    check_model_memory(args)
+    outputs = [os.path.join(work, name) for name in ("tokenizer.model", "metrics.jsonl", "loss.png", "manifest.json")]
+    with utils.claimed_output(args.out, *outputs):
+        return pretrain(args, work)
+
+
+def check_model_memory(args):
+    """A UserError when the model's weights, gradients and Adam's two moments (float32), or a
+    batch's activations, would not fit in the memory MLX may use."""
+    model_args = model_args_of(args, args.vocab_size)
+    n_params = sum(math.prod(s) for s in expected_shapes(vars(model_args)).values())
+    need, limit = 16 * n_params, mx.get_memory_limit()
+    if need > limit:
+        raise UserError(f"a model of {n_params / 1e9:.1f}B parameters needs about {need / 2**30:.0f} GiB to train, "
+                        f"more than the {limit / 2**30:.1f} GiB MLX may use: lower --dim, --n-layers or --hidden-dim")
+    trainer.check_memory(model_args, args.batch_size, args.context)
+
+
+def model_args_of(args, vocab_size):
+    return models.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                            n_kv_heads=args.n_kv_heads, head_dim=args.dim // args.n_heads,
+                            hidden_dim=args.hidden_dim, norm_eps=1e-5, vocab_size=vocab_size,
+                            rope_theta=args.rope_theta, context_length=args.context)
+
+
+def pretrain(args, work):
+    """Tokenize the corpus, build the model (or resume it), train, save; returns an exit code."""
+    checkpoints = trainer.Checkpoints(os.path.join(work, "checkpoints"), args.keep_checkpoints)
+    # These decide the data order, which a resume replays exactly.
+    run_meta = {"seed": args.seed, "batch_size": args.batch_size, "context": args.context}
+    resumed = trainer.resume(checkpoints, args.resume, run_meta, args.iters) if args.resume else None
 
     train_docs = read_documents(os.path.join(args.corpus, "train.jsonl"))
     valid_docs = read_documents(os.path.join(args.corpus, "valid.jsonl"))
     tokenizer_path = os.path.join(work, "tokenizer.model")
-    if args.tokenizer:
-        shutil.copyfile(args.tokenizer, tokenizer_path)
-    elif not os.path.exists(tokenizer_path):
-        print(f"Training a {args.vocab_size}-piece tokenizer on {len(train_docs)} documents", file=sys.stderr)
-        train_tokenizer(train_docs, args.vocab_size, tokenizer_path, args.seed)
+    if args.tokenizer or not os.path.exists(tokenizer_path):  # else a resumed run's own
+        if args.tokenizer:
+            with open(args.tokenizer, "rb") as f:
+                tokenizer_bytes = f.read()
+        else:
+            print(f"Training a {args.vocab_size}-piece tokenizer on {len(train_docs)} documents", file=sys.stderr)
+            tokenizer_bytes = train_tokenizer(train_docs, args.vocab_size, args.seed)
+        os.makedirs(work, exist_ok=True)  # only now: a run refused before leaves nothing
+        with utils.atomic_write(tokenizer_path) as f:
+            f.write(tokenizer_bytes)
     tokenizer = SentencePieceTokenizer(tokenizer_path)
 
     train_blocks, train_mask = make_blocks(train_docs, tokenizer, args.context)
@@ -180,10 +228,7 @@ def main(argv=None):
     print(f"Corpus: {int(train_mask.sum())} training tokens in {len(train_blocks)} blocks, "
           f"{int(val_mask.sum())} validation tokens", file=sys.stderr)
 
-    model_args = models.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                                  n_kv_heads=args.n_kv_heads, head_dim=args.dim // args.n_heads,
-                                  hidden_dim=args.hidden_dim, norm_eps=1e-5, vocab_size=tokenizer.vocab_size,
-                                  rope_theta=args.rope_theta)
+    model_args = model_args_of(args, tokenizer.vocab_size)
     model = models.Model(model_args)
     init_weights(model, model_args, args.seed)
     n_params, _ = models.count_parameters(model)
@@ -191,12 +236,9 @@ def main(argv=None):
 
     optimizer = make_optimizer(args)
     step_fn = trainer.make_train_step(model, optimizer, clip_norm=args.grad_clip)
-    checkpoints = trainer.Checkpoints(os.path.join(work, "checkpoints"), args.keep_checkpoints)
-    # These decide the data order, which a resume replays exactly.
-    run_meta = {"seed": args.seed, "batch_size": args.batch_size, "context": args.context}
     meta = {}
-    if args.resume:
-        path, arrays, meta = trainer.resume(checkpoints, args.resume, run_meta)
+    if resumed:
+        path, arrays, meta = resumed
         trainer.restore(path, arrays, model, optimizer)
 
     n_batches = max(1, len(train_blocks) // args.batch_size)  # whole batches: fixed shapes compile once
@@ -213,7 +255,7 @@ def main(argv=None):
     trainer.write_manifest(os.path.join(work, "manifest.json"),
                            {"corpus.train": os.path.join(args.corpus, "train.jsonl"),
                             "corpus.valid": os.path.join(args.corpus, "valid.jsonl"), "tokenizer": tokenizer_path},
-                           vars(args))
+                           dataclasses.asdict(args))
     log = trainer.MetricsLog(os.path.join(work, "metrics.jsonl"), os.path.join(work, "loss.png"),
                              resume_step=meta.get("step"))
     try:
@@ -221,14 +263,14 @@ def main(argv=None):
                       save_outputs=lambda: save_model(model, args, tokenizer_path, args.out),
                       checkpoint_meta=run_meta, resumed=meta)
     except trainer.Interrupted as stop:
-        print(f"Stopped; checkpoint {stop.checkpoint}. Resume with the same command and --resume latest",
-              file=sys.stderr)
+        print(f"Stopped; checkpoint {stop.checkpoint}. Resume with:\n"
+              f"  {shlex.join(['python', 'pretrain.py', *sys.argv[1:], '--resume', 'latest'])}", file=sys.stderr)
         return 128 + stop.signum
     finally:
         log.close()
     log.plot()
     val = evaluate_blocks(model, val_blocks, val_mask, args.batch_size)
-    print(f"Validation loss {val:.3f}, perplexity {math.exp(val):.2f}", file=sys.stderr)
+    print(f"Validation loss {val:.3f}, perplexity {math.exp(min(val, 700)):.2f}", file=sys.stderr)
     print(f"Saved the model to {args.out}", file=sys.stderr)
     return 0
 

@@ -18,23 +18,26 @@ naming the flag (or the file and key) and what it must be.
 import argparse
 import dataclasses
 import math
+import os
 import typing
 
 from utils import UserError
 
 
 def option(default, help, *, flags=(), choices=None, at_least=None, at_most=None, above=None, below=None,
-           special=None, text=False, required=False, metavar=None):
+           special=None, text=False, allow_empty=False, required=False, metavar=None):
     """A settings field and its flag.
 
     flags: other spellings (the first flag is always --field-name); choices: the
-    allowed values; at_least/at_most/above/below: the range of a number; special:
-    {value: meaning} of values outside the range that mean something (-1: "all");
-    text: the string must be valid Unicode (prompts, not paths); required: no
-    default, must be given.
+    allowed values; at_least/at_most/above/below: the range of a number (every
+    integer must also fit in 64 bits); special: {value: meaning} of values outside
+    the range that mean something (-1: "all"); text: the string must be valid
+    Unicode (prompts, not paths); allow_empty: "" is a value (else refused);
+    required: no default, must be given.
     """
     meta = dict(help=help, flags=tuple(flags), choices=choices, at_least=at_least, at_most=at_most, above=above,
-                below=below, special=special or {}, text=text, required=required, metavar=metavar)
+                below=below, special=special or {}, text=text, allow_empty=allow_empty, required=required,
+                metavar=metavar)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -141,6 +144,8 @@ def read_config(cls, path):
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})")
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})")
+    except ValueError as e:  # an integer too long for Python to read, say
+        raise UserError(f"{path}: unreadable value ({e})")
     if config is None:
         return {}
     if not isinstance(config, dict):
@@ -174,16 +179,18 @@ def check_value(field, hint, value, where):
             return None
         raise UserError(f"{where}: a value is required")
     value = _of_type(kind, value, where)
+    for text in value if kind is list else [value] if kind is str else []:
+        if not text and not meta["allow_empty"]:
+            raise UserError(f"{where}: an empty string is not a value here")
     if meta["choices"] is not None and value not in meta["choices"]:
         raise UserError(f"{where} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
     if kind in (int, float) and value not in meta["special"]:
         _check_range(meta, value, where)
-    if meta["text"]:
-        for text in value if kind is list else [value]:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UserError(f"{where} is not valid Unicode text (undecodable bytes or lone surrogates)")
+    for text in value if kind is list else [value] if kind is str else []:
+        try:  # text must be Unicode; a path may hold the undecodable bytes a file name can have
+            text.encode("utf-8") if meta["text"] else os.fsencode(text)
+        except UnicodeEncodeError:
+            raise UserError(f"{where} is not valid Unicode text (undecodable bytes or lone surrogates)")
     return value
 
 
@@ -195,11 +202,13 @@ def _of_type(kind, value, where):
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{where}: expected an integer, got {value!r}")
+        if not -2**63 <= value < 2**63:
+            raise UserError(f"{where}: {value} does not fit in a 64-bit integer")
         return value
     if kind is list:
         if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
             raise UserError(f"{where}: expected a non-empty list of strings, got {value!r}")
-        return list(value)
+        return [_of_type(str, v, where) for v in value]
     if kind is float:
         if isinstance(value, str):
             # YAML 1.1 (PyYAML) reads 1e-5, without a dot, as a string
@@ -209,9 +218,14 @@ def _of_type(kind, value, where):
                 raise UserError(f"{where}: expected a number, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise UserError(f"{where} must be a finite number, got {value}")
     if not isinstance(value, str):
         raise UserError(f"{where}: expected a string, got {value!r}")
+    if "\0" in value:  # no path or text may hold one (the OS refuses it in a path)
+        raise UserError(f"{where}: contains a NUL character")
     return value
 
 

@@ -22,11 +22,14 @@ class SentencePieceTokenizer:
             self._sp = spm.SentencePieceProcessor(model_file=model_path)
         except Exception as e:
             raise UserError(f"{model_path}: not a SentencePiece model ({e})")
-        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+        # SentencePiece says -1 for a special token the model lacks: then there is none to add.
+        self.bos_id, self.eos_id = (i if i >= 0 else None for i in (self._sp.bos_id(), self._sp.eos_id()))
         self.vocab_size = self._sp.vocab_size()
 
     def encode(self, text, bos=True, eos=False):
-        return ([self.bos_id] if bos else []) + self._sp.encode(text) + ([self.eos_id] if eos else [])
+        start = [self.bos_id] if bos and self.bos_id is not None else []
+        end = [self.eos_id] if eos and self.eos_id is not None else []
+        return start + self._sp.encode(text) + end
 
     def decode(self, ids):
         return self._sp.decode(list(ids))

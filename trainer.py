@@ -22,6 +22,7 @@ from typing import Optional
 import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError
 
+import loading
 import ops
 import settings
 from settings import option
@@ -50,6 +51,28 @@ class TrainingSettings(settings.Settings):
     steps_per_eval: int = option(200, "steps between validation runs", at_least=1)
     save_every: int = option(100, "steps between saves of the result and of a full-state checkpoint", at_least=1)
     keep_checkpoints: int = option(3, "full-state checkpoints to keep", at_least=1)
+
+    def check(self):
+        if self.warmup > self.iters:
+            raise UserError(f"--warmup {self.warmup} is more than --iters {self.iters}")
+
+
+def check_memory(args, batch_size, seq_len, grad_checkpoint=False):
+    """A UserError when a training batch of `batch_size` x `seq_len` tokens would need more
+    activation memory than MLX may use: better said now than by the kernel's OOM killer.
+
+    Per layer, backward keeps the attention probabilities (N x T x T a row) and about ten
+    activations of the model's width and four of the feed-forward's; with
+    --grad-checkpoint, one layer's at a time.
+    """
+    per_layer = batch_size * seq_len * (args.n_heads * seq_len + 10 * args.dim + 4 * args.hidden_dim) * 4
+    need = per_layer * (1 if grad_checkpoint else args.n_layers)
+    limit = mx.get_memory_limit()
+    if need > limit:
+        raise UserError(f"a batch of {batch_size} examples of up to {seq_len} tokens needs about "
+                        f"{need / 2**30:.1f} GiB of activations, more than the {limit / 2**30:.1f} GiB MLX may "
+                        "use: lower --batch-size or --max-seq-length"
+                        + ("" if grad_checkpoint else ", or add --grad-checkpoint"))
 
 
 def step_seed(seed, step):
@@ -97,10 +120,24 @@ def learning_rate_schedule(peak, iters, warmup=0, cosine=True, end=0.0):
     return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), hold], [warmup])
 
 
+def assign_in_place(tree, values):
+    """Put the leaves of `values` into the containers of `tree`, which has its structure.
+
+    An optimizer's state must change in its own dicts: the compiled step tracks those,
+    and MultiOptimizer.state is a fresh dict around its optimizers' on every access, so
+    replacing its entries would change nothing.
+    """
+    for key in range(len(tree)) if isinstance(tree, list) else tree:
+        if isinstance(tree[key], (dict, list)):
+            assign_in_place(tree[key], values[key])
+        else:
+            tree[key] = values[key]
+
+
 def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None):
     """One compiled step: loss, gradients (optionally clipped), and an update applied only
-    if the loss and every gradient are finite. A bad step leaves weights and optimizer as
-    they were. Returns (loss, ntoks, finite)."""
+    if the loss, every gradient and everything the update makes are finite. A bad step
+    leaves weights and optimizer as they were. Returns (loss, ntoks, finite)."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
     def step(*batch):
@@ -113,12 +150,12 @@ def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None):
         old_params = model.trainable_parameters()
         old_opt = tree_map(lambda x: x, optimizer.state)  # new containers, same arrays
         optimizer.update(model, grads)
-        for _, p in tree_flatten(model.trainable_parameters()):  # an update can overflow too
+        # An update can overflow too, in the weights or in the optimizer's moments (g^2).
+        for _, p in tree_flatten(model.trainable_parameters()) + tree_flatten(optimizer.state):
             finite = finite & mx.isfinite(p).all()
         keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
         model.update(tree_map(keep, model.trainable_parameters(), old_params))
-        # Update in place: the compiled function tracks this very dict.
-        optimizer.state.update(tree_map(keep, optimizer.state, old_opt))
+        assign_in_place(optimizer.state, tree_map(keep, optimizer.state, old_opt))
         return loss, ntoks, finite
 
     # Create the optimizer state now so that compile sees its arrays from the start.
@@ -171,20 +208,28 @@ def load_checkpoint(path):
         meta = json.loads(metadata["mlx_lora"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}: not a readable checkpoint ({e})")
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or "step" not in meta:
-        raise UserError(f"{path}: not a checkpoint of this toolkit (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint of this toolkit")
+    for key in ("step", "bad_in_a_row", "bad_total"):
+        value = meta.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{path}: not a readable checkpoint ('{key}' is {value!r})")
     return arrays, meta
 
 
-def resume(checkpoints, which, run_meta):
+def resume(checkpoints, which, run_meta, iters):
     """(path, arrays, meta) of the checkpoint `which` ("latest" or a path), refused when it was
-    made with other `run_meta` settings (they decide the data order: a resume must replay it)."""
+    made with other `run_meta` settings (they decide the data order: a resume must replay it)
+    or when it is already at or past step `iters`."""
     path = checkpoints.latest() if which == "latest" else which
     arrays, meta = load_checkpoint(path)
     for key, value in run_meta.items():
         if meta.get(key) != value:
             raise UserError(f"{path}: checkpoint was made with --{key.replace('_', '-')} {meta.get(key)}, "
                             f"this run has {value}")
+    if meta["step"] >= iters:
+        raise UserError(f"{path}: checkpoint is at step {meta['step']}, and --iters is {iters}: nothing left "
+                        "to train (raise --iters to train on)")
     print(f"Resuming from {path} at step {meta['step']}", file=sys.stderr)
     return path, arrays, meta
 
@@ -204,7 +249,7 @@ def restore(path, arrays, model, optimizer):
 
     weights = tree_map_with_path(lambda k, v: take("model", k, v), model.trainable_parameters())
     model.update(weights)
-    optimizer.state.update(tree_map_with_path(lambda k, v: take("optimizer", k, v), optimizer.state))
+    assign_in_place(optimizer.state, tree_map_with_path(lambda k, v: take("optimizer", k, v), optimizer.state))
     expected = len(tree_flatten(model.trainable_parameters())) + len(tree_flatten(optimizer.state))
     if len(arrays) != expected:
         raise UserError(f"{path}: checkpoint does not fit this run ({len(arrays)} arrays, expected {expected})")
@@ -375,6 +420,8 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
                 window["toks"] += n
                 window["steps"] += 1
             else:
+                # A parameter that is not finite spoils every step to come: say which, now.
+                loading.explain_non_finite(model, f"the loss of step {step}")
                 bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
                 tqdm.write(f"step {step}: non-finite loss or gradient; step skipped "
                            f"({bad_in_a_row} in a row, {bad_total} in all)", file=sys.stderr)

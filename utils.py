@@ -7,6 +7,8 @@ bundles the reference BLAS, about 40x slower; see README, "Fast BLAS").
 
 import contextlib
 import ctypes
+import fcntl
+import gc
 import glob
 import json
 import os
@@ -81,18 +83,35 @@ def run_cli(main):
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:
+        if "[malloc" not in str(e):  # MLX's allocation failures; anything else is a bug to see
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
 
 
+def _temporary_prefix(path):
+    """Temporaries of `path` are named .NAME.* beside it, so a later run can find them."""
+    return f".{os.path.basename(os.path.abspath(path))}."
+
+
 @contextlib.contextmanager
 def _replace_when_done(path, suffix=".tmp"):
     """Yield a temporary path beside `path`; when the block succeeds, fsync it and rename it
-    over `path`. On any exception the temporary is removed and `path` is untouched."""
+    over `path`. On any exception the temporary is removed and `path` is untouched; a
+    failed write (a full disk, say) is a UserError naming `path`."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temporary_prefix(path), suffix=suffix)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write here ({e.strerror or e})")
     os.close(fd)
     try:
         os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; give the usual mode
@@ -101,9 +120,12 @@ def _replace_when_done(path, suffix=".tmp"):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(folder)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: not written ({e.strerror or e}); any previous {os.path.basename(path)} "
+                            "is intact") from e
         raise
 
 
@@ -140,10 +162,23 @@ def atomic_save_arrays(path, arrays, metadata=None):
 
     ext = os.path.splitext(path)[1]
     with _replace_when_done(path, suffix=ext) as tmp:  # mx.savez wants the real extension
-        if ext == ".safetensors":
-            mx.save_safetensors(tmp, arrays, metadata=metadata or {})
-        else:
-            mx.savez(tmp, **arrays)
+        failure = None
+        # A failed mx.savez leaves a half-closed ZipFile whose finalizer reports the same
+        # error again as "Exception ignored": it is collected here, unheard.
+        hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+        try:
+            try:
+                if ext == ".safetensors":
+                    mx.save_safetensors(tmp, arrays, metadata=metadata or {})
+                else:
+                    mx.savez(tmp, **arrays)
+            except (OSError, RuntimeError) as e:  # a full disk, say (MLX's own writer raises RuntimeError)
+                failure = OSError(getattr(e, "errno", None), getattr(e, "strerror", None) or str(e))
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+        if failure is not None:
+            raise failure
 
 
 def load_arrays(path, what="weights"):
@@ -180,22 +215,93 @@ def folder_replaced_when_done(target):
     """Yield a new empty folder beside `target` (same file system); when the block succeeds,
     it becomes `target`. An existing `target` is moved aside first and removed after, so
     `target` is always either the old or the new complete folder; on any exception the new
-    one is removed and `target` is untouched."""
+    one is removed and `target` is untouched, and a failed write is a UserError naming it."""
     parent = os.path.dirname(os.path.abspath(target))
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(target))}.tmp-")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=_temporary_prefix(target) + "tmp-")
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual mode
         yield tmp
         if not os.path.exists(target) or not os.listdir(target):
             os.replace(tmp, target)  # rename(2) may replace an empty folder
             return
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+        old = tempfile.mkdtemp(prefix=_temporary_prefix(target) + "old-", dir=parent)
         os.replace(target, old)  # `old` is empty, so this rename replaces it
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # A failed write inside (a full disk, say) is named by the folder, not by its temporary.
+        cause = e if isinstance(e, OSError) else e.__cause__ if isinstance(e, UserError) else None
+        if isinstance(cause, OSError):
+            raise UserError(f"{target}: not written ({cause.strerror or cause}); any previous "
+                            f"{os.path.basename(os.path.abspath(target))} is intact") from e
         raise
+
+
+def remove_stale_temporaries(path):
+    """Remove what an earlier, killed write of `path` left beside it (its .NAME.* temporaries)."""
+    folder, prefix = os.path.dirname(os.path.abspath(path)), _temporary_prefix(path)
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name != prefix + "lock":
+            stale = os.path.join(folder, name)
+            if os.path.isdir(stale) and not os.path.islink(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(stale)
+
+
+@contextlib.contextmanager
+def claimed_output(path, *more):
+    """Hold `path` (and the outputs in `more`, written beside it) for this run alone.
+
+    A second run on the same output is refused while this one holds it, instead of
+    mixing their files; then the temporaries of killed earlier runs are removed. The
+    lock is a file .NAME.lock beside `path`, removed when the block ends.
+    """
+    lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), _temporary_prefix(path) + "lock")
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{path}: cannot write here ({e.strerror or e})")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{path}: another run is writing this output ({lock_path} is held); "
+                            "wait for it to end or choose another output")
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)  # the lock file was replaced between open and flock: take the new one
+    try:
+        for p in (path, *more):
+            remove_stale_temporaries(p)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+def _same_file(fd, path):
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def checked_number(value, kind, low, high, where):
+    """`value` from a file, checked to be a `kind` (int or float) from `low` to `high`."""
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{where} must be an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise UserError(f"{where} must be a number, got {value!r}")
+    if not low <= value <= high:  # NaN fails this too
+        raise UserError(f"{where} must be from {low} to {high}, got {value!r}")
+    return kind(value)
 
 
 def write_json(path, obj):
@@ -218,7 +324,25 @@ def read_json(path, what="file"):
         raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})")
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    _check_unicode(obj, path)
     return obj
+
+
+def _check_unicode(obj, where):
+    """A UserError if a string in `obj` is not valid Unicode: JSON's \\ud800 escapes
+    decode to lone surrogates, which no tokenizer or file name can take."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"{where}: a string is not valid Unicode ({obj[e.start]!r} at character {e.start})")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_unicode(key, where)
+            _check_unicode(value, where)
+    elif isinstance(obj, list):
+        for value in obj:
+            _check_unicode(value, where)
 
 
 MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024
@@ -248,6 +372,7 @@ def read_jsonl(path, max_line_bytes=MAX_JSONL_LINE_BYTES):
                 raise UserError(f"{path}: line {lineno}: invalid JSON ({e.msg})")
             if not isinstance(obj, dict):
                 raise UserError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            _check_unicode(obj, f"{path}: line {lineno}")
             yield lineno, obj
 
 

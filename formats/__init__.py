@@ -1,7 +1,7 @@
 """Checkpoint formats convert.py reads, one module each, and the layout they all convert into.
 
 Every format's module offers detect(path) and a Checkpoint(path) class with
-`config` (convert.py's config.json keys), `shapes` ({name: shape} in this
+`path`, `config` (convert.py's config.json keys), `shapes` ({name: shape} in this
 toolkit's names, in writing order), `tensor(name, dtype)` and `tokenizer_files`.
 """
 

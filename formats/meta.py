@@ -33,6 +33,7 @@ def detect(folder):
 class Checkpoint:
     """An opened, fully checked Meta checkpoint folder.
 
+    path: the folder;
     config: the model configuration (convert.py's config.json keys);
     shapes: {name: full shape} of every weight the model needs, in writing order;
     tensor(name, dtype): that weight, merged across shards, as a torch tensor;
@@ -42,6 +43,7 @@ class Checkpoint:
     def __init__(self, folder):
         if not os.path.isdir(folder):
             raise UserError(f"{folder}: checkpoint folder not found")
+        self.path = folder
         params_path = os.path.join(folder, "params.json")
         params = read_json(params_path, "params.json")
         tokenizer_path = os.path.join(folder, "tokenizer.model")
@@ -155,12 +157,15 @@ def derive_config(params, params_path, shards):
         raise UserError(f"{path0}: tok_embeddings.weight has {vocab_size} rows but "
                         f"{params_path} says vocab_size {params['vocab_size']}")
     window = params.get("sliding_window")  # Mistral; null or absent: full causal attention
-    return {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
-            "head_dim": head_dim, "hidden_dim": hidden_dim,
-            "norm_eps": _param(params, "norm_eps", params_path, float, default=1e-5),
-            "vocab_size": vocab_size,
-            "rope_theta": _param(params, "rope_theta", params_path, float, default=10000.0),
-            "sliding_window": None if window is None else _param(params, "sliding_window", params_path)}
+    config = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
+              "head_dim": head_dim, "hidden_dim": hidden_dim,
+              "norm_eps": _param(params, "norm_eps", params_path, float, default=1e-5),
+              "vocab_size": vocab_size,
+              "rope_theta": _param(params, "rope_theta", params_path, float, default=10000.0),
+              "sliding_window": None if window is None else _param(params, "sliding_window", params_path)}
+    if "max_seq_len" in params:  # llama2.c's exports say it; Meta's and Mistral's do not
+        config["context_length"] = _param(params, "max_seq_len", params_path)
+    return config
 
 
 def check_shards(shards, shapes):

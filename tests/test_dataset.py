@@ -360,7 +360,7 @@ def test_existing_dataset_is_kept_unless_forced(packages):
         (["--packages", "nosuchpkg"], "error: unknown package: nosuchpkg (is it installed in this Python?)"),
         (["--packages", "fakepkg.ops"], "error: --packages takes top-level package names such as mlx or numpy"),
         (["--test-size", "0.5", "--valid-size", "0.5"], "error: --test-size plus --valid-size must be below 1"),
-        (["--workers", "0"], "error: --workers must be at least 1 and at most 256, got 0"),
+        (["--workers", "0"], "error: --workers must be at least 1 and at most 64, got 0"),
     ],
 )
 def test_bad_input_is_one_line_error(packages, args, message):

@@ -1,6 +1,7 @@
 """Streaming detokenization, sampling and stopping at EOS."""
 
 import os
+import types
 
 import mlx.core as mx
 import numpy as np
@@ -8,9 +9,13 @@ import pytest
 
 import loading
 import generate
+import models
 import tokenizer as tokenizer_module
 from checkpoints import ASSETS, make_tokenizer
 
+# What generate reads of a model whose tokens a test fakes: its shape, for the memory check.
+STAND_IN = types.SimpleNamespace(args=models.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                                                       hidden_dim=128, norm_eps=1e-5, vocab_size=320))
 TEXTS = ["Once upon a time", " héllo wörld", " 日本語のテキスト", " emoji 🙂🎉 end", "  two  spaces\nand a newline",
          "ß→∑ mixed ✓ 12 34"]
 
@@ -84,7 +89,7 @@ def test_generation_stops_at_eos(tokenizers, monkeypatch, capsys):
         yield from words + [tok.eos_id] + tok.encode("never printed", bos=False)
 
     monkeypatch.setattr(generate, "generate_tokens", fake_tokens)
-    generate.generate(None, tok, "Once", max_tokens=50)
+    generate.generate(STAND_IN, tok, "Once", max_tokens=50)
     out = capsys.readouterr()
     assert out.out == "Once the cat\n"
     assert f"({len(words)} tokens)" in out.err
@@ -94,7 +99,7 @@ def test_generation_respects_num_tokens(tokenizers, monkeypatch, capsys):
     tok = tokenizers["tiny"]
     letters = tok.encode("a b c d e f g h", bos=False)
     monkeypatch.setattr(generate, "generate_tokens", lambda *a: iter(letters))
-    generate.generate(None, tok, "x", max_tokens=3, write_every=2)
+    generate.generate(STAND_IN, tok, "x", max_tokens=3, write_every=2)
     out = capsys.readouterr()
     assert "(3 tokens)" in out.err
     assert out.out == "x" + tok.decode(tok.encode("x") + letters[:3])[1:] + "\n"

@@ -262,7 +262,8 @@ def test_non_finite_loss_stops_training_and_writes_no_adapters(tiny_llama, tmp_p
         return config
 
     monkeypatch.setattr(models, "apply_lora", poisoned_apply)
-    with pytest.raises(UserError, match="non-finite steps in a row.*lower --learning-rate"):
+    # The stop names what is not finite, instead of blaming the learning rate.
+    with pytest.raises(UserError, match="step 1 is not finite: the model's layers.1.attention.wq.lora_a holds NaN"):
         run_training(tiny_llama[0], data, tmp_path / "ad.npz", "--max-bad-steps", "3")
     assert not os.path.exists(tmp_path / "ad.npz")
 

@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -106,6 +107,20 @@ def test_pretraining_resumes_from_its_checkpoint(pretrained, tmp_path):
     with pytest.raises(UserError, match="--seed"):  # another data order cannot continue this run
         pretrain.main(["--corpus", corpus, "--out", out, "--iters", "100", "--resume", "latest",
                        "--seed", "7", *TINY])
+
+
+def test_pretraining_resumed_from_the_middle_ends_bit_identical(pretrained, tmp_path):
+    """Weights and both AdamW optimizers' moments and steps come back from the step-40 checkpoint
+    (MultiOptimizer's state is a fresh dict on every access: restoring into it once did nothing)."""
+    for name in ("model", "model-work"):
+        shutil.copytree(pretrained / name, tmp_path / name)
+    os.remove(tmp_path / "model-work" / "checkpoints" / "step-00000080.safetensors")
+    assert pretrain.main(["--corpus", str(pretrained / "corpus"), "--out", str(tmp_path / "model"), "--iters", "80",
+                          "--save-every", "40", "--resume", "latest", *TINY]) == 0
+    resumed, uninterrupted = (mx.load(str(folder / "model" / "weights.npz")) for folder in (tmp_path, pretrained))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        np.testing.assert_array_equal(np.array(resumed[key]), np.array(uninterrupted[key]), err_msg=key)
 
 
 def test_pretrained_model_fine_tunes_with_lora(pretrained, tmp_path):
