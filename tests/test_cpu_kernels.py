@@ -192,6 +192,15 @@ def test_rope_gradient_matches_mlx():
     np.testing.assert_allclose(np.array(grads[0]), np.array(grads[1]), atol=1e-5)
 
 
+def attention_float64(q_BNTH, k_BKSH, v_BKSH, scale):
+    """softmax(scale q k^T) v with no mask, the N // K query heads of a key-value head together."""
+    rep = q_BNTH.shape[1] // k_BKSH.shape[1]
+    Q, K, V = f64(q_BNTH), np.repeat(f64(k_BKSH), rep, axis=1), np.repeat(f64(v_BKSH), rep, axis=1)
+    scores = Q @ K.swapaxes(-1, -2) * scale
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True) @ V
+
+
 @pytest.mark.parametrize("S,H", [(40, 16), (600, 16), (40, 88)])  # 600: split between the threads; 88: 64 + 16 + 8
 def test_attention_over_cache_slices_matches_float64(S, H):
     """Grouped-query attention (4 query heads on 2 key-value heads) over keys and values
@@ -199,12 +208,9 @@ def test_attention_over_cache_slices_matches_float64(S, H):
     q = mx.random.normal((2, 4, 3, H))
     k_buf, v_buf = mx.random.normal((2, 2, S + 50, H)), mx.random.normal((2, 2, S + 50, H))
     k, v = k_buf[:, :, 10:10 + S], v_buf[:, :, 10:10 + S]
-    Q, K, V = f64(q), np.repeat(f64(k), 2, axis=1), np.repeat(f64(v), 2, axis=1)
     scale = H ** -0.5
-    scores = Q @ K.swapaxes(-1, -2) * scale
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    expected = p / p.sum(-1, keepdims=True) @ V
-    np.testing.assert_allclose(np.array(kernels.attention(q, k, v, scale)), expected, atol=1e-5)
+    np.testing.assert_allclose(np.array(kernels.attention(q, k, v, scale)), attention_float64(q, k, v, scale),
+                               atol=1e-5)
     k_t = mx.random.normal((2, 2, H, S)).swapaxes(2, 3)  # strided along the head axis too
     np.testing.assert_allclose(np.array(kernels.attention(q, k_t, v, scale)),
                                np.array(mx.fast.scaled_dot_product_attention(q, k_t, v, scale=scale)), atol=1e-5)

@@ -21,6 +21,8 @@ import pytest
 
 import mlx.core as mx
 
+from test_cpu_kernels import attention_float64, f64, rope_float64
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = os.path.join(ROOT, "cpu_kernels")
 
@@ -70,10 +72,6 @@ def native():
 def test_the_native_build_is_there_to_compare_against(native):
     if native is None:
         pytest.skip("_cpu_kernels not built (run setup.sh): the portable one is checked against float64 only")
-
-
-def f64(a):
-    return np.array(a).astype(np.float64)
 
 
 def close(got, expected, native_got=None, **tolerance):
@@ -226,18 +224,6 @@ def test_rms_norm(portable, native, D):
     close(got, X / np.sqrt((X ** 2).mean(-1, keepdims=True) + 1e-5) * f64(w), ref, atol=1e-5, rtol=2e-5)
 
 
-def rope_float64(x, dims, traditional, base, offset):
-    X = f64(x)
-    half = dims // 2
-    theta = (offset + np.arange(X.shape[-2]))[:, None] * base ** (-np.arange(half) / half)  # [T, half]
-    a = np.arange(half) * 2 if traditional else np.arange(half)
-    b = a + 1 if traditional else a + half
-    out = X.copy()
-    out[..., a] = X[..., a] * np.cos(theta) - X[..., b] * np.sin(theta)
-    out[..., b] = X[..., a] * np.sin(theta) + X[..., b] * np.cos(theta)
-    return out
-
-
 @pytest.mark.parametrize("traditional", [True, False])
 @pytest.mark.parametrize("dims,offset", [(38, 0), (38, 3000), (22, 7)])  # 22: part of the head turns
 def test_rope(portable, native, traditional, dims, offset):
@@ -253,9 +239,6 @@ def test_attention_of_grouped_query_heads(portable, native, T, S, H):
     q = mx.random.normal((2, 6, T, H))
     k_buf, v_buf = mx.random.normal((2, 2, S + 50, H)), mx.random.normal((2, 2, S + 50, H))
     k, v = k_buf[:, :, 10:10 + S], v_buf[:, :, 10:10 + S]
-    Q, K, V = f64(q), np.repeat(f64(k), 3, axis=1), np.repeat(f64(v), 3, axis=1)
     scale = H ** -0.5
-    scores = Q @ K.swapaxes(-1, -2) * scale
-    p = np.exp(scores - scores.max(-1, keepdims=True))
     got, ref = both(portable, native, lambda kernels: kernels.attention(q, k, v, scale))
-    close(got, p / p.sum(-1, keepdims=True) @ V, ref, atol=1e-5)
+    close(got, attention_float64(q, k, v, scale), ref, atol=1e-5)
