@@ -1,16 +1,23 @@
 """Convert a checkpoint into an MLX model folder, tensor by tensor.
 
-    python convert.py --torch-path llama-2-7b --mlx-path mlx_model [-q] [--dtype float16]
+    python convert.py --hf-path Llama-3.2-1B-Instruct --mlx-path mlx_model [-q] [--dtype float16]
+    python convert.py --hf-path SmolLM2-135M-Instruct.Q4_1.gguf --mlx-path mlx_model
 
-Input: a checkpoint folder in any format of formats/ (today Meta's and
-Mistral's consolidated.NN.pth + params.json + tokenizer.model). Output:
-config.json, weights.npz (or weights.safetensors) and the tokenizer's files.
-The input is memory-mapped and each tensor is converted and written as soon as
-it is read, so memory stays around one tensor whatever the model size.
-Everything is checked before anything big is written, and the output appears
-only when complete.
+Input (formats/, detected from the folder's files or a .gguf path): Meta's and
+Mistral's consolidated.NN.pth or consolidated.safetensors with params.json,
+Hugging Face folders (config.json with safetensors shards or pytorch_model*.bin),
+and GGUF files. Output: config.json, weights.npz (or weights.safetensors), the
+tokenizer's files and the chat template. The input is memory-mapped and each
+tensor is converted and written as soon as it is read, so memory stays around one
+tensor whatever the model size. Everything is checked before anything big is
+written, and the output appears only when complete.
+
+Weights keep their stored type unless --dtype says otherwise; GGUF's Q8_0, Q4_0
+and Q4_1 stay quantized, as MLX's 8- and 4-bit affine quantization in groups of
+32 (exactly the same values), unless -q or --dtype re-decide.
 """
 
+import collections
 import json
 import math
 import os
@@ -19,30 +26,28 @@ import struct
 import sys
 import zipfile
 from dataclasses import dataclass
+from typing import Optional
 
 import utils  # (before mlx.core: loads a fast BLAS)
 from utils import UserError, folder_replaced_when_done, run_cli, write_json
 
 import mlx.core as mx
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import settings
-from formats import module_name, open_checkpoint
-from loading import Q_BITS, Q_GROUP_SIZES
+from formats import QUANT_BITS, QUANT_GROUP_SIZES, module_name, open_checkpoint
 from settings import option
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# bfloat16 is stored as "<V2" in .npy, exactly as mx.savez writes it (mx.load reads it back as bfloat16).
-NPY_DESCR = {torch.float16: "<f2", torch.bfloat16: "<V2", torch.float32: "<f4", torch.uint32: "<u4"}
-ST_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.uint32: "U32"}
+DTYPES = ("float32", "float16", "bfloat16")
 # Every linear layer and the embedding; never the norms.
 QUANTIZABLE = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output", "tok_embeddings"}
-
-def is_quantized(key, shape, q):
-    """Linear and embedding weights whose full last dim holds whole groups; q = (group_size, bits) or None."""
-    return q is not None and module_name(key) in QUANTIZABLE and shape[-1] % q[0] == 0
+# How each array type is written: .npy's descr (bfloat16 as "<V2", as mx.savez writes it) and safetensors' name.
+NPY_DESCR = {mx.float32: "<f4", mx.float16: "<f2", mx.bfloat16: "<V2", mx.uint32: "<u4"}
+ST_DTYPE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
+# The type of dequantized weights when --dtype leaves it open: exact for 4- and 8-bit codes
+# times float16 scales.
+DEQUANTIZED_DTYPE = "float16"
 
 
 def quantized_names(key):
@@ -51,48 +56,86 @@ def quantized_names(key):
     return key, base + ".scales", base + ".biases"
 
 
-def plan_outputs(shapes, dtype, q):
-    """(name, dtype, shape) of every array to write, in order."""
-    out = []
-    for key, shape in shapes.items():
-        if is_quantized(key, shape, q):
+class Plan:
+    """What each weight becomes, decided before anything is written.
+
+    how[key]: "copy" (a float in dtype[key]), "quantize" (MLX quantizes it, in groups
+    and bits q[key]) or "keep" (the file's own quantization, exactly MLX's, kept).
+    """
+
+    def __init__(self, checkpoint, dtype, q):
+        self.checkpoint, self.how, self.dtype, self.q = checkpoint, {}, {}, {}
+        for key, shape in checkpoint.shapes.items():
+            source_q = checkpoint.quantization(key)
+            stored = checkpoint.stored_dtype(key) or DEQUANTIZED_DTYPE
+            self.dtype[key] = dtype or stored
+            if q is not None and module_name(key) in QUANTIZABLE and shape[-1] % q[0] == 0:
+                self.how[key], self.q[key] = "quantize", q
+            elif q is None and dtype is None and source_q is not None:
+                self.how[key], self.q[key] = "keep", source_q
+            else:
+                self.how[key] = "copy"
+
+    def arrays(self):
+        """(name, mx dtype, shape) of every array to write, in order."""
+        out = []
+        for key, shape in self.checkpoint.shapes.items():
+            dtype = getattr(mx, self.dtype[key])
+            if self.how[key] == "copy":
+                out.append((key, dtype, shape))
+                continue
+            group_size, bits = self.q[key]
             rows, cols = shape
-            out += zip(quantized_names(key), (torch.uint32, dtype, dtype),
-                       ((rows, cols * q[1] // 32), (rows, cols // q[0]), (rows, cols // q[0])))  # packed
-        else:
-            out.append((key, dtype, shape))
-    return out
+            groups = (rows, cols // group_size)
+            if self.how[key] == "keep":  # the scales' type is the file's, as quantized() gives it
+                dtype = self.checkpoint.quantized_scales_dtype(key)
+            out += zip(quantized_names(key), (mx.uint32, dtype, dtype), ((rows, cols * bits // 32), groups, groups))
+        return out
+
+    def quantization_config(self):
+        """config.json's quantization block: the commonest (group_size, bits) as the default,
+        every module quantized otherwise under its own path."""
+        chosen = {key.removesuffix(".weight"): q for key, q in self.q.items()}
+        if not chosen:
+            return None
+        default = collections.Counter(chosen.values()).most_common(1)[0][0]
+        block = {"group_size": default[0], "bits": default[1]}
+        block.update({path: {"group_size": q[0], "bits": q[1]} for path, q in chosen.items() if q != default})
+        return block
+
+    def converted(self, key):
+        """Yield (name, mx.array) of what `key` becomes."""
+        checkpoint = self.checkpoint
+        if self.how[key] == "keep":
+            yield from zip(quantized_names(key), checkpoint.quantized(key))
+            return
+        dtype = getattr(mx, self.dtype[key])
+        if self.how[key] == "copy":
+            yield key, finite(checkpoint.tensor(key).astype(dtype), checkpoint, key, self.dtype[key])
+            return
+        w = finite(checkpoint.tensor(key).astype(mx.float32), checkpoint, key, "float32")  # quantized from float32
+        wq, scales, biases = mx.quantize(w, group_size=self.q[key][0], bits=self.q[key][1])
+        yield from zip(quantized_names(key), (wq, scales.astype(dtype), biases.astype(dtype)))
 
 
-def convert_tensor(checkpoint, key, shape, dtype, q):
-    """Yield (name, torch tensor) for one checkpoint key of full `shape`: as is, or quantized."""
-    if is_quantized(key, shape, q):
-        w32 = finite(checkpoint.tensor(key, torch.float32), checkpoint, key, torch.float32)  # quantized from float32
-        w = mx.array(w32.numpy())
-        del w32
-        wq, scales, biases = mx.quantize(w, group_size=q[0], bits=q[1])
-        del w
-        packed = torch.from_numpy(np.array(wq))  # uint32, 32 // bits weights per word
-        yield from zip(quantized_names(key), (packed, torch.from_numpy(np.array(scales)).to(dtype),
-                                              torch.from_numpy(np.array(biases)).to(dtype)))
-    else:
-        yield key, finite(checkpoint.tensor(key, dtype), checkpoint, key, dtype)
+# The exponent bits of each float type: all ones is infinity or NaN.
+EXPONENT_BITS = {mx.float32: (mx.uint32, 0x7F800000), mx.float16: (mx.uint16, 0x7C00), mx.bfloat16: (mx.uint16, 0x7F80)}
 
 
-def finite(tensor, checkpoint, key, dtype):
-    """`tensor`, checked to hold no NaN or infinity (a value beyond float16's range becomes one)."""
-    if not torch.isfinite(tensor).all():
-        raise UserError(f"{checkpoint.path}: {key} is not finite in {str(dtype).removeprefix('torch.')}: NaN, infinity, or values "
-                        "beyond that type's range (try --dtype bfloat16 or float32)")
-    return tensor
+def finite(array, checkpoint, key, dtype):
+    """`array`, checked to hold no NaN or infinity (a value beyond float16's range becomes one).
+    numpy tests the exponent bits: MLX's isfinite is one core, a fifth of the conversion's time."""
+    bits_type, exponent = EXPONENT_BITS[array.dtype]
+    if ((np.asarray(array.view(bits_type)) & exponent) == exponent).any():
+        raise UserError(f"{checkpoint.path}: {key} is not finite in {dtype}: NaN, infinity, or values beyond "
+                        "that type's range (try --dtype bfloat16 or float32)")
+    return array
 
 
-def raw_bytes(tensor):
+def raw_bytes(array):
     # bfloat16 has no numpy type: write its bits (uint16) unchanged.
-    t = tensor.contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
+    bits = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
+    return memoryview(np.ascontiguousarray(np.asarray(bits))).cast("B")
 
 
 class NpzWriter:
@@ -101,11 +144,11 @@ class NpzWriter:
     def __init__(self, path):
         self.zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED)
 
-    def write(self, name, tensor):
-        header = {"descr": NPY_DESCR[tensor.dtype], "fortran_order": False, "shape": tuple(tensor.shape)}
+    def write(self, name, array):
+        header = {"descr": NPY_DESCR[array.dtype], "fortran_order": False, "shape": tuple(array.shape)}
         with self.zip.open(name + ".npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
-            f.write(raw_bytes(tensor))
+            f.write(raw_bytes(array))
 
     def close(self):
         try:
@@ -118,32 +161,32 @@ class NpzWriter:
 class SafetensorsWriter:
     """Write the header from the plan first, then stream each array's bytes in plan order."""
 
-    def __init__(self, path, plan):
+    def __init__(self, path, arrays):
         header, offset = {}, 0
-        for name, dtype, shape in plan:
-            size = math.prod(shape) * dtype.itemsize
+        for name, dtype, shape in arrays:
+            size = math.prod(shape) * dtype.size
             header[name] = {"dtype": ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
         self.file = open(path, "wb")
         self.file.write(struct.pack("<Q", len(blob)) + blob)
-        self.plan = iter(plan)
+        self.plan = iter(arrays)
 
-    def write(self, name, tensor):
+    def write(self, name, array):
         want = next(self.plan)
-        assert (name, tensor.dtype, tuple(tensor.shape)) == (want[0], want[1], tuple(want[2])), (name, want)
-        self.file.write(raw_bytes(tensor))
+        assert (name, array.dtype, tuple(array.shape)) == (want[0], want[1], tuple(want[2])), (name, want)
+        self.file.write(raw_bytes(array))
 
     def close(self):
         self.file.close()
 
 
-def prepare_output(mlx_path, torch_path, force):
+def prepare_output(mlx_path, source_path, force):
     mlx_path = os.path.abspath(mlx_path)
     if os.path.exists(mlx_path):
-        if os.path.samefile(torch_path, mlx_path):
-            raise UserError(f"{mlx_path}: the output folder must differ from --torch-path")
+        if os.path.samefile(source_path, mlx_path):
+            raise UserError(f"{mlx_path}: the output folder must differ from the checkpoint's")
         if not os.path.isdir(mlx_path):
             raise UserError(f"{mlx_path}: exists and is not a folder")
         if os.listdir(mlx_path) and not force:
@@ -154,49 +197,63 @@ def prepare_output(mlx_path, torch_path, force):
     return mlx_path
 
 
-def convert(torch_path, mlx_path, quantize=False, q_group_size=64, q_bits=4, dtype="float16",
-            fmt="npz", force=False):
-    """Convert the checkpoint folder `torch_path` into the MLX model folder `mlx_path`; return the config."""
-    if dtype not in DTYPES:
+def convert(source_path, mlx_path, quantize=False, q_group_size=64, q_bits=4, dtype=None, fmt="npz",
+            force=False):
+    """Convert the checkpoint at `source_path` into the MLX model folder `mlx_path`; return the config.
+
+    dtype None keeps each weight's stored type (and a GGUF file's quantization)."""
+    if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if fmt not in ("npz", "safetensors"):
         raise UserError(f"--format must be npz or safetensors, got {fmt!r}")
-    if quantize and (q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES):
-        raise UserError(f"quantization needs bits in {Q_BITS} and group size in {Q_GROUP_SIZES}")
-    if not os.path.exists(torch_path):
-        raise UserError(f"{torch_path}: checkpoint folder not found")
-    mlx_path = prepare_output(mlx_path, torch_path, force)
+    if quantize and (q_bits not in QUANT_BITS or q_group_size not in QUANT_GROUP_SIZES):
+        raise UserError(f"quantization needs bits in {QUANT_BITS} and group size in {QUANT_GROUP_SIZES}")
+    if not os.path.exists(source_path):
+        raise UserError(f"{source_path}: checkpoint folder not found")
+    mlx_path = prepare_output(mlx_path, source_path, force)
 
     # Plan: every shape is checked before anything big is written.
-    checkpoint = open_checkpoint(torch_path)
-    config, shapes = dict(checkpoint.config), checkpoint.shapes
-    out_dtype = DTYPES[dtype]
-    q = (q_group_size, q_bits) if quantize else None
-    plan = plan_outputs(shapes, out_dtype, q)
-    config["dtype"] = dtype
-    if q:
-        config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
-    need = sum(math.prod(s) * d.itemsize for _, d, s in plan)
+    checkpoint = open_checkpoint(source_path)
+    plan = Plan(checkpoint, dtype, (q_group_size, q_bits) if quantize else None)
+    arrays = plan.arrays()
+    config = dict(checkpoint.config)
+    config["dtype"] = dtype or _commonest(plan.dtype.values())
+    if plan.quantization_config():
+        config["quantization"] = plan.quantization_config()
+    _say_what_changes(checkpoint, plan)
+    need = sum(math.prod(s) * d.size for _, d, s in arrays)
     free = shutil.disk_usage(os.path.dirname(mlx_path)).free
     if need > free:
         raise UserError(f"{os.path.dirname(mlx_path)}: needs {need / 2**30:.1f} GiB free, has {free / 2**30:.1f} GiB")
 
     # Stream into a temporary folder beside the output; rename it into place only when complete.
     with utils.claimed_output(mlx_path), folder_replaced_when_done(mlx_path) as tmp:
-        write_weights(os.path.join(tmp, f"weights.{fmt}"), fmt, plan, checkpoint, shapes, out_dtype, q)
-        for path in checkpoint.tokenizer_files:
-            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+        write_weights(os.path.join(tmp, f"weights.{fmt}"), fmt, plan, arrays)
+        checkpoint.write_tokenizer(tmp)
         write_json(os.path.join(tmp, "config.json"), config)
     return config
 
 
-def write_weights(path, fmt, plan, checkpoint, shapes, dtype, q):
-    writer = NpzWriter(path) if fmt == "npz" else SafetensorsWriter(path, plan)
+def _commonest(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _say_what_changes(checkpoint, plan):
+    """One line for weights the file holds quantized in a form MLX cannot (K-quants)."""
+    dequantized = [key for key in checkpoint.shapes
+                   if checkpoint.stored_dtype(key) is None and checkpoint.quantization(key) is None]
+    if dequantized:
+        print(f"note: {len(dequantized)} weights are quantized in a form MLX does not hold (K-quants); "
+              f"dequantized to {plan.dtype[dequantized[0]]}", file=sys.stderr)
+
+
+def write_weights(path, fmt, plan, arrays):
+    writer = NpzWriter(path) if fmt == "npz" else SafetensorsWriter(path, arrays)
     try:
-        for key, shape in tqdm(shapes.items(), desc="converting", unit="tensor", file=sys.stderr, disable=None):
-            for name, tensor in convert_tensor(checkpoint, key, shape, dtype, q):
-                writer.write(name, tensor)
-                del tensor
+        for key in tqdm(plan.checkpoint.shapes, desc="converting", unit="tensor", file=sys.stderr, disable=None):
+            for name, array in plan.converted(key):
+                writer.write(name, array)
+                del array
     finally:
         writer.close()
     with open(path, "rb") as f:
@@ -205,14 +262,14 @@ def write_weights(path, fmt, plan, checkpoint, shapes, dtype, q):
 
 @dataclass
 class ConvertSettings(settings.Settings):
-    torch_path: str = option(None, "checkpoint folder (consolidated.NN.pth, params.json, tokenizer.model)",
-                             required=True)
+    torch_path: str = option(None, "the checkpoint: a Meta, Mistral or Hugging Face folder, or a .gguf file",
+                             flags=["--hf-path", "--model"], required=True)
     mlx_path: str = option("mlx_model", "folder to write the MLX model to (config.json, weights, tokenizer)")
     quantize: bool = option(False, "quantize linear and embedding weights (MLX affine quantization)", flags=["-q"])
-    q_group_size: int = option(64, "group size for quantization", choices=Q_GROUP_SIZES)
-    q_bits: int = option(4, "bits per weight for quantization", choices=Q_BITS)
-    dtype: str = option("float16", "type of the stored weights (and of quantization scales and biases)",
-                        choices=list(DTYPES))
+    q_group_size: int = option(64, "group size for quantization", choices=QUANT_GROUP_SIZES)
+    q_bits: int = option(4, "bits per weight for quantization", choices=QUANT_BITS)
+    dtype: Optional[str] = option(None, "type of the stored weights (and of quantization scales and biases); "
+                                        "default: as the checkpoint stores them", choices=DTYPES)
     format: str = option("npz", "weights file: weights.npz or weights.safetensors", choices=["npz", "safetensors"])
     force: bool = option(False, "replace a non-empty --mlx-path (only once the new model is complete)")
 
@@ -221,8 +278,10 @@ def main(argv=None):
     args = settings.parse(ConvertSettings, argv, "Convert a checkpoint to an MLX model folder.")
     config = convert(args.torch_path, args.mlx_path, args.quantize, args.q_group_size, args.q_bits,
                      args.dtype, args.format, args.force)
-    print(f"wrote {args.mlx_path}: {config['n_layers']} layers, dim {config['dim']}, {args.dtype}"
-          + (f", {args.q_bits}-bit" if args.quantize else ""), file=sys.stderr)
+    print(f"wrote {args.mlx_path}: {config['n_layers']} layers, dim {config['dim']}, {config['dtype']}"
+          + (f", {args.q_bits}-bit" if args.quantize else "")
+          + (", quantized as the file was" if "quantization" in config and not args.quantize else ""),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

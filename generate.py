@@ -1,8 +1,8 @@
 """Generation: sampling, the KV-cache decode loop, and text streamed as it completes.
 
-    tokens = generate_tokens(model, prompt_tokens, temp=0.0)      # ids, forever
+    tokens = generate_tokens(model, prompt_tokens, temp=0.0)       # ids, forever
     for piece in stream_text(model, tokenizer, prompt_tokens, 100): ...
-    generate(model, tokenizer, "Once upon a time", max_tokens=100)  # prints
+    generate(model, tokenizer, prompt_tokens, max_tokens=100)      # prints
 """
 
 import sys
@@ -158,7 +158,7 @@ def stream_text(model, tokenizer, prompt_tokens, max_tokens, temp=0.0, top_p=1.0
         if n == 1:  # the first token comes with the prompt
             timing.prompt_s = time.perf_counter() - tic
             tic = time.perf_counter()
-        if token == tokenizer.eos_id:
+        if token in tokenizer.eos_ids:
             break
         timing.tokens, timing.generation_s = n, time.perf_counter() - tic
         yield detok.add(token)
@@ -167,10 +167,10 @@ def stream_text(model, tokenizer, prompt_tokens, max_tokens, temp=0.0, top_p=1.0
     yield detok.flush()
 
 
-def generate(model, tokenizer, prompt, max_tokens=100, temp=0.0, top_p=1.0, write_every=1):
-    """Print the prompt and its continuation as it streams, then the speed on stderr."""
-    prompt_tokens = tokenizer.encode(prompt, bos=True)
-    print(prompt, end="", flush=True)
+def generate(model, tokenizer, prompt_tokens, max_tokens=100, temp=0.0, top_p=1.0, write_every=1, echo=""):
+    """Print `echo` (the prompt's text, or nothing for a chat) and the continuation of
+    `prompt_tokens` as it streams, then the speed on stderr."""
+    print(echo, end="", flush=True)
     timing, pending = Timing(), ""
     for n, piece in enumerate(stream_text(model, tokenizer, prompt_tokens, max_tokens, temp, top_p, timing), 1):
         pending += piece

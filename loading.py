@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 import adapters
 import models
 import ops
+from formats import QUANT_BITS, QUANT_GROUP_SIZES
 from tokenizer import load_tokenizer
 
 
@@ -35,14 +36,15 @@ def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=Fa
     config = read_json(config_path, "model configuration")
     args = model_args(config, config_path)
     q = quantization(config, config_path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, tokenizer_settings(config, config_path))
     if tokenizer.vocab_size > args.vocab_size:
         raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} pieces, the model only {args.vocab_size}")
     model = models.Model(args)
     weights_path = weights_file(path)
     weights = utils.load_arrays(weights_path)
     if q:
-        nn.quantize(model, *q, class_predicate=lambda name, module: f"{name}.scales" in weights)
+        nn.quantize(model, class_predicate=lambda name, module: f"{name}.scales" in weights
+                    and dict(zip(("group_size", "bits"), q.get(name, q[None]))))
     utils.check_fit(weights_path, weights, dict(tree_flatten(model.parameters())), "weights")
     model.update(tree_unflatten(list(weights.items())))
     set_compute_dtype(model, compute_dtype, generation_only)
@@ -74,7 +76,7 @@ def explain_non_finite(model, what):
         raise UserError(f"{what} is not finite: the model's {name} holds NaN or infinity")
 
 
-# The keys of config.json the model uses: (type, lowest, highest). The bounds keep a
+# The numbers of config.json the model uses: (type, lowest, highest). The bounds keep a
 # hostile file from asking for terabytes before a weight is read.
 CONFIG_KEYS = {
     "dim": (int, 1, 2**17), "n_layers": (int, 1, 2**10), "n_heads": (int, 1, 2**12), "n_kv_heads": (int, 1, 2**12),
@@ -82,7 +84,12 @@ CONFIG_KEYS = {
     "vocab_size": (int, 1, 2**22), "rope_theta": (float, 1.0, 1e12), "sliding_window": (int, 1, 2**31),
     "context_length": (int, 1, 2**31),
 }
-Q_BITS, Q_GROUP_SIZES = (2, 3, 4, 6, 8), (32, 64, 128)
+# What each supported RoPE scaling needs: (key, type, lowest, highest).
+ROPE_SCALINGS = {
+    "linear": [("factor", float, 1e-3, 1e6)],
+    "llama3": [("factor", float, 1.0, 1e6), ("low_freq_factor", float, 1e-6, 1e6),
+               ("high_freq_factor", float, 1e-6, 1e6), ("original_max_position_embeddings", int, 1, 2**31)],
+}
 
 
 def model_args(config, source="config.json"):
@@ -91,28 +98,77 @@ def model_args(config, source="config.json"):
     missing = [name for name, f in names.items() if f.default is MISSING and name not in config]
     if missing:
         raise UserError(f"{source}: missing key(s) {', '.join(missing)}")
-    values = {}
-    for name in names:
-        if name in config and not (config[name] is None and names[name].default is None):
-            values[name] = utils.checked_number(config[name], *CONFIG_KEYS[name], f"{source}: '{name}'")
-    args = models.ModelArgs(**values)
+    values = {name: utils.checked_number(config[name], *CONFIG_KEYS[name], f"{source}: '{name}'")
+              for name in CONFIG_KEYS if config.get(name) is not None}
+    values["rope_scaling"] = rope_scaling(config.get("rope_scaling"), source)
+    tie = config.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise UserError(f"{source}: 'tie_word_embeddings' must be true or false, got {tie!r}")
+    args = models.ModelArgs(**values, tie_word_embeddings=tie)
     if args.n_heads % args.n_kv_heads:
         raise UserError(f"{source}: n_heads {args.n_heads} is not a multiple of n_kv_heads {args.n_kv_heads}")
+    if args.head_dim % 2:
+        raise UserError(f"{source}: head_dim {args.head_dim} is odd: RoPE turns pairs")
     return args
 
 
+def rope_scaling(scaling, source):
+    """A RoPE scaling block checked ({"rope_type": ..., its numbers}), or None."""
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        raise UserError(f"{source}: 'rope_scaling' must be {' or '.join(ROPE_SCALINGS)} with its numbers, "
+                        f"got {scaling!r}")
+    return {"rope_type": kind, **{key: utils.checked_number(scaling.get(key), kind_, low, high,
+                                                            f"{source}: 'rope_scaling.{key}'")
+                                  for key, kind_, low, high in ROPE_SCALINGS[kind]}}
+
+
+def tokenizer_settings(config, source="config.json"):
+    """The special-token keys of config.json, checked: bos_token_id, eos_token_ids, add_bos_token."""
+    out = {}
+    if config.get("bos_token_id") is not None:
+        out["bos_token_id"] = utils.checked_number(config["bos_token_id"], int, 0, 2**31, f"{source}: 'bos_token_id'")
+    if "eos_token_ids" in config:
+        ends = config["eos_token_ids"]
+        if not isinstance(ends, list):
+            raise UserError(f"{source}: 'eos_token_ids' must be a list of token ids, got {ends!r}")
+        out["eos_token_ids"] = [utils.checked_number(e, int, 0, 2**31, f"{source}: 'eos_token_ids'") for e in ends]
+    if "add_bos_token" in config:
+        if not isinstance(config["add_bos_token"], bool):
+            raise UserError(f"{source}: 'add_bos_token' must be true or false, got {config['add_bos_token']!r}")
+        out["add_bos_token"] = config["add_bos_token"]
+    return out
+
+
 def quantization(config, source="config.json"):
-    """(group_size, bits) of a quantized model folder, or None."""
+    """The quantization block of a model folder as {module path: (group_size, bits)} for the
+    modules that differ from the default, plus the default under None; or None.
+
+    {"group_size": 32, "bits": 4, "tok_embeddings": {"group_size": 32, "bits": 8}}: every
+    quantized layer in groups of 32 at 4 bits, the embedding at 8.
+    """
     q = config.get("quantization")
     if q is None:
         return None
     if not isinstance(q, dict):
         raise UserError(f"{source}: 'quantization' must be an object with group_size and bits, got {q!r}")
-    for key, allowed in (("group_size", Q_GROUP_SIZES), ("bits", Q_BITS)):
+    out = {None: _group_and_bits(q, source, "quantization")}
+    for name, value in q.items():
+        if name not in ("group_size", "bits"):
+            out[name] = _group_and_bits(value, source, f"quantization.{name}")
+    return out
+
+
+def _group_and_bits(q, source, where):
+    if not isinstance(q, dict):
+        raise UserError(f"{source}: '{where}' must be an object with group_size and bits, got {q!r}")
+    for key, allowed in (("group_size", QUANT_GROUP_SIZES), ("bits", QUANT_BITS)):
         if key not in q:
-            raise UserError(f"{source}: 'quantization' has no '{key}'")
+            raise UserError(f"{source}: '{where}' has no '{key}'")
         if isinstance(q[key], bool) or q[key] not in allowed:
-            raise UserError(f"{source}: 'quantization.{key}' must be one of {', '.join(map(str, allowed))}, "
+            raise UserError(f"{source}: '{where}.{key}' must be one of {', '.join(map(str, allowed))}, "
                             f"got {q[key]!r}")
     return q["group_size"], q["bits"]
 

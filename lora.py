@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 import adapters
+import chat
 import dataset
 import generate
 import models
@@ -42,7 +43,10 @@ class LoraSettings(trainer.TrainingSettings):
     compute_dtype: str = option("auto", "dtype to compute in; auto = float32 on the CPU, the stored dtype on a GPU",
                                 choices=["auto", "float32", "float16", "bfloat16"])
     # Generation
-    prompt: Optional[str] = option(None, "generate from this prompt", flags=["-p"], text=True)
+    prompt: Optional[str] = option(None, "generate from this prompt", flags=["-p"], text=True, allow_empty=True)
+    chat: bool = option(False, "render --prompt as one user turn through the model's chat template, "
+                               "print the reply and stop at the end of the turn")
+    system: Optional[str] = option(None, "with --chat, a system message before the user's", text=True)
     num_tokens: int = option(100, "tokens to generate at most", flags=["--max-tokens", "-n"], at_least=1)
     temp: float = option(0.8, "sampling temperature; 0 = greedy", at_least=0)
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this mass",
@@ -74,6 +78,10 @@ class LoraSettings(trainer.TrainingSettings):
     def check(self):
         super().check()
         models.parse_targets(self.lora_targets)
+        if (self.chat or self.system is not None) and self.prompt is None:
+            raise UserError("--chat and --system go with --prompt")
+        if self.system is not None and not self.chat:
+            raise UserError("--system goes with --chat")
         if os.path.splitext(self.adapter_file)[1] not in (".npz", ".safetensors"):
             raise UserError(f"--adapter-file {self.adapter_file}: the name must end in .npz or .safetensors")
 
@@ -228,8 +236,25 @@ def use_model(args, adapter_file, resume=None):
 
     if args.prompt is not None:
         mx.random.seed(args.seed)
-        generate.generate(model, tokenizer, args.prompt, args.num_tokens, args.temp, args.top_p, args.write_every)
+        prompt_tokens, echo = prompt_of(args, tokenizer)
+        generate.generate(model, tokenizer, prompt_tokens, args.num_tokens, args.temp, args.top_p, args.write_every,
+                          echo)
     return 0
+
+
+def prompt_of(args, tokenizer):
+    """(tokens, text to print before the continuation): --prompt as it is, or with --chat one
+    user turn (after --system's) through the model's chat template."""
+    if not args.chat:
+        return tokenizer.encode(args.prompt, bos=True), args.prompt
+    template = chat.load_template(args.model)
+    if template is None:
+        raise UserError(f"{args.model}: --chat needs a chat template, and this model folder has none "
+                        f"({chat.TEMPLATE_FILE})")
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) \
+        + [{"role": "user", "content": args.prompt}]
+    text = chat.render(template, messages, tokenizer, where=os.path.join(args.model, chat.TEMPLATE_FILE))
+    return tokenizer.encode(text, bos=False), ""  # the template writes BOS itself where the model has one
 
 
 if __name__ == "__main__":

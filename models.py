@@ -18,6 +18,7 @@ from utils import UserError
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 import ops
@@ -36,6 +37,34 @@ class ModelArgs:
     rope_theta: float = 10000.0
     sliding_window: Optional[int] = None
     context_length: Optional[int] = None  # positions the model was trained for, when its checkpoint says
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    tie_word_embeddings: bool = False  # logits read off the embedding: no output layer
+
+
+def rope_periods(args):
+    """RoPE's per-pair wavelength over 2 pi (1 / angular frequency) for llama3 scaling, else None.
+
+    Llama 3.1 stretches the long wavelengths by `factor`, keeps the short ones and
+    blends those between (Meta's apply_scaling); computed in float64, once.
+    """
+    scaling = args.rope_scaling
+    if scaling is None or scaling["rope_type"] != "llama3":
+        return None
+    inv_freq = args.rope_theta ** -(np.arange(0, args.head_dim, 2, dtype=np.float64) / args.head_dim)
+    old = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    wavelength = 2 * np.pi / inv_freq
+    smooth = np.clip((old / wavelength - low) / (high - low), 0.0, 1.0)
+    scaled = np.where(wavelength < old / high, inv_freq,
+                      np.where(wavelength > old / low, inv_freq / factor,
+                               (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+    return mx.array((1.0 / scaled).astype(np.float32))
+
+
+def rope_position_scale(args):
+    """Linear RoPE scaling divides the positions by its factor."""
+    scaling = args.rope_scaling
+    return 1.0 / scaling["factor"] if scaling is not None and scaling["rope_type"] == "linear" else 1.0
 
 
 class Linear(nn.Linear):
@@ -147,6 +176,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
         self.scale = args.head_dim ** -0.5
         self.rope_theta = args.rope_theta
+        self._rope_periods = rope_periods(args)  # leading underscore: not a parameter
+        self.rope_scale = rope_position_scale(args)
         self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -159,8 +190,8 @@ class Attention(nn.Module):
         k_BKTH = k_BTD.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v_BKTH = v_BTD.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
-        q_BNTH = ops.rope(q_BNTH, self.rope_theta, offset)
-        k_BKTH = ops.rope(k_BKTH, self.rope_theta, offset)
+        q_BNTH = ops.rope(q_BNTH, self.rope_theta, offset, self.rope_scale, self._rope_periods)
+        k_BKTH = ops.rope(k_BKTH, self.rope_theta, offset, self.rope_scale, self._rope_periods)
         if cache is not None:
             k_BKTH, v_BKTH = cache.update(k_BKTH, v_BKTH)
         o_BNTH = ops.attention(q_BNTH, k_BKTH, v_BKTH, self.scale, mask)
@@ -198,7 +229,8 @@ class Model(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = Linear(args.dim, args.vocab_size, bias=False)
+        if not args.tie_word_embeddings:
+            self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.grad_checkpoint = False
 
     def __call__(self, tokens_BT, cache=None):
@@ -211,10 +243,21 @@ class Model(nn.Module):
                 h_BTD = _checkpointed(layer, h_BTD, mask)
             else:
                 h_BTD = layer(h_BTD, mask, None if cache is None else cache[i])
-        return self.output(self.norm(h_BTD))  # logits_BTV
+        h_BTD = self.norm(h_BTD)
+        if self.args.tie_word_embeddings:
+            return embedding_as_output(self.tok_embeddings, h_BTD)  # logits_BTV
+        return self.output(h_BTD)  # logits_BTV
 
     def make_cache(self):
         return [KVCache(self.args.sliding_window) for _ in self.layers]
+
+
+def embedding_as_output(embedding, h_BTD):
+    """h @ E^T: the logits of a model whose output layer is its embedding table."""
+    if isinstance(embedding, nn.QuantizedEmbedding):
+        return ops.quantized_linear(h_BTD, embedding.weight, embedding.scales, embedding.biases,
+                                    embedding.group_size, embedding.bits)
+    return ops.linear(h_BTD, embedding.weight)
 
 
 def _checkpointed(layer, h_BTD, mask):

@@ -161,11 +161,13 @@ def rms_norm(x, weight, eps):
 
 # ----------------------------------------------------------------------------- attention
 
-def rope(x_BNTH, theta, offset):
-    """Meta's RoPE, which rotates interleaved pairs (x0, x1), (x2, x3), ...: "traditional" in MLX."""
-    if _applies(x_BNTH, rows=x_BNTH.shape[2]):
-        return kernels.rope(x_BNTH, x_BNTH.shape[-1], True, theta, 1.0, offset)
-    return mx.fast.rope(x_BNTH, x_BNTH.shape[-1], traditional=True, base=theta, scale=1.0, offset=offset)
+def rope(x_BNTH, theta, offset, scale=1.0, periods=None):
+    """Meta's RoPE, which rotates interleaved pairs (x0, x1), (x2, x3), ...: "traditional" in MLX.
+    Pair i turns by (offset + t) * scale / periods[i], or by (offset + t) * scale * theta^(-2i/H)."""
+    if periods is None and _applies(x_BNTH, rows=x_BNTH.shape[2]):
+        return kernels.rope(x_BNTH, x_BNTH.shape[-1], True, theta, scale, offset)
+    return mx.fast.rope(x_BNTH, x_BNTH.shape[-1], traditional=True, base=None if periods is not None else theta,
+                        scale=scale, offset=offset, freqs=periods)
 
 
 def attention(q_BNTH, k_BKSH, v_BKSH, scale, mask):

@@ -1,40 +1,186 @@
 """Tokenizers: text to token ids and back, with the model's special tokens.
 
-Every tokenizer here offers encode(text, bos, eos), decode(ids), bos_id,
-eos_id and vocab_size. A model folder's tokenizer is chosen from the files it
-holds (load_tokenizer).
+Three kinds, chosen from the files a model folder holds (load_tokenizer):
+  tokenizer.json   Hugging Face's (the `tokenizers` library): byte-level BPE and others
+  tokenizer.model  SentencePiece (LLaMA 1/2, Mistral), or Llama 3's tiktoken rank file
+
+Every tokenizer offers encode(text, bos=True, eos=False), decode(ids), piece(id) (a
+token's text as the vocabulary writes it: "<s>", "<|im_end|>"), bos_id,
+eos_id (the first end token), eos_ids (every token that ends a turn or the text),
+add_bos and vocab_size. Special tokens written in text (`<|im_start|>`, `<s>`)
+encode to their ids. `bos=True` adds BOS only where the model uses one
+(config.json's add_bos_token, else the tokenizer's own convention).
 """
 
+import base64
 import os
+import re
 
 from utils import UserError
 
+# Llama 3's split of text into pieces before BPE (Meta's tokenizer.py).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NAMED_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                         "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                         "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_SPECIALS = 256  # special tokens after the ranks, the rest reserved
+MAX_TIKTOKEN_RANKS = 1 << 22
 
-class SentencePieceTokenizer:
+
+class Tokenizer:
+    """What every kind shares: BOS, the end tokens, special tokens in text."""
+
+    def _init_specials(self, bos_id, eos_ids, add_bos, config):
+        """The tokenizer's own special ids, unless the model's config.json says otherwise."""
+        self.bos_id = config.get("bos_token_id", bos_id)
+        ends = config.get("eos_token_ids", eos_ids)
+        self.eos_ids = frozenset(ends)
+        self.eos_id = ends[0] if ends else None
+        self.add_bos = config.get("add_bos_token", add_bos) and self.bos_id is not None
+        for token in (self.bos_id, *self.eos_ids):
+            if not 0 <= token < self.vocab_size:
+                raise UserError(f"{self.path}: special token id {token} is outside its {self.vocab_size} tokens")
+
+    def encode(self, text, bos=True, eos=False):
+        start = [self.bos_id] if bos and self.add_bos else []
+        end = [self.eos_id] if eos and self.eos_id is not None else []
+        return start + self._encode(text) + end
+
+
+class SentencePieceTokenizer(Tokenizer):
     """SentencePiece `tokenizer.model` with LLaMA's conventions (BOS/EOS ids from the model)."""
 
-    def __init__(self, model_path):
+    def __init__(self, model_path, config=None):
         import sentencepiece as spm
 
+        self.path = model_path
         if not os.path.exists(model_path):
             raise UserError(f"{model_path}: tokenizer not found")
         try:
             self._sp = spm.SentencePieceProcessor(model_file=model_path)
         except Exception as e:
             raise UserError(f"{model_path}: not a SentencePiece model ({e})")
-        # SentencePiece says -1 for a special token the model lacks: then there is none to add.
-        self.bos_id, self.eos_id = (i if i >= 0 else None for i in (self._sp.bos_id(), self._sp.eos_id()))
         self.vocab_size = self._sp.vocab_size()
+        # SentencePiece says -1 for a special token the model lacks: then there is none to add.
+        bos, eos = (i if i >= 0 else None for i in (self._sp.bos_id(), self._sp.eos_id()))
+        self._init_specials(bos, [eos] if eos is not None else [], True, config or {})
+        # Control pieces written in text (a chat template's "<s>") are those tokens, not their letters.
+        controls = {self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)}
+        self._specials = controls
+        self._split = re.compile("(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")") \
+            if controls else None
 
-    def encode(self, text, bos=True, eos=False):
-        start = [self.bos_id] if bos and self.bos_id is not None else []
-        end = [self.eos_id] if eos and self.eos_id is not None else []
-        return start + self._sp.encode(text) + end
+    def _encode(self, text):
+        if self._split is None:
+            return self._sp.encode(text)
+        ids = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self._specials[part])
+            elif part:
+                ids += self._sp.encode(part)
+        return ids
 
     def decode(self, ids):
         return self._sp.decode(list(ids))
 
+    def piece(self, token):
+        return self._sp.id_to_piece(token)
 
-def load_tokenizer(folder):
-    """The tokenizer of a model folder."""
-    return SentencePieceTokenizer(os.path.join(folder, "tokenizer.model"))
+
+class HFTokenizer(Tokenizer):
+    """Hugging Face's tokenizer.json, through the `tokenizers` library."""
+
+    def __init__(self, path, config=None):
+        from tokenizers import Tokenizer as Backend
+
+        self.path = path
+        try:
+            self._tok = Backend.from_file(path)
+        except Exception as e:  # the library raises its own exception types for bad files
+            raise UserError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})")
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._init_specials(None, [], False, config or {})
+
+    def _encode(self, text):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def piece(self, token):
+        return self._tok.id_to_token(token)
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Llama 3's tokenizer.model: base64 tokens and their ranks, with Meta's pattern and specials."""
+
+    def __init__(self, path, config=None):
+        import tiktoken
+
+        self.path = path
+        ranks = read_tiktoken_ranks(path)
+        specials = llama3_special_tokens(path, len(ranks))
+        self._enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=LLAMA3_PATTERN,
+                                      mergeable_ranks=ranks, special_tokens=specials)
+        self.vocab_size = len(ranks) + len(specials)
+        ends = [specials[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+        self._init_specials(specials["<|begin_of_text|>"], ends, True, config or {})
+
+    def _encode(self, text):
+        return self._enc.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        return self._enc.decode(list(ids))
+
+    def piece(self, token):
+        return self._enc.decode_single_token_bytes(token).decode("utf-8", "replace")
+
+
+def is_tiktoken_file(path):
+    """A tiktoken rank file starts with "<base64 token> <rank>"; a SentencePiece model is protobuf."""
+    with open(path, "rb") as f:
+        first = f.readline(512)
+    return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", first) is not None
+
+
+def read_tiktoken_ranks(path):
+    """{token bytes: rank}, every line checked (a stranger's file, bounded by its size)."""
+    if os.path.getsize(path) > 64 * MAX_TIKTOKEN_RANKS:
+        raise UserError(f"{path}: too large for a tiktoken rank file")
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+            except (ValueError, IndexError):
+                raise UserError(f"{path}: line {lineno}: not '<base64 token> <rank>'")
+            if rank != len(ranks) or token in ranks:
+                raise UserError(f"{path}: line {lineno}: rank {rank} out of order or token repeated")
+            ranks[token] = rank
+    if not ranks:
+        raise UserError(f"{path}: no tokens")
+    return ranks
+
+
+def llama3_special_tokens(path, n_ranks=None):
+    """Llama 3's 256 special tokens, numbered after the ranks: the named ones, then reserved."""
+    n_ranks = n_ranks if n_ranks is not None else len(read_tiktoken_ranks(path))
+    names = LLAMA3_NAMED_SPECIALS + [f"<|reserved_special_token_{i}|>"
+                                     for i in range(2, LLAMA3_SPECIALS - len(LLAMA3_NAMED_SPECIALS) + 2)]
+    return {name: n_ranks + i for i, name in enumerate(names)}
+
+
+def load_tokenizer(folder, config=None):
+    """The tokenizer of a model folder, its special tokens as config.json says."""
+    hf = os.path.join(folder, "tokenizer.json")
+    if os.path.exists(hf):
+        return HFTokenizer(hf, config)
+    model = os.path.join(folder, "tokenizer.model")
+    if os.path.isfile(model) and is_tiktoken_file(model):
+        return TiktokenTokenizer(model, config)
+    return SentencePieceTokenizer(model, config)

@@ -1,20 +1,45 @@
 """Checkpoint formats convert.py reads, one module each, and the layout they all convert into.
 
-Every format's module offers detect(path) and a Checkpoint(path) class with
-`path`, `config` (convert.py's config.json keys), `shapes` ({name: shape} in this
-toolkit's names, in writing order), `tensor(name, dtype)` and `tokenizer_files`.
+    meta.py         Meta's and Mistral's folders: consolidated.NN.pth or consolidated.safetensors
+                    with params.json (LLaMA 1/2/3, Code Llama, Mistral)
+    hf.py           Hugging Face folders: config.json, safetensors shards (or pytorch_model*.bin)
+    gguf.py         GGUF files (llama.cpp, Ollama, LM Studio)
+    safetensors.py  the safetensors container both of the first two may use
+
+Every format's module offers detect(path) and a Checkpoint(path) class with:
+  path          what was opened;
+  config        the model folder's config.json keys (loading.CONFIG_KEYS), and the
+                tokenizer's: bos_token_id, eos_token_ids, add_bos_token;
+  shapes        {name: shape} of every weight, in this toolkit's names (Meta's) and
+                Meta's row order for the queries and keys (RoPE on interleaved pairs);
+  stored_dtype(name)   "float32", "float16" or "bfloat16"; None for a quantized tensor;
+  tensor(name)         the weight as an mx.array, in its stored float type (float32
+                       when the file holds it quantized);
+  quantization(name)   (group_size, bits) when the file holds the weight in a form that
+                       is exactly MLX's affine quantization, else None;
+  quantized(name)      then, (packed uint32 weight, scales, biases) as MLX lays them out;
+  write_tokenizer(folder)  the tokenizer's files and chat template into the new folder.
 """
+
+import importlib
+import os
 
 from utils import UserError
 
-FORMATS = ("meta",)  # the modules of this package, tried in order
+# MLX's affine quantization: the bit widths and group sizes a model folder may hold.
+QUANT_BITS, QUANT_GROUP_SIZES = (2, 3, 4, 6, 8), (32, 64, 128)
+# Where a checkpoint's module is detected first: a .gguf file, then the folder layouts.
+FORMATS = ("meta", "hf")
 
 
 def expected_shapes(c):
-    """Every weight the model needs and its full (merged) shape."""
+    """Every weight the model needs and its full (merged) shape; no output.weight when the
+    model reads its logits off the embedding (tie_word_embeddings)."""
     D, V, C = c["dim"], c["vocab_size"], c["hidden_dim"]
     Q, KV = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
-    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
+    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,)}
+    if not c.get("tie_word_embeddings"):
+        shapes["output.weight"] = (V, D)
     for i in range(c["n_layers"]):
         p = f"layers.{i}."
         shapes.update({p + "attention.wq.weight": (Q, D), p + "attention.wk.weight": (KV, D),
@@ -31,13 +56,11 @@ def module_name(key):
 
 def open_checkpoint(path):
     """The Checkpoint of whichever format `path` holds."""
-    import importlib
-    import os
-
     if not os.path.exists(path):
         raise UserError(f"{path}: checkpoint folder not found")
     for name in FORMATS:
         module = importlib.import_module(f"formats.{name}")
         if module.detect(path):
             return module.Checkpoint(path)
-    raise UserError(f"{path}: no checkpoint here (no consolidated.NN.pth shards with params.json)")
+    raise UserError(f"{path}: no checkpoint here (no consolidated.NN.pth shards with params.json, no "
+                    "config.json with safetensors or pytorch_model.bin weights, not a .gguf file)")

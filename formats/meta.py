@@ -1,44 +1,42 @@
-"""Meta's and Mistral's original checkpoint folders: consolidated.NN.pth + params.json + tokenizer.model.
+"""Meta's and Mistral's original checkpoint folders: params.json with consolidated.NN.pth
+shards, or one consolidated.safetensors (Mistral's newer downloads), and tokenizer.model.
 
-The format of LLaMA 1/2, Code Llama and Mistral 7B v0.1 downloads. Shards of
-Meta's model parallelism are merged (each weight split along the axis of
-SPLIT_AXIS); the names of the tensors are already this toolkit's. Shards are
-memory-mapped, and every shape is checked against params.json before a tensor
-is read.
+The format of LLaMA 1/2/3, Code Llama and Mistral downloads. Shards of Meta's model
+parallelism are merged (each weight split along the axis of SPLIT_AXIS); the names
+of the tensors are already this toolkit's. Shards are memory-mapped, and every
+shape is checked against params.json before a tensor is read. tokenizer.model is
+SentencePiece (LLaMA 1/2, Mistral) or, from Llama 3 on, a tiktoken rank file.
 """
 
 import glob
 import math
 import os
-import pickle
-import zipfile
+from collections import namedtuple
 
 from utils import UserError, read_json
 
 from formats import expected_shapes, module_name
-
-import torch
+from formats.safetensors import SafetensorsFile
+from formats.torch_files import dtype_name, load_state_dict, to_mx
+from tokenizer import is_tiktoken_file, llama3_special_tokens
 
 # Meta's model parallelism: which axis of each weight is split across shards.
 SPLIT_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # column-parallel
               "wo": 1, "w2": 1, "tok_embeddings": 1}                     # row-parallel
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Llama 3.1's RoPE scaling, as Meta's reference code applies it when params.json says use_scaled_rope.
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+Entry = namedtuple("Entry", "shape dtype")  # what the checks need of a tensor in a safetensors file
 
 
 def detect(folder):
     """Whether `folder` holds a checkpoint of this format."""
-    return os.path.isdir(folder) and bool(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    return os.path.isdir(folder) and bool(glob.glob(os.path.join(folder, "consolidated.*.pth"))
+                                          or os.path.isfile(os.path.join(folder, "consolidated.safetensors")))
 
 
 class Checkpoint:
-    """An opened, fully checked Meta checkpoint folder.
-
-    path: the folder;
-    config: the model configuration (convert.py's config.json keys);
-    shapes: {name: full shape} of every weight the model needs, in writing order;
-    tensor(name, dtype): that weight, merged across shards, as a torch tensor;
-    tokenizer_files: the files the output folder needs to tokenize.
-    """
+    """An opened, fully checked Meta or Mistral checkpoint folder (see formats/__init__.py)."""
 
     def __init__(self, folder):
         if not os.path.isdir(folder):
@@ -46,46 +44,60 @@ class Checkpoint:
         self.path = folder
         params_path = os.path.join(folder, "params.json")
         params = read_json(params_path, "params.json")
-        tokenizer_path = os.path.join(folder, "tokenizer.model")
-        if not os.path.isfile(tokenizer_path):
-            raise UserError(f"{tokenizer_path}: tokenizer.model not found")
-        self.shards = open_shards(folder)
+        self.tokenizer_path = os.path.join(folder, "tokenizer.model")
+        if not os.path.isfile(self.tokenizer_path):
+            raise UserError(f"{self.tokenizer_path}: tokenizer.model not found")
+        self.file = None
+        if glob.glob(os.path.join(folder, "consolidated.*.pth")):
+            self.shards = open_shards(folder)
+        else:
+            self.file = SafetensorsFile(os.path.join(folder, "consolidated.safetensors"))
+            self.shards = [(self.file.path, {k: Entry(shape, dtype) for k, (dtype, shape) in self.file.tensors.items()})]
         self.config = derive_config(params, params_path, self.shards)
+        self.config.update(self._tokenizer_config())
         self.shapes = expected_shapes(self.config)
         check_shards(self.shards, self.shapes)
-        self.tokenizer_files = [tokenizer_path]
 
-    def tensor(self, key, dtype):
-        return merged(key, self.shards, dtype)
+    def _tokenizer_config(self):
+        """BOS and end tokens: SentencePiece's come with the model file, Llama 3's with its specials."""
+        if not is_tiktoken_file(self.tokenizer_path):
+            return {}
+        specials = llama3_special_tokens(self.tokenizer_path)
+        ends = [specials[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in specials]
+        return {"bos_token_id": specials["<|begin_of_text|>"], "eos_token_ids": ends, "add_bos_token": True}
+
+    def stored_dtype(self, key):
+        return _dtype(self.shards[0][1][key])
+
+    def tensor(self, key):
+        if self.file is not None:
+            return self.file.array(key)
+        return to_mx(merged(key, self.shards))
+
+    def quantization(self, key):
+        return None  # these formats hold floats only
+
+    def quantized(self, key):
+        raise AssertionError("Meta checkpoints hold no quantized weights")
+
+    def write_tokenizer(self, folder):
+        import shutil
+
+        shutil.copyfile(self.tokenizer_path, os.path.join(folder, "tokenizer.model"))
+
+
+def _dtype(tensor):
+    return tensor.dtype if isinstance(tensor, Entry) else dtype_name(tensor)
 
 
 def open_shards(folder):
     """Memory-map every consolidated.NN.pth; refuse anything that is not plain tensors."""
     paths = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
-    if not paths:
-        raise UserError(f"{folder}: no consolidated.NN.pth shards found")
     for n, path in enumerate(paths):
         if os.path.basename(path) != f"consolidated.{n:02d}.pth":
             raise UserError(f"{os.path.join(folder, f'consolidated.{n:02d}.pth')}: shard missing "
                             f"(found {len(paths)} shards up to {os.path.basename(paths[-1])})")
-    shards = []
-    for path in paths:
-        if not zipfile.is_zipfile(path):
-            raise UserError(f"{path}: not a PyTorch checkpoint: not a zip archive (corrupt or truncated "
-                            "file, or torch's legacy pre-1.6 format, which cannot be memory-mapped)")
-        try:
-            # weights_only: the unpickler accepts tensors and plain containers, nothing that runs code.
-            sd = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-        except pickle.UnpicklingError:
-            raise UserError(f"{path}: refusing to load it: it contains pickled code/objects not allowed "
-                            "in a weights-only checkpoint (it could run arbitrary code)")
-        except Exception as e:  # torch raises RuntimeError / OSError / EOFError for damaged files
-            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {detail}")
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise UserError(f"{path}: expected a dict of tensors (a Meta state dict)")
-        shards.append((path, sd))
-    return shards
+    return [(path, load_state_dict(path)) for path in paths]
 
 
 def _param(params, name, path, kind=int, default=None):
@@ -165,6 +177,9 @@ def derive_config(params, params_path, shards):
               "sliding_window": None if window is None else _param(params, "sliding_window", params_path)}
     if "max_seq_len" in params:  # llama2.c's exports say it; Meta's and Mistral's do not
         config["context_length"] = _param(params, "max_seq_len", params_path)
+    if params.get("use_scaled_rope"):  # Llama 3.1 and later
+        factor = _param(params, "rope_scaling_factor", params_path, float, default=LLAMA3_ROPE_SCALING["factor"])
+        config["rope_scaling"] = dict(LLAMA3_ROPE_SCALING, factor=factor)
     return config
 
 
@@ -187,25 +202,27 @@ def check_shards(shards, shapes):
             if tuple(tensor.shape) != tuple(want):
                 raise UserError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(want)} "
                                 f"from params.json{f' (1/{n} of {shape})' if n > 1 and axis is not None else ''}")
-            if tensor.dtype not in FLOAT_DTYPES:
+            if _dtype(tensor) is None:
                 raise UserError(f"{path}: {key} has dtype {tensor.dtype}, expected a float type")
     first_path, first = shards[0]
     for path, sd in shards[1:]:  # replicated tensors (norms) are small: compare them now
         for key in shapes:
-            if module_name(key) not in SPLIT_AXIS and not torch.equal(sd[key], first[key]):
+            if module_name(key) not in SPLIT_AXIS and not sd[key].equal(first[key]):
                 raise UserError(f"{path}: {key} differs from {os.path.basename(first_path)}; "
                                 "replicated tensors must be identical in every shard")
 
 
-def merged(key, shards, dtype):
-    """The full tensor for `key` in `dtype`: each shard's slice is copied straight into place."""
+def merged(key, shards):
+    """The full torch tensor for `key`: each shard's slice is copied straight into place."""
+    import torch
+
     pieces = [sd[key] for _, sd in shards]
     axis = SPLIT_AXIS.get(module_name(key))
     if axis is None or len(pieces) == 1:
-        return pieces[0].to(dtype)  # written out, never changed: no copy needed
+        return pieces[0]  # memory-mapped: read as it is written out
     shape = list(pieces[0].shape)
     shape[axis] = sum(p.shape[axis] for p in pieces)
-    full = torch.empty(shape, dtype=dtype)
+    full = torch.empty(shape, dtype=pieces[0].dtype)
     offset = 0
     for p in pieces:
         full.narrow(axis, offset, p.shape[axis]).copy_(p)  # reads the mapped pages once

@@ -21,6 +21,7 @@ import utils  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 
 import convert
+import loading
 import settings
 import formats
 from checkpoints import ASSETS, FLAVOURS, make_checkpoint
@@ -288,7 +289,7 @@ def test_interrupted_conversion_leaves_the_old_output_untouched(tmp_path, monkey
     with open(os.path.join(out, "old.txt"), "w") as f:
         f.write("old")
     calls = []
-    real = convert.convert_tensor
+    real = convert.Plan.converted
 
     def interrupt_on_third(*args):
         calls.append(1)
@@ -296,7 +297,7 @@ def test_interrupted_conversion_leaves_the_old_output_untouched(tmp_path, monkey
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(convert, "convert_tensor", interrupt_on_third)
+    monkeypatch.setattr(convert.Plan, "converted", interrupt_on_third)
     with pytest.raises(KeyboardInterrupt):
         convert.convert(src, out, force=True)
     assert os.listdir(out) == ["old.txt"] and leftovers(str(tmp_path)) == []
@@ -337,22 +338,23 @@ def test_sharded_checkpoint_quantizes_like_the_unsharded_one(tmp_path):
 def test_params_flavours_give_the_right_config(tmp_path, flavour):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     ck = make_checkpoint(src, flavour, dtype=torch.bfloat16)
-    convert.convert(src, out)
+    convert.convert(src, out)  # each weight keeps its stored type
     config, weights = load(out)
-    assert config == {**ck.config, "dtype": "float16"}
+    assert config == {**ck.config, "dtype": "bfloat16"}
     assert list(config) == ["dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
                             "norm_eps", "vocab_size", "rope_theta", "sliding_window", "dtype"]
     assert "rope.freqs" not in weights and sorted(weights) == sorted(ck.state_dict)
     with open(os.path.join(src, "tokenizer.model"), "rb") as a, open(os.path.join(out, "tokenizer.model"), "rb") as b:
         assert a.read() == b.read()
-    expected = ck.state_dict["layers.1.feed_forward.w2.weight"].half().float().numpy()
-    assert np.array_equal(as_numpy(weights["layers.1.feed_forward.w2.weight"]), expected)
+    w2 = weights["layers.1.feed_forward.w2.weight"]
+    assert w2.dtype == mx.bfloat16
+    assert np.array_equal(as_numpy(w2), ck.state_dict["layers.1.feed_forward.w2.weight"].numpy())
 
 
 def test_llama2_gqa_and_ffn_multiplier_are_checked_against_the_weights(tmp_path):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     ck = make_checkpoint(src, "llama2", n_heads=8, n_kv_heads=2, ffn_dim_multiplier=1.3, multiple_of=16)
-    convert.convert(src, out)
+    convert.convert(src, out, dtype="float16")
     config, _ = load(out)
     assert (config["n_kv_heads"], config["head_dim"], config["hidden_dim"]) == (2, 8, 224)  # int(1.3*170)=221 -> 224
     assert config == {**ck.config, "dtype": "float16"}
@@ -379,25 +381,25 @@ def test_dtype_is_what_mx_load_returns(tmp_path, dtype, fmt):
     config, weights = load(out, fmt)
     assert config["dtype"] == dtype
     assert {w.dtype for w in weights.values()} == {getattr(mx, dtype)}
-    torch_dtype = convert.DTYPES[dtype]
+    torch_dtype = getattr(torch, dtype)
     for key, value in ck.state_dict.items():
         assert np.array_equal(as_numpy(weights[key]), value.to(torch_dtype).float().numpy()), key
 
 
 def test_npz_writer_round_trips_through_mx_load(tmp_path):
     path = str(tmp_path / "w.npz")
-    arrays = {"f16": torch.randn(3, 5).half(), "bf16": torch.randn(4, 7).bfloat16(),
-              "f32": torch.randn(2, 3, 4), "u32": torch.arange(12, dtype=torch.int64).reshape(3, 4).to(torch.uint32),
-              "scalar_row": torch.randn(6)}
+    arrays = {"f16": mx.random.normal((3, 5)).astype(mx.float16), "bf16": mx.random.normal((4, 7)).astype(mx.bfloat16),
+              "f32": mx.random.normal((2, 3, 4)), "u32": mx.arange(12, dtype=mx.uint32).reshape(3, 4),
+              "scalar_row": mx.random.normal((6,))}
     writer = convert.NpzWriter(path)
-    for name, t in arrays.items():
-        writer.write(name, t)
+    for name, a in arrays.items():
+        writer.write(name, a)
     writer.close()
     loaded = mx.load(path)
     assert loaded["bf16"].dtype == mx.bfloat16 and loaded["u32"].dtype == mx.uint32
-    for name, t in arrays.items():
-        assert loaded[name].shape == tuple(t.shape)
-        assert np.array_equal(np.array(loaded[name].astype(mx.float32)), t.float().numpy()), name
+    for name, a in arrays.items():
+        assert loaded[name].shape == a.shape and loaded[name].dtype == a.dtype
+        assert mx.array_equal(loaded[name], a).item(), name
     assert np.load(path)["f16"].dtype == np.float16  # numpy reads it too
 
 
@@ -452,15 +454,23 @@ def test_quantized_files_shrink_and_dequantize_within_one_step(tmp_path, bits):
 
 def test_quantization_skips_weights_whose_last_dim_is_not_a_group_multiple(tmp_path):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
-    ck = make_checkpoint(src, "mistral")  # dim 64, hidden 192: w2's last dim is not a multiple of 128
+    ck = make_checkpoint(src, "mistral", dim=128, hidden_dim=192)  # w2's last dim is not a multiple of 128
     convert.convert(src, out, quantize=True, q_group_size=128, q_bits=4, dtype="bfloat16")
     config, weights = load(out)
     assert config["quantization"] == {"group_size": 128, "bits": 4}
     assert "layers.0.feed_forward.w2.scales" not in weights
     assert weights["layers.0.feed_forward.w2.weight"].dtype == mx.bfloat16
-    # ... and neither are rows of 64 (wq, w1, ...): nothing at all is quantized here.
-    assert not any(k.endswith(".scales") for k in weights)
-    assert sorted(weights) == sorted(ck.state_dict)
+    assert "layers.0.feed_forward.w1.scales" in weights  # rows of 128 are
+    assert sorted(k for k in weights if not k.endswith((".scales", ".biases"))) == sorted(ck.state_dict)
+    assert loading.load_model(out)[0].layers[0].feed_forward.w2.weight.dtype == mx.float32  # loads: w2 float
+
+
+def test_nothing_quantizable_writes_no_quantization_block(tmp_path):
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    ck = make_checkpoint(src, "mistral")  # dim 64, hidden 192: no last dim is a multiple of 128
+    convert.convert(src, out, quantize=True, q_group_size=128, q_bits=4)
+    config, weights = load(out)
+    assert "quantization" not in config and sorted(weights) == sorted(ck.state_dict)
 
 
 def test_quantized_safetensors_matches_npz(tmp_path):

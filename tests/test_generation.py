@@ -89,7 +89,7 @@ def test_generation_stops_at_eos(tokenizers, monkeypatch, capsys):
         yield from words + [tok.eos_id] + tok.encode("never printed", bos=False)
 
     monkeypatch.setattr(generate, "generate_tokens", fake_tokens)
-    generate.generate(STAND_IN, tok, "Once", max_tokens=50)
+    generate.generate(STAND_IN, tok, tok.encode("Once"), max_tokens=50, echo="Once")
     out = capsys.readouterr()
     assert out.out == "Once the cat\n"
     assert f"({len(words)} tokens)" in out.err
@@ -99,7 +99,7 @@ def test_generation_respects_num_tokens(tokenizers, monkeypatch, capsys):
     tok = tokenizers["tiny"]
     letters = tok.encode("a b c d e f g h", bos=False)
     monkeypatch.setattr(generate, "generate_tokens", lambda *a: iter(letters))
-    generate.generate(STAND_IN, tok, "x", max_tokens=3, write_every=2)
+    generate.generate(STAND_IN, tok, tok.encode("x"), max_tokens=3, write_every=2, echo="x")
     out = capsys.readouterr()
     assert "(3 tokens)" in out.err
     assert out.out == "x" + tok.decode(tok.encode("x") + letters[:3])[1:] + "\n"

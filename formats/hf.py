@@ -1,0 +1,308 @@
+"""Hugging Face model folders: config.json, and weights in safetensors shards (through
+model.safetensors.index.json) or pytorch_model*.bin; the tokenizer's files beside them.
+
+Supported: model_type llama and mistral (LLaMA 1/2/3/3.1/3.2/3.3, Code Llama,
+TinyLlama, SmolLM/SmolLM2, Mistral). config.json is read in both the classic
+layout (rope_theta, rope_scaling) and transformers 5's (rope_parameters).
+
+Hugging Face stores each head's query and key rows with the two halves of every
+RoPE pair apart (its rotate_half RoPE); this toolkit keeps Meta's interleaved
+order, so those rows are put back as they are read.
+"""
+
+import os
+import shutil
+
+from utils import UserError, read_json
+
+from formats import expected_shapes
+from formats.safetensors import SafetensorsFile
+from formats.torch_files import dtype_name, load_state_dict, to_mx
+
+ARCHITECTURES = ("llama", "mistral")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# The tokenizer's files, copied as they are.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# Per-layer names: Hugging Face's -> this toolkit's.
+LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+               "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+               "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+               "post_attention_layernorm": "ffn_norm"}
+TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints saved RoPE's frequencies: not a weight
+
+
+def detect(folder):
+    return (os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "config.json"))
+            and any(os.path.isfile(os.path.join(folder, f)) for f in WEIGHT_INDEXES + WEIGHT_FILES))
+
+
+class Checkpoint:
+    """An opened, fully checked Hugging Face folder (see formats/__init__.py)."""
+
+    def __init__(self, folder):
+        self.path = folder
+        config_path = os.path.join(folder, "config.json")
+        hf = read_json(config_path, "config.json")
+        self.config = model_config(hf, config_path)
+        self.config.update(tokenizer_config(folder, hf))
+        self.shapes = expected_shapes(self.config)
+        self.files = weight_files(folder)  # {hf name: file}
+        self.names = self._our_names()  # {our name: hf name}
+        self._check_shapes()
+
+    def _our_names(self):
+        names = {}
+        for hf_name, file in self.files.items():
+            ours = our_name(hf_name)
+            if ours is None:
+                if not hf_name.endswith(IGNORED_SUFFIXES):
+                    raise UserError(f"{file.path}: unexpected tensor '{hf_name}' (is this a {'/'.join(ARCHITECTURES)} "
+                                    "checkpoint?)")
+                continue
+            if ours == "output.weight" and self.config["tie_word_embeddings"]:
+                continue  # some tied checkpoints save the embedding twice
+            names[ours] = hf_name
+        for key in self.shapes:
+            if key not in names:
+                raise UserError(f"{self.path}: no tensor '{hf_name_of(key)}' in the weights (expected from "
+                                "config.json)")
+        return names
+
+    def _check_shapes(self):
+        for key, shape in self.shapes.items():
+            hf_name = self.names[key]
+            file = self.files[hf_name]
+            got, dtype = file.shape_and_dtype(hf_name)
+            if tuple(got) != tuple(shape):
+                raise UserError(f"{file.path}: {hf_name} has shape {tuple(got)}, expected {tuple(shape)} from "
+                                "config.json")
+            if dtype is None:
+                raise UserError(f"{file.path}: {hf_name} is not a float tensor")
+
+    def stored_dtype(self, key):
+        return self.files[self.names[key]].shape_and_dtype(self.names[key])[1]
+
+    def tensor(self, key):
+        hf_name = self.names[key]
+        array = self.files[hf_name].array(hf_name)
+        if key.endswith("attention.wq.weight"):
+            return interleaved_rope_rows(array, self.config["n_heads"])
+        if key.endswith("attention.wk.weight"):
+            return interleaved_rope_rows(array, self.config["n_kv_heads"])
+        return array
+
+    def quantization(self, key):
+        return None  # Hugging Face folders hold floats here
+
+    def quantized(self, key):
+        raise AssertionError("Hugging Face checkpoints are read as floats")
+
+    def write_tokenizer(self, folder):
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(self.path, name)):
+                shutil.copyfile(os.path.join(self.path, name), os.path.join(folder, name))
+        template = chat_template(self.path)
+        if template is not None:
+            with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(template)
+
+
+def interleaved_rope_rows(w, n_heads):
+    """Rows of one head's queries (or keys) in Meta's order: Hugging Face keeps the first and
+    second halves of the RoPE pairs apart, [h, 2, H/2, D] -> [h, H/2, 2, D]."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def our_name(hf_name):
+    """This toolkit's name for a Hugging Face tensor name, or None."""
+    if hf_name in TOP_NAMES:
+        return TOP_NAMES[hf_name]
+    parts = hf_name.split(".")
+    if len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[5] == "weight":
+        local = LAYER_NAMES.get(f"{parts[3]}.{parts[4]}")
+        return None if local is None else f"layers.{int(parts[2])}.{local}.weight"
+    if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[4] == "weight":
+        local = LAYER_NAMES.get(parts[3])  # the norms: one part
+        return None if local is None else f"layers.{int(parts[2])}.{local}.weight"
+    return None
+
+
+def hf_name_of(key):
+    """The Hugging Face name of this toolkit's `key` (for messages)."""
+    for hf, ours in TOP_NAMES.items():
+        if ours == key:
+            return hf
+    _, i, *local = key.removesuffix(".weight").split(".")
+    hf_local = next(hf for hf, ours in LAYER_NAMES.items() if ours == ".".join(local))
+    return f"model.layers.{i}.{hf_local}.weight"
+
+
+# ----------------------------------------------------------------------------- config.json
+
+def model_config(hf, path):
+    """This toolkit's config from a Hugging Face config.json."""
+    kind = hf.get("model_type")
+    if kind not in ARCHITECTURES:
+        shown = kind or (hf.get("architectures") or ["?"])[0]
+        raise UserError(f"{path}: architecture '{shown}' is not supported (supported: {', '.join(ARCHITECTURES)}: "
+                        "LLaMA 1/2/3.x, Code Llama, TinyLlama, SmolLM, Mistral)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise UserError(f"{path}: '{flag}' is true: this toolkit's LLaMA has no biases")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{path}: 'hidden_act' {hf['hidden_act']!r} is not supported (silu)")
+    rope = hf.get("rope_parameters") or {}  # transformers 5 puts rope_theta and the scaling here
+    dim, n_heads = _number(hf, "hidden_size", path), _number(hf, "num_attention_heads", path)
+    config = {"dim": dim, "n_layers": _number(hf, "num_hidden_layers", path), "n_heads": n_heads,
+              "n_kv_heads": _number(hf, "num_key_value_heads", path, default=n_heads),
+              "head_dim": _number(hf, "head_dim", path, default=dim // n_heads),
+              "hidden_dim": _number(hf, "intermediate_size", path),
+              "norm_eps": _number(hf, "rms_norm_eps", path, float, default=1e-6),
+              "vocab_size": _number(hf, "vocab_size", path),
+              "rope_theta": _number(rope if "rope_theta" in rope else hf, "rope_theta", path, float, default=10000.0),
+              "sliding_window": _number(hf, "sliding_window", path, default=None) if kind == "mistral" else None,
+              "context_length": _number(hf, "max_position_embeddings", path, default=None),
+              "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False))}
+    scaling = rope_scaling(hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None),
+                           path)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
+    return config
+
+
+def rope_scaling(scaling, path):
+    """Hugging Face's RoPE scaling as this toolkit's, or None for none; others refused by name."""
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": scaling.get("factor")}
+    if kind == "llama3":
+        return {"rope_type": "llama3", **{k: scaling.get(k) for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+    raise UserError(f"{path}: rope scaling '{kind}' is not supported (supported: llama3, linear)")
+
+
+def _number(config, key, path, kind=int, default=...):
+    value = config.get(key)
+    if value is None:
+        if default is ...:
+            raise UserError(f"{path}: missing '{key}'")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise UserError(f"{path}: '{key}' must be a positive {'number' if kind is float else 'integer'}, "
+                        f"got {value!r}")
+    return kind(value)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def tokenizer_config(folder, hf):
+    """BOS, end tokens and whether BOS is added, from config.json, generation_config.json
+    and tokenizer_config.json (later files win, as transformers reads them)."""
+    out = {}
+    generation = _optional_json(os.path.join(folder, "generation_config.json"))
+    for source in (hf, generation):
+        if isinstance(source.get("bos_token_id"), int):
+            out["bos_token_id"] = source["bos_token_id"]
+        ends = source.get("eos_token_id")
+        if isinstance(ends, int) or (isinstance(ends, list) and all(isinstance(e, int) for e in ends)):
+            out["eos_token_ids"] = [ends] if isinstance(ends, int) else list(ends)
+    tok_config = _optional_json(os.path.join(folder, "tokenizer_config.json"))
+    if isinstance(tok_config.get("add_bos_token"), bool):
+        out["add_bos_token"] = tok_config["add_bos_token"]
+    elif "bos_token_id" in out:
+        out["add_bos_token"] = _adds_bos(folder, out["bos_token_id"])
+    return out
+
+
+def _adds_bos(folder, bos_id):
+    """Without a word from tokenizer_config.json: a SentencePiece LLaMA tokenizer adds BOS, and
+    a tokenizer.json whose post-processor template starts with it does."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return os.path.isfile(os.path.join(folder, "tokenizer.model"))
+    post = _optional_json(path).get("post_processor") or {}
+    for processor in post.get("processors") or [post]:  # a Sequence of processors, or one
+        first = (processor.get("single") or [{}])[0].get("SpecialToken", {}).get("id")
+        if bos_id in (processor.get("special_tokens") or {}).get(first, {}).get("ids", []):
+            return True
+    return False
+
+
+def chat_template(folder):
+    """The chat template of a Hugging Face folder: chat_template.jinja, or tokenizer_config.json's."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = _optional_json(os.path.join(folder, "tokenizer_config.json")).get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) else None
+
+
+def _optional_json(path):
+    return read_json(path, os.path.basename(path)) if os.path.isfile(path) else {}
+
+
+# ----------------------------------------------------------------------------- weights
+
+def weight_files(folder):
+    """{Hugging Face tensor name: the opened file that holds it}, through an index if there is one."""
+    for index in WEIGHT_INDEXES:
+        path = os.path.join(folder, index)
+        if os.path.isfile(path):
+            weight_map = read_json(path, index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{path}: no 'weight_map' of tensor names to files")
+            opened = {}
+            for shard in sorted(set(weight_map.values())):
+                shard_path = os.path.join(folder, shard)
+                if os.path.basename(shard) != shard or not os.path.isfile(shard_path):
+                    raise UserError(f"{path}: names the shard '{shard}', which is not in {folder}")
+                opened[shard] = WeightFile(shard_path)
+            files = {}
+            for name, shard in weight_map.items():
+                if name not in opened[shard].names:
+                    raise UserError(f"{path}: says {name} is in {shard}, which does not hold it")
+                files[name] = opened[shard]
+            return files
+    for name in WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            file = WeightFile(path)
+            return {tensor: file for tensor in file.names}
+    raise UserError(f"{folder}: no weights ({', '.join(WEIGHT_FILES)} or an index)")
+
+
+class WeightFile:
+    """One safetensors or PyTorch weights file: names, shapes and float types, and mx arrays."""
+
+    def __init__(self, path):
+        self.path = path
+        if path.endswith(".safetensors"):
+            self._st, self._sd = SafetensorsFile(path), None
+            self.names = set(self._st.tensors)
+        else:
+            self._st, self._sd = None, load_state_dict(path)
+            self.names = set(self._sd)
+
+    def shape_and_dtype(self, name):
+        if self._st is not None:
+            dtype, shape = self._st.tensors[name]
+            return shape, dtype
+        tensor = self._sd[name]
+        return tuple(tensor.shape), dtype_name(tensor)
+
+    def array(self, name):
+        return self._st.array(name) if self._st is not None else to_mx(self._sd[name])
+

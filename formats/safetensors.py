@@ -1,0 +1,87 @@
+"""Reading a safetensors file: its header checked against the file, its tensors memory-mapped.
+
+Layout: an 8-byte little-endian header length N, N bytes of JSON
+{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
+then the data, offsets counted from its start. The header comes from a stranger:
+its length, every shape and every offset are checked against the file before
+anything is mapped.
+"""
+
+import json
+import math
+import os
+import struct
+
+import numpy as np
+
+from utils import UserError
+
+import mlx.core as mx
+
+MAX_HEADER_BYTES = 100 * 2**20
+MAX_DIMS = 8
+# The float types a checkpoint's weights come in: numpy's view of the bytes, and the type's name.
+DTYPES = {"F32": (np.float32, "float32"), "F16": (np.float16, "float16"), "BF16": (np.uint16, "bfloat16")}
+
+
+class SafetensorsFile:
+    """tensors: {name: (dtype name, shape)}; array(name) -> mx.array, memory-mapped until then."""
+
+    def __init__(self, path):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise UserError(f"{path}: not a safetensors file (a header of {n} bytes in a file of {size})")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: not a safetensors file (its header is not JSON: {e})")
+        if not isinstance(header, dict):
+            raise UserError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        self.data_start, data_bytes = 8 + n, size - 8 - n
+        self._entries = {name: self._entry(name, info, data_bytes)
+                         for name, info in header.items() if name != "__metadata__"}
+        self.tensors = {name: (dtype, shape) for name, (dtype, shape, _) in self._entries.items()}
+
+    def _entry(self, name, info, data_bytes):
+        """(dtype name, shape, begin) of one tensor, every field checked."""
+        where = f"{self.path}: {name}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise UserError(f"{where}: header entry without dtype, shape and data_offsets")
+        if info["dtype"] not in DTYPES:
+            raise UserError(f"{where}: dtype {info['dtype']!r} is not a weight type this toolkit reads "
+                            f"({', '.join(DTYPES)})")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_count(d) for d in shape):
+            raise UserError(f"{where}: shape {shape!r} is not a list of at most {MAX_DIMS} sizes")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
+            raise UserError(f"{where}: data_offsets {offsets!r} are not two byte offsets")
+        begin, end = offsets
+        dtype, name_of_dtype = DTYPES[info["dtype"]]
+        if not begin <= end <= data_bytes:
+            raise UserError(f"{where}: its data [{begin}, {end}) lies outside the file's {data_bytes} data bytes "
+                            "(truncated?)")
+        if end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise UserError(f"{where}: {end - begin} bytes of data for a {info['dtype']} tensor of shape {shape}")
+        return name_of_dtype, tuple(shape), begin
+
+    def array(self, name):
+        """The tensor as an mx.array of its own float type."""
+        dtype_name, shape, begin = self._entries[name]
+        numpy_type = DTYPES[next(k for k, v in DTYPES.items() if v[1] == dtype_name)][0]
+        if math.prod(shape) == 0:
+            data = np.zeros(shape, numpy_type)
+        else:
+            data = np.memmap(self.path, dtype=numpy_type, mode="r", offset=self.data_start + begin, shape=shape)
+        out = mx.array(data)
+        return out.view(mx.bfloat16) if dtype_name == "bfloat16" else out
+
+
+def _count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63

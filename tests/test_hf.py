@@ -1,0 +1,189 @@
+"""Hugging Face folders in: tiny checkpoints written by transformers, converted, and their
+logits against transformers' own forward pass; tokenizer.json and chat templates."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import mlx.core as mx  # noqa: E402
+
+import chat  # noqa: E402
+import convert  # noqa: E402
+import loading  # noqa: E402
+from checkpoints import make_tokenizer  # noqa: E402
+from hf_checkpoints import hf_logits, make_hf_model  # noqa: E402
+from utils import UserError  # noqa: E402
+
+TOKENS = np.random.default_rng(0).integers(3, 320, size=(2, 40))  # longer than the window (8) and the
+                                                                   # llama3 scaling's original context (16)
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def converted(folder, out, **options):
+    options.setdefault("dtype", "float32")
+    convert.convert(str(folder), str(out), **options)
+    return loading.load_model(str(out))
+
+
+def mlx_logits(model, tokens):
+    return np.array(model(mx.array(tokens)).astype(mx.float32))
+
+
+@pytest.mark.parametrize("flavour", ["llama", "llama3", "mistral", "linear"])
+def test_logits_match_transformers(tmp_path, flavour):
+    reference = make_hf_model(tmp_path / "hf", flavour)
+    make_tokenizer(tmp_path / "hf")
+    assert len([n for n in os.listdir(tmp_path / "hf") if n.endswith(".safetensors")]) > 1  # sharded
+    model, _, config = converted(tmp_path / "hf", tmp_path / "mlx")
+    assert np.abs(mlx_logits(model, TOKENS) - hf_logits(reference, TOKENS)).max() <= 1e-4
+    assert config["tie_word_embeddings"] == (flavour == "llama3")
+    assert "output" not in model or flavour != "llama3"
+
+
+@pytest.mark.parametrize("flavour, change", [("llama3", {"rope_scaling": None}), ("mistral", {"sliding_window": None}),
+                                             ("linear", {"rope_scaling": None})])
+def test_dropping_the_scaling_or_the_window_moves_the_logits(tmp_path, flavour, change):
+    """Guards the test above: what these checkpoints add must matter at these lengths."""
+    reference = make_hf_model(tmp_path / "hf", flavour)
+    make_tokenizer(tmp_path / "hf")
+    convert.convert(str(tmp_path / "hf"), str(tmp_path / "mlx"), dtype="float32")
+    config = json.loads((tmp_path / "mlx" / "config.json").read_text())
+    (tmp_path / "mlx" / "config.json").write_text(json.dumps(dict(config, **change)))
+    model, _, _ = loading.load_model(str(tmp_path / "mlx"))
+    assert np.abs(mlx_logits(model, TOKENS) - hf_logits(reference, TOKENS)).max() > 1e-2
+
+
+def test_classic_config_layout_and_pytorch_bin_weights(tmp_path):
+    """config.json as released checkpoints write it (rope_theta and rope_scaling at the top),
+    and weights in one pytorch_model.bin."""
+    import torch
+
+    reference = make_hf_model(tmp_path / "hf", "llama3", max_shard_size="1GB")
+    make_tokenizer(tmp_path / "hf")
+    os.remove(tmp_path / "hf" / "model.safetensors")  # as older transformers saved it
+    torch.save(reference.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    model, _, _ = converted(tmp_path / "hf", tmp_path / "mlx")
+    assert np.abs(mlx_logits(model, TOKENS) - hf_logits(reference, TOKENS)).max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- tokenizer.json
+
+SAMPLES = ["Once upon a time", "héllo wörld, naïve café", "日本語のテキストと中文", "emoji 🙂🎉 and 👩‍👩‍👧",
+           "  two  spaces\tand\ttabs\n\nnewlines", "<|im_start|>user\nhi<|im_end|>", "x<|im_end|>y", "Ünïcödé ß→∑ ✓"]
+
+
+def byte_level_tokenizer(folder):
+    """A byte-level BPE tokenizer.json trained here, with ChatML's specials and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Once upon a time there was a little girl named Lily."] * 20 + SAMPLES, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                                eos_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    return fast
+
+
+def test_tokenizer_json_encodes_as_transformers(tmp_path):
+    reference = byte_level_tokenizer(tmp_path / "hf")
+    make_hf_model(tmp_path / "hf", "llama", vocab_size=len(reference))
+    _, tokenizer, config = converted(tmp_path / "hf", tmp_path / "mlx")
+    for text in SAMPLES:
+        assert tokenizer.encode(text, bos=False) == reference.encode(text, add_special_tokens=False), text
+        assert tokenizer.decode(tokenizer.encode(text, bos=False)) == text
+    assert tokenizer.encode("<|im_start|>", bos=False) == [reference.convert_tokens_to_ids("<|im_start|>")]
+    assert not tokenizer.add_bos and tokenizer.encode("hi") == tokenizer.encode("hi", bos=False)  # no BOS here
+
+
+def test_chat_template_survives_conversion_and_renders_as_transformers(tmp_path):
+    reference = byte_level_tokenizer(tmp_path / "hf")
+    make_hf_model(tmp_path / "hf", "llama", vocab_size=len(reference))
+    _, tokenizer, _ = converted(tmp_path / "hf", tmp_path / "mlx")
+    template = chat.load_template(str(tmp_path / "mlx"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is MLX?"}]
+    ours = chat.render(template, messages, tokenizer)
+    assert ours == reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.encode(ours, bos=False) == reference.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ raise_exception('only user and assistant roles') }}", "TemplateError: only user and assistant roles"),
+    ("{{ messages.__class__.__mro__ }}", "SecurityError"),
+    ("{{ raise_exception.__globals__ }}", "SecurityError"),
+    ("{{ ''.__class__.__subclasses__() }}", "SecurityError"),
+    ("{% for m in messages %}", "TemplateSyntaxError"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recurses without end"),
+])
+def test_a_template_that_raises_or_reaches_python_internals_is_a_clear_error(template, message):
+    tokenizer = type("T", (), {"bos_id": None, "eos_id": None})()
+    with pytest.raises(UserError, match=message):
+        chat.render(template, [{"role": "user", "content": "hi"}], tokenizer, where="t.jinja")
+
+
+# ----------------------------------------------------------------------------- bad folders
+
+def test_unsupported_architecture_is_refused_by_name(tmp_path):
+    make_hf_model(tmp_path / "hf", "llama")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, model_type="qwen2")))
+    with pytest.raises(UserError, match="architecture 'qwen2' is not supported \\(supported: llama, mistral"):
+        convert.convert(str(tmp_path / "hf"), str(tmp_path / "mlx"))
+    assert not os.path.exists(tmp_path / "mlx")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing_shard", "names the shard 'model-00002-of-"),
+    ("missing_key", "missing 'intermediate_size'"),
+    ("lying_offsets", "lies outside the file's"),
+    ("lying_dtype", "bytes of data for a F16 tensor"),
+    ("huge_header", "not a safetensors file \\(a header of"),
+    ("unknown_scaling", "rope scaling 'yarn' is not supported"),
+])
+def test_bad_hugging_face_folders_are_one_line_errors(tmp_path, damage, message):
+    import struct
+
+    make_hf_model(tmp_path / "hf", "llama")
+    make_tokenizer(tmp_path / "hf")
+    folder = tmp_path / "hf"
+    shard = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))[1]
+    config = json.loads((folder / "config.json").read_text())
+    if damage == "missing_shard":
+        os.remove(folder / shard)
+    elif damage == "missing_key":
+        del config["intermediate_size"]
+    elif damage == "unknown_scaling":
+        config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    else:
+        raw = (folder / shard).read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        if damage == "lying_offsets":
+            header[name]["data_offsets"][1] += 10**9
+        elif damage == "lying_dtype":  # float32 data said to be float16: twice the bytes it should be
+            header[name]["dtype"] = "F16"
+        blob = json.dumps(header).encode()
+        raw = (struct.pack("<Q", 2**40) if damage == "huge_header" else struct.pack("<Q", len(blob))) + blob + raw[8 + n:]
+        (folder / shard).write_bytes(raw)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=message):
+        convert.convert(str(folder), str(tmp_path / "mlx"))
+    assert not os.path.exists(tmp_path / "mlx")
+    shutil.rmtree(folder)
