@@ -7,6 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
@@ -187,3 +189,95 @@ def test_bad_hugging_face_folders_are_one_line_errors(tmp_path, damage, message)
         convert.convert(str(folder), str(tmp_path / "mlx"))
     assert not os.path.exists(tmp_path / "mlx")
     shutil.rmtree(folder)
+
+
+# ----------------------------------------------------------------------------- the header reader
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_safetensors_header_reader_gives_tensors_or_a_clear_error(tmp_path_factory, data):
+    """Random headers (lengths, JSON, dtypes, shapes, offsets) over random data: a file whose
+    every tensor lies inside it, or a UserError; never another exception, never a read past it."""
+    import struct
+
+    from formats.safetensors import SafetensorsFile
+
+    entry = st.fixed_dictionaries({
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", 7]),
+        "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=3), st.text(max_size=3)),
+        "data_offsets": st.one_of(st.lists(st.integers(-5, 400), min_size=0, max_size=3), st.none())})
+    header = data.draw(st.one_of(st.dictionaries(st.text(max_size=5), entry, max_size=4),
+                                 st.lists(st.integers(), max_size=2)))
+    blob = json.dumps(header).encode() if data.draw(st.booleans()) else data.draw(st.binary(max_size=40))
+    length = data.draw(st.one_of(st.just(len(blob)), st.integers(0, 2**64 - 1)))
+    body = data.draw(st.binary(max_size=300))
+    path = tmp_path_factory.mktemp("st") / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", length) + blob + body)
+    try:
+        file = SafetensorsFile(str(path))
+    except UserError as e:
+        assert str(e).startswith(str(path))
+        return
+    for name, (dtype, shape) in file.tensors.items():
+        assert file.array(name).shape == tuple(shape)
+
+
+# ----------------------------------------------------------------------------- Meta's Llama 3 layout
+
+def tiktoken_file(path, extra=("th", "he", "the", "in", "an", "and", " the", "er", "on")):
+    """A small rank file in Llama 3's format: every byte, then a few merges."""
+    import base64
+
+    tokens = [bytes([b]) for b in range(256)] + [t.encode() for t in extra]
+    with open(path, "w") as f:
+        for rank, token in enumerate(tokens):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+    return len(tokens)
+
+
+def meta_folder_of(model, folder, params):
+    """What Meta's download holds for the same weights: consolidated.00.pth and params.json,
+    queries and keys in Meta's interleaved order."""
+    import torch
+
+    from formats.hf import interleaved_rope_rows, our_name
+
+    config = model.config
+    sd = {}
+    for hf_name, tensor in model.state_dict().items():
+        name = our_name(hf_name)
+        if name is None or (name == "output.weight" and config.tie_word_embeddings):
+            continue
+        if name.endswith(("wq.weight", "wk.weight")):
+            heads = config.num_attention_heads if "wq" in name else config.num_key_value_heads
+            tensor = torch.from_numpy(np.array(interleaved_rope_rows(mx.array(tensor.numpy()), heads)))
+        sd[name] = tensor.clone()
+    os.makedirs(folder, exist_ok=True)
+    torch.save(sd, os.path.join(folder, "consolidated.00.pth"))
+    with open(os.path.join(folder, "params.json"), "w") as f:
+        json.dump(params, f)
+
+
+def test_meta_llama3_folder_with_scaled_rope_and_tiktoken(tmp_path):
+    """Meta's Llama 3.1 layout: use_scaled_rope (factor 8 over 8192 positions), rope_theta, and a
+    tiktoken tokenizer.model whose specials follow its ranks."""
+    n_ranks = tiktoken_file(tmp_path / "ranks")
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    reference = make_hf_model(tmp_path / "hf", "llama", vocab_size=n_ranks + 256, rope_theta=500000.0,
+                              rope_scaling=dict(rope))  # transformers writes into the dict it gets
+    meta_folder_of(reference, tmp_path / "meta", {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                                                  "vocab_size": n_ranks + 256, "multiple_of": 32,
+                                                  "ffn_dim_multiplier": 0.75, "norm_eps": 1e-5,
+                                                  "rope_theta": 500000.0, "use_scaled_rope": True})
+    shutil.copyfile(tmp_path / "ranks", tmp_path / "meta" / "tokenizer.model")
+    model, tokenizer, config = converted(tmp_path / "meta", tmp_path / "mlx")
+    assert config["rope_scaling"] == rope and config["rope_theta"] == 500000.0
+    tokens = TOKENS % (n_ranks + 256)
+    assert np.abs(mlx_logits(model, tokens) - hf_logits(reference, tokens)).max() <= 1e-4
+    # The tokenizer: BOS first, the specials in text, three ends of a turn.
+    begin, end, eom, eot = (n_ranks + i for i in (0, 1, 8, 9))
+    assert config["eos_token_ids"] == [end, eom, eot] and tokenizer.eos_ids == {end, eom, eot}
+    ids = tokenizer.encode("<|start_header_id|>user<|end_header_id|>the")
+    assert ids[0] == begin and ids[1] == n_ranks + 6 and ids[-1] == 256 + 2  # "the" is one merged token
+    assert tokenizer.decode(ids[1:]) == "<|start_header_id|>user<|end_header_id|>the"
