@@ -2,7 +2,7 @@
 
     python bench.py                  everything below but qa, in one run (about 10 min here)
     python bench.py machine          numpy float32 matmul GFLOP/s, memory copy bandwidth
-    python bench.py convert [--size 7b|medium] [--dir /tmp] [--dtype float16] [-q]
+    python bench.py convert [--size 7b|medium] [--layout meta|hf] [--dir /tmp] [--dtype float16] [-q]
     python bench.py train [--size tiny|medium] [--qlora]
     python bench.py generate [--size medium] [--kinds float32,float16,8-bit,4-bit] [--samples 16]
     python bench.py qa --model base_model [--adapter-file adapters/adapters.npz]
@@ -85,6 +85,55 @@ def write_synthetic_checkpoint(folder, params):
     return sum(math.prod(s) for s in shapes.values())
 
 
+def write_synthetic_hf_checkpoint(folder, params, shard_bytes=5 * 10**9):
+    """Write a Hugging Face folder (config.json, bf16 safetensors shards and their index) of the
+    same shapes, streaming one buffer of random bf16 values into every tensor."""
+    import numpy as np
+
+    from formats.hf import hf_name_of
+
+    shapes = {hf_name_of(key): shape for key, shape in expected_shapes(params).items()}
+    pattern = (0.02 * np.random.default_rng(0).standard_normal(1 << 23)).astype(np.float32)
+    pattern = (pattern.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # bfloat16 bits: 16 MiB
+    shards, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * math.prod(shape)
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, names in enumerate(shards):
+        shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {}, 0
+        for name in names:
+            nbytes = 2 * math.prod(shapes[name])
+            header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = shard
+        blob = json.dumps(header).encode()
+        with open(os.path.join(folder, shard), "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for name in names:
+                left = 2 * math.prod(shapes[name])
+                while left:
+                    f.write(pattern[:min(left, len(pattern))])
+                    left -= min(left, len(pattern))
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": weight_map}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": "mistral", "hidden_size": params["dim"], "num_hidden_layers": params["n_layers"],
+                   "num_attention_heads": params["n_heads"], "num_key_value_heads": params["n_kv_heads"],
+                   "head_dim": params["head_dim"], "intermediate_size": params["hidden_dim"],
+                   "rms_norm_eps": params["norm_eps"], "vocab_size": params["vocab_size"],
+                   "sliding_window": params.get("sliding_window"), "rope_theta": 10000.0}, f, indent=2)
+    if os.path.exists(TOKENIZER):
+        shutil.copyfile(TOKENIZER, os.path.join(folder, "tokenizer.model"))
+    return sum(math.prod(s) for s in shapes.values())
+
+
 def read_status(pid):
     """Memory fields of /proc/<pid>/status in bytes (empty once the process is gone)."""
     fields = {}
@@ -129,13 +178,13 @@ def bench_convert(args):
         raise UserError(f"{root}: needs {need / GiB:.1f} GiB free, has {free / GiB:.1f} GiB (use --dir)")
     work = tempfile.mkdtemp(prefix="bench-convert-", dir=root)
     try:
-        src, out = os.path.join(work, "torch"), os.path.join(work, "mlx")
+        src, out = os.path.join(work, "source"), os.path.join(work, "mlx")
         os.makedirs(src)
         t0 = time.perf_counter()
-        write_synthetic_checkpoint(src, params)
+        (write_synthetic_hf_checkpoint if args.layout == "hf" else write_synthetic_checkpoint)(src, params)
         gen_seconds = time.perf_counter() - t0
-        in_size = os.path.getsize(os.path.join(src, "consolidated.00.pth"))
-        cmd = [sys.executable, os.path.join(ROOT, "convert.py"), "--torch-path", src, "--mlx-path", out,
+        in_size = sum(os.path.getsize(os.path.join(src, n)) for n in os.listdir(src))
+        cmd = [sys.executable, os.path.join(ROOT, "convert.py"), "--hf-path", src, "--mlx-path", out,
                "--dtype", args.dtype, "--format", args.format]
         if args.quantize:
             cmd += ["-q", "--q-bits", str(args.q_bits), "--q-group-size", str(args.q_group_size)]
@@ -146,8 +195,8 @@ def bench_convert(args):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
-        "key": f"convert-{size}-{args.dtype}" + (f"-q{args.q_bits}" if args.quantize else ""),
-        "size": size, "params": n_params, "dtype": args.dtype, "format": args.format,
+        "key": f"convert-{args.layout}-{size}-{args.dtype}" + (f"-q{args.q_bits}" if args.quantize else ""),
+        "size": size, "layout": args.layout, "params": n_params, "dtype": args.dtype, "format": args.format,
         "quantize": f"{args.q_bits}-bit/g{args.q_group_size}" if args.quantize else None,
         "input_GB": round(in_size / 1e9, 2), "output_GB": round(out_size / 1e9, 2),
         "write_input_s": round(gen_seconds, 1), "convert_s": round(seconds, 1),
@@ -162,6 +211,8 @@ def bench_convert(args):
 
 def add_convert_args(p):
     p.add_argument("--size", default="7b", choices=list(SIZES), help="Checkpoint shape: 7b (14.5 GB) or medium (0.3 GB).")
+    p.add_argument("--layout", default="meta", choices=["meta", "hf"],
+                   help="Meta's consolidated.00.pth, or a Hugging Face folder of safetensors shards.")
     p.add_argument("--dir", default=None, help="Where to write the temporary checkpoint and output (default: the temp dir).")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="convert.py --dtype.")
     p.add_argument("--format", default="npz", choices=["npz", "safetensors"], help="convert.py --format.")
@@ -442,6 +493,7 @@ SECTIONS = {
 }
 # What `python bench.py` with no section runs: the performance issue's whole table.
 ALL = [["machine"], ["convert", "--size", "medium"], ["convert", "--size", "7b"],
+       ["convert", "--size", "7b", "--layout", "hf"],
        ["train", "--size", "tiny", "--qlora"], ["train", "--size", "medium", "--qlora"], ["generate"]]
 
 
