@@ -60,10 +60,12 @@ class DatasetSettings(settings.Settings):
     packages: List[str] = option(("mlx",), "top-level packages whose docstrings to use, space-separated",
                                  metavar="PACKAGE")
     out: str = option("data", "folder for train.jsonl, valid.jsonl and test.jsonl")
-    format: str = option("text", '"text" writes {"text": "Q: ...\\nA: ..."}; "completions" writes '
+    format: str = option("chat", '"chat" writes {"messages": [{"role": "user", "content": "What is ... in mlx?"}, '
+                         '{"role": "assistant", "content": ...}]}, rendered by the model\'s chat template; '
+                         '"text" writes {"text": "Q: ...\\nA: ..."}; "completions" writes '
                          '{"prompt": "Q: ...\\nA:", "completion": " ..."} for training on answers only; '
                          '"plain" writes {"text": "<path><signature> <docstring>"}, a pretraining corpus (pretrain.py)',
-                         choices=["text", "completions", "plain"])
+                         choices=["chat", "text", "completions", "plain"])
     seq_limit: int = option(2048, "longest docstring kept, in characters; a longer one is cut at its last "
                                   "paragraph break within the limit, else at its last sentence end; one with "
                                   "neither is dropped", at_least=1)
@@ -704,6 +706,9 @@ def format_example(example, fmt):
         return {"text": f"{question}\n{answer}"}
     if fmt == "plain":
         return {"text": answer[len("A: ") :]}
+    if fmt == "chat":  # rendered by the model's own chat template when training
+        return {"messages": [{"role": "user", "content": question[len("Q: ") :]},
+                             {"role": "assistant", "content": answer[len("A: ") :]}]}
     # "A:" stays in the prompt so that prompt + completion is exactly the "text" form.
     return {"prompt": f"{question}\nA:", "completion": answer[len("A:") :]}
 

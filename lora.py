@@ -213,7 +213,8 @@ def use_model(args, adapter_file, resume=None):
                                      generation_only=not (args.train or args.test))
 
     if args.train:
-        data = {split: dataset.load_split(args.data, split, tokenizer, args.max_seq_length, args.mask_prompt)
+        data = {split: dataset.load_split(args.data, split, tokenizer, args.max_seq_length, args.mask_prompt,
+                                          chat.load_template(args.model))
                 for split in ("train", "valid")}
         if len(data["train"]) == 0:
             raise UserError(f"{data['train'].path}: no training examples")
@@ -225,7 +226,8 @@ def use_model(args, adapter_file, resume=None):
             return code
 
     if args.test:
-        test_set = dataset.load_split(args.data, "test", tokenizer, args.max_seq_length, args.mask_prompt)
+        test_set = dataset.load_split(args.data, "test", tokenizer, args.max_seq_length, args.mask_prompt,
+                                      chat.load_template(args.model))
         if len(test_set) == 0:
             raise UserError(f"{test_set.path}: no test examples")
         trainer.check_memory(model.args, args.batch_size, max(map(len, test_set.tokens)))

@@ -38,7 +38,7 @@ class Tokenizer:
         self.eos_ids = frozenset(ends)
         self.eos_id = ends[0] if ends else None
         self.add_bos = config.get("add_bos_token", add_bos) and self.bos_id is not None
-        for token in (self.bos_id, *self.eos_ids):
+        for token in ({self.bos_id} - {None}) | self.eos_ids:
             if not 0 <= token < self.vocab_size:
                 raise UserError(f"{self.path}: special token id {token} is outside its {self.vocab_size} tokens")
 

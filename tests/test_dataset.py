@@ -183,8 +183,10 @@ def run_script(packages, *args):
 
 
 def build(packages, out, *args):
-    """Run the script into `out`; return (stdout, {split: [example]})."""
-    result = run_script(packages, "--out", str(out), "--seq-limit", "300", "--import-timeout", "2", *args)
+    """Run the script into `out` (in the "text" format unless `args` say another); return
+    (stdout, {split: [example]})."""
+    fmt = [] if "--format" in args else ["--format", "text"]
+    result = run_script(packages, "--out", str(out), "--seq-limit", "300", "--import-timeout", "2", *fmt, *args)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # no progress bar off a terminal, and nothing from imported modules
     return result.stdout, read_splits(out)
@@ -324,6 +326,17 @@ def test_completions_format_splits_each_text_into_prompt_and_completion(packages
     first = pairs["train"][0]
     assert first["prompt"].startswith("Q: What is ") and first["prompt"].endswith("?\nA:")
     assert first["completion"].startswith(" fakepkg.")
+
+
+def test_chat_format_is_one_user_question_and_the_answer(packages):
+    _, texts = build(packages, packages / "text-for-chat", "--packages", "fakepkg")
+    _, chats = build(packages, packages / "chat", "--packages", "fakepkg", "--format", "chat")
+    for name in dataset.SPLITS:  # the same objects in the same splits
+        assert [f"Q: {c['messages'][0]['content']}\nA: {c['messages'][1]['content']}" for c in chats[name]] \
+            == [t["text"] for t in texts[name]]
+    first = chats["train"][0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"]
+    assert first[0]["content"].startswith("What is ") and first[1]["content"].startswith("fakepkg.")
 
 
 def test_no_preprocess_keeps_markup_and_every_import_path(packages):

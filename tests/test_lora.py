@@ -302,7 +302,7 @@ def test_help_explains_every_flag():
 
 BAD_LINES = [
     ('{"text": "fine"}\n{"text": "unterminated\n', "train.jsonl: line 2: invalid JSON"),
-    ('{"text": "fine"}\n{"body": "no key"}\n', "train.jsonl: line 2: expected key 'text'"),
+    ('{"text": "fine"}\n{"body": "no key"}\n', "train.jsonl: line 2: expected key 'messages', 'text'"),
     ('{"text": "   "}\n', "train.jsonl: line 1: 'text' must be a non-empty string"),
     ('{"prompt": "Q", "completion": ""}\n', "train.jsonl: line 1: 'prompt' must be a string and 'completion'"),
     ('["a", "list"]\n', "train.jsonl: line 1: expected a JSON object"),

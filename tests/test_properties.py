@@ -45,23 +45,25 @@ def test_jsonl_reader_gives_objects_or_a_clear_error(tmp_path_factory, lines):
        mask_prompt=st.booleans())
 def test_tokenizing_any_example_gives_tokens_or_a_clear_error(tokenizer, obj, mask_prompt):
     try:
-        tokens, n_prompt = dataset.tokenize_example(obj, tokenizer, mask_prompt, "train.jsonl: line 1")
+        tokens, spans = dataset.tokenize_example(obj, tokenizer, mask_prompt, "train.jsonl: line 1")
     except UserError as e:
         assert str(e).startswith("train.jsonl: line 1: ")
         return
     assert tokens[0] == tokenizer.bos_id and tokens[-1] == tokenizer.eos_id
-    assert 0 <= n_prompt <= len(tokens) - 1  # at least the EOS target always counts
+    [(start, end)] = spans
+    assert 1 <= start < end == len(tokens)  # at least the EOS target always counts
 
 
 @FAST
 @given(prompt=st.text(max_size=30), completion=st.text(min_size=1, max_size=30).filter(str.strip))
 def test_masking_counts_exactly_the_completion(tokenizer, tmp_path_factory, prompt, completion):
-    tokens, n_prompt = dataset.tokenize_example({"prompt": prompt, "completion": completion}, tokenizer, True, "x")
-    examples = dataset.Dataset("x", [tokens], [n_prompt])
+    tokens, spans = dataset.tokenize_example({"prompt": prompt, "completion": completion}, tokenizer, True, "x")
+    [(start, end)] = spans
+    examples = dataset.Dataset("x", [tokens], [spans])
     _, targets, mask = dataset.make_batch(examples, [0])
-    assert mask.sum().item() == len(tokens) - max(n_prompt, 1)
+    assert mask.sum().item() == len(tokens) - start and end == len(tokens)
     alone = tokenizer.encode(prompt)
-    assert tokens[:n_prompt] == alone[:n_prompt]  # only tokens the prompt alone produces are masked
+    assert start == 1 or tokens[:start] == alone[:start]  # only tokens the prompt alone produces are masked
 
 
 def streamed(tokenizer, prompt_ids, new_ids):
