@@ -18,6 +18,7 @@ Every format's module offers detect(path) and a Checkpoint(path) class with:
   quantization(name)   (group_size, bits) when the file holds the weight in a form that
                        is exactly MLX's affine quantization, else None;
   quantized(name)      then, (packed uint32 weight, scales, biases) as MLX lays them out;
+  quantized_scales_dtype(name)  the mx dtype of those scales and biases (for the plan);
   write_tokenizer(folder)  the tokenizer's files and chat template into the new folder.
 """
 
@@ -29,7 +30,7 @@ from utils import UserError
 # MLX's affine quantization: the bit widths and group sizes a model folder may hold.
 QUANT_BITS, QUANT_GROUP_SIZES = (2, 3, 4, 6, 8), (32, 64, 128)
 # Where a checkpoint's module is detected first: a .gguf file, then the folder layouts.
-FORMATS = ("meta", "hf")
+FORMATS = ("gguf", "meta", "hf")
 
 
 def expected_shapes(c):
