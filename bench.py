@@ -5,7 +5,8 @@
     python bench.py convert [--size 7b|medium] [--layout meta|hf] [--dir /tmp] [--dtype float16] [-q]
     python bench.py train [--size tiny|medium] [--qlora]
     python bench.py generate [--size medium] [--kinds float32,float16,8-bit,4-bit] [--samples 16]
-    python bench.py qa --model base_model [--adapter-file adapters/adapters.npz]
+    python bench.py peft [--batches 12]     the default model's LoRA/QLoRA against PyTorch + PEFT
+    python bench.py qa [--model FOLDER] [--adapter-file adapters/adapters.npz]
 
 MLX_LORA_CPU_KERNELS=0 in the environment measures plain MLX, without cpu_kernels/.
 
@@ -35,6 +36,7 @@ from utils import UserError, run_cli, read_json, write_json
 from formats import expected_shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")  # what setup.sh converts
 TOKENIZER = os.path.join(ROOT, "..", "shared", "assets", "tokenizers", "mistral-7b-v0.1.model")
 
 SIZES = {  # Mistral-flavour params.json values
@@ -288,6 +290,128 @@ def add_train_args(p):
     p.add_argument("--qlora", action="store_true", help="Also time QLoRA on a 4-bit base.")
 
 
+# ----------------------------------------------------------------------------- the real model against PEFT
+
+PEFT_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
+                "w2": "down_proj", "w3": "up_proj"}
+
+
+def real_batches(model_dir, data, n_batches, batch_size, max_seq_length):
+    """n_batches of the shipped data's training batches through the model's chat template:
+    (inputs, targets, mask) as numpy arrays, the same for every trainer timed."""
+    import numpy as np
+
+    import chat
+    import dataset
+    from loading import tokenizer_settings
+    from tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, tokenizer_settings(read_json(os.path.join(model_dir, "config.json"))))
+    split = dataset.load_split(data, "train", tokenizer, max_seq_length, False, chat.load_template(model_dir))
+    plan = dataset.batch_plan(split, batch_size)
+    order = np.random.default_rng(0).permutation(len(plan))[:n_batches]
+    return [tuple(np.array(a) for a in dataset.make_batch(split, plan[i])) for i in order]
+
+
+def time_steps(step, batches):
+    """Seconds of one pass over `batches`, after a first pass that compiles every shape."""
+    for batch in batches:
+        step(batch)
+    tic = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    return time.perf_counter() - tic
+
+
+def mlx_lora_seconds(model_dir, batches, rank, alpha, targets):
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    import models
+    import trainer
+    from loading import load_model
+
+    model, _, _ = load_model(model_dir)
+    models.apply_lora(model, len(model.layers), targets, rank, alpha)
+    optimizer = optim.Adam(learning_rate=1e-5)
+    compiled = trainer.make_train_step(model, optimizer)
+
+    def step(batch):
+        mx.eval(compiled(*map(mx.array, batch)), model.trainable_parameters(), optimizer.state)
+
+    return time_steps(step, batches)
+
+
+def peft_lora_seconds(gguf_path, batches, rank, alpha, targets):
+    """The same steps in PyTorch + PEFT: transformers' GGUF loader (float32), a LoRA of the same
+    rank, alpha and modules, Adam, the masked cross-entropy."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    folder, name = os.path.split(gguf_path)
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                            target_modules=[PEFT_TARGETS[t] for t in targets]))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(batch):
+        inputs, targets_, mask = (torch.from_numpy(a) for a in batch)
+        logits = model(input_ids=inputs.long()).logits
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets_.long().flatten(), reduction="none")
+        loss = (ce * mask.flatten()).sum() / mask.sum().clamp(min=1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return time_steps(step, batches)
+
+
+def bench_peft(args):
+    """LoRA and QLoRA on the default model (SmolLM2-135M-Instruct) over the shipped data, against
+    PyTorch + PEFT LoRA on the same weights, batches, rank, alpha and targets. PyTorch and PEFT
+    serve this section alone (skipped without them)."""
+    import importlib.util
+    import tempfile
+
+    if any(importlib.util.find_spec(name) is None for name in ("peft", "transformers")):
+        return {"key": "peft", "skipped": "needs transformers and peft (test-only dependencies)"}
+
+    import convert
+    import models
+
+    gguf_path = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(gguf_path) or not os.path.isdir(args.model):
+        raise UserError(f"{gguf_path}: run setup.sh first (it fetches and converts the default model)")
+    targets = models.parse_targets(args.targets)
+    batches = real_batches(args.model, args.data, args.batches, args.batch_size, args.max_seq_length)
+    n_tokens = sum(int(b[2].sum()) for b in batches)  # the tokens that carry loss
+    results = {"key": "peft", "model": "SmolLM2-135M-Instruct", "batches": f"{len(batches)} x {args.batch_size}",
+               "max_seq_length": args.max_seq_length, "rank": args.rank, "targets": args.targets,
+               "loss_tokens": n_tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        convert.convert(gguf_path, os.path.join(tmp, "f32"), dtype="float32")  # LoRA's float copy
+        seconds = {"lora": mlx_lora_seconds(os.path.join(tmp, "f32"), batches, args.rank, 2 * args.rank, targets),
+                   "qlora": mlx_lora_seconds(args.model, batches, args.rank, 2 * args.rank, targets),
+                   "peft": peft_lora_seconds(gguf_path, batches, args.rank, 2 * args.rank, targets)}
+    for kind, s in seconds.items():
+        results[f"{kind}_loss_tokens_per_s"] = round(n_tokens / s, 1)
+    results["lora_over_peft"] = f"{seconds['peft'] / seconds['lora']:.2f}x"
+    results["qlora_over_peft"] = f"{seconds['peft'] / seconds['qlora']:.2f}x"
+    return results
+
+
+def add_peft_args(p):
+    p.add_argument("--model", default=DEFAULT_MODEL, help="The default model's folder (4-bit, for QLoRA).")
+    p.add_argument("--data", default=os.path.join(ROOT, "data"), help="Folder with the chat train.jsonl.")
+    p.add_argument("--batches", type=int, default=12, help="Training batches timed (after one untimed pass).")
+    p.add_argument("--batch-size", type=int, default=4, help="Conversations per batch.")
+    p.add_argument("--max-seq-length", type=int, default=128, help="Tokens per conversation at most.")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha is twice it).")
+    p.add_argument("--targets", default="all", help="LoRA targets.")
+
+
 # ----------------------------------------------------------------------------- machine
 
 def memory_probes():
@@ -401,9 +525,6 @@ def decode_beside_bandwidth(tokens, n_tokens, samples):
 
 def bench_generate(args):
     """Prompt and decode tokens/s per weight kind, beside the memory-bandwidth bound."""
-    import mlx.core as mx
-
-    import generate
     import ops
 
     if min(args.decode_tokens, args.samples, args.prompt_len) < 1:
@@ -411,28 +532,29 @@ def bench_generate(args):
     results = {"key": f"generate-{args.size}", "size": args.size, "prompt_tokens": args.prompt_len,
                "cpu_kernels": ops.kernels is not None}
     for kind in args.kinds.split(","):
-        dtype, bits = WEIGHT_KINDS[kind]
-        model = random_model(args.size, bits, dtype, generation_only=True)  # as lora.py --prompt
-        prompt = mx.random.randint(0, model.args.vocab_size, (args.prompt_len,)).tolist()
-
-        def process_prompt():
-            mx.eval(model(mx.array([prompt]), model.make_cache()))
-
-        prompt_s = best_time(process_prompt, repeats=2)
-        tokens = generate.generate_tokens(model, prompt, temp=0.0)
-        next(tokens)  # the first token comes with the prompt
-        weight_bytes = weight_bytes_per_token(model)
-        decode_tps, copy_bw, read_bw = decode_beside_bandwidth(tokens, args.decode_tokens, args.samples)
-        bound_tps, read_bound_tps = copy_bw * 1e9 / weight_bytes, read_bw * 1e9 / weight_bytes
-        results[f"{kind}_prompt_tokens_per_s"] = round(args.prompt_len / prompt_s, 1)
-        results[f"{kind}_decode_tokens_per_s"] = round(decode_tps, 1)
-        results[f"{kind}_copy_bandwidth_GBs"] = round(copy_bw, 1)
-        results[f"{kind}_read_bandwidth_GBs"] = round(read_bw, 1)
-        results[f"{kind}_bandwidth_bound_tokens_per_s"] = round(bound_tps, 1)
-        results[f"{kind}_decode_of_bound"] = f"{decode_tps / bound_tps:.0%}"
-        results[f"{kind}_decode_of_read_bound"] = f"{decode_tps / read_bound_tps:.0%}"
-        del model, tokens
+        results.update({f"{kind}_{key}": value for key, value in generation_speeds(kind, args).items()})
     return results
+
+
+def generation_speeds(kind, args):
+    """Prompt and decode speeds of a random model of one weight kind, and the bandwidth bound."""
+    import mlx.core as mx
+
+    import generate
+
+    dtype, bits = WEIGHT_KINDS[kind]
+    model = random_model(args.size, bits, dtype, generation_only=True)  # as lora.py --prompt
+    prompt = mx.random.randint(0, model.args.vocab_size, (args.prompt_len,)).tolist()
+    prompt_s = best_time(lambda: mx.eval(model(mx.array([prompt]), model.make_cache())), repeats=2)
+    tokens = generate.generate_tokens(model, prompt, temp=0.0)
+    next(tokens)  # the first token comes with the prompt
+    weight_bytes = weight_bytes_per_token(model)
+    decode_tps, copy_bw, read_bw = decode_beside_bandwidth(tokens, args.decode_tokens, args.samples)
+    bound_tps, read_bound_tps = copy_bw * 1e9 / weight_bytes, read_bw * 1e9 / weight_bytes
+    return {"prompt_tokens_per_s": round(args.prompt_len / prompt_s, 1),
+            "decode_tokens_per_s": round(decode_tps, 1), "copy_bandwidth_GBs": round(copy_bw, 1),
+            "read_bandwidth_GBs": round(read_bw, 1), "bandwidth_bound_tokens_per_s": round(bound_tps, 1),
+            "decode_of_bound": f"{decode_tps / bound_tps:.0%}", "decode_of_read_bound": f"{decode_tps / read_bound_tps:.0%}"}
 
 
 def add_generate_args(p):
@@ -454,34 +576,66 @@ def answer_metrics(generated, reference):
             "exact": generated.strip() == reference.strip()}
 
 
-def bench_qa(args):
-    """Greedy answers to Q/A questions, scored against the dataset's answers."""
-    import generate
-    from loading import load_model
+def qa_pairs(path, n):
+    """(question, reference answer) of the first `n` conversations of a chat split."""
     from utils import read_jsonl
 
-    model, tokenizer, _ = load_model(args.model, adapter_file=args.adapter_file, generation_only=True)
-    results = {"key": f"qa-{'adapted' if args.adapter_file else 'base'}", "model": args.model,
-               "adapter_file": args.adapter_file}
+    pairs = []
+    for _, obj in read_jsonl(path):
+        turns = {m["role"]: m["content"] for m in obj["messages"]}
+        pairs.append((turns["user"], turns["assistant"]))
+    return pairs[:n]
+
+
+def ask(model, tokenizer, template, question, limit):
+    """The greedy reply to one user turn through the chat template, at most `limit` tokens."""
+    import chat
+    import generate
+
+    prompt = tokenizer.encode(chat.render(template, [{"role": "user", "content": question}], tokenizer), bos=False)
+    return "".join(generate.stream_text(model, tokenizer, prompt, limit))
+
+
+def score(model_dir, adapter_file, data, samples):
+    """{split: ({metric: right answers}, [(question, answer)])} of one model (with adapters)."""
+    import chat
+    from loading import load_model
+
+    model, tokenizer, _ = load_model(model_dir, adapter_file=adapter_file, generation_only=True)
+    template = chat.load_template(model_dir)
+    if template is None:
+        raise UserError(f"{model_dir}: qa asks through the chat template, and this model has none")
+    out = {}
     for split in ("train", "test"):
-        rows = [obj["text"] for _, obj in read_jsonl(os.path.join(args.data, f"{split}.jsonl"))][:args.samples]
-        scores = {"name": 0, "first_line": 0, "exact": 0}
-        for text in rows:
-            question, reference = text.split("\nA: ", 1)
-            limit = len(tokenizer.encode(reference, bos=False)) + 8
-            answer = "".join(generate.stream_text(model, tokenizer, tokenizer.encode(question + "\nA:"), limit))
-            for metric, ok in answer_metrics(answer.lstrip(), reference).items():
+        scores, answers = {"name": 0, "first_line": 0, "exact": 0}, []
+        for question, reference in qa_pairs(os.path.join(data, f"{split}.jsonl"), samples):
+            answer = ask(model, tokenizer, template, question, len(tokenizer.encode(reference, bos=False)) + 8)
+            answers.append((question, answer))
+            for metric, ok in answer_metrics(answer.strip(), reference).items():
                 scores[metric] += ok
-        for metric, n in scores.items():
-            results[f"{split}_{metric}"] = f"{n}/{len(rows)}"
+        out[split] = (scores, answers)
+    return out
+
+
+def bench_qa(args):
+    """Greedy answers to the dataset's questions through the chat template, scored against its
+    answers: the base model, and with --adapter-file the adapted one (before and after)."""
+    results = {"key": "qa", "model": args.model, "adapter_file": args.adapter_file, "samples": args.samples}
+    runs = [("before", None)] + ([("after", args.adapter_file)] if args.adapter_file else [])
+    for when, adapter_file in runs:
+        for split, (scores, answers) in score(args.model, adapter_file, args.data, args.samples).items():
+            for metric, n in scores.items():
+                results[f"{split}_{metric}_{when}"] = f"{n}/{args.samples}"
+            results[f"{split}_answers_{when}"] = [f"{q} -> {a[:120]!r}" for q, a in answers[:args.show]]
     return results
 
 
 def add_qa_args(p):
-    p.add_argument("--model", default="base_model", help="Model folder.")
-    p.add_argument("--adapter-file", default=None, help="Adapters to apply (default: none, the base model).")
-    p.add_argument("--data", default="data", help="Folder with train.jsonl and test.jsonl of Q/A text.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Model folder (default: the default model).")
+    p.add_argument("--adapter-file", default=None, help="Adapters to score beside the base model.")
+    p.add_argument("--data", default=os.path.join(ROOT, "data"), help="Folder with chat train.jsonl and test.jsonl.")
     p.add_argument("--samples", type=int, default=30, help="Questions per split (the first N).")
+    p.add_argument("--show", type=int, default=4, help="Answers per split to print.")
 
 
 SECTIONS = {
@@ -489,7 +643,8 @@ SECTIONS = {
     "convert": (add_convert_args, bench_convert, "Convert a synthetic checkpoint; peak memory and time."),
     "train": (add_train_args, bench_train, "LoRA / QLoRA training speed on a random model."),
     "generate": (add_generate_args, bench_generate, "Prompt and decode tokens/s for float32/16, 8- and 4-bit."),
-    "qa": (add_qa_args, bench_qa, "Exact-match of greedy answers to dataset questions."),
+    "peft": (add_peft_args, bench_peft, "The default model's LoRA and QLoRA steps against PyTorch + PEFT."),
+    "qa": (add_qa_args, bench_qa, "Greedy chat answers to dataset questions, before and after fine-tuning."),
 }
 # What `python bench.py` with no section runs: the performance issue's whole table.
 ALL = [["machine"], ["convert", "--size", "medium"], ["convert", "--size", "7b"],

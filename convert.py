@@ -263,7 +263,7 @@ def write_weights(path, fmt, plan, arrays):
 @dataclass
 class ConvertSettings(settings.Settings):
     torch_path: str = option(None, "the checkpoint: a Meta, Mistral or Hugging Face folder, or a .gguf file",
-                             flags=["--hf-path", "--model"], required=True)
+                             flags=["--hf-path"], required=True)
     mlx_path: str = option("mlx_model", "folder to write the MLX model to (config.json, weights, tokenizer)")
     quantize: bool = option(False, "quantize linear and embedding weights (MLX affine quantization)", flags=["-q"])
     q_group_size: int = option(64, "group size for quantization", choices=QUANT_GROUP_SIZES)

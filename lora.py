@@ -30,16 +30,15 @@ import trainer
 from loading import explain_non_finite, load_model, weights_file
 from settings import option, redefault
 
-# The example's default folder; without one, the small base model shipped in this repository.
-DEFAULT_MODEL = "mlx_model"
-SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model")
+# SmolLM2-135M-Instruct, which setup.sh fetches and converts (kept 4-bit).
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
 DESCRIPTION = "LoRA / QLoRA fine-tuning, testing and generation."
 
 
 @dataclass
 class LoraSettings(trainer.TrainingSettings):
-    model: str = option(DEFAULT_MODEL, "converted model folder (config.json, weights, tokenizer); "
-                                       "without an mlx_model folder, the shipped base_model")
+    model: str = option(DEFAULT_MODEL, "converted model folder (config.json, weights, tokenizer); default: "
+                                       "SmolLM2-135M-Instruct, which setup.sh fetches and converts")
     compute_dtype: str = option("auto", "dtype to compute in; auto = float32 on the CPU, the stored dtype on a GPU",
                                 choices=["auto", "float32", "float16", "bfloat16"])
     # Generation
@@ -195,7 +194,8 @@ def main(argv=None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")
     mx.random.seed(args.seed)
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
-        args.model = SHIPPED_MODEL
+        raise UserError(f"{DEFAULT_MODEL}: the default model is not here yet: run setup.sh (it fetches and "
+                        "converts it), or give --model")
     if not args.train:
         return use_model(args, adapters_to_apply(args.adapter_file))
     # Every output is checked, and a resume point read, before anything loads.

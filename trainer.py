@@ -408,7 +408,7 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
                          dict(checkpoint_meta, bad_in_a_row=bad_in_a_row, bad_total=bad_total))
 
     bar = tqdm(range(start_step + 1, settings.iters + 1), desc="train", unit="step", file=sys.stderr,
-               dynamic_ncols=True, initial=start_step, total=settings.iters)
+               dynamic_ncols=True, initial=start_step, total=settings.iters, disable=None)  # no bar in a log
     with StopRequested() as stop:
         for step in bar:
             mx.random.seed(step_seed(settings.seed, step))

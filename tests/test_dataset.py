@@ -441,13 +441,15 @@ def test_short_names_are_the_shortest_unambiguous_tails():
     }
 
 
-def test_shipped_data_documents_mlx():
+def test_shipped_data_documents_mlx_as_chat():
     splits = read_splits(os.path.join(ROOT, "data"))
-    answers = answers_by_question(splits)
-    assert answers["Q: What is matmul in mlx?"].startswith("A: mlx.core.matmul(a: array, b: array")
-    assert answers["Q: What is ReLU in mlx?"].startswith("A: mlx.nn.ReLU Applies the Rectified Linear Unit.")
-    assert answers["Q: What is random.normal in mlx?"].startswith("A: mlx.core.random.normal(")
-    assert sum(len(examples) for examples in splits.values()) == len(answers)  # every question once
+    turns = [example["messages"] for split in splits.values() for example in split]
+    assert all([m["role"] for m in t] == ["user", "assistant"] for t in turns)
+    answers = {t[0]["content"]: t[1]["content"] for t in turns}
+    assert answers["What is matmul in mlx?"].startswith("mlx.core.matmul(a: array, b: array")
+    assert answers["What is ReLU in mlx?"].startswith("mlx.nn.ReLU Applies the Rectified Linear Unit.")
+    assert answers["What is random.normal in mlx?"].startswith("mlx.core.random.normal(")
+    assert len(turns) == len(answers) == 628  # every question once
 
 
 def test_plain_format_is_the_answer_without_the_question(packages):

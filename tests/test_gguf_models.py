@@ -123,3 +123,17 @@ def test_smollm2_answers_the_capital_of_france(smollm2):
                          capture_output=True, text=True, cwd=out, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "The capital of France is Paris."
+
+
+def test_lora_without_model_uses_the_default_one(tmp_path):
+    """setup.sh converts SmolLM2 into the folder lora.py uses when no --model is given."""
+    import lora
+
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "lora.py"), "--chat", "--prompt",
+                          "What is the capital of France?", "--temp", "0", "-n", "12"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    if os.path.isdir(lora.DEFAULT_MODEL):
+        assert run.returncode == 0 and f"Loading model {lora.DEFAULT_MODEL}" in run.stderr, run.stderr
+        assert "Paris" in run.stdout
+    else:
+        assert run.returncode == 2 and "the default model is not here yet: run setup.sh" in run.stderr

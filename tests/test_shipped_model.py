@@ -2,18 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import mlx.core as mx
 import numpy as np
 
-import lora
 import trainer
 import loading
 import generate
 
-SHIPPED = lora.SHIPPED_MODEL
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "base_model")
 
 
 def test_shipped_model_is_small_and_in_convert_layout():
@@ -58,11 +55,3 @@ def test_shipped_model_generates_deterministically_and_knows_docstrings():
 def make_example(tokenizer, text):
     tokens = mx.array([tokenizer.encode(text, eos=True)])
     return tokens[:, :-1], tokens[:, 1:], mx.ones((1, tokens.shape[1] - 1))
-
-
-def test_lora_uses_the_shipped_model_without_mlx_model(tmp_path):
-    run = subprocess.run([sys.executable, os.path.join(os.path.dirname(SHIPPED), "lora.py"),
-                          "--prompt", "Q: What is ReLU in mlx?\nA:", "--temp", "0", "-n", "8"],
-                         cwd=tmp_path, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert f"Loading model {SHIPPED}" in run.stderr
