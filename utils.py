@@ -5,6 +5,7 @@ global symbol scope so that MLX's `cblas_sgemm` resolves to it (MLX's CPU wheel
 bundles the reference BLAS, about 40x slower; see README, "Fast BLAS").
 """
 
+import atexit
 import contextlib
 import ctypes
 import fcntl
@@ -65,6 +66,18 @@ def _load_fast_blas():
 
 
 _load_fast_blas()
+
+
+def _release_mlx_streams():
+    """MLX's stream threads must be ended before the interpreter shuts down: since mlx 0.32 it
+    no longer does so itself, and a process could abort at exit ("terminate called without an
+    active exception") after its work was done."""
+    mx = sys.modules.get("mlx.core")
+    if mx is not None and hasattr(mx, "clear_streams"):
+        mx.clear_streams()
+
+
+atexit.register(_release_mlx_streams)
 
 
 class UserError(Exception):
