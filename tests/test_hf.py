@@ -113,6 +113,24 @@ def test_tokenizer_json_encodes_as_transformers(tmp_path):
     assert not tokenizer.add_bos and tokenizer.encode("hi") == tokenizer.encode("hi", bos=False)  # no BOS here
 
 
+def test_streaming_a_byte_level_tokenizer_never_splits_a_character(tmp_path):
+    """Byte-level BPE spells a character it has no token for in bytes, across several tokens:
+    the stream holds them back until the character is whole."""
+    import generate
+    from tokenizer import HFTokenizer
+
+    byte_level_tokenizer(tmp_path / "hf")
+    tokenizer = HFTokenizer(str(tmp_path / "hf" / "tokenizer.json"))
+    held_back = 0
+    for text in SAMPLES:
+        detok = generate.StreamingDetokenizer(tokenizer, [])
+        ids = tokenizer.encode(text, bos=False)
+        chunks = [detok.add(token) for token in ids] + [detok.flush()]
+        assert "".join(chunks) == text and not any("\ufffd" in chunk for chunk in chunks), chunks
+        held_back += chunks[:-1].count("")
+    assert held_back > 0  # some characters did come in pieces
+
+
 def test_chat_template_survives_conversion_and_renders_as_transformers(tmp_path):
     reference = byte_level_tokenizer(tmp_path / "hf")
     make_hf_model(tmp_path / "hf", "llama", vocab_size=len(reference))
