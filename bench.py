@@ -31,7 +31,7 @@ import tempfile
 import time
 
 import utils  # noqa: F401  (fast BLAS before any section imports mlx.core)
-from utils import UserError, run_cli, read_json, write_json
+from utils import UserError, run_script, read_json, write_json
 
 from formats import expected_shapes
 
@@ -691,4 +691,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_script(main)

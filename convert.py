@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import utils  # (before mlx.core: loads a fast BLAS)
-from utils import UserError, folder_replaced_when_done, run_cli, write_json
+from utils import UserError, folder_replaced_when_done, run_script, write_json
 
 import mlx.core as mx
 import numpy as np
@@ -285,4 +285,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_script(main)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 import settings
 import utils
 from settings import option
-from utils import UserError, atomic_write, run_cli
+from utils import UserError, atomic_write, run_script
 
 SPLITS = ("train", "valid", "test")
 
@@ -818,4 +818,4 @@ def make_dataset(args, paths):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_script(main)

@@ -260,4 +260,4 @@ def prompt_of(args, tokenizer):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    utils.run_script(main)

@@ -282,4 +282,4 @@ def evaluate_blocks(model, blocks, mask, batch_size):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    utils.run_script(main)

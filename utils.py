@@ -84,30 +84,39 @@ class UserError(Exception):
     """A mistake in the user's input: reported in one line, no traceback."""
 
 
-def run_cli(main):
-    """Run `main()`; report user errors in one line and exit non-zero."""
+def run_script(main):
+    """A script's `__main__`: run `main()`, user errors reported in one line with exit code 2;
+    then leave at once. After the output is flushed and MLX's streams are ended, nothing is
+    left to do, and the C++ libraries' own teardown once aborted a finished run ("terminate
+    called without an active exception")."""
+    code = exit_code(main)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _release_mlx_streams()
+    os._exit(code)
+
+
+def exit_code(main):
+    """Run `main()`: its exit code, or 2 after a user error reported in one line (130 if
+    interrupted); anything else propagates."""
     try:
-        code = main()
+        return main() or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except OSError as e:
         # Unwritable folders, full disks, missing files: the user's to fix, in one line.
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
-        sys.exit(2)
     except RuntimeError as e:
         if "[malloc" not in str(e):  # MLX's allocation failures; anything else is a bug to see
             raise
         print(f"error: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)
+        return 130
+    return 2
 
 
 def _temporary_prefix(path):
@@ -116,7 +125,7 @@ def _temporary_prefix(path):
 
 
 @contextlib.contextmanager
-def _replace_when_done(path, suffix=".tmp"):
+def file_replaced_when_done(path, suffix=".tmp"):
     """Yield a temporary path beside `path`; when the block succeeds, fsync it and rename it
     over `path`. On any exception the temporary is removed and `path` is untouched; a
     failed write (a full disk, say) is a UserError naming `path`."""
@@ -145,7 +154,7 @@ def _replace_when_done(path, suffix=".tmp"):
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Open a temporary file beside `path`; on success it replaces `path`, durably."""
-    with _replace_when_done(path) as tmp, open(tmp, mode) as f:
+    with file_replaced_when_done(path) as tmp, open(tmp, mode) as f:
         yield f
 
 
@@ -174,7 +183,7 @@ def atomic_save_arrays(path, arrays, metadata=None):
     import mlx.core as mx
 
     ext = os.path.splitext(path)[1]
-    with _replace_when_done(path, suffix=ext) as tmp:  # mx.savez wants the real extension
+    with file_replaced_when_done(path, suffix=ext) as tmp:  # mx.savez wants the real extension
         failure = None
         # A failed mx.savez leaves a half-closed ZipFile whose finalizer reports the same
         # error again as "Exception ignored": it is collected here, unheard.

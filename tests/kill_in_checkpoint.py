@@ -33,4 +33,4 @@ def die_after_writing(step):
 
 if __name__ == "__main__":
     die_after_writing(int(sys.argv[1]))
-    utils.run_cli(lambda: lora.main(sys.argv[2:]))
+    utils.run_script(lambda: lora.main(sys.argv[2:]))

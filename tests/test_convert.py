@@ -208,14 +208,13 @@ CLI_CASES = {"missing_folder", "missing_params", "missing_tokenizer", "missing_m
 
 
 def run_in_process(src, out):
-    """convert.convert() under the real utils.run_cli, as a CompletedProcess."""
+    """convert.convert() under the scripts' real error handling (utils.exit_code), as a
+    CompletedProcess."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            utils.run_cli(lambda: convert.convert(src, out))
-        return subprocess.CompletedProcess([], 0, "", err.getvalue())
-    except SystemExit as e:
-        return subprocess.CompletedProcess([], e.code, "", err.getvalue())
+            code = utils.exit_code(lambda: convert.convert(src, out))
+        return subprocess.CompletedProcess([], code, "", err.getvalue())
     except Exception:
         return subprocess.CompletedProcess([], 1, "", traceback.format_exc())
 

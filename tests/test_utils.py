@@ -49,11 +49,11 @@ def test_jsonl_line_limit_and_blank_lines(tmp_path):
         list(utils.read_jsonl(str(path), max_line_bytes=100))
 
 
-def test_run_cli_turns_user_and_os_errors_into_one_line(tmp_path):
+def test_run_script_turns_user_and_os_errors_into_one_line(tmp_path):
     script = ("import utils\n"
               "def main():\n"
               "    open(%r + '/missing/x', 'w')\n"
-              "utils.run_cli(main)\n") % str(tmp_path)
+              "utils.run_script(main)\n") % str(tmp_path)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(utils.__file__)))
     assert run.returncode == 2
