@@ -3,7 +3,8 @@
 An adapter file (`adapters.npz` or `.safetensors`) holds the trained `lora_a`
 and `lora_b` arrays under the model's parameter names; its LoRA configuration
 (layers, targets, rank, alpha) sits beside it with the same name and `.json`,
-so the adapters can be restored onto a fresh base model.
+so the adapters can be restored onto a fresh base model. A PEFT adapter folder
+(formats/peft.py) is read as well, wherever an adapter file is.
 """
 
 import os
@@ -16,6 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import models
 import ops
+from formats import peft
 
 
 def config_path(adapter_file):
@@ -34,15 +36,24 @@ def save(model, adapter_file, lora_config):
 
 
 def load(model, adapter_file):
-    """Wrap `model` as the adapter configuration says and load the adapter weights.
+    """Wrap `model` as the adapter configuration says and load the adapter weights: an
+    adapter file of this toolkit (with its .json), or a PEFT folder (PEFT, Unsloth).
 
     Adapters that do not fit the model (other dims, layers or rank) are a UserError.
     """
+    lora, weights = read(adapter_file, vars(model.args))
+    models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"], lora["alpha"], 0.0)
+    _load_into(model, adapter_file, weights)
+    return lora
+
+
+def read(adapter_file, model_config):
+    """(LoRA configuration, {name: array}) of an adapter file or a PEFT folder."""
+    if peft.is_peft_folder(adapter_file):
+        return peft.read(adapter_file, model_config)
     path = config_path(adapter_file)
     lora = checked_config(read_json(path, "adapter configuration"), path)
-    models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"], lora["alpha"], 0.0)
-    load_weights(model, adapter_file)
-    return lora
+    return lora, utils.load_arrays(adapter_file, "adapter file")
 
 
 def checked_config(config, where):
@@ -64,8 +75,12 @@ def checked_config(config, where):
 
 
 def load_weights(model, adapter_file):
-    """Load saved adapter weights into a model already wrapped with LoRA layers of that shape."""
-    weights = utils.load_arrays(adapter_file, "adapter file")
+    """Load saved adapter weights (a file, or a PEFT folder) into a model already wrapped with
+    LoRA layers of that shape."""
+    _load_into(model, adapter_file, read(adapter_file, vars(model.args))[1])
+
+
+def _load_into(model, adapter_file, weights):
     utils.check_fit(adapter_file, weights, dict(tree_flatten(model.trainable_parameters())), "adapters")
     for name, w in weights.items():
         if not mx.issubdtype(w.dtype, mx.floating) or not mx.isfinite(w).all().item():

@@ -18,11 +18,9 @@ and Q4_1 stay quantized, as MLX's 8- and 4-bit affine quantization in groups of
 """
 
 import collections
-import json
 import math
 import os
 import shutil
-import struct
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -37,14 +35,14 @@ from tqdm import tqdm
 
 import settings
 from formats import QUANT_BITS, QUANT_GROUP_SIZES, module_name, open_checkpoint
+from formats.safetensors import raw_bytes, write_file
 from settings import option
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Every linear layer and the embedding; never the norms.
 QUANTIZABLE = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output", "tok_embeddings"}
-# How each array type is written: .npy's descr (bfloat16 as "<V2", as mx.savez writes it) and safetensors' name.
+# .npy's descr of each array type (bfloat16 as "<V2", as mx.savez writes it).
 NPY_DESCR = {mx.float32: "<f4", mx.float16: "<f2", mx.bfloat16: "<V2", mx.uint32: "<u4"}
-ST_DTYPE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
 # The type of dequantized weights when --dtype leaves it open: exact for 4- and 8-bit codes
 # times float16 scales.
 DEQUANTIZED_DTYPE = "float16"
@@ -87,10 +85,16 @@ class Plan:
             group_size, bits = self.q[key]
             rows, cols = shape
             groups = (rows, cols // group_size)
-            if self.how[key] == "keep":  # the scales' type is the file's, as quantized() gives it
-                dtype = self.checkpoint.quantized_scales_dtype(key)
+            dtype = self.scales_dtype(key)
             out += zip(quantized_names(key), (mx.uint32, dtype, dtype), ((rows, cols * bits // 32), groups, groups))
         return out
+
+    def scales_dtype(self, key):
+        """The mx dtype of a quantized weight's scales and biases: a kept one's are the file's,
+        as quantized() gives them."""
+        if self.how[key] == "keep":
+            return self.checkpoint.quantized_scales_dtype(key)
+        return getattr(mx, self.dtype[key])
 
     def quantization_config(self):
         """config.json's quantization block: the commonest (group_size, bits) as the default,
@@ -132,12 +136,6 @@ def finite(array, checkpoint, key, dtype):
     return array
 
 
-def raw_bytes(array):
-    # bfloat16 has no numpy type: write its bits (uint16) unchanged.
-    bits = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
-    return memoryview(np.ascontiguousarray(np.asarray(bits))).cast("B")
-
-
 class NpzWriter:
     """Stream arrays into an uncompressed .npz, one `name.npy` member at a time (as mx.savez writes)."""
 
@@ -156,30 +154,6 @@ class NpzWriter:
         except OSError:
             self.zip.fp = None  # already failed: nothing left for its finalizer to flush
             raise
-
-
-class SafetensorsWriter:
-    """Write the header from the plan first, then stream each array's bytes in plan order."""
-
-    def __init__(self, path, arrays):
-        header, offset = {}, 0
-        for name, dtype, shape in arrays:
-            size = math.prod(shape) * dtype.size
-            header[name] = {"dtype": ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(blob)) + blob)
-        self.plan = iter(arrays)
-
-    def write(self, name, array):
-        want = next(self.plan)
-        assert (name, array.dtype, tuple(array.shape)) == (want[0], want[1], tuple(want[2])), (name, want)
-        self.file.write(raw_bytes(array))
-
-    def close(self):
-        self.file.close()
 
 
 def prepare_output(mlx_path, source_path, force):
@@ -215,22 +189,28 @@ def convert(source_path, mlx_path, quantize=False, q_group_size=64, q_bits=4, dt
     # Plan: every shape is checked before anything big is written.
     checkpoint = open_checkpoint(source_path)
     plan = Plan(checkpoint, dtype, (q_group_size, q_bits) if quantize else None)
-    arrays = plan.arrays()
-    config = dict(checkpoint.config)
-    config["dtype"] = dtype or _commonest(plan.dtype.values())
-    if plan.quantization_config():
-        config["quantization"] = plan.quantization_config()
-    _say_what_changes(checkpoint, plan)
-    need = sum(math.prod(s) * d.size for _, d, s in arrays)
+    need = sum(math.prod(s) * d.size for _, d, s in plan.arrays())
     free = shutil.disk_usage(os.path.dirname(mlx_path)).free
     if need > free:
         raise UserError(f"{os.path.dirname(mlx_path)}: needs {need / 2**30:.1f} GiB free, has {free / 2**30:.1f} GiB")
+    _say_what_changes(checkpoint, plan)
 
     # Stream into a temporary folder beside the output; rename it into place only when complete.
     with utils.claimed_output(mlx_path), folder_replaced_when_done(mlx_path) as tmp:
-        write_weights(os.path.join(tmp, f"weights.{fmt}"), fmt, plan, arrays)
-        checkpoint.write_tokenizer(tmp)
-        write_json(os.path.join(tmp, "config.json"), config)
+        return write_folder(plan, tmp, fmt)
+
+
+def write_folder(plan, folder, fmt="npz"):
+    """Write what `plan` makes of its checkpoint into `folder` (empty): weights, tokenizer,
+    config.json. Returns the config."""
+    checkpoint = plan.checkpoint
+    config = dict(checkpoint.config)
+    config["dtype"] = _commonest(plan.dtype.values())
+    if plan.quantization_config():
+        config["quantization"] = plan.quantization_config()
+    write_weights(os.path.join(folder, f"weights.{fmt}"), fmt, plan, plan.arrays())
+    checkpoint.write_tokenizer(folder)
+    write_json(os.path.join(folder, "config.json"), config)
     return config
 
 
@@ -248,14 +228,19 @@ def _say_what_changes(checkpoint, plan):
 
 
 def write_weights(path, fmt, plan, arrays):
-    writer = NpzWriter(path) if fmt == "npz" else SafetensorsWriter(path, arrays)
-    try:
-        for key in tqdm(plan.checkpoint.shapes, desc="converting", unit="tensor", file=sys.stderr, disable=None):
-            for name, array in plan.converted(key):
+    """The plan's arrays into weights.npz or weights.safetensors, one tensor at a time."""
+    converted = ((name, array) for key in tqdm(plan.checkpoint.shapes, desc="converting", unit="tensor",
+                                               file=sys.stderr, disable=None)
+                 for name, array in plan.converted(key))
+    if fmt == "safetensors":
+        write_file(path, arrays, (array for _, array in converted))
+    else:
+        writer = NpzWriter(path)
+        try:
+            for name, array in converted:
                 writer.write(name, array)
-                del array
-    finally:
-        writer.close()
+        finally:
+            writer.close()
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

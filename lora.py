@@ -64,7 +64,8 @@ class LoraSettings(trainer.TrainingSettings):
     lr_schedule: str = option("constant", "learning-rate schedule after warm-up", choices=["constant", "cosine"])
     grad_checkpoint: bool = option(False, "recompute activations in backward to save memory")
     resume_adapter_file: Optional[str] = option(None, "start training from these adapter weights (weights only)")
-    adapter_file: str = option("adapters.npz", "where adapters are saved and loaded from")
+    adapter_file: str = option("adapters.npz", "where adapters are saved and loaded from (loading: also a PEFT "
+                                               "adapter folder)")
     # Test
     test: bool = option(False, "report test loss and perplexity")
     test_batches: int = option(500, "test batches", at_least=1, special={-1: "the whole set"})
@@ -81,8 +82,6 @@ class LoraSettings(trainer.TrainingSettings):
             raise UserError("--chat and --system go with --prompt")
         if self.system is not None and not self.chat:
             raise UserError("--system goes with --chat")
-        if os.path.splitext(self.adapter_file)[1] not in (".npz", ".safetensors"):
-            raise UserError(f"--adapter-file {self.adapter_file}: the name must end in .npz or .safetensors")
 
 
 def parse_args(argv=None):
@@ -106,6 +105,8 @@ def training_outputs(adapter_file):
 
 def check_training_outputs(adapter_file):
     """The adapter path must be writable as a file, checked before anything loads."""
+    if os.path.splitext(adapter_file)[1] not in (".npz", ".safetensors"):
+        raise UserError(f"--adapter-file {adapter_file}: the name must end in .npz or .safetensors")
     parent = os.path.dirname(os.path.abspath(adapter_file))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise UserError(f"{adapter_file}: {parent} is not a folder")

@@ -4,6 +4,7 @@
                     with params.json (LLaMA 1/2/3, Code Llama, Mistral)
     hf.py           Hugging Face folders: config.json, safetensors shards (or pytorch_model*.bin)
     gguf.py         GGUF files (llama.cpp, Ollama, LM Studio)
+    mlx.py          this toolkit's own model folders (to quantize or export one again)
     safetensors.py  the safetensors container both of the first two may use
 
 Every format's module offers detect(path) and a Checkpoint(path) class with:
@@ -30,7 +31,7 @@ from utils import UserError
 # MLX's affine quantization: the bit widths and group sizes a model folder may hold.
 QUANT_BITS, QUANT_GROUP_SIZES = (2, 3, 4, 6, 8), (32, 64, 128)
 # Where a checkpoint's module is detected first: a .gguf file, then the folder layouts.
-FORMATS = ("gguf", "meta", "hf")
+FORMATS = ("gguf", "meta", "mlx", "hf")
 
 
 def expected_shapes(c):

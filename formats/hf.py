@@ -10,6 +10,7 @@ RoPE pair apart (its rotate_half RoPE); this toolkit keeps Meta's interleaved
 order, so those rows are put back as they are read.
 """
 
+import math
 import os
 import shutil
 
@@ -116,6 +117,12 @@ def interleaved_rope_rows(w, n_heads):
     second halves of the RoPE pairs apart, [h, 2, H/2, D] -> [h, H/2, 2, D]."""
     rows, cols = w.shape
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def split_rope_halves(w, n_heads):
+    """The inverse: Meta's interleaved rows in Hugging Face's order, [h, H/2, 2, D] -> [h, 2, H/2, D]."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 def our_name(hf_name):
@@ -306,3 +313,102 @@ class WeightFile:
     def array(self, name):
         return self._st.array(name) if self._st is not None else to_mx(self._sd[name])
 
+
+
+# ----------------------------------------------------------------------------- writing
+
+SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained shards by default
+
+
+def write(checkpoint, folder, dtype):
+    """Write `checkpoint` (any format's) as a Hugging Face folder in `dtype`: config.json with
+    the classic keys released checkpoints carry, safetensors shards and their index, the
+    tokenizer's files with the chat template, the query and key rows in Hugging Face's order.
+    transformers' AutoModelForCausalLM and AutoTokenizer load it as it is."""
+    import mlx.core as mx
+
+    from formats.safetensors import write_file
+
+    config = checkpoint.config
+    out_dtype = getattr(mx, dtype)
+    names = {key: hf_name_of(key) for key in checkpoint.shapes}
+
+    def hf_tensor(key):
+        w = checkpoint.tensor(key).astype(mx.float32)
+        if key.endswith("attention.wq.weight"):
+            w = split_rope_halves(w, config["n_heads"])
+        elif key.endswith("attention.wk.weight"):
+            w = split_rope_halves(w, config["n_kv_heads"])
+        return w.astype(out_dtype)
+
+    shards, current, size = [], [], 0
+    for key, shape in checkpoint.shapes.items():
+        nbytes = math.prod(shape) * out_dtype.size
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_file(os.path.join(folder, shard), [(names[k], out_dtype, checkpoint.shapes[k]) for k in keys],
+                   (hf_tensor(k) for k in keys))
+        weight_map.update({names[k]: shard for k in keys})
+    total = sum(math.prod(s) * out_dtype.size for s in checkpoint.shapes.values())
+    _write_json(os.path.join(folder, "model.safetensors.index.json"),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(os.path.join(folder, "config.json"), hf_config(config, dtype))
+    ends = config.get("eos_token_ids") or []
+    _write_json(os.path.join(folder, "generation_config.json"),
+                {"bos_token_id": config.get("bos_token_id"), "eos_token_id": ends[0] if len(ends) == 1 else ends})
+    write_tokenizer_files(checkpoint, folder)
+
+
+def hf_config(config, dtype):
+    """config.json as transformers 4 and 5 both read it (rope_theta and rope_scaling at the top)."""
+    kind = "mistral" if config.get("sliding_window") else "llama"
+    ends = config.get("eos_token_ids") or []
+    out = {"architectures": ["MistralForCausalLM" if kind == "mistral" else "LlamaForCausalLM"],
+           "model_type": kind, "hidden_size": config["dim"], "num_hidden_layers": config["n_layers"],
+           "num_attention_heads": config["n_heads"], "num_key_value_heads": config["n_kv_heads"],
+           "head_dim": config["head_dim"], "intermediate_size": config["hidden_dim"],
+           "rms_norm_eps": config["norm_eps"], "vocab_size": config["vocab_size"],
+           "rope_theta": config["rope_theta"], "rope_scaling": _hf_rope_scaling(config.get("rope_scaling")),
+           "max_position_embeddings": config.get("context_length") or 4096,
+           "tie_word_embeddings": bool(config.get("tie_word_embeddings")), "hidden_act": "silu",
+           "attention_bias": False, "mlp_bias": False, "bos_token_id": config.get("bos_token_id"),
+           "eos_token_id": ends[0] if len(ends) == 1 else ends, "torch_dtype": dtype}
+    if kind == "mistral":
+        out["sliding_window"] = config["sliding_window"]
+    return out
+
+
+def _hf_rope_scaling(scaling):
+    if scaling is None:
+        return None
+    return dict(scaling, type=scaling["rope_type"])  # older transformers read "type"
+
+
+def write_tokenizer_files(checkpoint, folder):
+    """The tokenizer's files as the model folder has them, the chat template in
+    tokenizer_config.json (where transformers 4 looks) and chat_template.jinja (5)."""
+    checkpoint.write_tokenizer(folder)
+    template = chat_template(folder)
+    tok_config_path = os.path.join(folder, "tokenizer_config.json")
+    tok_config = _optional_json(tok_config_path)
+    if "add_bos_token" in checkpoint.config:
+        tok_config["add_bos_token"] = checkpoint.config["add_bos_token"]
+    if template is not None:
+        tok_config["chat_template"] = template
+    if tok_config:
+        _write_json(tok_config_path, tok_config)
+
+
+def _write_json(path, obj):
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")

@@ -1,4 +1,5 @@
-"""Reading a safetensors file: its header checked against the file, its tensors memory-mapped.
+"""Safetensors files: reading one (its header checked against the file, its tensors
+memory-mapped), and writing one a tensor at a time.
 
 Layout: an 8-byte little-endian header length N, N bytes of JSON
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
@@ -22,6 +23,7 @@ MAX_HEADER_BYTES = 100 * 2**20
 MAX_DIMS = 8
 # The float types a checkpoint's weights come in: numpy's view of the bytes, and the type's name.
 DTYPES = {"F32": (np.float32, "float32"), "F16": (np.float16, "float16"), "BF16": (np.uint16, "bfloat16")}
+WRITTEN_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
 
 
 class SafetensorsFile:
@@ -85,3 +87,26 @@ class SafetensorsFile:
 
 def _count(value):
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def write_file(path, entries, arrays):
+    """Write a safetensors file: `entries` [(name, mx dtype, shape)] first, as the header, then
+    each of `arrays` (in the same order) as it comes, so one tensor is in memory at a time."""
+    header, offset = {}, 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * dtype.size
+        header[name] = {"dtype": WRITTEN_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for (name, dtype, shape), array in zip(entries, arrays):
+            assert array.dtype == dtype and tuple(array.shape) == tuple(shape), (name, array.dtype, array.shape)
+            f.write(raw_bytes(array))
+
+
+def raw_bytes(array):
+    """An mx.array's bytes in row order (bfloat16, which numpy lacks, as its 16-bit patterns)."""
+    bits = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
+    return memoryview(np.ascontiguousarray(np.asarray(bits))).cast("B")

@@ -1,0 +1,89 @@
+"""This toolkit's own model folders (what convert.py, pretrain.py and fuse.py write), read as a
+checkpoint: config.json, weights.npz or weights.safetensors, the tokenizer's files and the
+chat template.
+
+Read through the same interface as every other format (formats/__init__.py), so that a model
+folder can be converted again (quantized, say) and fuse.py can export it; its weights are
+memory-mapped by MLX and read one at a time.
+"""
+
+import os
+import shutil
+
+from utils import UserError, load_arrays, read_json
+
+import mlx.core as mx
+
+from formats import expected_shapes
+
+# What a model folder holds besides its weights and config.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+def detect(path):
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+            and any(os.path.isfile(os.path.join(path, f"weights.{ext}")) for ext in ("npz", "safetensors")))
+
+
+class Checkpoint:
+    """An opened model folder of this toolkit (see formats/__init__.py for the interface)."""
+
+    def __init__(self, folder):
+        import loading
+
+        self.path = folder
+        config_path = os.path.join(folder, "config.json")
+        raw = read_json(config_path, "model configuration")
+        args = loading.model_args(raw, config_path)  # every key checked
+        self.config = {key: value for key, value in vars(args).items() if value is not None or key in raw}
+        self.config.update(loading.tokenizer_settings(raw, config_path))
+        self._quantization = loading.quantization(raw, config_path) or {}
+        self.shapes = expected_shapes(self.config)
+        self.weights_path = loading.weights_file(folder)
+        self._arrays = load_arrays(self.weights_path)  # lazy, for shapes and types: never evaluated
+        for key, shape in self.shapes.items():
+            if key not in self._arrays:
+                raise UserError(f"{self.weights_path}: no {key}")
+            q = self.quantization(key)
+            if q is None and tuple(self._arrays[key].shape) != tuple(shape):
+                raise UserError(f"{self.weights_path}: {key} has shape {tuple(self._arrays[key].shape)}, "
+                                f"expected {tuple(shape)}")
+
+    def _base(self, key):
+        return key.removesuffix(".weight")
+
+    def stored_dtype(self, key):
+        if self.quantization(key) is not None:
+            return None
+        return str(self._arrays[key].dtype).removeprefix("mlx.core.")
+
+    def _read(self, name):
+        """One array, from a fresh lazy load: an array once evaluated keeps its data as long as it
+        is referenced, so keeping the loaded ones would end with the whole model in memory."""
+        return load_arrays(self.weights_path)[name]
+
+    def tensor(self, key):
+        q = self.quantization(key)
+        if q is None:
+            return self._read(key)
+        weight, scales, biases = self.quantized(key)
+        return mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                             group_size=q[0], bits=q[1])
+
+    def quantization(self, key):
+        if f"{self._base(key)}.scales" not in self._arrays:
+            return None
+        return self._quantization.get(self._base(key), self._quantization.get(None))
+
+    def quantized(self, key):
+        base = self._base(key)
+        return self._read(key), self._read(f"{base}.scales"), self._read(f"{base}.biases")
+
+    def quantized_scales_dtype(self, key):
+        return self._arrays[f"{self._base(key)}.scales"].dtype
+
+    def write_tokenizer(self, folder):
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(self.path, name)):
+                shutil.copyfile(os.path.join(self.path, name), os.path.join(folder, name))
