@@ -12,19 +12,32 @@ in groups of 32 (quantized() lays their blocks out as MLX does); the other types
 can dequantize (K-quants, Q5_x, IQ) come as float32. GGUF llama files already hold the queries'
 and keys' rows in Meta's interleaved RoPE order (llama.cpp's converter permutes Hugging Face's),
 so every tensor maps to one of ours by name and nothing is permuted.
+
+Writing (tensor_types, write): any checkpoint of this toolkit as a llama GGUF file, the reader's
+mapping inverted. MLX's 4- and 8-bit quantization in groups of 32 with scales float16 holds goes
+into Q4_1 and Q8_0 blocks exactly (so a GGUF file converted and written back keeps its bytes);
+every other quantized tensor is quantized from float32 by the gguf package. The tokenizer is
+rewritten as llama.cpp reads one: tokenizer.json's byte-level BPE (its pre-tokenizer named),
+SentencePiece's pieces, or Llama 3's tiktoken ranks as byte-level BPE. Tensors are converted and
+written a few rows at a time, so memory stays around one tensor whatever the model size.
 """
 
+import collections
+import contextlib
+import json
 import math
 import mmap
 import os
 import re
 import struct
+import tempfile
 from collections import namedtuple
 from functools import lru_cache
 
 import numpy as np
 
-from utils import UserError, atomic_write
+from tokenizer import LLAMA3_PATTERN
+from utils import UserError, atomic_write, read_json
 
 import mlx.core as mx
 
@@ -589,6 +602,10 @@ def llama3_rope_scaling(factors, theta, head_dim, path):
         b = smooth[0] - a * x[0]
         if b < 0 < a and np.isfinite(a / b):  # low = 1: high = 1 - 1 / b, old = -a / b
             candidates.append((1.0, float(f"{1 - 1 / b:.6g}"), round(-a / b)))
+    if len(middle) == 1:  # one blended divisor: low 1, a whole context near Llama's high 4, the high that fits
+        wave, smooth = wavelength[middle[0]], (1 / factors[middle[0]] - 1 / factor) / (1 - 1 / factor)
+        old = round(wave * (1 + (LLAMA3_ROPE[1] - 1) * smooth))
+        candidates.append((1.0, float(f"{1 + (old / wave - 1) / smooth:.6g}"), old))
     for low, high, old in candidates:
         if np.allclose(llama3_rope_factors(wavelength, factor, low, high, old), factors, rtol=1e-5, atol=0):
             return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
@@ -748,3 +765,516 @@ def proto_varint(n):
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+# ----------------------------------------------------------------------------- writing
+
+# The ggml types written, and what chooses them: a float dtype, or a bit width (quantizable rows).
+WRITTEN_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+DTYPE_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+BITS_TYPES = {4: "Q4_1", 8: "Q8_0"}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}  # general.file_type
+# A config without context_length came from Meta's params.json, which does not say: Llama 2's and
+# Mistral's 4096 gives llama.cpp a default context that every such model handles.
+DEFAULT_CONTEXT = 4096
+CHUNK_VALUES = 1 << 22  # rows converted at a time: about 16 MiB of float32, whatever the tensor
+# Pre-tokenizers by the regexes they split by: the reader's names first, then Hugging Face's spellings.
+PRE_NAMES = {PRE_SPLITS[name]: name for name in ("default", "llama-bpe", "gpt-2", "smollm", "qwen2")}
+PRE_NAMES[(LLAMA3_PATTERN,)] = "llama-bpe"  # Llama 3's tokenizer.json: (?i:'s|...) for the contractions
+PAD_SCORE = -1000.0  # llama.cpp's score for the [PADn] tokens that fill a vocabulary up to the model's rows
+EOM_TOKEN = "<|eom_id|>"   # Llama 3.1's end of a message that awaits a tool's answer
+SPM_BPE = 2          # SentencePiece's TrainerSpec.model_type for BPE (1, the default, is unigram)
+
+Vocabulary = namedtuple("Vocabulary", "model pre tokens types merges scores add_space_prefix")
+
+
+def tensor_types(checkpoint, dtype=None, bits=None):
+    """{name: ggml type name} each weight is written in: norms in F32 always; 2-D weights in `dtype`
+    ("float32", "float16", "bfloat16"), or quantized to `bits` (4: Q4_1, 8: Q8_0; rows that are not
+    whole blocks of 32 in `dtype`, else F16), or by default as the checkpoint holds them: MLX's 2-
+    to 4-bit quantization as Q4_1, 6- and 8-bit as Q8_0 (the nearest type at least as precise),
+    floats in their stored type, and other quantizations (K-quants) in F16."""
+    if dtype is not None and dtype not in DTYPE_TYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPE_TYPES)}, got {dtype!r}")
+    if bits is not None and bits not in BITS_TYPES:
+        raise UserError(f"GGUF quantization bits must be 4 (Q4_1) or 8 (Q8_0), got {bits!r}")
+    return {name: chosen_type(checkpoint, name, shape, dtype, bits) for name, shape in checkpoint.shapes.items()}
+
+
+def chosen_type(checkpoint, name, shape, dtype, bits):
+    if len(shape) == 1:
+        return "F32"  # llama.cpp keeps the norms in float32
+    if bits is not None:
+        return BITS_TYPES[bits] if shape[-1] % GROUP_SIZE == 0 else DTYPE_TYPES[dtype or "float16"]
+    if dtype is not None:
+        return DTYPE_TYPES[dtype]
+    q = checkpoint.quantization(name)
+    if q is not None:
+        return "Q4_1" if q[1] <= 4 else "Q8_0"
+    return DTYPE_TYPES.get(checkpoint.stored_dtype(name), "F16")
+
+
+def write(checkpoint, path, types):
+    """Write `checkpoint` as a llama GGUF file at `path`, each weight in types[name] (tensor_types).
+
+    Everything is checked and the tokenizer built before the file is opened; then the header, and
+    the tensors one at a time, a few rows at a time. A failure removes the file; an OSError (a full
+    disk) is left for the caller's atomic write to report."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(f"{path}: writing a GGUF file needs the gguf package (pip install gguf)")
+    check_exportable(checkpoint, types)
+    vocab = exported_vocabulary(checkpoint)
+    rope_freqs = exported_rope_freqs(checkpoint.config)
+    writer = gguf.GGUFWriter(path, "llama")
+    add_model_metadata(writer, checkpoint, types)
+    add_vocabulary(writer, vocab)
+    infos = ([(ROPE_FREQS, rope_freqs.shape, "F32")] if rope_freqs is not None else []) + \
+        [(gguf_name_of(name), shape, types[name]) for name, shape in checkpoint.shapes.items()]
+    for gguf_name, shape, type_name in infos:
+        qtype = gguf.GGMLQuantizationType[type_name]
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        writer.add_tensor_info(gguf_name, (*shape[:-1], cols // block * type_size), np.uint8,
+                               rows * (cols // block) * type_size, raw_dtype=qtype)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        # Tensor data written straight to the writer's file: its write_tensor_data takes a whole tensor
+        f = writer.fout[0]
+        if rope_freqs is not None:
+            write_tensor(writer, f, [rope_freqs.view(np.uint8)])
+        for name in checkpoint.shapes:
+            write_tensor(writer, f, tensor_chunks(checkpoint, name, types[name]))
+        writer.close()
+    except BaseException:
+        writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+
+
+def write_tensor(writer, f, chunks):
+    """One tensor's bytes, starting at the file's alignment, padded as llama.cpp's writer pads."""
+    writer.write_padding(f, f.tell())
+    nbytes = 0
+    for chunk in chunks:
+        f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+        nbytes += chunk.nbytes
+    writer.write_padding(f, nbytes)
+
+
+def check_exportable(checkpoint, types):
+    """What llama.cpp's llama architecture cannot hold is refused before anything is written."""
+    config = checkpoint.config
+    if config.get("sliding_window") is not None:
+        raise UserError(f"{checkpoint.path}: a sliding window of {config['sliding_window']} tokens (Mistral): "
+                        "llama.cpp's llama architecture has none, so its GGUF would compute another model")
+    scaling = config.get("rope_scaling")
+    if scaling is not None and scaling.get("rope_type") not in ("linear", "llama3"):
+        raise UserError(f"{checkpoint.path}: RoPE scaling {scaling.get('rope_type')!r} cannot be written to GGUF "
+                        "(supported: linear, llama3)")
+    assert types.keys() == checkpoint.shapes.keys(), "a type for every weight"
+    for name, shape in checkpoint.shapes.items():
+        assert types[name] in WRITTEN_TYPES, (name, types[name])
+        assert len(shape) == 2 or types[name] == "F32", f"{name}: llama.cpp keeps norms in F32"
+        assert types[name] in FLOAT_DTYPES or shape[-1] % GROUP_SIZE == 0, f"{name}: rows not whole blocks"
+
+
+def add_model_metadata(writer, checkpoint, types):
+    import gguf
+
+    c = checkpoint.config
+    matrix_types = [types[name] for name, shape in checkpoint.shapes.items() if len(shape) == 2]
+    writer.add_name(model_name(checkpoint.path))
+    writer.add_file_type(FILE_TYPES[collections.Counter(matrix_types).most_common(1)[0][0]])
+    if any(t not in FLOAT_DTYPES for t in matrix_types):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_block_count(c["n_layers"])
+    writer.add_context_length(c.get("context_length") or DEFAULT_CONTEXT)
+    writer.add_embedding_length(c["dim"])
+    writer.add_feed_forward_length(c["hidden_dim"])
+    writer.add_head_count(c["n_heads"])
+    writer.add_head_count_kv(c["n_kv_heads"])
+    writer.add_key_length(c["head_dim"])
+    writer.add_value_length(c["head_dim"])
+    writer.add_rope_dimension_count(c["head_dim"])
+    writer.add_rope_freq_base(c["rope_theta"])
+    writer.add_layer_norm_rms_eps(c["norm_eps"])
+    writer.add_vocab_size(c["vocab_size"])
+    scaling = c.get("rope_scaling")
+    if scaling is not None and scaling["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+
+
+def model_name(path):
+    """general.name: the model folder's name (a file's, without its extension)."""
+    name = os.path.basename(os.path.normpath(path))
+    return os.path.splitext(name)[0] if os.path.isfile(path) else name
+
+
+def exported_rope_freqs(config):
+    """Llama 3.1's scaling as llama.cpp's converter writes it: each frequency's divisor, float32
+    [head_dim / 2], in rope_freqs.weight; None for other models."""
+    scaling = config.get("rope_scaling")
+    if scaling is None or scaling["rope_type"] != "llama3":
+        return None
+    head_dim = config["head_dim"]
+    wavelength = 2 * np.pi * config["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    return llama3_rope_factors(wavelength, scaling["factor"], scaling["low_freq_factor"],
+                               scaling["high_freq_factor"],
+                               scaling["original_max_position_embeddings"]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- writing: weights
+
+def tensor_chunks(checkpoint, name, type_name):
+    """The weight's bytes in `type_name`, as uint8 arrays of a few rows each."""
+    own = own_code_blocks(checkpoint, name, type_name)
+    if own is not None:
+        yield from own
+        return
+    import gguf
+
+    for rows in weight_rows(checkpoint, name):
+        if type_name in FLOAT_DTYPES:
+            bits = {"F32": mx.uint32, "F16": mx.uint16, "BF16": mx.uint16}[type_name]
+            out = np.asarray(rows.astype(getattr(mx, FLOAT_DTYPES[type_name])).view(bits))
+        else:
+            with np.errstate(all="ignore"):  # NaN or infinity is reported below, in the result
+                out = gguf.quants.quantize(np.asarray(rows.astype(mx.float32)), gguf.GGMLQuantizationType[type_name])
+        if not finite_values(out, type_name):
+            raise UserError(f"{checkpoint.path}: {name} is not finite in {type_name}: NaN, infinity, or values "
+                            "beyond that type's range" + (" (try float32 or bfloat16)" if type_name == "F16" else ""))
+        yield out.view(np.uint8)
+
+
+def weight_rows(checkpoint, name):
+    """The weight a few rows at a time: as stored, or float32 where it is held quantized (dequantized
+    a few rows at a time, so that a quantized embedding is never whole in float32)."""
+    q = checkpoint.quantization(name)
+    arrays = checkpoint.quantized(name) if q is not None else (checkpoint.tensor(name),)
+    mx.eval(arrays)  # read once, whole: slices of an unread array would each read it
+    n_rows, n_cols = checkpoint.shapes[name][0], checkpoint.shapes[name][-1]
+    step = max(1, CHUNK_VALUES // n_cols)
+    for start in range(0, n_rows, step):
+        part = [a[start:start + step] for a in arrays]
+        if q is None:
+            yield part[0]
+        else:  # as every format's tensor() dequantizes: d q + b in float32
+            weight, scales, biases = part
+            yield mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                                group_size=q[0], bits=q[1])
+
+
+# Where each float type's exponent lies (all ones: infinity or NaN), read off its bits.
+EXPONENT_MASKS = {"F32": 0x7F800000, "F16": 0x7C00, "BF16": 0x7F80}
+
+
+def finite_values(out, type_name):
+    """Whether a float tensor's bits, or a quantized one's block scales (d, and Q4_1's m), are finite."""
+    if type_name in EXPONENT_MASKS:
+        mask = EXPONENT_MASKS[type_name]
+        return not np.any((out & mask) == mask)
+    blocks = out.reshape(-1, {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[type_name])
+    scales = blocks[:, :4 if type_name == "Q4_1" else 2]
+    return bool(np.all(np.isfinite(np.ascontiguousarray(scales).view(np.float16))))
+
+
+def own_code_blocks(checkpoint, name, type_name):
+    """The weight's own codes as Q4_1 or Q8_0 blocks, chunks of rows, when it is held in MLX's
+    affine quantization in groups of 32 (Q8_0: biases -128 scale, as the reader makes of Q8_0);
+    else None, and it is quantized from float32. Scales float16 holds are copied exactly; others
+    are rounded to float16, which moves a value far less than re-quantizing would (a step's
+    2^-11 against half a step)."""
+    q = {"Q4_1": (GROUP_SIZE, 4), "Q8_0": (GROUP_SIZE, 8)}.get(type_name)
+    if q is None or checkpoint.quantization(name) != q:
+        return None
+    w, scales, biases = checkpoint.quantized(name)
+    s_RG, b_RG = (np.asarray(a.astype(mx.float32)) for a in (scales, biases))
+    d_RG = finite_float16(s_RG)
+    if d_RG is None:
+        return None
+    if type_name == "Q4_1":
+        m_RG = finite_float16(b_RG)
+        if m_RG is None:
+            return None
+        heads_RGB = np.stack([d_RG, m_RG], axis=-1).view(np.uint8)  # d, m: two float16 each block
+    else:
+        if not np.array_equal(b_RG, -128 * s_RG):  # exact in float32: 128 is a power of two
+            return None
+        heads_RGB = d_RG[..., None].view(np.uint8)
+    mx.eval(w)  # read once, whole: slices of an unread array would each read it
+    return own_code_chunks(w, heads_RGB, type_name)
+
+
+def own_code_chunks(w, heads_RGB, type_name):
+    """Blocks of a few rows at a time: each block's head (d, or d and m) then its codes."""
+    rows_per_chunk = max(1, CHUNK_VALUES // (heads_RGB.shape[1] * GROUP_SIZE))
+    for start in range(0, w.shape[0], rows_per_chunk):
+        words = np.asarray(w[start:start + rows_per_chunk])
+        heads = heads_RGB[start:start + rows_per_chunk]
+        n, groups = heads.shape[:2]
+        if type_name == "Q4_1":
+            codes_RGB = gguf_nibbles(words.view(np.uint8).reshape(n, groups, 16))
+        else:  # MLX's q + 128, unsigned: Q8_0's signed q is the same bits with the top one flipped
+            codes_RGB = words.view(np.uint8).reshape(n, groups, 32) ^ np.uint8(0x80)
+        yield np.concatenate([heads, codes_RGB], axis=-1).reshape(n, -1)
+
+
+def finite_float16(a):
+    """`a` rounded to float16, or None where a value is beyond float16's range."""
+    with np.errstate(over="ignore"):
+        half = a.astype(np.float16)
+    return half if np.all(np.isfinite(half)) else None
+
+
+def gguf_nibbles(packed_RG16):
+    """MLX's 4-bit values (values 2b and 2b+1 in byte b of a group) in GGUF's block order (value j
+    in byte j's low nibble, value j+16 in its high one): mlx_nibbles undone."""
+    values_RG32 = np.empty(packed_RG16.shape[:-1] + (32,), np.uint8)
+    values_RG32[..., 0::2], values_RG32[..., 1::2] = packed_RG16 & 0x0F, packed_RG16 >> 4
+    return values_RG32[..., :16] | (values_RG32[..., 16:] << 4)
+
+
+# ----------------------------------------------------------------------------- writing: tokenizer
+
+def exported_vocabulary(checkpoint):
+    """(Vocabulary, special tokens, chat template or None) of the checkpoint's tokenizer: its files as
+    the checkpoint writes them into a model folder, its special tokens as this toolkit reads them."""
+    import chat
+    from tokenizer import is_tiktoken_file, load_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint.write_tokenizer(folder)  # every format's tokenizer files, as a model folder holds them
+        config = checkpoint.config
+        n_vocab = config["vocab_size"]
+        json_path, model_path = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer.model")
+        data = read_json(json_path, "tokenizer") if os.path.isfile(json_path) else None
+        if data is not None and is_byte_level(data):
+            vocab = byte_level_vocabulary(data, n_vocab, checkpoint.path)
+        elif os.path.isfile(model_path) and is_tiktoken_file(model_path):
+            vocab = tiktoken_vocabulary(model_path, n_vocab, checkpoint.path)
+        elif os.path.isfile(model_path):
+            vocab = sentencepiece_vocabulary(model_path, n_vocab, checkpoint.path)
+        elif data is not None:
+            raise UserError(f"{checkpoint.path}: its tokenizer.json is not a byte-level BPE, and there is no "
+                            "tokenizer.model: llama.cpp holds neither")
+        else:
+            raise UserError(f"{checkpoint.path}: no tokenizer (tokenizer.json or tokenizer.model) to write into "
+                            "the GGUF file")
+        settings = {key: config[key] for key in ("bos_token_id", "eos_token_ids", "add_bos_token") if key in config}
+        # this toolkit's tokenizer of the folder: the special tokens exactly as it encodes with them
+        ours = load_tokenizer(folder, settings)
+        ends = list(settings.get("eos_token_ids") or ([ours.eos_id] if ours.eos_id is not None else []))
+        ends += sorted(ours.eos_ids - set(ends))
+        specials = {"bos": ours.bos_id, "ends": ends, "add_bos": bool(ours.add_bos)}
+        return vocab, specials, chat.load_template(folder)
+
+
+def add_vocabulary(writer, exported):
+    """tokenizer.ggml.*: the vocabulary, BOS, the end tokens (end of text, of turn, of message),
+    whether BOS is added, and the chat template."""
+    vocab, specials, template = exported
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.pre is not None:
+        writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    if vocab.merges is not None:
+        writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+        if UNKNOWN in vocab.types:
+            writer.add_unk_token_id(vocab.types.index(UNKNOWN))
+    if specials["bos"] is not None:
+        writer.add_bos_token_id(specials["bos"])
+    if specials["ends"]:
+        writer.add_eos_token_id(specials["ends"][0])
+    # llama.cpp has one more end of a turn (eot) and of a message (eom, Llama 3.1's tool calls)
+    rest = specials["ends"][1:]
+    eom = next((token for token in rest if vocab.tokens[token] == EOM_TOKEN), None)
+    eot = next((token for token in rest if token != eom), None)
+    if eot is not None:
+        writer.add_eot_token_id(eot)
+    if eom is not None:
+        writer.add_eom_token_id(eom)
+    writer.add_add_bos_token(specials["add_bos"])
+    if template is not None:
+        writer.add_chat_template(template)
+
+
+def padded(tokens, types, n_vocab, where):
+    """The vocabulary filled up to the model's rows with [PADn] tokens (unused), as llama.cpp's
+    converter fills it; ids past the model's rows are refused."""
+    if len(tokens) > n_vocab:
+        raise UserError(f"{where}: the tokenizer has {len(tokens)} tokens, the model only {n_vocab}")
+    for i in range(len(tokens), n_vocab):
+        tokens.append(None)
+        types.append(UNUSED)
+    for i, token in enumerate(tokens):
+        if token is None:
+            tokens[i], types[i] = f"[PAD{i}]", UNUSED
+    if len(set(tokens)) != len(tokens):
+        raise UserError(f"{where}: the tokenizer holds a token twice")
+    return tokens, types
+
+
+def is_byte_level(data):
+    """Whether a tokenizer.json is a byte-level BPE: a BPE model with a ByteLevel pre-tokenizer or decoder."""
+    def kinds(part):
+        if not isinstance(part, dict):
+            return []
+        inner = part.get("pretokenizers") or part.get("decoders") or []
+        return [part.get("type")] + [k for p in inner for k in kinds(p)]
+
+    model = data.get("model") if isinstance(data, dict) else None
+    return (isinstance(model, dict) and model.get("type") == "BPE"
+            and "ByteLevel" in kinds(data.get("pre_tokenizer")) + kinds(data.get("decoder")))
+
+
+def pre_tokenizer_name(pre, ignore_merges):
+    """llama.cpp's tokenizer.ggml.pre for a tokenizer.json's pre-tokenizer: Splits (or Digits) then a
+    ByteLevel, named by the regexes they split by; None when it is anything else."""
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    if not steps or not all(isinstance(step, dict) for step in steps):
+        return None
+    *splits, last = steps
+    if last.get("type") != "ByteLevel" or last.get("add_prefix_space"):
+        return None
+    regexes = []
+    for step in splits:
+        pattern = step.get("pattern")
+        if step.get("type") == "Digits" and step.get("individual_digits"):
+            regexes.append(r"\p{N}")
+        elif (step.get("type") == "Split" and isinstance(pattern, dict) and "Regex" in pattern
+              and step.get("behavior") == "Isolated" and not step.get("invert")):
+            regexes.append(pattern["Regex"])
+        else:
+            return None
+    if last.get("use_regex", True):  # ByteLevel's own split is GPT-2's
+        regexes.append(GPT2_SPLIT)
+    name = PRE_NAMES.get(tuple(regexes))
+    # llama-bpe looks a whole piece up before merging (BPE's ignore_merges); smaug-bpe, split the same, merges
+    return "smaug-bpe" if name == "llama-bpe" and not ignore_merges else name
+
+
+def byte_level_vocabulary(data, n_vocab, where):
+    """gpt2: tokens in id order (the added ones at their ids: special ones control, others user-
+    defined), merges as "a b", and the pre-tokenizer's name."""
+    model = data["model"]
+    pre = pre_tokenizer_name(data.get("pre_tokenizer"), model.get("ignore_merges", False))
+    if pre is None:
+        raise UserError(f"{where}: cannot name this tokenizer's pre-tokenizer for llama.cpp "
+                        f"({brief(json.dumps(data.get('pre_tokenizer')), 120)})")
+    if data.get("normalizer") is not None:
+        raise UserError(f"{where}: its tokenizer.json has a normalizer ({brief(data['normalizer'].get('type'))}), "
+                        "which llama.cpp's byte-level BPE does not apply")
+    ids = dict(model.get("vocab") or {})
+    ids.update({added["content"]: added["id"] for added in data.get("added_tokens", [])})
+    tokens, types = [None] * (max(ids.values(), default=-1) + 1), [NORMAL] * (max(ids.values(), default=-1) + 1)
+    for token, i in ids.items():
+        tokens[i] = token
+    for added in data.get("added_tokens", []):
+        types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+    tokens, types = padded(tokens, types, n_vocab, where)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return Vocabulary("gpt2", pre, tokens, types, merges, None, None)
+
+
+def tiktoken_vocabulary(path, n_vocab, where):
+    """Llama 3's tiktoken ranks as the byte-level BPE llama.cpp reads: each token's bytes spelled
+    in GPT-2's alphabet, the merges its ranks imply, the 256 specials as control tokens."""
+    from tokenizer import llama3_special_tokens, read_tiktoken_ranks
+
+    ranks = read_tiktoken_ranks(path)
+    spelling = byte_spelling()
+    tokens = ["".join(spelling[b] for b in token) for token in ranks]  # in rank order: the ids
+    types = [NORMAL] * len(tokens)
+    for name, i in llama3_special_tokens(path, len(ranks)).items():
+        tokens.append(name)
+        types.append(CONTROL)
+    tokens, types = padded(tokens, types, n_vocab, where)
+    return Vocabulary("gpt2", "llama-bpe", tokens, types, tiktoken_merges(ranks, tokens), None, None)
+
+
+def tiktoken_merges(ranks, tokens):
+    """The merges a rank table implies, as Hugging Face's converter makes them: every split of a
+    token into two tokens, by the rank of the token they make, then of its halves."""
+    merges = []
+    for token, rank in ranks.items():
+        halves = [(ranks[token[:i]], ranks[token[i:]]) for i in range(1, len(token))
+                  if token[:i] in ranks and token[i:] in ranks]
+        merges += [f"{tokens[left]} {tokens[right]}" for left, right in sorted(halves)]
+    return merges
+
+
+@lru_cache(maxsize=1)
+def byte_spelling():
+    """GPT-2's alphabet: each byte as a printable character (printable Latin-1 as itself, the
+    others as the characters from U+0100 on)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    spelled = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+    return [spelled[b] for b in range(256)]
+
+
+def sentencepiece_vocabulary(path, n_vocab, where):
+    """llama: SentencePiece's pieces, scores and types (the same numbers as GGUF's), read off the
+    model's protobuf, and add_space_prefix from its normalizer."""
+    import sentencepiece as spm
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        spm.SentencePieceProcessor().LoadFromSerializedProto(raw)  # checks the whole model once
+    except RuntimeError as e:
+        raise UserError(f"{where}: its tokenizer.model is not a SentencePiece model ({shown(str(e), 200)})")
+    tokens, scores, types, trainer, normalizer = [], [], [], {}, {}
+    for number, value in proto_fields(raw):
+        if number == 1:  # a piece: its text, score and type
+            piece = dict(proto_fields(value))
+            tokens.append(piece.get(1, b"").decode("utf-8"))
+            scores.append(struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0)
+            types.append(piece.get(3, NORMAL))
+        elif number in (2, 3):
+            (trainer if number == 2 else normalizer).update(proto_fields(value))
+    if trainer.get(3, 1) != SPM_BPE:
+        raise UserError(f"{where}: its tokenizer.model is a SentencePiece unigram model; llama.cpp's llama "
+                        "vocabulary merges pieces as BPE does")
+    n_pieces = len(tokens)
+    tokens, types = padded(tokens, types, n_vocab, where)
+    scores += [PAD_SCORE] * (len(tokens) - n_pieces)
+    return Vocabulary("llama", None, tokens, types, None, scores, bool(normalizer.get(3, True)))
+
+
+def proto_fields(data):
+    """(field number, value) of each field of a protobuf message: varints as ints, length-delimited
+    fields as bytes, fixed-width ones as their bytes."""
+    pos = 0
+    while pos < len(data):
+        key, pos = read_varint(data, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = read_varint(data, pos)
+        elif wire == 2:
+            n, pos = read_varint(data, pos)
+            value, pos = data[pos:pos + n], pos + n
+        else:
+            n = {1: 8, 5: 4}[wire]
+            value, pos = data[pos:pos + n], pos + n
+        yield key >> 3, value
+
+
+def read_varint(data, pos):
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
