@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import mlx.core as mx
@@ -18,7 +17,6 @@ import generate
 import loading
 import utils
 from checkpoints import make_checkpoint
-from conftest import convert_checkpoint
 from test_lora import LORA, write_dataset
 from utils import UserError
 
@@ -160,7 +158,7 @@ def write_then_die(self, name, tensor):
     if name.startswith("layers.1"):
         os.kill(os.getpid(), signal.SIGKILL)
 convert.NpzWriter.write = write_then_die
-utils.run_cli(lambda: convert.main(["--torch-path", {str(src)!r}, "--mlx-path", {str(out)!r}]))
+utils.run_script(lambda: convert.main(["--torch-path", {str(src)!r}, "--mlx-path", {str(out)!r}]))
 """])
     assert killed.returncode == -signal.SIGKILL
     left = os.listdir(tmp_path / "out")
