@@ -31,7 +31,7 @@ import tempfile
 import time
 
 import utils  # noqa: F401  (fast BLAS before any section imports mlx.core)
-from utils import UserError, run_script, read_json, write_json
+from utils import UserError, read_json, run_script, write_json
 
 from formats import expected_shapes
 
@@ -150,10 +150,10 @@ def read_status(pid):
     return fields
 
 
-def run_sampled(cmd, interval=0.05):
+def run_sampled(cmd, interval=0.05, stderr=None):
     """Run `cmd`, sampling its memory every `interval` s; return (exit code, seconds, peaks, rusage)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, stderr=stderr)
     peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
     while True:
         status = read_status(proc.pid)
@@ -166,6 +166,13 @@ def run_sampled(cmd, interval=0.05):
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(wait_status)
     return proc.returncode, seconds, peaks, rusage
+
+
+def disk_bytes(path):
+    """Bytes of a file, or of the files in a folder."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
 
 
 def bench_convert(args):
@@ -185,7 +192,7 @@ def bench_convert(args):
         t0 = time.perf_counter()
         (write_synthetic_hf_checkpoint if args.layout == "hf" else write_synthetic_checkpoint)(src, params)
         gen_seconds = time.perf_counter() - t0
-        in_size = sum(os.path.getsize(os.path.join(src, n)) for n in os.listdir(src))
+        in_size = disk_bytes(src)
         cmd = [sys.executable, os.path.join(ROOT, "convert.py"), "--hf-path", src, "--mlx-path", out,
                "--dtype", args.dtype, "--format", args.format]
         if args.quantize:
@@ -193,7 +200,7 @@ def bench_convert(args):
         code, seconds, peaks, rusage = run_sampled(cmd)
         if code != 0:
             raise UserError(f"convert.py exited with {code}")
-        out_size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
+        out_size = disk_bytes(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
@@ -638,6 +645,159 @@ def add_qa_args(p):
     p.add_argument("--show", type=int, default=4, help="Answers per split to print.")
 
 
+# ----------------------------------------------------------------------------- fuse
+
+def run_fuse(model_dir, adapter_file, out, fmt, extra=()):
+    """fuse.py as a user runs it, its memory sampled: (seconds, peaks, its check line)."""
+    cmd = [sys.executable, os.path.join(ROOT, "fuse.py"), "--model", model_dir, "--adapter-file", adapter_file,
+           "--save-path", out, "--format", fmt, *extra]
+    log = out + ".log"
+    with open(log, "w") as f:
+        code, seconds, peaks, _ = run_sampled(cmd, stderr=f)
+    with open(log) as f:
+        lines = f.read().splitlines()
+    os.remove(log)
+    if code != 0:
+        raise UserError(f"fuse.py exited with {code}: {lines[-1] if lines else ''}")
+    return seconds, peaks, next((line for line in lines if line.startswith("check:")), "")
+
+
+def write_random_adapters(adapter_file, params, rank=8, targets=("wq", "wv")):
+    """LoRA adapters of every layer with non-zero B, in lora.py's layout, for a synthetic model."""
+    import numpy as np
+
+    shapes = expected_shapes(params)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for i in range(params["n_layers"]):
+        for target in targets:
+            out_dims, in_dims = shapes[f"layers.{i}.attention.{target}.weight"]
+            arrays[f"layers.{i}.attention.{target}.lora_a"] = (rng.standard_normal((in_dims, rank)) / in_dims ** 0.5)
+            arrays[f"layers.{i}.attention.{target}.lora_b"] = 0.02 * rng.standard_normal((rank, out_dims))
+    np.savez(adapter_file, **{k: v.astype(np.float32) for k, v in arrays.items()})
+    write_json(os.path.splitext(adapter_file)[0] + ".json",
+               {"lora_layers": params["n_layers"], "targets": list(targets), "rank": rank, "alpha": 2.0 * rank})
+
+
+def bench_fuse(args):
+    """A synthetic 7B-shaped (Llama: no sliding window) model converted, given random adapters,
+    then fused and exported by fuse.py, which checks the export: time and peak memory."""
+    params = {k: v for k, v in SIZES[args.size].items() if k != "sliding_window"}
+    n_params = sum(math.prod(s) for s in expected_shapes(params).values())
+    root = os.path.abspath(args.dir or tempfile.gettempdir())
+    need = n_params * (2 + 2 + 4) + 2 * GiB  # bf16 source, the base folder, the export (float32 at most)
+    if shutil.disk_usage(root).free < need:
+        raise UserError(f"{root}: needs {need / GiB:.1f} GiB free (use --dir)")
+    work = tempfile.mkdtemp(prefix="bench-fuse-", dir=root)
+    results = {"key": f"fuse-{args.size}" + ("-q4" if args.quantize else ""), "params": n_params,
+               "base": "4-bit (g64)" if args.quantize else "float16"}
+    try:
+        src, base = os.path.join(work, "source"), os.path.join(work, "base")
+        os.makedirs(src)
+        write_synthetic_hf_checkpoint(src, params)
+        cmd = [sys.executable, os.path.join(ROOT, "convert.py"), "--hf-path", src, "--mlx-path", base,
+               "--dtype", "float16", "--format", "safetensors"] + (["-q"] if args.quantize else [])
+        if run_sampled(cmd)[0] != 0:
+            raise UserError("convert.py failed")
+        shutil.rmtree(src)
+        adapter_file = os.path.join(work, "adapters.npz")
+        write_random_adapters(adapter_file, params)
+        for fmt in args.formats:
+            out = os.path.join(work, "fused.gguf" if fmt == "gguf" else "fused")
+            seconds, peaks, check = run_fuse(base, adapter_file, out, fmt)
+            results[f"{fmt}_s"] = round(seconds, 1)
+            results[f"{fmt}_GB"] = round(disk_bytes(out) / 1e9, 2)
+            results[f"{fmt}_peak_RssAnon_GiB"] = round(peaks["RssAnon"] / GiB, 3)
+            results[f"{fmt}_check"] = check
+            if os.path.isdir(out):
+                shutil.rmtree(out)
+            else:
+                os.remove(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def add_fuse_args(p):
+    p.add_argument("--size", default="7b", choices=list(SIZES), help="Model shape: 7b or medium.")
+    p.add_argument("--dir", default=None, help="Where to write the temporary models (default: the temp dir).")
+    p.add_argument("-q", "--quantize", action="store_true", help="A 4-bit base (QLoRA), re-quantized when fused.")
+    p.add_argument("--formats", nargs="+", default=["mlx", "hf", "gguf"], choices=["mlx", "hf", "gguf"],
+                   help="fuse.py --format values to run.")
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+def bench_llamacpp(args):
+    """The default model with the main job's adapters, fused to GGUF (re-quantized, and float32),
+    run by llama.cpp itself (llama-cpp-python, optional): does it read the same prompt tokens,
+    and choose the same greedy tokens as this toolkit, both over the same GGUF file (read back by
+    convert.py) and as the adapted model (base + adapters) the export stands for?"""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError("llamacpp needs llama-cpp-python (pip install llama-cpp-python; it compiles llama.cpp)")
+    import chat
+
+    template = chat.load_template(args.model)
+    questions = [q for q, _ in qa_pairs(os.path.join(args.data, "test.jsonl"), args.samples)]
+    adapted = greedy_replies(args.model, args.adapter_file, template, questions, args.tokens)
+    results = {"key": "llamacpp", "model": args.model, "adapter_file": args.adapter_file, "prompts": len(questions)}
+    with tempfile.TemporaryDirectory() as work:
+        for name, extra in (("requantized", []), ("float32", ["--dtype", "float32"])):
+            path, folder = os.path.join(work, f"{name}.gguf"), os.path.join(work, name)
+            run_fuse(args.model, args.adapter_file, path, "gguf", extra)
+            if run_sampled([sys.executable, os.path.join(ROOT, "convert.py"), "--hf-path", path,
+                            "--mlx-path", folder])[0] != 0:
+                raise UserError(f"convert.py could not read {path} back")
+            same_file = greedy_replies(folder, None, template, questions, args.tokens)
+            llm = llama_cpp.Llama(path, n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+            counts = {"same_prompt_tokens": 0, "same_greedy_as_this_file_here": 0, "same_greedy_as_adapted": 0}
+            for (tokens, text, ours), (_, _, reference) in zip(same_file, adapted):
+                counts["same_prompt_tokens"] += llm.tokenize(text.encode(), add_bos=False, special=True) == tokens
+                theirs = first_tokens(llm.generate(tokens, top_k=1, temp=0.0, reset=True), {llm.token_eos()}, args.tokens)
+                counts["same_greedy_as_this_file_here"] += theirs == ours
+                counts["same_greedy_as_adapted"] += theirs == reference
+            results.update({f"{name}_{k}": f"{n}/{len(questions)}" for k, n in counts.items()})
+            del llm
+    return results
+
+
+def greedy_replies(model_dir, adapter_file, template, questions, limit):
+    """[(prompt tokens, prompt text, first greedy tokens)] of each question as one chat turn,
+    computed in float32."""
+    import chat
+    import generate
+    from loading import load_model
+
+    model, tokenizer, _ = load_model(model_dir, adapter_file=adapter_file, compute_dtype="float32")
+    out = []
+    for question in questions:
+        text = chat.render(template, [{"role": "user", "content": question}], tokenizer)
+        tokens = tokenizer.encode(text, bos=False)
+        out.append((tokens, text, first_tokens(generate.generate_tokens(model, tokens), tokenizer.eos_ids, limit)))
+    return out
+
+
+def first_tokens(tokens, eos_ids, limit):
+    """The first `limit` tokens of a generator, up to its end of sequence."""
+    out = []
+    for token in tokens:
+        if token in eos_ids or len(out) == limit:
+            break
+        out.append(token)
+    return out
+
+
+def add_llamacpp_args(p):
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Base model folder (default: the default model).")
+    p.add_argument("--adapter-file", default=os.path.join(ROOT, "adapters", "adapters.npz"),
+                   help="Adapters to fuse (default: the main job's).")
+    p.add_argument("--data", default=os.path.join(ROOT, "data"), help="Folder with chat test.jsonl.")
+    p.add_argument("--samples", type=int, default=10, help="Test questions to ask.")
+    p.add_argument("--tokens", type=int, default=32, help="Greedy tokens to compare per question.")
+
+
 SECTIONS = {
     "machine": (lambda p: None, bench_machine, "numpy matmul GFLOP/s, memory copy and read bandwidth."),
     "convert": (add_convert_args, bench_convert, "Convert a synthetic checkpoint; peak memory and time."),
@@ -645,6 +805,8 @@ SECTIONS = {
     "generate": (add_generate_args, bench_generate, "Prompt and decode tokens/s for float32/16, 8- and 4-bit."),
     "peft": (add_peft_args, bench_peft, "The default model's LoRA and QLoRA steps against PyTorch + PEFT."),
     "qa": (add_qa_args, bench_qa, "Greedy chat answers to dataset questions, before and after fine-tuning."),
+    "fuse": (add_fuse_args, bench_fuse, "Fuse and export a synthetic 7B-shaped model; peak memory and time."),
+    "llamacpp": (add_llamacpp_args, bench_llamacpp, "llama.cpp's greedy tokens from the fused GGUF against ours."),
 }
 # What `python bench.py` with no section runs: the performance issue's whole table.
 ALL = [["machine"], ["convert", "--size", "medium"], ["convert", "--size", "7b"],
