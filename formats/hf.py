@@ -320,6 +320,20 @@ class WeightFile:
 SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained shards by default
 
 
+def shard_plan(sizes, shard_bytes=SHARD_BYTES):
+    """{shard file name: [tensor names]}: the tensors of `sizes` ({name: bytes}) in order, a new
+    shard whenever the next would take one past `shard_bytes` (a bigger tensor stands alone)."""
+    shards, current, size = [], [], 0
+    for name, nbytes in sizes.items():
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": names for i, names in enumerate(shards)}
+
+
 def write(checkpoint, folder, dtype):
     """Write `checkpoint` (any format's) as a Hugging Face folder in `dtype`: config.json with
     the classic keys released checkpoints carry, safetensors shards and their index, the
@@ -341,18 +355,9 @@ def write(checkpoint, folder, dtype):
             w = split_rope_halves(w, config["n_kv_heads"])
         return w.astype(out_dtype)
 
-    shards, current, size = [], [], 0
-    for key, shape in checkpoint.shapes.items():
-        nbytes = math.prod(shape) * out_dtype.size
-        if current and size + nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = [], 0
-        current.append(key)
-        size += nbytes
-    shards.append(current)
     weight_map = {}
-    for i, keys in enumerate(shards):
-        shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    sizes = {key: math.prod(shape) * out_dtype.size for key, shape in checkpoint.shapes.items()}
+    for shard, keys in shard_plan(sizes).items():
         write_file(os.path.join(folder, shard), [(names[k], out_dtype, checkpoint.shapes[k]) for k in keys],
                    (hf_tensor(k) for k in keys))
         weight_map.update({names[k]: shard for k in keys})

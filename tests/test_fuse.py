@@ -91,6 +91,17 @@ def gguf_model(path):
             transformers.AutoTokenizer.from_pretrained(**where))
 
 
+def assert_same_tokenizer_and_template(tokenizer, model_dir):
+    """A transformers tokenizer encodes as the model folder's own does, and renders its chat
+    template the same."""
+    ours = loading.load_model(model_dir)[1]
+    for text in SAMPLES:
+        assert tokenizer.encode(text, add_special_tokens=False) == ours.encode(text, bos=False), text
+    messages = [{"role": "user", "content": "What is MLX?"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        chat.render(chat.load_template(model_dir), messages, ours)
+
+
 def test_fused_model_folder_is_the_adapted_model(tuned, tmp_path):
     model_dir, adapter_file = tuned
     run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--save-path", tmp_path / "fused")
@@ -115,12 +126,7 @@ def test_hugging_face_export_loads_in_transformers(tmp_path, flavour):
     assert np.abs(got - expected).max() <= 1e-4 and (got.argmax(-1) == expected.argmax(-1)).all()
     # The tokenizer and the chat template survive.
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    ours = loading.load_model(model_dir)[1]
-    for text in SAMPLES:
-        assert tokenizer.encode(text, add_special_tokens=False) == ours.encode(text, bos=False), text
-    messages = [{"role": "user", "content": "What is MLX?"}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-        chat.render(chat.load_template(model_dir), messages, ours)
+    assert_same_tokenizer_and_template(tokenizer, model_dir)
 
 
 def test_peft_export_loads_in_peft_and_back_in_lora_py(tuned, tmp_path):
@@ -160,32 +166,28 @@ def test_fused_over_a_quantized_base_is_requantized_and_checked(tuned_q4, tmp_pa
     assert np.abs(logits(loading.load_model(str(tmp_path / "dense"))[0]) - expected).max() <= tolerance
 
 
-def test_gguf_export_loads_in_transformers(tuned, tmp_path):
-    model_dir, adapter_file = tuned
+def float32_gguf(model_dir, adapter_file, tmp_path):
+    """The adapters fused into a float32 GGUF file; its path."""
     path = tmp_path / "model.gguf"
     run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--save-path", path, "--format", "gguf",
                    "--dtype", "float32")
     assert run.returncode == 0, run.stderr
-    reference, tokenizer = gguf_model(path)
+    return path
+
+
+def test_gguf_export_loads_in_transformers(tuned, tmp_path):
+    model_dir, adapter_file = tuned
+    reference, tokenizer = gguf_model(float32_gguf(model_dir, adapter_file, tmp_path))
     expected, got = adapted_logits(model_dir, adapter_file), torch_logits(reference)
     assert np.abs(got - expected).max() <= 1e-4 and (got.argmax(-1) == expected.argmax(-1)).all()
-    ours = loading.load_model(model_dir)[1]
-    for text in SAMPLES:
-        assert tokenizer.encode(text, add_special_tokens=False) == ours.encode(text, bos=False), text
-    messages = [{"role": "user", "content": "What is MLX?"}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-        chat.render(chat.load_template(model_dir), messages, ours)
+    assert_same_tokenizer_and_template(tokenizer, model_dir)
 
 
 def test_a_float_gguf_over_a_quantized_base_holds_the_fused_weights_unrounded(tuned_q4, tmp_path):
     """--dtype asks for floats: the changed layers are not re-quantized on the way."""
     model_dir, adapter_file = tuned_q4
-    path = tmp_path / "model.gguf"
-    run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--save-path", path, "--format", "gguf",
-                   "--dtype", "float32")
-    assert run.returncode == 0, run.stderr
     expected = adapted_logits(model_dir, adapter_file)
-    got = torch_logits(gguf_model(path)[0])
+    got = torch_logits(gguf_model(float32_gguf(model_dir, adapter_file, tmp_path))[0])
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
 
 

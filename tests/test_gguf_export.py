@@ -33,6 +33,7 @@ from formats import gguf as gguf_format  # noqa: E402
 from formats import mlx as mlx_format  # noqa: E402
 from gguf_files import write_gguf  # noqa: E402
 from hf_checkpoints import make_hf_model  # noqa: E402
+from test_gguf import hf_llama3_factors  # noqa: E402
 from test_hf import byte_level_tokenizer  # noqa: E402
 from utils import UserError  # noqa: E402
 
@@ -212,26 +213,6 @@ def test_a_tied_model_has_no_output_tensor(tmp_path):
     assert gguf_format.Checkpoint(path).config["tie_word_embeddings"] is True
 
 
-def llama_cpp_rope_factors(rope_scaling, theta, head_dim):
-    """rope_freqs as llama.cpp's convert_hf_to_gguf.py computes it (float32 frequencies)."""
-    import math
-
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    factor, low, high = (rope_scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor"))
-    old = rope_scaling["original_max_position_embeddings"]
-    factors = []
-    for freq in freqs.tolist():
-        wavelen = 2 * math.pi / freq
-        if wavelen < old / high:
-            factors.append(1.0)
-        elif wavelen > old / low:
-            factors.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(factors, np.float32)
-
-
 @pytest.mark.parametrize("flavour", ["llama3", "linear"])
 def test_rope_scaling_is_written_as_llama_cpp_reads_it(tmp_path, flavour):
     """llama3: a rope_freqs.weight of llama.cpp's factors; linear: llama.rope.scaling.*. The reader
@@ -244,8 +225,11 @@ def test_rope_scaling_is_written_as_llama_cpp_reads_it(tmp_path, flavour):
     path = export(tmp_path / "mlx", tmp_path / "out")
     if flavour == "llama3":
         rope_freqs = np.frombuffer(tensors(path)["rope_freqs.weight"][1], np.float32)
-        np.testing.assert_allclose(rope_freqs, llama_cpp_rope_factors(config["rope_scaling"], config["rope_theta"],
-                                                                      config["head_dim"]), rtol=1e-6)
+        scaling = config["rope_scaling"]
+        expected = hf_llama3_factors(config["rope_theta"], config["head_dim"], scaling["factor"],
+                                     scaling["low_freq_factor"], scaling["high_freq_factor"],
+                                     scaling["original_max_position_embeddings"])
+        np.testing.assert_allclose(rope_freqs, expected, rtol=1e-6)
         assert metadata(path, "llama.rope.scaling.type") is None
     else:
         assert metadata(path, "llama.rope.scaling.type") == "linear"
