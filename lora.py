@@ -5,6 +5,7 @@
     python lora.py --model mlx_model --prompt "Q: What is ReLU in mlx?"
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,6 +24,7 @@ import mlx.optimizers as optim
 import adapters
 import chat
 import dataset
+import distributed
 import generate
 import models
 import settings
@@ -148,7 +150,7 @@ def run_training(model, data, args, checkpoints, run_meta, resumed):
 
     optimizer = optim.Adam(learning_rate=trainer.learning_rate_schedule(
         args.learning_rate, args.iters, args.warmup, cosine=args.lr_schedule == "cosine"))
-    step_fn = trainer.make_train_step(model, optimizer)
+    step_fn = trainer.make_train_step(model, optimizer, accumulation=args.grad_accumulation_steps)
     if arrays is not None:
         trainer.restore(resume_path, arrays, model, optimizer)
     trainer.write_manifest(stem + ".manifest.json",
@@ -193,6 +195,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not (args.train or args.test or args.prompt is not None):
         raise UserError("nothing to do: give --train, --test and/or --prompt")
+    world = distributed.init()  # several ranks when mlx.launch or mpirun started this
+    args.micro_batch_size(world)
     mx.random.seed(args.seed)
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
         raise UserError(f"{DEFAULT_MODEL}: the default model is not here yet: run setup.sh (it fetches and "
@@ -203,7 +207,8 @@ def main(argv=None):
     check_training_outputs(args.adapter_file)
     if args.resume_adapter_file and not os.path.isfile(args.resume_adapter_file):
         raise UserError(f"{args.resume_adapter_file}: adapter file not found")
-    with utils.claimed_output(*training_outputs(args.adapter_file)):
+    claim = utils.claimed_output(*training_outputs(args.adapter_file)) if world.is_writer else contextlib.nullcontext()
+    with claim:
         return use_model(args, None, resume_point(args))
 
 
@@ -221,7 +226,8 @@ def use_model(args, adapter_file, resume=None):
             raise UserError(f"{data['train'].path}: no training examples")
         if len(data["valid"]) == 0:
             raise UserError(f"{data['valid'].path}: no validation examples")
-        trainer.check_memory(model.args, args.batch_size, max(map(len, data["train"].tokens)))
+        trainer.check_memory(model.args, args.micro_batch_size(distributed.current()),
+                             max(map(len, data["train"].tokens)))
         code = run_training(model, data, args, *resume)
         if code:
             return code

@@ -11,6 +11,7 @@ and its padding masked out of the loss. The output folder has convert.py's layou
 (config.json, weights.npz, tokenizer.model), so lora.py fine-tunes it directly.
 """
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -29,6 +30,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
+import distributed
 import models
 import settings
 import trainer
@@ -176,22 +178,23 @@ def main(argv=None):
         raise UserError(f"{args.out}: its parent folder does not exist")
     if args.tokenizer:
         SentencePieceTokenizer(args.tokenizer)  # a bad tokenizer fails now, not after the corpus
-    check_model_memory(args)
+    world = distributed.init()  # several ranks when mlx.launch or mpirun started this
+    check_model_memory(args, args.micro_batch_size(world))
     outputs = [os.path.join(work, name) for name in ("tokenizer.model", "metrics.jsonl", "loss.png", "manifest.json")]
-    with utils.claimed_output(args.out, *outputs):
+    with utils.claimed_output(args.out, *outputs) if world.is_writer else contextlib.nullcontext():
         return pretrain(args, work)
 
 
-def check_model_memory(args):
+def check_model_memory(args, micro_batch_size):
     """A UserError when the model's weights, gradients and Adam's two moments (float32), or a
-    batch's activations, would not fit in the memory MLX may use."""
+    micro-batch's activations, would not fit in the memory MLX may use."""
     model_args = model_args_of(args, args.vocab_size)
     n_params = sum(math.prod(s) for s in expected_shapes(vars(model_args)).values())
     need, limit = 16 * n_params, mx.get_memory_limit()
     if need > limit:
         raise UserError(f"a model of {n_params / 1e9:.1f}B parameters needs about {need / 2**30:.0f} GiB to train, "
                         f"more than the {limit / 2**30:.1f} GiB MLX may use: lower --dim, --n-layers or --hidden-dim")
-    trainer.check_memory(model_args, args.batch_size, args.context)
+    trainer.check_memory(model_args, micro_batch_size, args.context)
 
 
 def model_args_of(args, vocab_size):
@@ -211,7 +214,8 @@ def pretrain(args, work):
     train_docs = read_documents(os.path.join(args.corpus, "train.jsonl"))
     valid_docs = read_documents(os.path.join(args.corpus, "valid.jsonl"))
     tokenizer_path = os.path.join(work, "tokenizer.model")
-    if args.tokenizer or not os.path.exists(tokenizer_path):  # else a resumed run's own
+    world = distributed.current()
+    if world.is_writer and (args.tokenizer or not os.path.exists(tokenizer_path)):  # else a resumed run's own
         if args.tokenizer:
             with open(args.tokenizer, "rb") as f:
                 tokenizer_bytes = f.read()
@@ -221,6 +225,7 @@ def pretrain(args, work):
         os.makedirs(work, exist_ok=True)  # only now: a run refused before leaves nothing
         with utils.atomic_write(tokenizer_path) as f:
             f.write(tokenizer_bytes)
+    world.all_sum(mx.array(0)).item()  # the other ranks read the tokenizer rank 0 has written
     tokenizer = SentencePieceTokenizer(tokenizer_path)
 
     train_blocks, train_mask = make_blocks(train_docs, tokenizer, args.context)
@@ -235,7 +240,8 @@ def pretrain(args, work):
     print(f"Model: {n_params / 1e6:.2f}M parameters", file=sys.stderr)
 
     optimizer = make_optimizer(args)
-    step_fn = trainer.make_train_step(model, optimizer, clip_norm=args.grad_clip)
+    step_fn = trainer.make_train_step(model, optimizer, clip_norm=args.grad_clip,
+                                      accumulation=args.grad_accumulation_steps)
     meta = {}
     if resumed:
         path, arrays, meta = resumed

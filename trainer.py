@@ -22,6 +22,7 @@ from typing import Optional
 import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError
 
+import distributed
 import loading
 import ops
 import settings
@@ -31,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 CHECKPOINT_FORMAT = 1
 
@@ -39,7 +40,9 @@ CHECKPOINT_FORMAT = 1
 @dataclass
 class TrainingSettings(settings.Settings):
     """Training loop (the settings of `train`, shared by every script that trains; each may change the defaults)."""
-    batch_size: int = option(4, "examples per step", at_least=1)
+    batch_size: int = option(4, "examples per step (over all ranks when distributed)", at_least=1)
+    grad_accumulation_steps: int = option(1, "micro-batches per step: the step of the whole batch in about "
+                                             "1/N of its activation memory", at_least=1)
     iters: int = option(1000, "training steps", at_least=1)
     learning_rate: float = option(1e-5, "peak learning rate (after any warm-up)", above=0)
     warmup: int = option(0, "steps of linear warm-up from 0", at_least=0)
@@ -55,6 +58,14 @@ class TrainingSettings(settings.Settings):
     def check(self):
         if self.warmup > self.iters:
             raise UserError(f"--warmup {self.warmup} is more than --iters {self.iters}")
+
+    def micro_batch_size(self, world):
+        """Examples of one micro-batch of one rank; the batch must split evenly into them."""
+        parts = world.size * self.grad_accumulation_steps
+        if self.batch_size % parts:
+            raise UserError(f"--batch-size {self.batch_size} does not split into {world.size} rank(s) x "
+                            f"{self.grad_accumulation_steps} micro-batch(es): make it a multiple of {parts}")
+        return self.batch_size // parts
 
 
 def check_memory(args, batch_size, seq_len, grad_checkpoint=False):
@@ -75,9 +86,9 @@ def check_memory(args, batch_size, seq_len, grad_checkpoint=False):
                         + ("" if grad_checkpoint else ", or add --grad-checkpoint"))
 
 
-def step_seed(seed, step):
-    """The random seed of one training step: reproducible after a resume."""
-    return (seed * 1_000_003 + step) % (2 ** 63)
+def step_seed(seed, step, rank=0):
+    """The random seed of one training step of one rank: reproducible after a resume."""
+    return (seed * 1_000_003 + step + rank * 2 ** 40) % (2 ** 63)
 
 
 @functools.lru_cache(maxsize=2)  # asked every step; the same for a whole epoch
@@ -96,15 +107,20 @@ def loss_fn(model, inputs_BT, targets_BT, mask_BT):
 
 def evaluate(model, batches):
     """Token-weighted mean loss over an iterable of (inputs, targets, mask) batches,
-    without dropout (the model's training mode is restored after)."""
+    without dropout (the model's training mode is restored after). Distributed, each
+    rank takes every world-size-th batch and the sums are added across ranks."""
+    world = distributed.current()
     was_training = model.training
     model.eval()
     try:
         total, ntoks = mx.array(0.0), mx.array(0.0)
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if i % world.size != world.rank:
+                continue
             loss, n = loss_fn(model, *batch)
             total, ntoks = total + loss * n, ntoks + n
             mx.eval(total, ntoks)
+        total, ntoks = world.all_sum(mx.stack([total, ntoks]))
         return (total / mx.maximum(ntoks, 1)).item()
     finally:
         model.train(was_training)
@@ -134,14 +150,20 @@ def assign_in_place(tree, values):
             tree[key] = values[key]
 
 
-def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None):
-    """One compiled step: loss, gradients (optionally clipped), and an update applied only
-    if the loss, every gradient and everything the update makes are finite. A bad step
-    leaves weights and optimizer as they were. Returns (loss, ntoks, finite)."""
-    value_and_grad = nn.value_and_grad(model, loss_fn)
+def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None, accumulation=1):
+    """One training step on a global batch (inputs_BT, targets_BT, mask_BT): loss, gradients
+    (optionally clipped), and an update applied only if the loss, every gradient and everything
+    the update makes are finite. A bad step leaves weights and optimizer as they were.
+    Returns (loss, ntoks, finite).
 
-    def step(*batch):
-        (loss, ntoks), grads = value_and_grad(model, *batch)
+    One process and one micro-batch: one compiled function. Otherwise each rank (distributed.py)
+    takes its rows of the batch in `accumulation` micro-batches, evaluated one after another
+    so that one micro-batch's activations are alive at a time; each contributes the gradient
+    of its summed loss over the batch's token count, and one all_sum adds the ranks' shares:
+    the gradient of the whole batch's mean loss, float summation order aside."""
+    world = distributed.current()
+
+    def update(loss, ntoks, grads):
         if clip_norm is not None:
             grads, _ = optim.clip_grad_norm(grads, clip_norm)
         finite = mx.isfinite(loss)
@@ -161,7 +183,58 @@ def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None):
     # Create the optimizer state now so that compile sees its arrays from the start.
     optimizer.init(model.trainable_parameters())
     state = [model.state, optimizer.state, mx.random.state]
-    return mx.compile(step, inputs=state, outputs=state)
+    if world.size == 1 and accumulation == 1:
+        value_and_grad = nn.value_and_grad(model, loss_fn)
+
+        def whole_step(*batch):
+            (loss, ntoks), grads = value_and_grad(model, *batch)
+            return update(loss, ntoks, grads)
+
+        return mx.compile(whole_step, inputs=state, outputs=state)
+
+    def share(model, norm, *batch):
+        loss, ntoks = loss_fn(model, *batch)
+        return loss * ntoks / norm, ntoks
+
+    value_and_grad = nn.value_and_grad(model, share)
+    share_and_grad = mx.compile(lambda *args: value_and_grad(model, *args), inputs=state, outputs=state)
+    compiled_update = mx.compile(update, inputs=state, outputs=state)
+
+    def step(inputs_BT, targets_BT, mask_BT):
+        norm = mx.maximum(mask_BT.sum(), 1)  # the counted tokens of the whole batch, every rank's
+        loss, ntoks = mx.array(0.0), mx.array(0.0)
+        grads = tree_map(mx.zeros_like, model.trainable_parameters())
+        for start, end in micro_batches(inputs_BT.shape[0], world, accumulation):
+            (part, n), g = share_and_grad(norm, inputs_BT[start:end], targets_BT[start:end], mask_BT[start:end])
+            loss, ntoks, grads = loss + part, ntoks + n, tree_map(mx.add, grads, g)
+            mx.eval(loss, ntoks, grads)
+        if world.size > 1:
+            loss, ntoks, grads = summed_across_ranks(world, loss, ntoks, grads)
+        return compiled_update(loss, ntoks, grads)
+
+    return step
+
+
+def micro_batches(n_rows, world, accumulation):
+    """(start, end) rows of this rank's micro-batches of a batch of `n_rows`: the rows split
+    as evenly as they go into world.size x accumulation parts (a short last batch leaves
+    some empty, and those are skipped)."""
+    parts = world.size * accumulation
+    bounds = [n_rows * i // parts for i in range(parts + 1)]
+    mine = range(world.rank * accumulation, (world.rank + 1) * accumulation)
+    return [(bounds[i], bounds[i + 1]) for i in mine if bounds[i + 1] > bounds[i]]
+
+
+def summed_across_ranks(world, loss, ntoks, grads):
+    """(loss, ntoks, grads) added over every rank, in one all_sum of one float32 vector."""
+    flat = tree_flatten(grads)
+    vector = mx.concatenate([mx.stack([loss, ntoks])] + [g.astype(mx.float32).reshape(-1) for _, g in flat])
+    vector = world.all_sum(vector)
+    out, at = [], 2
+    for name, g in flat:
+        out.append((name, vector[at:at + g.size].reshape(g.shape).astype(g.dtype)))
+        at += g.size
+    return vector[0], vector[1], tree_unflatten(out)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -278,7 +351,10 @@ def toolkit_version():
 
 
 def write_manifest(path, inputs, settings):
-    """Record what a run was made from: input hashes, settings, versions, command line."""
+    """Record what a run was made from: input hashes, settings, versions, command line
+    (rank 0's to write)."""
+    if not distributed.current().is_writer:
+        return
     utils.write_json(path, {
         "command": [sys.executable] + sys.argv,
         "settings": settings,
@@ -302,6 +378,9 @@ class MetricsLog:
     def __init__(self, path, plot_path, resume_step=None):
         self.path, self.plot_path = path, plot_path
         self.records = []
+        self._file = None
+        if not distributed.current().is_writer:  # rank 0 writes the log
+            return
         if resume_step is not None and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 for line in f:
@@ -317,13 +396,17 @@ class MetricsLog:
 
     def log(self, **record):
         self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def plot(self):
+        if self._file is None:
+            return
         import matplotlib
 
         matplotlib.use("Agg")
@@ -382,6 +465,29 @@ def peak_memory_gb():
     return peak / 1e9
 
 
+def stop_requested(stop, world):
+    """The signal that asked any rank to stop, or None: every rank stops after the same step (one
+    that went on would wait for the others' gradients forever), and rank 0 writes the checkpoint."""
+    signum = world.all_max(mx.array(stop.signal or 0)).item()
+    return signum or None
+
+
+def say_how_split(settings, world, resumed):
+    """One line on how each step's batch is split, and whether a resumed run splits it as
+    its checkpoint's run did (the same batches and updates either way; another split adds
+    the same terms in another order, so the bits may differ)."""
+    parts = f"{world.size} rank(s) x {settings.grad_accumulation_steps} micro-batch(es)"
+    if world.size > 1 or settings.grad_accumulation_steps > 1:
+        print(f"Each step: {settings.batch_size} examples in {parts} of "
+              f"{settings.micro_batch_size(world)}", file=sys.stderr)
+    if resumed:
+        was = (resumed.get("world_size", 1), resumed.get("grad_accumulation_steps", 1))
+        if was != (world.size, settings.grad_accumulation_steps):
+            print(f"note: the checkpoint's run split each batch into {was[0]} rank(s) x {was[1]} micro-batch(es), "
+                  f"this one into {parts}: the same steps, summed in another order (not bit-identical)",
+                  file=sys.stderr)
+
+
 def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: TrainingSettings, checkpoints, log,
           save_outputs, checkpoint_meta, resumed=None):
     """Run steps 1 .. settings.iters, or from after the step of the `resumed` checkpoint's meta.
@@ -393,6 +499,9 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
     """
     from tqdm import tqdm
 
+    world = distributed.current()
+    split = dict(world_size=world.size, grad_accumulation_steps=settings.grad_accumulation_steps)
+    say_how_split(settings, world, resumed)
     resumed = resumed or {}
     start_step = resumed.get("step", 0)
     bad_in_a_row, bad_total = resumed.get("bad_in_a_row", 0), resumed.get("bad_total", 0)
@@ -403,15 +512,17 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
     tic = time.perf_counter()
 
     def checkpoint(step):
-        save_outputs()
-        checkpoints.save(step, model, optimizer,
-                         dict(checkpoint_meta, bad_in_a_row=bad_in_a_row, bad_total=bad_total))
+        if world.is_writer:
+            save_outputs()
+            checkpoints.save(step, model, optimizer,
+                             dict(checkpoint_meta, **split, bad_in_a_row=bad_in_a_row, bad_total=bad_total))
 
     bar = tqdm(range(start_step + 1, settings.iters + 1), desc="train", unit="step", file=sys.stderr,
-               dynamic_ncols=True, initial=start_step, total=settings.iters, disable=None)  # no bar in a log
+               dynamic_ncols=True, initial=start_step, total=settings.iters,
+               disable=None if world.is_writer else True)  # no bar in a log, nor on other ranks
     with StopRequested() as stop:
         for step in bar:
-            mx.random.seed(step_seed(settings.seed, step))
+            mx.random.seed(step_seed(settings.seed, step, world.rank))
             loss, ntoks, finite = step_fn(*batch_for_step(step))
             mx.eval(loss, ntoks, finite, model.trainable_parameters(), optimizer.state)
             if finite.item():
@@ -450,9 +561,9 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
                 tic += time.perf_counter() - t0  # keep evaluation out of the training speed
             if step % settings.save_every == 0 or step == settings.iters:
                 checkpoint(step)
-            if stop.signal is not None:
+            if (signum := stop_requested(stop, world)) is not None:
                 if step % settings.save_every != 0 and step != settings.iters:
                     checkpoint(step)
                 bar.close()
-                raise Interrupted(stop.signal, checkpoints.path(step))
+                raise Interrupted(signum, checkpoints.path(step))
     bar.close()

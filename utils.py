@@ -110,9 +110,12 @@ def exit_code(main):
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
     except RuntimeError as e:
-        if "[malloc" not in str(e):  # MLX's allocation failures; anything else is a bug to see
+        if str(e).startswith(("[ring]", "[mpi]")):  # a collective whose peer went away (distributed.py)
+            print(f"error: {e}: another rank stopped (see its output)", file=sys.stderr)
+        elif "[malloc" in str(e):  # MLX's allocation failures; anything else is a bug to see
+            print(f"error: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
+        else:
             raise
-        print(f"error: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
