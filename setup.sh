@@ -9,6 +9,20 @@ PYTHON=${PYTHON:-python3}
 
 "$PYTHON" -m pip install -q -r requirements.txt
 
+# MLX for this machine: requirements.txt installs the CPU build on Linux and the Metal one on
+# macOS; where nvidia-smi shows a GPU, the CUDA build instead, in the variant (12 or 13) of the
+# CUDA version the driver runs. The CPU kernels below are then left out: MLX computes on the GPU.
+gpu=no
+if [ "$(uname -s)" = Linux ] && command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+  gpu=yes
+  cuda_major=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -n 1)
+  variant=cuda12
+  [ "${cuda_major:-12}" -ge 13 ] && variant=cuda13
+  "$PYTHON" -m pip uninstall -q -y mlx-cpu
+  "$PYTHON" -m pip install -q "mlx[$variant]>=0.32,<0.33"
+  "$PYTHON" -c "import mlx.core as mx; print('MLX on', mx.default_device(), '($variant)')"
+fi
+
 blas_found() { "$PYTHON" -c "import sys, utils; sys.exit(0 if utils.BLAS_PATH else 1)"; }
 
 if [ "$(uname -s)" = Linux ] && ! blas_found; then
@@ -26,7 +40,7 @@ fi
 # The CPU kernels (cpu_kernels/): decoding, QLoRA and the loss at this machine's speed.
 # Optional: without CMake and a C++ compiler, or on macOS (Metal), plain MLX ops run.
 # Rebuilt on every run, so that an upgraded MLX gets a matching build.
-if [ "$(uname -s)" = Linux ] && command -v cmake >/dev/null && command -v c++ >/dev/null; then
+if [ "$(uname -s)" = Linux ] && [ $gpu = no ] && command -v cmake >/dev/null && command -v c++ >/dev/null; then
   "$PYTHON" -m pip install -q "nanobind==3.1.0"  # the nanobind ABI of mlx 0.32's own bindings
   mkdir -p build
   if cmake -S cpu_kernels -B build/cpu_kernels -DPython_EXECUTABLE="$(command -v "$PYTHON")" >build/cpu_kernels.log 2>&1 &&
