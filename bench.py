@@ -92,23 +92,14 @@ def write_synthetic_hf_checkpoint(folder, params, shard_bytes=5 * 10**9):
     same shapes, streaming one buffer of random bf16 values into every tensor."""
     import numpy as np
 
-    from formats.hf import hf_name_of
+    from formats.hf import hf_name_of, shard_plan
 
     shapes = {hf_name_of(key): shape for key, shape in expected_shapes(params).items()}
     pattern = (0.02 * np.random.default_rng(0).standard_normal(1 << 23)).astype(np.float32)
     pattern = (pattern.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # bfloat16 bits: 16 MiB
-    shards, current, size = [], [], 0
-    for name, shape in shapes.items():
-        nbytes = 2 * math.prod(shape)
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    shards.append(current)
     weight_map = {}
-    for i, names in enumerate(shards):
-        shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for shard, names in shard_plan({name: 2 * math.prod(shape) for name, shape in shapes.items()},
+                                   shard_bytes).items():
         header, offset = {}, 0
         for name in names:
             nbytes = 2 * math.prod(shapes[name])
@@ -409,14 +400,101 @@ def bench_peft(args):
     return results
 
 
-def add_peft_args(p):
+def add_main_job_args(p):
+    """The main job's training settings, shared by the sections that train the default model."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="The default model's folder (4-bit, for QLoRA).")
     p.add_argument("--data", default=os.path.join(ROOT, "data"), help="Folder with the chat train.jsonl.")
-    p.add_argument("--batches", type=int, default=12, help="Training batches timed (after one untimed pass).")
-    p.add_argument("--batch-size", type=int, default=4, help="Conversations per batch.")
+    p.add_argument("--batch-size", type=int, default=4, help="Conversations per batch (over all ranks).")
     p.add_argument("--max-seq-length", type=int, default=128, help="Tokens per conversation at most.")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha is twice it).")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank.")
     p.add_argument("--targets", default="all", help="LoRA targets.")
+
+
+def add_peft_args(p):
+    add_main_job_args(p)
+    p.add_argument("--batches", type=int, default=12, help="Training batches timed (after one untimed pass).")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+ALL_REDUCE_SCRIPT = """
+import sys, time, numpy as np, mlx.core as mx
+group = mx.distributed.init(strict=True)
+vector = mx.ones((int(sys.argv[1]),))
+times = []
+for _ in range(int(sys.argv[2])):
+    tic = time.perf_counter()
+    mx.eval(mx.distributed.all_sum(vector, group=group))
+    times.append(time.perf_counter() - tic)
+if group.rank() == 0:
+    print("ALL_REDUCE_MS", 1000 * float(np.median(times[2:])))
+"""
+
+
+def run_on_ranks(n_ranks, command):
+    """`command` on `n_ranks` ranks of a ring over loopback, rank r pinned to core r (one thread
+    each): the environment mlx.launch sets (MLX_RANK, MLX_HOSTFILE), without mlx.launch, whose
+    0.32 loop polls its children's pipes without pause and takes a core of its own.
+    Returns (exit codes, rank 0's stdout, rank 0's stderr)."""
+    import socket
+
+    if n_ranks == 1:
+        run = subprocess.run(command, capture_output=True, text=True)
+        return [run.returncode], run.stdout, run.stderr
+    with tempfile.TemporaryDirectory() as tmp:
+        hostfile = os.path.join(tmp, "hosts.json")
+        sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(n_ranks)]
+        write_json(hostfile, [[f"127.0.0.1:{s.getsockname()[1]}"] for s in sockets])
+        for s in sockets:
+            s.close()
+        procs = [subprocess.Popen(["taskset", "-c", str(rank % os.cpu_count()), *command], text=True,
+                                  env=dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=hostfile),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(n_ranks)]
+        outputs = [p.communicate() for p in procs]
+    return [p.returncode for p in procs], *outputs[0]
+
+
+def training_tokens_per_s(args, n_ranks, folder):
+    """Loss tokens per second of lora.py's reports after the first (which holds compilation)."""
+    adapter_file = os.path.join(folder, f"ranks{n_ranks}", "adapters.npz")
+    command = [sys.executable, os.path.join(ROOT, "lora.py"), "--model", args.model, "--train", "--data", args.data,
+               "--adapter-file", adapter_file, "--iters", str(args.steps), "--batch-size", str(args.batch_size),
+               "--max-seq-length", str(args.max_seq_length), "--lora-rank", str(args.rank), "--lora-targets",
+               args.targets, "--learning-rate", "1e-3", "--steps-per-report", str(args.steps // 3),
+               "--steps-per-eval", str(10 * args.steps), "--val-batches", "1"]
+    codes, _, err = run_on_ranks(n_ranks, command)
+    if any(codes) or not os.path.exists(adapter_file):
+        raise UserError(f"lora.py on {n_ranks} rank(s) failed: {err.strip().splitlines()[-1:]}")
+    reports = [r["tokens_per_s"] for _, r in utils.read_jsonl(os.path.splitext(adapter_file)[0] + ".metrics.jsonl")
+               if "tokens_per_s" in r]
+    n_values = sum(v.size for v in utils.load_arrays(adapter_file, "adapter file").values())
+    return reports[1:], n_values
+
+
+def bench_distributed(args):
+    """The default model's LoRA steps as one process with both cores against two ranks of one core
+    each (ring over loopback), the same global batches; and the all_sum of one step's gradients
+    (every adapter value, float32) between the two ranks."""
+    import numpy as np
+
+    if shutil.which("taskset") is None:
+        return {"key": "distributed", "skipped": "needs taskset (util-linux)"}
+    results = {"key": "distributed", "model": "SmolLM2-135M-Instruct", "batch_size": args.batch_size,
+               "max_seq_length": args.max_seq_length, "rank": args.rank, "targets": args.targets}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_ranks, label in ((1, "one_process_2_threads"), (2, "two_ranks_1_thread")):
+            reports, n_values = training_tokens_per_s(args, n_ranks, tmp)
+            results[f"{label}_tokens_per_s"] = round(float(np.median(reports)), 1)
+    _, out, _ = run_on_ranks(2, [sys.executable, "-c", ALL_REDUCE_SCRIPT, str(n_values), "22"])
+    ms = [float(line.split()[1]) for line in out.splitlines() if line.startswith("ALL_REDUCE_MS")]
+    results["gradient_mb_per_step"] = round(4 * n_values / 1e6, 2)
+    results["all_reduce_ms_per_step"] = round(ms[0], 2) if ms else None
+    return results
+
+
+def add_distributed_args(p):
+    add_main_job_args(p)
+    p.add_argument("--steps", type=int, default=15, help="Training steps of each run (the first third untimed).")
 
 
 # ----------------------------------------------------------------------------- machine
@@ -807,6 +885,7 @@ SECTIONS = {
     "qa": (add_qa_args, bench_qa, "Greedy chat answers to dataset questions, before and after fine-tuning."),
     "fuse": (add_fuse_args, bench_fuse, "Fuse and export a synthetic 7B-shaped model; peak memory and time."),
     "llamacpp": (add_llamacpp_args, bench_llamacpp, "llama.cpp's greedy tokens from the fused GGUF against ours."),
+    "distributed": (add_distributed_args, bench_distributed, "Two ranks of one core against one process of two."),
 }
 # What `python bench.py` with no section runs: the performance issue's whole table.
 ALL = [["machine"], ["convert", "--size", "medium"], ["convert", "--size", "7b"],
