@@ -652,7 +652,7 @@ def generation_speeds(kind, args):
     model = random_model(args.size, bits, dtype, generation_only=True)  # as lora.py --prompt
     prompt = mx.random.randint(0, model.args.vocab_size, (args.prompt_len,)).tolist()
     prompt_s = best_time(lambda: mx.eval(model(mx.array([prompt]), model.make_cache())), repeats=2)
-    tokens = generate.generate_tokens(model, prompt, temp=0.0)
+    tokens = generate.generate_tokens(model, prompt)
     next(tokens)  # the first token comes with the prompt
     weight_bytes = weight_bytes_per_token(model)
     decode_tps, copy_bw, read_bw = decode_beside_bandwidth(tokens, args.decode_tokens, args.samples)

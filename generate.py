@@ -1,10 +1,11 @@
 """Generation: sampling, the KV-cache decode loop, and text streamed as it completes.
 
-    tokens = generate_tokens(model, prompt_tokens, temp=0.0)       # ids, forever
+    tokens = generate_tokens(model, prompt_tokens, Sampler(temp=0.7))  # ids, forever
     for piece in stream_text(model, tokenizer, prompt_tokens, 100): ...
     generate(model, tokenizer, prompt_tokens, max_tokens=100)      # prints
 """
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -22,20 +23,57 @@ from models import KVCache
 PREFILL_CHUNK = 512
 
 
-def sample(logits_V, temp, top_p):
-    """Next token: greedy when temp is 0, else temperature and nucleus (top-p) sampling."""
-    if temp == 0:
-        return mx.argmax(logits_V, axis=-1)
-    logits_V = logits_V.astype(mx.float32) / temp
-    if top_p < 1.0:
-        probs_V = mx.softmax(logits_V, axis=-1)
-        order_V = mx.argsort(-probs_V, axis=-1)
-        sorted_V = mx.take_along_axis(probs_V, order_V, axis=-1)
-        # Keep a token if the mass before it is below top_p (the first is always kept).
-        keep_sorted_V = (mx.cumsum(sorted_V, axis=-1) - sorted_V) < top_p
-        keep_V = mx.put_along_axis(mx.zeros_like(keep_sorted_V), order_V, keep_sorted_V, axis=-1)
-        logits_V = mx.where(keep_V, logits_V, -mx.inf)
-    return mx.random.categorical(logits_V)
+@dataclass(frozen=True)
+class Sampler:
+    """How the next token is drawn from the logits, in the order transformers applies them: the
+    repetition penalty (a seen token's logit divided by it when positive, multiplied when
+    negative, as in the CTRL paper), then greedy when temp is 0, else the temperature, top-k (the
+    k likeliest), top-p (the smallest set holding that mass), min-p (tokens at least min_p times
+    as likely as the likeliest), and a draw."""
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 20  # the last tokens (prompt included) the penalty looks at
+
+    def __call__(self, logits_V, history_H=None):
+        """The next token id (an mx scalar) after `history_H`, the ids seen so far."""
+        logits_V = logits_V.astype(mx.float32)
+        if self.repetition_penalty != 1.0 and history_H is not None and history_H.size:
+            logits_V = penalized(logits_V, history_H[-self.repetition_context_size:], self.repetition_penalty)
+        if self.temp == 0:
+            return mx.argmax(logits_V, axis=-1)
+        return mx.random.categorical(self.filtered(logits_V / self.temp))
+
+    def filtered(self, logits_V):
+        """Tempered logits with the tokens top-k, top-p and min-p leave out set to -inf."""
+        if 0 < self.top_k < logits_V.shape[-1]:
+            kth = mx.sort(logits_V, axis=-1)[..., -self.top_k]
+            logits_V = mx.where(logits_V >= kth, logits_V, -mx.inf)
+        if self.top_p < 1.0:
+            probs_V = mx.softmax(logits_V, axis=-1)
+            order_V = mx.argsort(-probs_V, axis=-1)
+            sorted_V = mx.take_along_axis(probs_V, order_V, axis=-1)
+            # Keep a token if the mass before it is below top_p (the first is always kept).
+            keep_sorted_V = (mx.cumsum(sorted_V, axis=-1) - sorted_V) < self.top_p
+            keep_V = mx.put_along_axis(mx.zeros_like(keep_sorted_V), order_V, keep_sorted_V, axis=-1)
+            logits_V = mx.where(keep_V, logits_V, -mx.inf)
+        if self.min_p > 0.0:
+            # p >= min_p * p_max  <=>  logit >= logit_max + log(min_p)
+            floor = logits_V.max(axis=-1, keepdims=True) + math.log(self.min_p)
+            logits_V = mx.where(logits_V >= floor, logits_V, -mx.inf)
+        return logits_V
+
+
+GREEDY = Sampler()
+
+
+def penalized(logits_V, seen_H, penalty):
+    """Logits with each token of `seen_H` made less likely by `penalty` (> 1), once however often
+    it was seen."""
+    seen = logits_V[seen_H]
+    return mx.put_along_axis(logits_V, seen_H, mx.where(seen > 0, seen / penalty, seen * penalty), axis=-1)
 
 
 def prefill(model, prompt_tokens, cache):
@@ -47,7 +85,7 @@ def prefill(model, prompt_tokens, cache):
     return logits_BTV[0, -1]
 
 
-def generate_tokens(model, prompt_tokens, temp=0.0, top_p=1.0):
+def generate_tokens(model, prompt_tokens, sampler=GREEDY):
     """Yield generated token ids forever (the caller stops), using a KV cache."""
     if not prompt_tokens:
         raise UserError("nothing to continue: the prompt is empty and the model has no BOS token")
@@ -55,14 +93,18 @@ def generate_tokens(model, prompt_tokens, temp=0.0, top_p=1.0):
     logits_V = prefill(model, prompt_tokens, cache)
     if not mx.isfinite(logits_V).all().item():
         explain_non_finite(model, "the prompt's logits")
-    token = sample(logits_V, temp, top_p)
+    # The ids the repetition penalty looks at, kept as an array: the next step is queued
+    # before this token is known.
+    history_H = mx.array(prompt_tokens[-sampler.repetition_context_size:], dtype=mx.int32)
+    token = sampler(logits_V, history_H)
     mx.async_eval(token)
     while True:
         # Queue the next step before waiting for this token: the CPU goes from one
         # step's last kernel to the next's first without waiting for Python. If the
         # caller stops here, one step was computed for nothing.
+        history_H = mx.concatenate([history_H, token.reshape(1).astype(mx.int32)])[-sampler.repetition_context_size:]
         next_logits = model(token.reshape(1, 1), cache)
-        next_token = sample(next_logits[0, -1], temp, top_p)
+        next_token = sampler(next_logits[0, -1], history_H)
         mx.async_eval(next_token)
         yield token.item()
         token = next_token
@@ -144,7 +186,7 @@ def generation_bytes(args, total):
     return cache + scores
 
 
-def stream_text(model, tokenizer, prompt_tokens, max_tokens, temp=0.0, top_p=1.0, timing=None):
+def stream_text(model, tokenizer, prompt_tokens, max_tokens, sampler=GREEDY, timing=None):
     """Yield the continuation of `prompt_tokens` as text, one piece per generated token
     (empty while a character is incomplete) and what is left at the end; stop at EOS
     or after `max_tokens` tokens (or the model's context: tokens_that_fit). `timing`,
@@ -154,7 +196,7 @@ def stream_text(model, tokenizer, prompt_tokens, max_tokens, temp=0.0, top_p=1.0
     timing.prompt_tokens = len(prompt_tokens)
     detok = StreamingDetokenizer(tokenizer, prompt_tokens)
     tic = time.perf_counter()
-    for n, token in enumerate(generate_tokens(model, prompt_tokens, temp, top_p), start=1):
+    for n, token in enumerate(generate_tokens(model, prompt_tokens, sampler), start=1):
         if n == 1:  # the first token comes with the prompt
             timing.prompt_s = time.perf_counter() - tic
             tic = time.perf_counter()
@@ -167,12 +209,12 @@ def stream_text(model, tokenizer, prompt_tokens, max_tokens, temp=0.0, top_p=1.0
     yield detok.flush()
 
 
-def generate(model, tokenizer, prompt_tokens, max_tokens=100, temp=0.0, top_p=1.0, write_every=1, echo=""):
+def generate(model, tokenizer, prompt_tokens, max_tokens=100, sampler=GREEDY, write_every=1, echo=""):
     """Print `echo` (the prompt's text, or nothing for a chat) and the continuation of
     `prompt_tokens` as it streams, then the speed on stderr."""
     print(echo, end="", flush=True)
     timing, pending = Timing(), ""
-    for n, piece in enumerate(stream_text(model, tokenizer, prompt_tokens, max_tokens, temp, top_p, timing), 1):
+    for n, piece in enumerate(stream_text(model, tokenizer, prompt_tokens, max_tokens, sampler, timing), 1):
         pending += piece
         if n % write_every == 0:
             print(pending, end="", flush=True)

@@ -52,6 +52,14 @@ class LoraSettings(trainer.TrainingSettings):
     temp: float = option(0.8, "sampling temperature; 0 = greedy", at_least=0)
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this mass",
                           above=0, at_most=1)
+    top_k: int = option(0, "sample from the k likeliest tokens only", at_least=1, special={0: "every token"})
+    min_p: float = option(0.0, "sample only tokens at least this many times as likely as the likeliest",
+                          at_least=0, below=1)
+    repetition_penalty: float = option(1.0, "divide the positive logits (multiply the negative ones) of tokens "
+                                            "seen in the last --repetition-context-size by this; 1 = off",
+                                       above=0)
+    repetition_context_size: int = option(20, "tokens (prompt included) the repetition penalty looks back on",
+                                          at_least=1)
     write_every: int = option(1, "print generated text every this many tokens", at_least=1)
     # Training
     train: bool = option(False, "fine-tune with LoRA")
@@ -246,9 +254,14 @@ def use_model(args, adapter_file, resume=None):
     if args.prompt is not None:
         mx.random.seed(args.seed)
         prompt_tokens, echo = prompt_of(args, tokenizer)
-        generate.generate(model, tokenizer, prompt_tokens, args.num_tokens, args.temp, args.top_p, args.write_every,
+        generate.generate(model, tokenizer, prompt_tokens, args.num_tokens, sampler_of(args), args.write_every,
                           echo)
     return 0
+
+
+def sampler_of(args):
+    return generate.Sampler(args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty,
+                            args.repetition_context_size)
 
 
 def prompt_of(args, tokenizer):

@@ -69,23 +69,74 @@ def test_word_leading_space_is_kept(tokenizers):
 
 def test_greedy_sampling_is_argmax():
     logits = mx.array([0.1, 3.0, -1.0, 2.9])
-    assert generate.sample(logits, 0.0, 1.0).item() == 1
+    assert generate.GREEDY(logits).item() == 1
 
 
 def test_top_p_keeps_only_the_nucleus():
     mx.random.seed(0)
     logits = mx.log(mx.array([0.5, 0.3, 0.15, 0.05]))
-    draws = {generate.sample(logits, 1.0, 0.7).item() for _ in range(200)}
+    draws = {generate.Sampler(temp=1.0, top_p=0.7)(logits).item() for _ in range(200)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is cut
-    draws = {generate.sample(logits, 1.0, 1.0).item() for _ in range(400)}
+    draws = {generate.Sampler(temp=1.0)(logits).item() for _ in range(400)}
     assert draws == {0, 1, 2, 3}
+
+
+def test_top_k_1_is_greedy_and_top_k_keeps_the_k_likeliest():
+    logits = mx.random.normal((300,), key=mx.random.key(3))
+    mx.random.seed(0)
+    assert all(generate.Sampler(temp=1.5, top_k=1)(logits).item() == generate.GREEDY(logits).item()
+               for _ in range(50))
+    kept = generate.Sampler(temp=1.0, top_k=5).filtered(logits)
+    assert set(np.flatnonzero(np.isfinite(np.array(kept)))) == set(np.argsort(-np.array(logits))[:5])
+
+
+def test_min_p_keeps_the_tokens_at_least_that_fraction_as_likely_as_the_likeliest():
+    probs = np.array([0.5, 0.3, 0.12, 0.05, 0.03], np.float32)
+    kept = generate.Sampler(temp=1.0, min_p=0.2).filtered(mx.log(mx.array(probs)))
+    assert list(np.isfinite(np.array(kept))) == list(probs >= 0.2 * probs.max())  # 0.1 and above
+    # What is kept keeps its relative odds: the distribution renormalized over the kept tokens.
+    np.testing.assert_allclose(np.array(mx.softmax(kept)), np.where(probs >= 0.1, probs, 0) / probs[:3].sum(),
+                               rtol=1e-6)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_once():
+    logits = mx.array([2.0, -1.0, 0.5, 3.0])
+    seen = mx.array([0, 1, 1], dtype=mx.int32)  # token 1 twice: penalized once
+    np.testing.assert_allclose(np.array(generate.penalized(logits, seen, 2.0)), [1.0, -2.0, 0.5, 3.0])
+    # It changes greedy choices: 3.0 penalized by 4 falls below 2.0.
+    assert generate.Sampler(repetition_penalty=4.0)(logits, mx.array([3], dtype=mx.int32)).item() == 0
+    # A penalty of 1 changes nothing, sampled or greedy.
+    mx.random.seed(7)
+    plain = [generate.Sampler(temp=1.0)(logits, seen).item() for _ in range(20)]
+    mx.random.seed(7)
+    assert [generate.Sampler(temp=1.0, repetition_penalty=1.0)(logits, seen).item() for _ in range(20)] == plain
+
+
+def test_repetition_penalty_reaches_back_only_over_its_context(tiny_llama):
+    """Generation with the penalty: the sequence differs from greedy, and never repeats a token
+    within the window when the penalty is overwhelming."""
+    model, _, _ = loading.load_model(tiny_llama[0])
+    prompt = [1, 5, 9, 13]
+
+    def first(sampler, n=12):
+        out = []
+        for token in generate.generate_tokens(model, prompt, sampler):
+            out.append(token)
+            if len(out) == n:
+                return out
+
+    greedy = first(generate.GREEDY)
+    strong = first(generate.Sampler(repetition_penalty=1e9, repetition_context_size=6))
+    window = prompt + strong
+    assert all(window[i] not in window[max(0, i - 6):i] for i in range(len(prompt), len(window)))
+    assert first(generate.Sampler(repetition_penalty=1.0)) == greedy
 
 
 def test_generation_stops_at_eos(tokenizers, monkeypatch, capsys):
     tok = tokenizers["tiny"]
     words = tok.encode("the cat", bos=False)  # "▁the ▁cat": SentencePiece adds the space
 
-    def fake_tokens(model, prompt, temp, top_p):
+    def fake_tokens(model, prompt, sampler):
         yield from words + [tok.eos_id] + tok.encode("never printed", bos=False)
 
     monkeypatch.setattr(generate, "generate_tokens", fake_tokens)
@@ -109,7 +160,7 @@ def test_generate_tokens_uses_the_cache_like_a_full_forward(tiny_llama):
     model, _, _ = loading.load_model(tiny_llama[0])
     prompt = [1, 5, 9, 13]
     tokens = []
-    for t in generate.generate_tokens(model, prompt, temp=0.0):
+    for t in generate.generate_tokens(model, prompt):
         tokens.append(t)
         if len(tokens) == 12:
             break

@@ -105,7 +105,7 @@ def test_stories260k_greedy_generation(stories_model):
     model, tokenizer, _ = loading.load_model(stories_model)
     prompt = tokenizer.encode("Once upon a time")
     out = []
-    for token in generate.generate_tokens(model, prompt, temp=0.0):
+    for token in generate.generate_tokens(model, prompt):
         if token == tokenizer.eos_id or len(out) == 30:
             break
         out.append(token)

@@ -80,7 +80,7 @@ def test_pretrained_model_has_convert_layout_and_generates_deterministically(pre
     prompt = tokenizer.encode("The cat")
     runs = []
     for _ in range(2):
-        tokens = generate.generate_tokens(model, prompt, temp=0.0)
+        tokens = generate.generate_tokens(model, prompt)
         runs.append([next(tokens) for _ in range(12)])
     assert runs[0] == runs[1]
     assert tokenizer.decode(prompt + runs[0]).startswith("The cat sat on the")  # learned the corpus

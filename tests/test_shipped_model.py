@@ -32,7 +32,7 @@ def test_shipped_model_config_matches_its_weights():
 
 def greedy(model, tokenizer, prompt, n):
     out = []
-    for token in generate.generate_tokens(model, tokenizer.encode(prompt), temp=0.0):
+    for token in generate.generate_tokens(model, tokenizer.encode(prompt)):
         if token == tokenizer.eos_id or len(out) == n:
             break
         out.append(token)
