@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import utils  # noqa: F401  (fast BLAS before mlx.core)
-from utils import UserError
+from utils import UserError, read_jsonl
 
 import mlx.core as mx
-import mlx.optimizers as optim
 
 import adapters
 import chat
@@ -72,10 +71,14 @@ class LoraSettings(trainer.TrainingSettings):
     max_seq_length: int = option(2048, "longer examples are truncated (with a warning)", at_least=2)
     mask_prompt: bool = option(False, "loss on the completion only (needs prompt/completion data)")
     lr_schedule: str = option("constant", "learning-rate schedule after warm-up", choices=["constant", "cosine"])
+    optimizer: str = option("adam", "optimizer (mlx.optimizers)", choices=trainer.OPTIMIZERS)
+    weight_decay: float = option(0.0, "decoupled weight decay (adamw, sgd, adafactor, muon)", at_least=0)
     grad_checkpoint: bool = option(False, "recompute activations in backward to save memory")
     resume_adapter_file: Optional[str] = option(None, "start training from these adapter weights (weights only)")
     adapter_file: str = option("adapters.npz", "where adapters are saved and loaded from (loading: also a PEFT "
                                                "adapter folder)")
+    epochs: Optional[int] = option(None, "train for this many passes over the training set (ceil(examples / "
+                                         "batch size) steps each) instead of --iters", at_least=1)
     # Test
     test: bool = option(False, "report test loss and perplexity")
     test_batches: int = option(500, "test batches", at_least=1, special={-1: "the whole set"})
@@ -92,6 +95,8 @@ class LoraSettings(trainer.TrainingSettings):
             raise UserError("--chat and --system go with --prompt")
         if self.system is not None and not self.chat:
             raise UserError("--system goes with --chat")
+        if self.weight_decay and self.optimizer == "adam":
+            raise UserError("--weight-decay needs an optimizer that decays: adam has none, adamw is adam with it")
 
 
 def parse_args(argv=None):
@@ -126,6 +131,21 @@ def check_training_outputs(adapter_file):
     os.makedirs(parent, exist_ok=True)
 
 
+def steps_of_epochs(args):
+    """--iters for --epochs: ceil(examples / batch size) steps an epoch, the training set's
+    examples counted before anything loads (each line of train.jsonl is one)."""
+    if "iters" in args.given:
+        raise UserError("--iters and --epochs are two ways to say how long to train: give one")
+    n = sum(1 for _ in read_jsonl(os.path.join(args.data, "train.jsonl")))
+    if n == 0:
+        raise UserError(f"{os.path.join(args.data, 'train.jsonl')}: no training examples")
+    steps = -(-n // args.batch_size) * args.epochs
+    if args.warmup > steps:
+        raise UserError(f"--warmup {args.warmup} is more than the {steps} steps of --epochs {args.epochs}")
+    print(f"{args.epochs} epoch(s) of {n} examples in batches of {args.batch_size}: {steps} steps", file=sys.stderr)
+    return steps
+
+
 def resume_point(args):
     """(checkpoints, run_meta, resumed) of this run: `resumed` is trainer.resume's
     (path, arrays, meta), or None for a fresh run."""
@@ -156,8 +176,8 @@ def run_training(model, data, args, checkpoints, run_meta, resumed):
     print(f"Parameters: {total / 1e6:.3f}M total, {trainable / 1e6:.3f}M trainable "
           f"({100 * trainable / total:.3f}%)", file=sys.stderr)
 
-    optimizer = optim.Adam(learning_rate=trainer.learning_rate_schedule(
-        args.learning_rate, args.iters, args.warmup, cosine=args.lr_schedule == "cosine"))
+    optimizer = trainer.make_optimizer(args.optimizer, trainer.learning_rate_schedule(
+        args.learning_rate, args.iters, args.warmup, cosine=args.lr_schedule == "cosine"), args.weight_decay)
     step_fn = trainer.make_train_step(model, optimizer, accumulation=args.grad_accumulation_steps)
     if arrays is not None:
         trainer.restore(resume_path, arrays, model, optimizer)
@@ -213,6 +233,8 @@ def main(argv=None):
         return use_model(args, adapters_to_apply(args.adapter_file))
     # Every output is checked, and a resume point read, before anything loads.
     check_training_outputs(args.adapter_file)
+    if args.epochs is not None:
+        args.iters = steps_of_epochs(args)
     if args.resume_adapter_file and not os.path.isfile(args.resume_adapter_file):
         raise UserError(f"{args.resume_adapter_file}: adapter file not found")
     claim = utils.claimed_output(*training_outputs(args.adapter_file)) if world.is_writer else contextlib.nullcontext()

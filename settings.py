@@ -128,7 +128,9 @@ def parse(cls, argv, description):
             raise UserError(f"{flag(f)} is required")
         if f.name in given:  # the command line's, checked with its name
             values[f.name] = check_value(f, hints[f.name], values[f.name], flag(f))
-    return cls(**values)
+    settings = cls(**values)
+    settings.given = frozenset(values)  # what the user set, on the command line or in the file
+    return settings
 
 
 def read_config(cls, path):

@@ -11,6 +11,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import platform
 import signal
@@ -54,6 +55,8 @@ class TrainingSettings(settings.Settings):
     steps_per_eval: int = option(200, "steps between validation runs", at_least=1)
     save_every: int = option(100, "steps between saves of the result and of a full-state checkpoint", at_least=1)
     keep_checkpoints: int = option(3, "full-state checkpoints to keep", at_least=1)
+    early_stop: Optional[int] = option(None, "stop after this many evaluations without a lower validation loss; "
+                                             "the result saved is then the best evaluation's", at_least=1)
 
     def check(self):
         if self.warmup > self.iters:
@@ -134,6 +137,21 @@ def learning_rate_schedule(peak, iters, warmup=0, cosine=True, end=0.0):
         return main
     hold = main if callable(main) else (lambda step: mx.array(peak))
     return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), hold], [warmup])
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
+
+
+def make_optimizer(name, learning_rate, weight_decay=0.0):
+    """One of mlx.optimizers by its name in OPTIMIZERS, on `learning_rate` (a number or a
+    schedule), with decoupled `weight_decay` (Adam has none: its settings refuse one).
+    Adafactor runs on the learning rate given, not on its own relative step size."""
+    if name == "adam":
+        return optim.Adam(learning_rate)
+    if name == "adafactor":
+        return optim.Adafactor(learning_rate, relative_step=False, scale_parameter=False, weight_decay=weight_decay)
+    kinds = {"adamw": optim.AdamW, "sgd": optim.SGD, "muon": optim.Muon}
+    return kinds[name](learning_rate, weight_decay=weight_decay)
 
 
 def assign_in_place(tree, values):
@@ -283,10 +301,14 @@ def load_checkpoint(path):
         raise UserError(f"{path}: not a readable checkpoint ({e})")
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint of this toolkit")
-    for key in ("step", "bad_in_a_row", "bad_total"):
+    for key in ("step", "bad_in_a_row", "bad_total", "evals_since_best"):
         value = meta.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UserError(f"{path}: not a readable checkpoint ('{key}' is {value!r})")
+    best = (meta.get("best_step"), meta.get("best_val_loss"))
+    if best != (None, None) and not (isinstance(best[0], int) and isinstance(best[1], (int, float))
+                                     and not isinstance(best[0], bool) and math.isfinite(best[1])):
+        raise UserError(f"{path}: not a readable checkpoint (best step and loss {best!r})")
     return arrays, meta
 
 
@@ -300,6 +322,9 @@ def resume(checkpoints, which, run_meta, iters):
         if meta.get(key) != value:
             raise UserError(f"{path}: checkpoint was made with --{key.replace('_', '-')} {meta.get(key)}, "
                             f"this run has {value}")
+    if meta.get("stopped_early"):
+        raise UserError(f"{path}: this run stopped early at step {meta['step']} (--early-stop), with the adapters "
+                        f"of step {meta.get('best_step')}: nothing left to resume")
     if meta["step"] >= iters:
         raise UserError(f"{path}: checkpoint is at step {meta['step']}, and --iters is {iters}: nothing left "
                         "to train (raise --iters to train on)")
@@ -465,6 +490,31 @@ def peak_memory_gb():
     return peak / 1e9
 
 
+class EarlyStop:
+    """--early-stop N: the best validation loss so far, its step, and the evaluations since,
+    kept in every checkpoint so that a resumed run goes on counting."""
+
+    def __init__(self, patience, resumed):
+        self.patience = patience
+        self.best_step, self.best_loss = resumed.get("best_step"), resumed.get("best_val_loss")
+        self.since_best = resumed.get("evals_since_best", 0)
+
+    def improved(self, step, loss):
+        """Count an evaluation; whether its loss is the lowest so far (strictly)."""
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_step, self.best_loss, self.since_best = step, loss, 0
+            return True
+        self.since_best += 1
+        return False
+
+    @property
+    def exhausted(self):
+        return self.since_best >= self.patience
+
+    def meta(self):
+        return dict(best_step=self.best_step, best_val_loss=self.best_loss, evals_since_best=self.since_best)
+
+
 def stop_requested(stop, world):
     """The signal that asked any rank to stop, or None: every rank stops after the same step (one
     that went on would wait for the others' gradients forever), and rank 0 writes the checkpoint."""
@@ -495,7 +545,9 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
     batch_for_step(step) -> batch arrays; evaluate() -> validation loss or None;
     save_outputs() writes the user-facing result (adapters, weights) every
     save_every steps and at the end, beside a full-state checkpoint whose meta is
-    `checkpoint_meta` plus the step and the bad-step counts.
+    `checkpoint_meta` plus the step and the bad-step counts. With --early-stop it writes
+    the result at each new best evaluation instead, and the run may end before
+    settings.iters (the checkpoint then says so).
     """
     from tqdm import tqdm
 
@@ -505,17 +557,33 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
     resumed = resumed or {}
     start_step = resumed.get("step", 0)
     bad_in_a_row, bad_total = resumed.get("bad_in_a_row", 0), resumed.get("bad_total", 0)
-    if start_step == 0 and (val := evaluate()) is not None:
-        print(f"Iter 0: val loss {val:.3f}", file=sys.stderr)
-        log.log(step=0, val_loss=val)
+    early = EarlyStop(settings.early_stop, resumed) if settings.early_stop else None
+
+    def checkpoint(step, **more):
+        if world.is_writer:
+            if early is None:
+                save_outputs()
+            checkpoints.save(step, model, optimizer, dict(checkpoint_meta, **split, **(early.meta() if early else {}),
+                                                          bad_in_a_row=bad_in_a_row, bad_total=bad_total, **more))
+
+    def validate(step):
+        """Evaluate and log; with --early-stop, write the result at a new best. Whether the run
+        should stop early."""
+        t0 = time.perf_counter()
+        if (val := evaluate()) is None:
+            return False
+        best = early is not None and early.improved(step, val)
+        tqdm.write(f"Iter {step}: val loss {val:.3f}, val took {time.perf_counter() - t0:.2f}s"
+                   + (" (best so far)" if best else ""), file=sys.stderr)
+        log.log(step=step, val_loss=val, **({"best": True} if best else {}))
+        if best and world.is_writer:
+            save_outputs()
+        return early is not None and early.exhausted
+
+    if start_step == 0:
+        validate(0)
     window = dict(loss=0.0, toks=0, steps=0)
     tic = time.perf_counter()
-
-    def checkpoint(step):
-        if world.is_writer:
-            save_outputs()
-            checkpoints.save(step, model, optimizer,
-                             dict(checkpoint_meta, **split, bad_in_a_row=bad_in_a_row, bad_total=bad_total))
 
     bar = tqdm(range(start_step + 1, settings.iters + 1), desc="train", unit="step", file=sys.stderr,
                dynamic_ncols=True, initial=start_step, total=settings.iters,
@@ -554,10 +622,14 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
                 window, tic = dict(loss=0.0, toks=0, steps=0), time.perf_counter()
             if step % settings.steps_per_eval == 0 or step == settings.iters:
                 t0 = time.perf_counter()
-                if (val := evaluate()) is not None:
-                    tqdm.write(f"Iter {step}: val loss {val:.3f}, val took {time.perf_counter() - t0:.2f}s",
-                               file=sys.stderr)
-                    log.log(step=step, val_loss=val)
+                if validate(step):
+                    checkpoint(step, stopped_early=True)
+                    log.log(step=step, early_stop=True, best_step=early.best_step)
+                    bar.close()
+                    print(f"Stopped early at step {step}: no lower validation loss in {early.patience} "
+                          f"evaluation(s); the result saved is step {early.best_step}'s (val loss "
+                          f"{early.best_loss:.3f})", file=sys.stderr)
+                    return
                 tic += time.perf_counter() - t0  # keep evaluation out of the training speed
             if step % settings.save_every == 0 or step == settings.iters:
                 checkpoint(step)
