@@ -42,7 +42,8 @@ def load(model, adapter_file):
     Adapters that do not fit the model (other dims, layers or rank) are a UserError.
     """
     lora, weights = read(adapter_file, vars(model.args))
-    models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"], lora["alpha"], 0.0)
+    models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"], lora["alpha"], 0.0,
+                      lora["fine_tune_type"])
     _load_into(model, adapter_file, weights)
     return lora
 
@@ -71,7 +72,15 @@ def checked_config(config, where):
             "targets": targets,
             "rank": utils.checked_number(config["rank"], int, 1, 2**16, f"{where}: 'rank'"),
             "alpha": utils.checked_number(config["alpha"], float, 1e-12, 1e12, f"{where}: 'alpha'"),
-            "dropout": utils.checked_number(config.get("dropout", 0.0), float, 0.0, 0.999, f"{where}: 'dropout'")}
+            "dropout": utils.checked_number(config.get("dropout", 0.0), float, 0.0, 0.999, f"{where}: 'dropout'"),
+            "fine_tune_type": checked_fine_tune_type(config.get("fine_tune_type", "lora"), where)}
+
+
+def checked_fine_tune_type(value, where):
+    if value not in models.FINE_TUNE_TYPES:
+        raise UserError(f"{where}: 'fine_tune_type' must be one of {', '.join(models.FINE_TUNE_TYPES)}, "
+                        f"got {value!r}")
+    return value
 
 
 def load_weights(model, adapter_file):
@@ -89,7 +98,8 @@ def _load_into(model, adapter_file, weights):
 
 
 def merge(model):
-    """Fold every LoRA layer over a plain float base into that base: W + scale (A B)^T.
+    """Fold every LoRA (or DoRA) layer over a plain float base into that base: W + scale (A B)^T
+    (DoRA: its rows rescaled to the trained magnitudes).
 
     For generation alone: a decoded token then runs one product a layer instead of
     three. The sum is kept in float32, the adapters' dtype, where the CPU kernels
@@ -100,8 +110,7 @@ def merge(model):
     for name, module in model.named_modules():
         if isinstance(module, models.LoRALinear) and type(module.linear) is models.Linear and "bias" not in module.linear:
             base = module.linear
-            delta_OI = module.scale * (module.lora_a @ module.lora_b).T
             dtype = mx.float32 if ops.active() else base.weight.dtype
-            base.weight = (base.weight.astype(mx.float32) + delta_OI).astype(dtype)
+            base.weight = module.fold(base.weight).astype(dtype)
             folded.append((name, base))
     model.update_modules(tree_unflatten(folded))

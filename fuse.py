@@ -76,14 +76,17 @@ class FuseSettings(settings.Settings):
 
 class Fused:
     """A model folder with LoRA adapters folded into its weights, read as a checkpoint
-    (formats/__init__.py): W + (alpha / rank) (A B)^T, summed in float32. With `requantize`,
+    (formats/__init__.py): W + (alpha / rank) (A B)^T, summed in float32 (DoRA: its rows rescaled
+    to the trained magnitudes, models.folded). With `requantize`,
     a quantized base layer that an adapter changes is held re-quantized to its own group size
     and bits; without, in float32. One no adapter touches keeps its exact quantized values."""
 
     def __init__(self, base, lora, arrays, requantize=True):
         self.base, self.path, self.config, self.shapes = base, base.path, base.config, base.shapes
         self.scale, self.requantize = lora["alpha"] / lora["rank"], requantize
-        self.deltas = {name.removesuffix(".lora_a") + ".weight": (a, arrays[name.removesuffix("_a") + "_b"])
+        # weight key: (A, B, DoRA's magnitudes or None)
+        self.deltas = {name.removesuffix(".lora_a") + ".weight": (a, arrays[name.removesuffix("_a") + "_b"],
+                                                                  arrays.get(name.removesuffix(".lora_a") + ".magnitude"))
                        for name, a in arrays.items() if name.endswith(".lora_a")}
 
     def stored_dtype(self, key):
@@ -93,8 +96,7 @@ class Fused:
         w = self.base.tensor(key)
         if key not in self.deltas:
             return w
-        a_IR, b_RO = self.deltas[key]
-        return w.astype(mx.float32) + self.scale * (a_IR @ b_RO).T
+        return models.folded(w, *self.deltas[key][:2], self.scale, self.deltas[key][2])
 
     def quantization(self, key):
         if key in self.deltas and not self.requantize:
@@ -131,6 +133,8 @@ def read_adapters(adapter_file, base):
             out_dims, in_dims = base.shapes[f"layers.{i}.{parent}.{target}.weight"]
             expected[f"layers.{i}.{parent}.{target}.lora_a"] = (in_dims, lora["rank"])
             expected[f"layers.{i}.{parent}.{target}.lora_b"] = (lora["rank"], out_dims)
+            if lora["fine_tune_type"] == "dora":
+                expected[f"layers.{i}.{parent}.{target}.magnitude"] = (out_dims,)
     utils.check_fit(adapter_file, arrays, {k: _Shape(s) for k, s in expected.items()}, "adapters")
     return lora, arrays
 
@@ -188,14 +192,16 @@ def probe_logits(source, config, tokens_BT, lora=None):
                            for v in range(0, args.vocab_size, step)], axis=-1)
 
 
-def _add_lora(block, i, scale, rank, deltas):
-    for key, (a_IR, b_RO) in deltas.items():
+def _add_lora(block, i, scale, rank, deltas, fine_tune_type):
+    for key, (a_IR, b_RO, magnitude_O) in deltas.items():
         _, layer, parent, name, _ = key.split(".")
         if int(layer) != i:
             continue
         owner = getattr(block, parent)
-        wrapped = models.LoRALinear(getattr(owner, name), rank, scale * rank)
+        wrapped = models.FINE_TUNE_TYPES[fine_tune_type](getattr(owner, name), rank, scale * rank)
         wrapped.lora_a, wrapped.lora_b = a_IR, b_RO
+        if magnitude_O is not None:
+            wrapped.magnitude = magnitude_O
         setattr(owner, name, wrapped)
 
 
@@ -211,7 +217,8 @@ def check_export(base, fused, exported, precision, lora, folder):
     doc); return the Distances of the export, of its precision alone, and of the base model."""
     tokens = probe_tokens(folder, base.config)
     # The adapters as LoRA layers run them, apart from the fold: its scale is not trusted.
-    adapted = probe_logits(base, base.config, tokens, lora=(lora["alpha"] / lora["rank"], lora["rank"], fused.deltas))
+    adapted = probe_logits(base, base.config, tokens, lora=(lora["alpha"] / lora["rank"], lora["rank"], fused.deltas,
+                                                           lora["fine_tune_type"]))
     rounding = 1e-4 * max(1.0, float(np.abs(adapted).max()))
     folded = Distance(probe_logits(fused, base.config, tokens), adapted)
     if folded.largest > rounding:

@@ -68,6 +68,8 @@ class LoraSettings(trainer.TrainingSettings):
     lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank", above=0)
     lora_dropout: float = option(0.0, "dropout on the LoRA input during training", at_least=0, below=1)
     lora_targets: str = option("wq,wv", "comma-separated linears to adapt (wq,wk,wv,wo,w1,w2,w3) or 'all'")
+    fine_tune_type: str = option("lora", "lora: low-rank adapters; dora: LoRA with a trained magnitude per output "
+                                         "row (DoRA, as PEFT)", choices=list(models.FINE_TUNE_TYPES))
     max_seq_length: int = option(2048, "longer examples are truncated (with a warning)", at_least=2)
     mask_prompt: bool = option(False, "loss on the completion only (needs prompt/completion data)")
     lr_schedule: str = option("constant", "learning-rate schedule after warm-up", choices=["constant", "cosine"])
@@ -164,11 +166,11 @@ def run_training(model, data, args, checkpoints, run_meta, resumed):
         resume_path, arrays, meta = resumed
         lora = meta["lora"]
         lora_config = models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"],
-                                        lora["alpha"], lora["dropout"])
+                                        lora["alpha"], lora["dropout"], lora["fine_tune_type"])
     else:
         arrays, meta = None, {}
         lora_config = models.apply_lora(model, args.lora_layers, models.parse_targets(args.lora_targets),
-                                        args.lora_rank, args.lora_alpha, args.lora_dropout)
+                                        args.lora_rank, args.lora_alpha, args.lora_dropout, args.fine_tune_type)
     if args.resume_adapter_file:
         adapters.load_weights(model, args.resume_adapter_file)
     model.grad_checkpoint = args.grad_checkpoint

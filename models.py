@@ -322,6 +322,55 @@ class LoRALinear(nn.Module):
         z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
         return y + (self.scale * z).astype(y.dtype)
 
+    def fold(self, w_OI):
+        """The base weight `w_OI` (float32) with the adapters folded in."""
+        return folded(w_OI, self.lora_a, self.lora_b, self.scale)
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al., 2024), as PEFT computes it: the LoRA-updated weight's rows rescaled to a
+    trained magnitude, y = m / ||W + s (A B)^T||_row * (x W^T + s x A B). The row norms are a
+    constant in backward (the paper's section 4.3); m starts at ||W||_row, so the adapted model
+    equals the base model until training moves it. With dropout, as PEFT: the base product of
+    the dropped input carries the rescaling, the undropped one stays."""
+
+    def __init__(self, base, rank=8, alpha=16.0, dropout=0.0):
+        super().__init__(base, rank, alpha, dropout)
+        self.magnitude = row_norms(dense_weight(base))
+
+    def __call__(self, x):
+        w_OI = dense_weight(self.linear)
+        norm_O = mx.stop_gradient(row_norms(folded(w_OI, self.lora_a, self.lora_b, self.scale)))
+        rescale_O = (self.magnitude / norm_O).astype(x.dtype)
+        y = self.linear(x)
+        dropped = self.dropout(x)  # x itself when not training
+        base = y if dropped is x else self.linear(dropped)
+        z = (dropped @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + ((rescale_O - 1) * base + rescale_O * (self.scale * z)).astype(y.dtype)
+
+    def fold(self, w_OI):
+        return folded(w_OI, self.lora_a, self.lora_b, self.scale, self.magnitude)
+
+
+def folded(w_OI, a_IR, b_RO, scale, magnitude_O=None):
+    """W + scale (A B)^T in float32; with DoRA's magnitude, its rows rescaled to it."""
+    w_OI = w_OI.astype(mx.float32) + scale * (a_IR @ b_RO).T
+    return w_OI if magnitude_O is None else w_OI * (magnitude_O / row_norms(w_OI))[:, None]
+
+
+def row_norms(w_OI):
+    return mx.sqrt((w_OI.astype(mx.float32) ** 2).sum(axis=1))
+
+
+def dense_weight(linear):
+    """A plain or quantized linear layer's weight [out, in], float32."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return mx.dequantize(linear.weight, linear.scales, linear.biases, linear.group_size, linear.bits)
+    return linear.weight.astype(mx.float32)
+
+
+FINE_TUNE_TYPES = {"lora": LoRALinear, "dora": DoRALinear}
+
 
 def parse_targets(targets):
     """'wq,wv' or 'all' -> tuple of module names; a UserError for unknown names."""
@@ -333,8 +382,9 @@ def parse_targets(targets):
     return names
 
 
-def apply_lora(model, lora_layers, targets=("wq", "wv"), rank=8, alpha=16.0, dropout=0.0):
-    """Freeze `model` and wrap `targets` of its last `lora_layers` blocks in LoRALinear.
+def apply_lora(model, lora_layers, targets=("wq", "wv"), rank=8, alpha=16.0, dropout=0.0, fine_tune_type="lora"):
+    """Freeze `model` and wrap `targets` of its last `lora_layers` blocks in LoRALinear (or
+    DoRALinear for fine_tune_type "dora").
 
     Returns the LoRA configuration (saved beside adapters so they can be restored).
     """
@@ -350,6 +400,6 @@ def apply_lora(model, lora_layers, targets=("wq", "wv"), rank=8, alpha=16.0, dro
     for layer in model.layers[first:]:
         for name in targets:
             parent = _parent(layer, name)
-            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+            setattr(parent, name, FINE_TUNE_TYPES[fine_tune_type](getattr(parent, name), rank, alpha, dropout))
     return {"lora_layers": n - first, "targets": list(targets), "rank": rank,
-            "alpha": alpha, "dropout": dropout}
+            "alpha": alpha, "dropout": dropout, "fine_tune_type": fine_tune_type}

@@ -7,6 +7,8 @@ transposed against this toolkit's: its lora_A is [r, in] (our A is [in, r]) and 
 lora_B is [out, r] (our B is [r, out]); the update is (lora_alpha / r) B A, ours
 (alpha / rank) (A B)^T: the same. The query and key rows of lora_B are in Hugging
 Face's order, which keeps the two halves of every RoPE pair apart; ours are Meta's.
+DoRA adds a magnitude per output row (`...q_proj.lora_magnitude_vector`, [out]), in the
+same row order as lora_B.
 """
 
 import json
@@ -29,13 +31,20 @@ def is_peft_folder(path):
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
 
 
-def hf_rows(b_RO, name, config):
-    """Our B's output columns in Hugging Face's row order (queries and keys), as [out, r]."""
-    out_OR = b_RO.T
+def hf_rows(out_O_, name, config):
+    """Rows of output features [out, ...] in Hugging Face's order (queries and keys)."""
     if name in ("wq", "wk"):
         heads = config["n_heads"] if name == "wq" else config["n_kv_heads"]
-        out_OR = split_rope_halves(out_OR, heads)
-    return out_OR
+        return split_rope_halves(out_O_, heads)
+    return out_O_
+
+
+def our_rows(out_O_, name, config):
+    """Rows of output features [out, ...] from Hugging Face's order (queries and keys) to ours."""
+    if name in ("wq", "wk"):
+        heads = config["n_heads"] if name == "wq" else config["n_kv_heads"]
+        return interleaved_rope_rows(out_O_, heads)
+    return out_O_
 
 
 def write(folder, lora, arrays, model_config, base_model_name):
@@ -48,14 +57,17 @@ def write(folder, lora, arrays, model_config, base_model_name):
         where = f"{PREFIX}.{i}.{_hf_parent(module)}.{HF_MODULES[module]}"
         if matrix == "lora_a":
             tensors[f"{where}.lora_A.weight"] = value.T  # [r, in]
-        else:
-            tensors[f"{where}.lora_B.weight"] = hf_rows(value, module, model_config)  # [out, r]
+        elif matrix == "lora_b":
+            tensors[f"{where}.lora_B.weight"] = hf_rows(value.T, module, model_config)  # [out, r]
+        else:  # DoRA's magnitudes
+            tensors[f"{where}.lora_magnitude_vector"] = hf_rows(value[:, None], module, model_config)[:, 0]
     mx.save_safetensors(os.path.join(folder, WEIGHTS), {k: v.astype(mx.float32) for k, v in tensors.items()},
                         metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
               "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora.get("dropout", 0.0),
               "target_modules": [HF_MODULES[t] for t in lora["targets"]], "layers_to_transform": layers,
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "use_dora": lora.get("fine_tune_type") == "dora",
               "inference_mode": True, "modules_to_save": None}
     with open(os.path.join(folder, CONFIG), "w") as f:
         json.dump(config, f, indent=2)
@@ -80,30 +92,33 @@ def read(folder, model_config):
         module = ours.split(".")[3]
         if ours.endswith("lora_a"):
             arrays[ours] = value.T  # [in, r]
+        elif ours.endswith("lora_b"):
+            arrays[ours] = our_rows(value, module, model_config).T  # [r, out]
         else:
-            if module in ("wq", "wk"):
-                heads = model_config["n_heads"] if module == "wq" else model_config["n_kv_heads"]
-                value = interleaved_rope_rows(value, heads)
-            arrays[ours] = value.T  # [r, out]
+            arrays[ours] = our_rows(value[:, None], module, model_config)[:, 0]
     return lora, arrays
 
 
 def _our_name(name, path):
     parts = name.split(".")
-    # base_model.model.model.layers.N.(self_attn|mlp).MODULE.lora_(A|B).weight
-    if (len(parts) != 9 or ".".join(parts[:4]) != PREFIX or not parts[4].isdigit() or parts[6] not in OUR_MODULES
-            or parts[7] not in ("lora_A", "lora_B") or parts[8] != "weight"):
-        raise UserError(f"{path}: cannot map '{name}' onto this toolkit's model (it adapts LoRA on the "
+    # base_model.model.model.layers.N.(self_attn|mlp).MODULE.(lora_A.weight|lora_B.weight|lora_magnitude_vector)
+    tail = ".".join(parts[7:])
+    if (len(parts) < 8 or ".".join(parts[:4]) != PREFIX or not parts[4].isdigit() or parts[6] not in OUR_MODULES
+            or tail not in PEFT_MATRICES):
+        raise UserError(f"{path}: cannot map '{name}' onto this toolkit's model (it adapts LoRA or DoRA on the "
                         f"linears {', '.join(OUR_MODULES)} of the layers)")
     return f"layers.{int(parts[4])}.{'attention' if parts[5] == 'self_attn' else 'feed_forward'}." \
-           f"{OUR_MODULES[parts[6]]}.lora_{parts[7][-1].lower()}"
+           f"{OUR_MODULES[parts[6]]}.{PEFT_MATRICES[tail]}"
+
+
+PEFT_MATRICES = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b", "lora_magnitude_vector": "magnitude"}
 
 
 def _lora_config(peft, path, n_layers):
     """This toolkit's LoRA configuration of a PEFT one, or a UserError for what it cannot hold."""
     if peft.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: peft_type {peft.get('peft_type')!r} is not LORA")
-    for key, unsupported in (("use_dora", True), ("bias", ("all", "lora_only")), ("fan_in_fan_out", True)):
+    for key, unsupported in (("bias", ("all", "lora_only")), ("fan_in_fan_out", True)):
         if peft.get(key) == unsupported or (isinstance(unsupported, tuple) and peft.get(key) in unsupported):
             raise UserError(f"{path}: '{key}': {peft.get(key)!r} is not supported")
     if peft.get("rank_pattern") or peft.get("alpha_pattern") or peft.get("modules_to_save"):
@@ -128,7 +143,8 @@ def _lora_config(peft, path, n_layers):
     if peft.get("use_rslora"):  # scale alpha / sqrt(r) is ours with alpha * sqrt(r)
         alpha = alpha * rank ** 0.5
     return {"lora_layers": len(layers), "targets": [OUR_MODULES[t] for t in sorted(targets, key=_target_order)],
-            "rank": rank, "alpha": float(alpha), "dropout": float(peft.get("lora_dropout") or 0.0)}
+            "rank": rank, "alpha": float(alpha), "dropout": float(peft.get("lora_dropout") or 0.0),
+            "fine_tune_type": "dora" if peft.get("use_dora") else "lora"}
 
 
 def _target_order(hf_module):

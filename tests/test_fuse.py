@@ -19,13 +19,14 @@ import chat  # noqa: E402
 import convert  # noqa: E402
 import fuse  # noqa: E402
 import lora  # noqa: E402
+import models  # noqa: E402
 import loading  # noqa: E402
 from formats import hf  # noqa: E402
 from formats import mlx as mlx_folder  # noqa: E402
 from hf_checkpoints import make_hf_model  # noqa: E402
 from test_hf import SAMPLES, byte_level_tokenizer  # noqa: E402
 from test_lora import write_dataset  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import UserError, read_jsonl  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSE = os.path.join(ROOT, "fuse.py")
@@ -44,9 +45,10 @@ def torch_logits(model, tokens=TOKENS):
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
-def trained(root, flavour, quantize=False):
+def trained(root, flavour, quantize=False, *flags):
     """A tiny transformers checkpoint with a byte-level tokenizer and a chat template, converted
-    (float32, or 4-bit in groups of 32), and LoRA adapters on every linear trained on it."""
+    (float32, or 4-bit in groups of 32), and LoRA adapters on every linear trained on it (more
+    lora.py `flags`: DoRA, say)."""
     reference = byte_level_tokenizer(root / "hf")
     make_hf_model(root / "hf", flavour, vocab_size=len(reference))
     model_dir = str(root / "mlx")
@@ -54,13 +56,18 @@ def trained(root, flavour, quantize=False):
     data = write_dataset(root / "data", n_train=12, n_valid=4, n_test=4)
     lora.main(["--model", model_dir, "--train", "--data", data, "--adapter-file", str(root / "ad" / "a.npz"),
                "--iters", "12", "--batch-size", "4", "--learning-rate", "5e-3", "--lora-layers", "2",
-               "--lora-targets", "all", "--lora-rank", "4", "--steps-per-eval", "12", "--val-batches", "1"])
+               "--lora-targets", "all", "--lora-rank", "4", "--steps-per-eval", "12", "--val-batches", "1", *flags])
     return model_dir, str(root / "ad" / "a.npz")
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     return trained(tmp_path_factory.mktemp("fuse"), "llama")
+
+
+@pytest.fixture(scope="module")
+def tuned_dora(tmp_path_factory):
+    return trained(tmp_path_factory.mktemp("fuse-dora"), "llama", False, "--fine-tune-type", "dora")
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +145,53 @@ def test_peft_export_loads_in_peft_and_back_in_lora_py(tuned, tmp_path):
     assert (config["r"], config["lora_alpha"], config["layers_to_transform"]) == (4, 16.0, [0, 1])
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"}
-    (tmp_path / "base").mkdir()
-    hf.write(mlx_folder.Checkpoint(model_dir), str(tmp_path / "base"), "float32")  # the base, as transformers has it
-    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager").float()
-    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    adapted = peft.PeftModel.from_pretrained(hf_base(model_dir, tmp_path / "base"), tmp_path / "peft").eval()
     expected = adapted_logits(model_dir, adapter_file)
     assert np.abs(torch_logits(adapted) - expected).max() <= 1e-4
     # lora.py takes the PEFT folder wherever it takes an adapter file.
     model, _, _ = loading.load_model(model_dir, adapter_file=str(tmp_path / "peft"))
     assert np.abs(logits(model) - expected).max() <= 1e-5
+
+
+def hf_base(model_dir, folder):
+    """The base model as transformers has it (written by this toolkit's hf writer), float32."""
+    os.makedirs(folder)
+    hf.write(mlx_folder.Checkpoint(model_dir), str(folder), "float32")
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").float()
+
+
+def test_dora_adapters_load_in_peft_over_the_hugging_face_base(tuned_dora, tmp_path):
+    """DoRA exported to PEFT (use_dora, the magnitudes in Hugging Face's row order): peft over the
+    base gives our logits; read back by lora.py, the same; fused, the same."""
+    peft = pytest.importorskip("peft")
+    model_dir, adapter_file = tuned_dora
+    trained_magnitude = mx.load(adapter_file)["layers.1.attention.wq.magnitude"]
+    base_rows = models.row_norms(loading.load_model(model_dir)[0].layers[1].attention.wq.weight)
+    assert mx.abs(trained_magnitude - base_rows).max().item() > 1e-3  # training moved the magnitudes
+    run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--peft-path", tmp_path / "peft")
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+    adapted = peft.PeftModel.from_pretrained(hf_base(model_dir, tmp_path / "base"), tmp_path / "peft").eval()
+    expected = adapted_logits(model_dir, adapter_file)
+    got = torch_logits(adapted)
+    assert np.abs(got - expected).max() <= 1e-4 and (got.argmax(-1) == expected.argmax(-1)).all()
+    model, _, _ = loading.load_model(model_dir, adapter_file=str(tmp_path / "peft"))
+    assert np.abs(logits(model) - expected).max() <= 1e-5
+    run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--save-path", tmp_path / "fused")
+    assert run.returncode == 0, run.stderr
+    assert np.abs(logits(loading.load_model(str(tmp_path / "fused"))[0]) - expected).max() <= 1e-4
+
+
+def test_dora_over_a_quantized_base_trains_and_folds(tmp_path):
+    model_dir, adapter_file = trained(tmp_path, "llama", True, "--fine-tune-type", "dora")
+    log = [r for _, r in read_jsonl(os.path.splitext(adapter_file)[0] + ".metrics.jsonl") if "val_loss" in r]
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.5
+    run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--save-path", tmp_path / "dense",
+                   "--dtype", "float32")
+    assert run.returncode == 0, run.stderr
+    expected = adapted_logits(model_dir, adapter_file)
+    tolerance = 1e-4 * max(1.0, np.abs(expected).max())
+    assert np.abs(logits(loading.load_model(str(tmp_path / "dense"))[0]) - expected).max() <= tolerance
 
 
 def test_fused_over_a_quantized_base_is_requantized_and_checked(tuned_q4, tmp_path):
@@ -305,6 +350,6 @@ def test_a_peft_folder_with_modules_this_toolkit_cannot_map_is_refused(tuned, tm
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["embed_tokens"])))
     with pytest.raises(UserError, match="cannot map the modules 'embed_tokens'"):
         loading.load_model(model_dir, adapter_file=str(tmp_path / "p"))
-    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=True)))
-    with pytest.raises(UserError, match="'use_dora': True is not supported"):
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(dict(config, bias="all")))
+    with pytest.raises(UserError, match="'bias': 'all' is not supported"):
         loading.load_model(model_dir, adapter_file=str(tmp_path / "p"))

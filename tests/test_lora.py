@@ -81,7 +81,8 @@ def test_training_lowers_loss_and_writes_outputs(trained):
 def test_adapters_reload_from_file_alone_gives_same_logits(trained):
     model_dir, data, adapter_file, _ = trained
     config = json.load(open(os.path.splitext(adapter_file)[0] + ".json"))
-    assert config == {"lora_layers": 2, "targets": ["wq", "wv"], "rank": 8, "alpha": 16.0, "dropout": 0.0}
+    assert config == {"lora_layers": 2, "targets": ["wq", "wv"], "rank": 8, "alpha": 16.0, "dropout": 0.0,
+                      "fine_tune_type": "lora"}
     tokens = mx.array([[1, 20, 30, 40, 50, 60]])
     base, _, _ = loading.load_model(model_dir)
     adapted, _, _ = loading.load_model(model_dir, adapter_file=str(adapter_file))
