@@ -84,6 +84,8 @@ class Fused:
     def __init__(self, base, lora, arrays, requantize=True):
         self.base, self.path, self.config, self.shapes = base, base.path, base.config, base.shapes
         self.scale, self.requantize = lora["alpha"] / lora["rank"], requantize
+        # Full fine-tuning's file holds the trained blocks' own weights: they replace the base's.
+        self.replaced = arrays if lora["fine_tune_type"] == "full" else {}
         # weight key: (A, B, DoRA's magnitudes or None)
         self.deltas = {name.removesuffix(".lora_a") + ".weight": (a, arrays[name.removesuffix("_a") + "_b"],
                                                                   arrays.get(name.removesuffix(".lora_a") + ".magnitude"))
@@ -93,6 +95,8 @@ class Fused:
         return self.base.stored_dtype(key)
 
     def tensor(self, key):
+        if key in self.replaced:
+            return self.replaced[key].astype(mx.float32)
         w = self.base.tensor(key)
         if key not in self.deltas:
             return w
@@ -126,8 +130,13 @@ def read_adapters(adapter_file, base):
     n = base.config["n_layers"]
     if lora["lora_layers"] > n:
         raise UserError(f"{adapter_file}: adapts {lora['lora_layers']} layers, the model has {n}")
+    first = n - lora["lora_layers"]
+    if lora["fine_tune_type"] == "full":  # every weight of the trained blocks
+        expected = {k: s for k, s in base.shapes.items() if k.startswith("layers.") and int(k.split(".")[1]) >= first}
+        utils.check_fit(adapter_file, arrays, {k: _Shape(s) for k, s in expected.items()}, "trained weights")
+        return lora, arrays
     expected = {}
-    for i in range(n - lora["lora_layers"], n):
+    for i in range(first, n):
         for target in lora["targets"]:
             parent = "attention" if target in ("wq", "wk", "wv", "wo") else "feed_forward"
             out_dims, in_dims = base.shapes[f"layers.{i}.{parent}.{target}.weight"]
@@ -216,9 +225,11 @@ def check_export(base, fused, exported, precision, lora, folder):
     """Refuse an export that does not behave as the base model with its adapters (see the module
     doc); return the Distances of the export, of its precision alone, and of the base model."""
     tokens = probe_tokens(folder, base.config)
-    # The adapters as LoRA layers run them, apart from the fold: its scale is not trusted.
+    # The adapters as LoRA layers run them, apart from the fold: its scale is not trusted. Fully
+    # fine-tuned blocks have no fold: the trained weights are the adapted model.
     adapted = probe_logits(base, base.config, tokens, lora=(lora["alpha"] / lora["rank"], lora["rank"], fused.deltas,
-                                                           lora["fine_tune_type"]))
+                                                           lora["fine_tune_type"])) \
+        if lora["fine_tune_type"] != "full" else probe_logits(fused, base.config, tokens)
     rounding = 1e-4 * max(1.0, float(np.abs(adapted).max()))
     folded = Distance(probe_logits(fused, base.config, tokens), adapted)
     if folded.largest > rounding:
@@ -315,6 +326,8 @@ def write_peft(args):
     """The adapters alone, as a PEFT folder; read back, they must be the same numbers."""
     base = mlx_folder.Checkpoint(args.model)
     lora, arrays = read_adapters(args.adapter_file, base)
+    if lora["fine_tune_type"] == "full":
+        raise UserError(f"{args.adapter_file}: fully fine-tuned weights are no adapters: export them with --save-path")
     _check_free(args.peft_path, args.force)
     with utils.claimed_output(args.peft_path), utils.folder_replaced_when_done(args.peft_path) as tmp:
         peft.write(tmp, lora, arrays, base.config, os.path.basename(os.path.abspath(args.model)))

@@ -24,6 +24,7 @@ import adapters
 import chat
 import dataset
 import distributed
+import fuse
 import generate
 import models
 import settings
@@ -69,7 +70,9 @@ class LoraSettings(trainer.TrainingSettings):
     lora_dropout: float = option(0.0, "dropout on the LoRA input during training", at_least=0, below=1)
     lora_targets: str = option("wq,wv", "comma-separated linears to adapt (wq,wk,wv,wo,w1,w2,w3) or 'all'")
     fine_tune_type: str = option("lora", "lora: low-rank adapters; dora: LoRA with a trained magnitude per output "
-                                         "row (DoRA, as PEFT)", choices=list(models.FINE_TUNE_TYPES))
+                                         "row (DoRA, as PEFT); full: every weight of the last --lora-layers blocks "
+                                         "(the adapter file holds them, and a model folder STEM-model is written)",
+                                 choices=list(models.FINE_TUNE_TYPES))
     max_seq_length: int = option(2048, "longer examples are truncated (with a warning)", at_least=2)
     mask_prompt: bool = option(False, "loss on the completion only (needs prompt/completion data)")
     lr_schedule: str = option("constant", "learning-rate schedule after warm-up", choices=["constant", "cosine"])
@@ -207,6 +210,9 @@ def run_training(model, data, args, checkpoints, run_meta, resumed):
         model.eval()
     log.plot()
     print(f"Saved adapters to {args.adapter_file} (metrics {log.path}, plot {log.plot_path})", file=sys.stderr)
+    if lora_config["fine_tune_type"] == "full" and distributed.current().is_writer:
+        fuse.main(["--model", args.model, "--adapter-file", args.adapter_file, "--save-path", stem + "-model",
+                   "--force"])
     return 0
 
 

@@ -369,7 +369,7 @@ def dense_weight(linear):
     return linear.weight.astype(mx.float32)
 
 
-FINE_TUNE_TYPES = {"lora": LoRALinear, "dora": DoRALinear}
+FINE_TUNE_TYPES = {"lora": LoRALinear, "dora": DoRALinear, "full": None}  # full: the blocks' own weights
 
 
 def parse_targets(targets):
@@ -384,7 +384,8 @@ def parse_targets(targets):
 
 def apply_lora(model, lora_layers, targets=("wq", "wv"), rank=8, alpha=16.0, dropout=0.0, fine_tune_type="lora"):
     """Freeze `model` and wrap `targets` of its last `lora_layers` blocks in LoRALinear (or
-    DoRALinear for fine_tune_type "dora").
+    DoRALinear for fine_tune_type "dora"); for "full", unfreeze those blocks whole instead
+    (every weight of theirs trains: they must be float, not quantized).
 
     Returns the LoRA configuration (saved beside adapters so they can be restored).
     """
@@ -393,6 +394,15 @@ def apply_lora(model, lora_layers, targets=("wq", "wv"), rank=8, alpha=16.0, dro
     model.freeze()
     n = len(model.layers)
     first = max(0, n - lora_layers)
+    config = {"lora_layers": n - first, "targets": list(targets), "rank": rank, "alpha": alpha, "dropout": dropout,
+              "fine_tune_type": fine_tune_type}
+    if fine_tune_type == "full":
+        for i, layer in enumerate(model.layers[first:], start=first):
+            if any(isinstance(m, nn.QuantizedLinear) for _, m in layer.named_modules()):
+                raise UserError(f"full fine-tuning trains every weight of layer {i}, which is quantized: use a "
+                                "float model (convert.py without -q, or fuse.py --de-quantize)")
+            layer.unfreeze()
+        return config
     smallest = min(min(_linear_dims(getattr(_parent(model.layers[0], name), name))) for name in targets)
     if rank > smallest:
         raise UserError(f"--lora-rank {rank} is more than {smallest}, the smallest dimension of the layers "
@@ -401,5 +411,4 @@ def apply_lora(model, lora_layers, targets=("wq", "wv"), rank=8, alpha=16.0, dro
         for name in targets:
             parent = _parent(layer, name)
             setattr(parent, name, FINE_TUNE_TYPES[fine_tune_type](getattr(parent, name), rank, alpha, dropout))
-    return {"lora_layers": n - first, "targets": list(targets), "rank": rank,
-            "alpha": alpha, "dropout": dropout, "fine_tune_type": fine_tune_type}
+    return config

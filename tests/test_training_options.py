@@ -131,3 +131,38 @@ def test_each_optimizer_trains(tiny_llama, data, tmp_path):
 def test_weight_decay_with_adam_is_refused(tiny_llama, data, tmp_path):
     with pytest.raises(UserError, match="adamw is adam with it"):
         run_training(tiny_llama[0], data, tmp_path / "a.npz", "--weight-decay", "0.1")
+
+
+def test_full_fine_tuning_lowers_the_test_loss_and_its_model_folder_reloads(tiny_llama, data, tmp_path, capsys,
+                                                                              monkeypatch):
+    import loading
+
+    model_dir = tiny_llama[0]
+    adapter_file = tmp_path / "full.npz"
+    run_training(model_dir, data, adapter_file, "--fine-tune-type", "full", "--iters", "20",
+                 "--learning-rate", "3e-3", "--steps-per-eval", "20")
+    monkeypatch.chdir(tmp_path / "..")  # no adapters.npz here: the default file is missing, the base is used
+
+    def test_loss(model, *flags):
+        capsys.readouterr()
+        lora.main(["--model", model, *flags, "--test", "--data", data, "--test-batches", "-1"])
+        return float(capsys.readouterr().out.split("Test loss ")[1].split(",")[0])
+
+    base = test_loss(model_dir)
+    tuned = test_loss(model_dir, "--adapter-file", str(adapter_file))
+    assert tuned < base - 0.5
+    folder = str(tmp_path / "full-model")
+    assert test_loss(folder) == pytest.approx(tuned, abs=1e-4)
+    saved = read_adapters(adapter_file)
+    assert {k.split(".")[1] for k in saved} == {"0", "1"} and "layers.1.attention_norm.weight" in saved
+    reloaded = loading.load_model(folder)[0]
+    np.testing.assert_allclose(np.array(reloaded.layers[1].feed_forward.w2.weight.astype(mx.float32)),
+                               saved["layers.1.feed_forward.w2.weight"], atol=1e-6)
+
+
+def test_full_fine_tuning_of_a_quantized_layer_is_refused(tiny_llama, data, tmp_path):
+    import convert
+
+    convert.convert(tiny_llama[0], str(tmp_path / "q4"), quantize=True, q_group_size=32, q_bits=4)
+    with pytest.raises(UserError, match="full fine-tuning trains every weight of layer 1, which is quantized"):
+        run_training(str(tmp_path / "q4"), data, tmp_path / "a.npz", "--fine-tune-type", "full", "--lora-layers", "1")
