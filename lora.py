@@ -53,7 +53,7 @@ class LoraSettings(trainer.TrainingSettings):
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this mass",
                           above=0, at_most=1)
     top_k: int = option(0, "sample from the k likeliest tokens only", at_least=1, special={0: "every token"})
-    min_p: float = option(0.0, "sample only tokens at least this many times as likely as the likeliest",
+    min_p: float = option(0.0, "sample only tokens at least this fraction as likely as the likeliest",
                           at_least=0, below=1)
     repetition_penalty: float = option(1.0, "divide the positive logits (multiply the negative ones) of tokens "
                                             "seen in the last --repetition-context-size by this; 1 = off",
