@@ -162,12 +162,15 @@ class AtPrecision:
     scales in the export's type): what the export costs on its own, computed without reading it."""
 
     def __init__(self, fused, precision):
-        self.fused, self.precision = fused, precision  # {key: ("float", name) | ("quantized", group, bits, mx dtype)}
+        # {key: ("float", name) | ("quantized", group, bits, mx dtype) | ("gguf", GGUF type)}
+        self.fused, self.precision = fused, precision
 
     def tensor(self, key):
         kind, *how = self.precision[key]
         if kind == "float":
             return self.fused.tensor(key).astype(getattr(mx, how[0])).astype(mx.float32)
+        if kind == "gguf":  # the GGUF writer's own blocks: its quantizer is not MLX's
+            return gguf.written_values(self.fused, key, how[0])
         group_size, bits, scales_dtype = how
         if self.fused.quantization(key) == (group_size, bits):  # kept as the fused checkpoint holds it
             wq, scales, biases = self.fused.quantized(key)
@@ -285,8 +288,7 @@ def export_gguf(fused, args, out):
     types = gguf.tensor_types(fused, args.dtype or ("float16" if args.de_quantize else None),
                               args.q_bits if args.quantize else None)
     gguf.write(fused, out, types)
-    precision = {key: ("float", GGUF_FLOATS[t]) if t in GGUF_FLOATS else ("quantized", 32, 8 if t == "Q8_0" else 4, mx.float16)
-                 for key, t in types.items()}
+    precision = {key: ("float", GGUF_FLOATS[t]) if t in GGUF_FLOATS else ("gguf", t) for key, t in types.items()}
     return gguf.Checkpoint(out), precision
 
 

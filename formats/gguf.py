@@ -952,6 +952,16 @@ def tensor_chunks(checkpoint, name, type_name):
         yield out.view(np.uint8)
 
 
+def written_values(checkpoint, name, type_name):
+    """The float32 values a tensor takes in a GGUF file as `type_name` (Q8_0, Q4_1): write()'s own
+    blocks, dequantized as readers dequantize them. What an export's precision costs, exactly."""
+    import gguf
+
+    blocks = np.concatenate(list(tensor_chunks(checkpoint, name, type_name)))
+    values = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[type_name])
+    return mx.array(values.reshape(checkpoint.shapes[name]))
+
+
 def weight_rows(checkpoint, name):
     """The weight a few rows at a time: as stored, or float32 where it is held quantized (dequantized
     a few rows at a time, so that a quantized embedding is never whole in float32)."""
