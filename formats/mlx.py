@@ -41,13 +41,14 @@ class Checkpoint:
         self._quantization = loading.quantization(raw, config_path) or {}
         self.shapes = expected_shapes(self.config)
         self.weights_path = loading.weights_file(folder)
-        self._arrays = load_arrays(self.weights_path)  # lazy, for shapes and types: never evaluated
+        self._unread = load_arrays(self.weights_path)  # lazy: nothing is read until asked for
+        self._arrays = {name: (a.shape, a.dtype) for name, a in self._unread.items()}  # what the file holds
         for key, shape in self.shapes.items():
             if key not in self._arrays:
                 raise UserError(f"{self.weights_path}: no {key}")
             q = self.quantization(key)
-            if q is None and tuple(self._arrays[key].shape) != tuple(shape):
-                raise UserError(f"{self.weights_path}: {key} has shape {tuple(self._arrays[key].shape)}, "
+            if q is None and tuple(self._arrays[key][0]) != tuple(shape):
+                raise UserError(f"{self.weights_path}: {key} has shape {tuple(self._arrays[key][0])}, "
                                 f"expected {tuple(shape)}")
 
     def _base(self, key):
@@ -56,12 +57,16 @@ class Checkpoint:
     def stored_dtype(self, key):
         if self.quantization(key) is not None:
             return None
-        return str(self._arrays[key].dtype).removeprefix("mlx.core.")
+        return str(self._arrays[key][1]).removeprefix("mlx.core.")
 
     def _read(self, name):
-        """One array, from a fresh lazy load: an array once evaluated keeps its data as long as it
-        is referenced, so keeping the loaded ones would end with the whole model in memory."""
-        return load_arrays(self.weights_path)[name]
+        """One array, handed over and forgotten here: an array once evaluated keeps its data as
+        long as it is referenced, so keeping the read ones would end with the whole model in
+        memory. The file is loaded (lazily) again only for an array asked for a second time:
+        once a pass over the model, not once an array."""
+        if name not in self._unread:
+            self._unread = load_arrays(self.weights_path)
+        return self._unread.pop(name)
 
     def tensor(self, key):
         q = self.quantization(key)
@@ -81,7 +86,7 @@ class Checkpoint:
         return self._read(key), self._read(f"{base}.scales"), self._read(f"{base}.biases")
 
     def quantized_scales_dtype(self, key):
-        return self._arrays[f"{self._base(key)}.scales"].dtype
+        return self._arrays[f"{self._base(key)}.scales"][1]
 
     def write_tokenizer(self, folder):
         for name in TOKENIZER_FILES:
