@@ -84,9 +84,9 @@ def checked_fine_tune_type(value, where):
 
 
 def load_weights(model, adapter_file):
-    """Load saved adapter weights (a file, or a PEFT folder) into a model already wrapped with
-    LoRA layers of that shape."""
-    _load_into(model, adapter_file, read(adapter_file, vars(model.args))[1])
+    """Load saved adapter weights (the file alone, --resume-adapter-file) into a model already
+    wrapped with LoRA layers of that shape."""
+    _load_into(model, adapter_file, utils.load_arrays(adapter_file, "adapter file"))
 
 
 def _load_into(model, adapter_file, weights):
@@ -104,7 +104,7 @@ def merge(model):
     For generation alone: a decoded token then runs one product a layer instead of
     three. The sum is kept in float32, the adapters' dtype, where the CPU kernels
     compute in float32, else in the base's dtype. Quantized bases keep their
-    adapters: folding would requantize them.
+    adapters: folding would requantize them (DoRA's rescaling is computed once instead).
     """
     folded = []
     for name, module in model.named_modules():
@@ -113,4 +113,6 @@ def merge(model):
             dtype = mx.float32 if ops.active() else base.weight.dtype
             base.weight = module.fold(base.weight).astype(dtype)
             folded.append((name, base))
+        elif isinstance(module, models.DoRALinear):
+            module.fix_rescale()
     model.update_modules(tree_unflatten(folded))

@@ -37,19 +37,23 @@ class Sampler:
     repetition_penalty: float = 1.0
     repetition_context_size: int = 20  # the last tokens (prompt included) the penalty looks at
 
-    def __call__(self, logits_V, history_H=None):
-        """The next token id (an mx scalar) after `history_H`, the ids seen so far."""
-        logits_V = logits_V.astype(mx.float32)
-        if self.repetition_penalty != 1.0 and history_H is not None and history_H.size:
-            logits_V = penalized(logits_V, history_H[-self.repetition_context_size:], self.repetition_penalty)
+    @property
+    def penalizes(self):
+        return self.repetition_penalty != 1.0
+
+    def __call__(self, logits_V, window_H=None):
+        """The next token id (an mx scalar) after `window_H`, the last ids seen (the penalty's
+        window: the caller keeps it, and only when the sampler penalizes)."""
+        if self.penalizes and window_H is not None and window_H.size:
+            logits_V = penalized(logits_V, window_H, self.repetition_penalty)
         if self.temp == 0:
             return mx.argmax(logits_V, axis=-1)
-        return mx.random.categorical(self.filtered(logits_V / self.temp))
+        return mx.random.categorical(self.filtered(logits_V.astype(mx.float32) / self.temp))
 
     def filtered(self, logits_V):
         """Tempered logits with the tokens top-k, top-p and min-p leave out set to -inf."""
         if 0 < self.top_k < logits_V.shape[-1]:
-            kth = mx.sort(logits_V, axis=-1)[..., -self.top_k]
+            kth = mx.topk(logits_V, self.top_k, axis=-1).min(axis=-1, keepdims=True)
             logits_V = mx.where(logits_V >= kth, logits_V, -mx.inf)
         if self.top_p < 1.0:
             probs_V = mx.softmax(logits_V, axis=-1)
@@ -93,18 +97,20 @@ def generate_tokens(model, prompt_tokens, sampler=GREEDY):
     logits_V = prefill(model, prompt_tokens, cache)
     if not mx.isfinite(logits_V).all().item():
         explain_non_finite(model, "the prompt's logits")
-    # The ids the repetition penalty looks at, kept as an array: the next step is queued
-    # before this token is known.
-    history_H = mx.array(prompt_tokens[-sampler.repetition_context_size:], dtype=mx.int32)
-    token = sampler(logits_V, history_H)
+    # The ids the repetition penalty looks at, kept as an array (the next step is queued
+    # before this token is known), and only when there is a penalty: decoding's hot path.
+    size = sampler.repetition_context_size
+    window_H = mx.array(prompt_tokens[-size:], dtype=mx.int32) if sampler.penalizes else None
+    token = sampler(logits_V, window_H)
     mx.async_eval(token)
     while True:
         # Queue the next step before waiting for this token: the CPU goes from one
         # step's last kernel to the next's first without waiting for Python. If the
         # caller stops here, one step was computed for nothing.
-        history_H = mx.concatenate([history_H, token.reshape(1).astype(mx.int32)])[-sampler.repetition_context_size:]
+        if window_H is not None:
+            window_H = mx.concatenate([window_H, token.reshape(1).astype(mx.int32)])[-size:]
         next_logits = model(token.reshape(1, 1), cache)
-        next_token = sampler(next_logits[0, -1], history_H)
+        next_token = sampler(next_logits[0, -1], window_H)
         mx.async_eval(next_token)
         yield token.item()
         token = next_token

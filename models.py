@@ -337,11 +337,22 @@ class DoRALinear(LoRALinear):
     def __init__(self, base, rank=8, alpha=16.0, dropout=0.0):
         super().__init__(base, rank, alpha, dropout)
         self.magnitude = row_norms(dense_weight(base))
+        self._fixed_rescale_O = None  # private: not a parameter
+
+    def rescale(self):
+        """m / ||W + s (A B)^T||_row, the norms a constant in backward: a dense weight a call."""
+        norm_O = row_norms(folded(dense_weight(self.linear), self.lora_a, self.lora_b, self.scale))
+        return self.magnitude / mx.stop_gradient(norm_O)
+
+    def fix_rescale(self):
+        """For generation alone, over a base that cannot be folded (quantized): the rescaling
+        computed once, instead of a dense weight for every decoded token."""
+        self._fixed_rescale_O = self.rescale()
+        mx.eval(self._fixed_rescale_O)
 
     def __call__(self, x):
-        w_OI = dense_weight(self.linear)
-        norm_O = mx.stop_gradient(row_norms(folded(w_OI, self.lora_a, self.lora_b, self.scale)))
-        rescale_O = (self.magnitude / norm_O).astype(x.dtype)
+        rescale_O = self._fixed_rescale_O if self._fixed_rescale_O is not None else self.rescale()
+        rescale_O = rescale_O.astype(x.dtype)
         y = self.linear(x)
         dropped = self.dropout(x)  # x itself when not training
         base = y if dropped is x else self.linear(dropped)
