@@ -731,7 +731,7 @@ def bench_qa(args):
     for when, adapter_file in runs:
         for split, (scores, answers) in score(args.model, adapter_file, args.data, args.samples).items():
             for metric, n in scores.items():
-                results[f"{split}_{metric}_{when}"] = f"{n}/{args.samples}"
+                results[f"{split}_{metric}_{when}"] = f"{n}/{len(answers)}"
             results[f"{split}_answers_{when}"] = [f"{q} -> {a[:120]!r}" for q, a in answers[:args.show]]
     return results
 

@@ -230,12 +230,14 @@ def check_export(base, fused, exported, precision, lora, folder):
     tokens = probe_tokens(folder, base.config)
     # The adapters as LoRA layers run them, apart from the fold: its scale is not trusted. Fully
     # fine-tuned blocks have no fold: the trained weights are the adapted model.
-    adapted = probe_logits(base, base.config, tokens, lora=(lora["alpha"] / lora["rank"], lora["rank"], fused.deltas,
-                                                           lora["fine_tune_type"])) \
-        if lora["fine_tune_type"] != "full" else probe_logits(fused, base.config, tokens)
+    if lora["fine_tune_type"] == "full":
+        adapted = probe_logits(fused, base.config, tokens)
+    else:
+        adapted = probe_logits(base, base.config, tokens, lora=(lora["alpha"] / lora["rank"], lora["rank"],
+                                                               fused.deltas, lora["fine_tune_type"]))
     rounding = 1e-4 * max(1.0, float(np.abs(adapted).max()))
-    folded = Distance(probe_logits(fused, base.config, tokens), adapted)
-    if folded.largest > rounding:
+    folded = Distance(probe_logits(fused, base.config, tokens), adapted) if fused.deltas else None
+    if folded is not None and folded.largest > rounding:
         raise UserError(f"{folder}: the adapters folded into the weights do not give the adapted model's logits "
                         f"(largest difference {folded.largest:.3g})")
     cost = Distance(probe_logits(AtPrecision(fused, precision), base.config, tokens), adapted)
@@ -308,14 +310,11 @@ def fuse(args):
     fused = Fused(base, lora, arrays, requantize=args.dtype is None and not args.de_quantize)
     target = args.save_path
     _check_free(target, args.force)
-    if args.format == "gguf":
-        with utils.claimed_output(target), utils.file_replaced_when_done(target, suffix=".gguf") as tmp:
-            exported, precision = export_gguf(fused, args, tmp)
-            report(*check_export(base, fused, exported, precision, lora, args.model))
-    else:
-        with utils.claimed_output(target), utils.folder_replaced_when_done(target) as tmp:
-            exported, precision = EXPORTS[args.format](fused, args, tmp)
-            report(*check_export(base, fused, exported, precision, lora, args.model))
+    replaced = (utils.file_replaced_when_done(target, suffix=".gguf") if args.format == "gguf"
+                else utils.folder_replaced_when_done(target))
+    with utils.claimed_output(target), replaced as tmp:
+        exported, precision = EXPORTS[args.format](fused, args, tmp)
+        report(*check_export(base, fused, exported, precision, lora, args.model))
     print(f"wrote {target} ({args.format})", file=sys.stderr)
 
 

@@ -24,7 +24,6 @@ import adapters
 import chat
 import dataset
 import distributed
-import fuse
 import generate
 import models
 import settings
@@ -211,6 +210,8 @@ def run_training(model, data, args, checkpoints, run_meta, resumed):
     log.plot()
     print(f"Saved adapters to {args.adapter_file} (metrics {log.path}, plot {log.plot_path})", file=sys.stderr)
     if lora_config["fine_tune_type"] == "full" and distributed.current().is_writer:
+        import fuse  # the export's formats, for this case alone
+
         fuse.main(["--model", args.model, "--adapter-file", args.adapter_file, "--save-path", stem + "-model",
                    "--force"])
     return 0

@@ -220,12 +220,13 @@ def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None, accumulat
 
     def step(inputs_BT, targets_BT, mask_BT):
         norm = mx.maximum(mask_BT.sum(), 1)  # the counted tokens of the whole batch, every rank's
-        loss, ntoks = mx.array(0.0), mx.array(0.0)
-        grads = tree_map(mx.zeros_like, model.trainable_parameters())
+        loss, ntoks, grads = mx.array(0.0), mx.array(0.0), None
         for start, end in micro_batches(inputs_BT.shape[0], world, accumulation):
             (part, n), g = share_and_grad(norm, inputs_BT[start:end], targets_BT[start:end], mask_BT[start:end])
-            loss, ntoks, grads = loss + part, ntoks + n, tree_map(mx.add, grads, g)
+            loss, ntoks, grads = loss + part, ntoks + n, g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, ntoks, grads)
+        if grads is None:  # a short last batch left this rank no rows: it adds nothing
+            grads = tree_map(mx.zeros_like, model.trainable_parameters())
         if world.size > 1:
             loss, ntoks, grads = summed_across_ranks(world, loss, ntoks, grads)
         return compiled_update(loss, ntoks, grads)
@@ -518,8 +519,9 @@ class EarlyStop:
 def stop_requested(stop, world):
     """The signal that asked any rank to stop, or None: every rank stops after the same step (one
     that went on would wait for the others' gradients forever), and rank 0 writes the checkpoint."""
-    signum = world.all_max(mx.array(stop.signal or 0)).item()
-    return signum or None
+    if world.size == 1:
+        return stop.signal
+    return world.all_max(mx.array(stop.signal or 0)).item() or None
 
 
 def say_how_split(settings, world, resumed):
