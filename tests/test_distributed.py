@@ -92,16 +92,18 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(single, tmp_pat
                                                                      "step-00000008.safetensors"]
 
 
-def test_gradient_accumulation_matches_the_whole_batch(single, tmp_path):
+def test_gradient_accumulation_matches_the_whole_batch(single, tmp_path, capsys):
     """2 micro-batches of 2 in one process, and 2 ranks x 2 micro-batches of 1."""
     model_dir, data, expected, expected_val = single
     accumulated = tmp_path / "one" / "adapters.npz"
     lora.main(train_args(model_dir, data, accumulated, "--grad-accumulation-steps", "2"))
+    assert "4 examples in 1 rank(s) x 2 micro-batch(es) of 2" in capsys.readouterr().err
     assert_close_adapters(read_adapters(accumulated), expected)
     np.testing.assert_allclose(val_losses(accumulated), expected_val, rtol=0, atol=1e-5)
     both = tmp_path / "two" / "adapters.npz"
     results = finish(start_ranks(train_args(model_dir, data, both, "--grad-accumulation-steps", "2"), tmp_path))
     assert [code for code, _ in results] == [0, 0], results[0][1] + results[1][1]
+    assert "4 examples in 2 rank(s) x 2 micro-batch(es) of 1" in results[0][1]
     assert_close_adapters(read_adapters(both), expected)
 
 
@@ -183,7 +185,7 @@ def test_a_rank_that_dies_ends_the_other_with_one_line(single, tmp_path):
     procs[1].send_signal(signal.SIGKILL)
     tic = time.time()
     code, err = finish(procs[:1], timeout=90)[0]
-    assert time.time() - tic < 90
+    assert time.time() - tic < 30  # the lost peer is seen at once
     assert code == 2 and "another rank stopped" in err and "Traceback" not in err
     assert not os.path.exists(adapter_file)  # nothing half-written: none was due
     procs[1].wait()
@@ -198,7 +200,7 @@ def test_under_mlx_launch_a_rank_that_dies_ends_the_run(single, tmp_path):
                sys.executable, die, "1", "3", *train_args(model_dir, data, tmp_path / "a.npz", "--iters", "100000")]
     tic = time.time()
     run = subprocess.run(command, capture_output=True, text=True, timeout=90)
-    assert time.time() - tic < 90
+    assert time.time() - tic < 30  # the lost peer is seen at once
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "another rank stopped" in errors[0], run.stderr
     assert "Traceback" not in run.stderr

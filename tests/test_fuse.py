@@ -297,6 +297,22 @@ def test_an_export_that_is_not_the_adapted_model_is_refused(tuned, tmp_path, mon
     assert os.listdir(tmp_path) == []
 
 
+def test_an_export_that_lost_the_adapters_is_refused(tuned, tmp_path, monkeypatch):
+    """The fold is right but the file written holds the base model: beyond what its precision
+    costs, it is refused."""
+    model_dir, adapter_file = tuned
+    real = fuse.EXPORTS["mlx"]
+
+    def base_written(fused, args, out):
+        _, precision = real(fused, args, out)
+        return mlx_folder.Checkpoint(model_dir), precision  # what a writer that dropped the adapters reads back
+
+    monkeypatch.setitem(fuse.EXPORTS, "mlx", base_written)
+    with pytest.raises(UserError, match="beyond what its precision costs"):
+        fuse.main(["--model", model_dir, "--adapter-file", adapter_file, "--save-path", str(tmp_path / "bad")])
+    assert os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_adapters_of_another_model_are_a_one_line_error(tuned, tmp_path):
