@@ -192,6 +192,10 @@ def test_dora_over_a_quantized_base_trains_and_folds(tmp_path):
     expected = adapted_logits(model_dir, adapter_file)
     tolerance = 1e-4 * max(1.0, np.abs(expected).max())
     assert np.abs(logits(loading.load_model(str(tmp_path / "dense"))[0]) - expected).max() <= tolerance
+    # For generation alone the rescaling is computed once (the base cannot be folded): the same logits.
+    generating = loading.load_model(model_dir, adapter_file=adapter_file, generation_only=True)[0]
+    assert generating.layers[1].attention.wq._fixed_rescale_O is not None
+    assert np.abs(logits(generating) - expected).max() <= tolerance
 
 
 def test_fused_over_a_quantized_base_is_requantized_and_checked(tuned_q4, tmp_path):
