@@ -30,7 +30,8 @@ import sys
 import tempfile
 import time
 
-import utils  # noqa: F401  (fast BLAS before any section imports mlx.core)
+import blas  # first: the fast BLAS before any section imports mlx.core
+import utils
 from utils import UserError, read_json, run_script, write_json
 
 from formats import expected_shapes
@@ -275,7 +276,7 @@ def bench_train(args):
         results[f"{kind}_step_s"] = round(seconds, 3)
         results[f"{kind}_peak_memory_GB"] = round(trainer.peak_memory_gb(), 2)
     results["matmul_params_M"] = round(flops_params / 1e6, 1)
-    results["blas"] = utils.BLAS_PATH
+    results["blas"] = blas.describe()
     return results
 
 
@@ -547,13 +548,6 @@ def best_GBs(probe):
     return probe() / best_time(probe) / 1e9
 
 
-def numpy_matmul_GFLOPs(n=2048):
-    import numpy as np
-
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    return 2 * n**3 / best_time(lambda: a @ a) / 1e9
-
-
 def best_time(fn, repeats=5):
     fn()  # warm-up: page faults, thread start
     times = []
@@ -565,9 +559,12 @@ def best_time(fn, repeats=5):
 
 
 def bench_machine(args):
-    """This machine's own ceilings: numpy (its own BLAS) float32 matmul, memory bandwidth."""
+    """This machine's own ceilings: float32 matmul through MLX's BLAS (which library, which
+    kernels) and numpy's own, memory bandwidth."""
+    mlx_matmul, numpy_matmul = blas.matmul_GFLOPs()
     copy, read = memory_probes()
-    return {"key": "machine", "numpy_matmul_GFLOPs": round(numpy_matmul_GFLOPs(), 1),
+    return {"key": "machine", "blas": blas.describe(), "mlx_matmul_GFLOPs": round(mlx_matmul, 1),
+            "numpy_matmul_GFLOPs": round(numpy_matmul, 1),
             "copy_bandwidth_GBs": round(best_GBs(copy), 1), "read_bandwidth_GBs": round(best_GBs(read), 1)}
 
 
@@ -932,9 +929,20 @@ def print_table(title, results):
         print(f"  {key:<{width}}  {value}")
 
 
+def commit():
+    """The commit measured, with "+changes" when the work tree differs from it."""
+    def git(*words):
+        return subprocess.run(["git", *words], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short=10", "HEAD")
+    return f"{head}+changes" if head and git("status", "--porcelain", "--untracked-files=no") else head or None
+
+
 def run_section(args):
     results = SECTIONS[args.section][1](args)
     results["when"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results["commit"] = commit()
+    results["cpu"] = blas.cpu_name()
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
     print_table(args.section, results)
     everything = read_json(args.results) if os.path.exists(args.results) else {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything mlx-lora needs into the active Python (a virtual environment is fine),
 # and on Linux a fast BLAS for MLX: MLX's CPU wheel bundles the reference BLAS, about 40x
-# slower at matmul; utils.py loads the fast one before MLX starts (see README, "Fast BLAS").
+# slower at matmul; blas.py loads the fast one before MLX starts (see docs, "Fast BLAS").
 #   PYTHON   the interpreter to install into (default: python3)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,19 +23,19 @@ if [ "$(uname -s)" = Linux ] && command -v nvidia-smi >/dev/null && nvidia-smi -
   "$PYTHON" -c "import mlx.core as mx; print('MLX on', mx.default_device(), '($variant)')"
 fi
 
-blas_found() { "$PYTHON" -c "import sys, utils; sys.exit(0 if utils.BLAS_PATH else 1)"; }
-
-if [ "$(uname -s)" = Linux ] && ! blas_found; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    # Debian/Ubuntu's OpenBLAS: small, and MLX's cblas calls resolve to it.
-    apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 ||
-      { apt-get update -q >/dev/null && apt-get install -y -q libopenblas0-pthread >/dev/null; }
-  else
-    # Without root: Intel's MKL from PyPI (larger, about 700 MB).
-    "$PYTHON" -m pip install -q mkl
+# The BLAS under MLX's float32 matmuls (blas.py): scipy-openblas32 from requirements.txt, the
+# current OpenBLAS that numpy ships, reached through _blas_forwarding.so, built here. Without a
+# compiler, blas.py takes MKL or a distribution's OpenBLAS if there is one, and warns when its
+# kernels are older than the CPU.
+if [ "$(uname -s)" = Linux ] && command -v cmake >/dev/null && command -v cc >/dev/null; then
+  mkdir -p build
+  if ! { cmake -S blas_forwarding -B build/blas_forwarding -DPython_EXECUTABLE="$(command -v "$PYTHON")" &&
+         cmake --build build/blas_forwarding; } >build/blas_forwarding.log 2>&1; then
+    echo "BLAS forwarding: build failed (see build/blas_forwarding.log)"
   fi
 fi
-"$PYTHON" -c "import utils; print('fast BLAS:', utils.BLAS_PATH or 'none (MLX uses its own BLAS)')"
+# MLX's float32 matmul against numpy's, timed once; a warning with the remedy when it is slow.
+[ "$(uname -s)" = Linux ] && "$PYTHON" -c "import blas; print(*blas.check_matmul_speed(), sep='\n')"
 
 # The CPU kernels (cpu_kernels/): decoding, QLoRA and the loss at this machine's speed.
 # Optional: without CMake and a C++ compiler, or on macOS (Metal), plain MLX ops run.

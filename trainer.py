@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import utils  # noqa: F401  (fast BLAS before mlx.core)
+import blas
+import utils
 from utils import UserError
 
 import distributed
@@ -386,7 +387,7 @@ def write_manifest(path, inputs, settings):
         "settings": settings,
         "inputs": {name: {"path": p, "sha256": sha256_file(p)} for name, p in sorted(inputs.items())},
         "versions": {"python": platform.python_version(), "mlx": mx.__version__,
-                     "mlx_lora": toolkit_version(), "blas": utils.BLAS_PATH},
+                     "mlx_lora": toolkit_version(), "blas": blas.PATH},
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
 

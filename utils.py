@@ -1,71 +1,20 @@
-"""Helpers shared by every script: fast BLAS, user errors, atomic files, JSONL.
+"""Helpers shared by every script: user errors, atomic files, JSONL.
 
-Import this module before `mlx.core`: on Linux it loads a fast BLAS into the
-global symbol scope so that MLX's `cblas_sgemm` resolves to it (MLX's CPU wheel
-bundles the reference BLAS, about 40x slower; see README, "Fast BLAS").
+Import this module before `mlx.core`: it loads the fast BLAS first (blas.py), which must
+be in the process before MLX binds its matmuls.
 """
+
+import blas  # noqa: F401  (first: the fast BLAS before mlx.core)
 
 import atexit
 import contextlib
-import ctypes
 import fcntl
 import gc
-import glob
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
-
-# Candidates, most preferred first. MLX_LORA_BLAS names a library explicitly;
-# "none" keeps MLX's bundled BLAS.
-_BLAS_CANDIDATES = [
-    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib64/libopenblas.so.0",
-    "/usr/lib/libopenblas.so.0",
-]
-
-BLAS_PATH = None  # the library loaded, for reports
-
-
-def _find_blas():
-    explicit = os.environ.get("MLX_LORA_BLAS")
-    if explicit:
-        return None if explicit == "none" else explicit
-    # PyPI's `mkl` puts libmkl_rt in the environment's (or the user's) lib folder.
-    import site
-
-    mkl = [path for prefix in (sys.prefix, site.getuserbase())
-           for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))]
-    for path in _BLAS_CANDIDATES + mkl:
-        if os.path.exists(path):
-            return path
-    return None
-
-
-def _load_fast_blas():
-    global BLAS_PATH
-    if platform.system() != "Linux":
-        return  # macOS: MLX uses Accelerate and Metal already
-    if "mlx.core" in sys.modules:
-        # Too late: symbols are already bound to the reference BLAS.
-        print("warning: utils imported after mlx.core; fast BLAS not loaded", file=sys.stderr)
-        return
-    path = _find_blas()
-    if path is None:
-        return
-    if "mkl_rt" in path:
-        os.environ.setdefault("KMP_BLOCKTIME", "0")  # MKL threads otherwise spin between calls
-    try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        BLAS_PATH = path
-    except OSError as e:
-        print(f"warning: could not load fast BLAS {path}: {e}", file=sys.stderr)
-
-
-_load_fast_blas()
 
 
 def _release_mlx_streams():

@@ -1,4 +1,4 @@
-"""Shared helpers: fast BLAS, atomic writes, JSONL limits, the one-line error boundary."""
+"""Shared helpers: the fast BLAS, atomic writes, JSONL limits, the one-line error boundary."""
 
 import os
 import platform
@@ -7,16 +7,69 @@ import sys
 
 import pytest
 
+import blas
 import utils
 from utils import UserError
 
 
-@pytest.mark.skipif(platform.system() != "Linux", reason="macOS uses Accelerate")
-def test_fast_blas_is_loaded_before_mlx():
-    """setup.sh installs a fast BLAS; importing utils first must put it in this process."""
-    assert utils.BLAS_PATH, "no fast BLAS found: run setup.sh"
-    with open("/proc/self/maps") as f:
-        assert os.path.realpath(utils.BLAS_PATH) in f.read()
+linux_only = pytest.mark.skipif(platform.system() != "Linux", reason="macOS uses Accelerate")
+
+MATMUL = "import utils, mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))"
+
+
+def library_binding(symbol, importer, env=None):
+    """The file that the dynamic linker binds `importer`'s `symbol` to when a fresh process
+    imports utils (the BLAS) and runs one MLX float32 matmul: its LD_DEBUG=bindings record."""
+    out = subprocess.run([sys.executable, "-c", MATMUL], capture_output=True, text=True,
+                         env={**os.environ, **(env or {}), "LD_DEBUG": "bindings"}, check=True).stderr
+    for line in out.splitlines():
+        if importer in line and f"`{symbol}'" in line and " to " in line:
+            return line.split(" to ")[1].split(" [")[0]
+    raise AssertionError(f"no binding of {symbol} from {importer} seen")
+
+
+@linux_only
+def test_mlx_sgemm_runs_in_scipy_openblas_through_the_forwards():
+    """setup.sh builds _blas_forwarding.so; MLX's cblas_sgemm must reach scipy-openblas32's."""
+    assert blas.PATH == blas.FORWARDING, f"the forwarding library is not loaded ({blas.PATH}): run setup.sh"
+    assert os.path.realpath(library_binding("cblas_sgemm", "libmlx.so")) == os.path.realpath(blas.FORWARDING)
+    assert library_binding("scipy_cblas_sgemm", "_blas_forwarding.so").endswith("libscipy_openblas.so")
+
+
+@linux_only
+def test_the_binding_check_sees_a_fallback_to_the_reference_blas():
+    """The check above fails when MLX's matmul runs in the BLAS its wheel bundles."""
+    assert "mlx_cpu.libs/libblas" in library_binding("cblas_sgemm", "libmlx.so", {"MLX_LORA_BLAS": "none"})
+
+
+@linux_only
+def test_the_blas_runs_kernels_made_for_this_cpu():
+    info = blas.describe()
+    assert info["library"] == "scipy-openblas32" and info["version"].startswith("OpenBLAS 0.3.")
+    assert blas.generic_kernel_warning(info["core"], blas.cpu_flags()) is None, info
+
+
+def test_generic_kernels_on_a_newer_cpu_are_said(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    assert "Prescott" in blas.generic_kernel_warning("Prescott", {"avx2", "avx512f"})
+    assert "Haswell" in blas.generic_kernel_warning("Haswell", {"avx2", "avx512f"})
+    assert blas.generic_kernel_warning("Haswell", {"avx2"}) is None
+    assert blas.generic_kernel_warning("SapphireRapids", {"avx2", "avx512f"}) is None
+    assert blas.generic_kernel_warning("Prescott", {"sse3"}) is None
+
+
+def test_a_core_chosen_by_openblas_coretype_is_the_users(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Prescott")
+    assert blas.generic_kernel_warning("Prescott", {"avx2", "avx512f"}) is None
+
+
+def test_a_slow_mlx_matmul_is_said_with_its_remedy(monkeypatch):
+    monkeypatch.setattr(blas, "matmul_GFLOPs", lambda: (30.0, 230.0))
+    speed, warning = blas.check_matmul_speed()
+    assert "MLX 30 GFLOP/s" in speed and "numpy 230 GFLOP/s" in speed
+    assert warning.startswith("warning: MLX's matmul runs at 13% of numpy's") and "setup.sh" in warning
+    monkeypatch.setattr(blas, "matmul_GFLOPs", lambda: (200.0, 230.0))
+    assert len(blas.check_matmul_speed()) == 1
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
