@@ -20,6 +20,7 @@ cache, which VmHWM and ru_maxrss count but RssAnon does not.
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -244,17 +245,22 @@ def matmul_parameters(model):
 
 
 def bench_train(args):
-    """LoRA (and QLoRA) steps on random models: tokens/s and useful GFLOP/s."""
+    """LoRA (and QLoRA) steps on random models: tokens/s and useful GFLOP/s, the products in
+    float32 and, where the CPU has AMX, in bfloat16 (--compute-dtype bfloat16)."""
     import mlx.core as mx
     import mlx.optimizers as optim
 
     import models
+    import ops
     import trainer
 
     results = {"key": f"train-{args.size}", "size": args.size, "batch": f"{args.batch_size} x {args.seq_len}",
                "targets": args.targets}
-    for kind in ["lora"] + (["qlora4"] if args.qlora else []):
-        model = random_model(args.size, bits=4 if kind == "qlora4" else None)
+    precisions = ["float32"] + (["bfloat16"] if ops.bfloat16_products_available() else [])
+    for bits, precision in itertools.product([None] + ([4] if args.qlora else []), precisions):
+        kind = ("qlora4" if bits else "lora") + ("_bf16" if precision == "bfloat16" else "")
+        ops.use_bfloat16_products(precision == "bfloat16")
+        model = random_model(args.size, bits=bits)
         mx.reset_peak_memory()
         flops_params = matmul_parameters(model)
         models.apply_lora(model, len(model.layers), models.parse_targets(args.targets))
@@ -275,9 +281,66 @@ def bench_train(args):
         results[f"{kind}_useful_GFLOPs"] = round(4 * flops_params * n_tokens / seconds / 1e9, 1)
         results[f"{kind}_step_s"] = round(seconds, 3)
         results[f"{kind}_peak_memory_GB"] = round(trainer.peak_memory_gb(), 2)
+    ops.use_bfloat16_products(False)
     results["matmul_params_M"] = round(flops_params / 1e6, 1)
     results["blas"] = blas.describe()
+    results.update(pytorch_reference(args, {k[:-len("_tokens_per_s")]: v for k, v in results.items()
+                                            if k.startswith("lora") and k.endswith("_tokens_per_s")}))
     return results
+
+
+def pytorch_reference(args, mlx_tokens_per_s):
+    """The same LoRA step in PyTorch + PEFT, same shape, batch, rank and targets: float32, and
+    under bfloat16 autocast (oneDNN's bf16 units where the CPU has them); each of this
+    toolkit's LoRA kinds in `mlx_tokens_per_s` ({kind: tokens/s}) as a ratio to both. Skipped
+    without torch, transformers and peft (test-only dependencies)."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(name) is None for name in ("torch", "transformers", "peft")):
+        return {"pytorch": "skipped: needs torch, transformers and peft"}
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        seconds = torch_lora_step_seconds(args, autocast=precision == "bfloat16")
+        tokens_per_s = args.batch_size * args.seq_len / seconds
+        results[f"pytorch_{precision}_tokens_per_s"] = round(tokens_per_s, 1)
+        for kind, ours in mlx_tokens_per_s.items():
+            results[f"{kind}_over_pytorch_{precision}"] = f"{ours / tokens_per_s:.2f}x"
+    return results
+
+
+def torch_lora_step_seconds(args, autocast):
+    """Median seconds of a LoRA step of MODEL_SIZES[args.size] as transformers' LlamaForCausalLM
+    with PEFT's LoRA (alpha 16, like apply_lora's default), Adam, every core."""
+    import contextlib
+
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    shape = MODEL_SIZES[args.size]
+    config = transformers.LlamaConfig(
+        hidden_size=shape["dim"], num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
+        num_key_value_heads=shape["n_kv_heads"], head_dim=shape["head_dim"], intermediate_size=shape["hidden_dim"],
+        vocab_size=shape["vocab_size"], rms_norm_eps=1e-5, tie_word_embeddings=False)
+    model = get_peft_model(transformers.LlamaForCausalLM(config),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=[PEFT_TARGETS[t] for t in args.targets.split(",")]))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    tokens = torch.randint(0, shape["vocab_size"], (args.batch_size, args.seq_len + 1))
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    times = []
+    for i in range(args.steps + 2):  # two warm-up steps, as for MLX
+        tic = time.perf_counter()
+        with precision:
+            logits = model(input_ids=tokens[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i >= 2:
+            times.append(time.perf_counter() - tic)
+    return sorted(times)[len(times) // 2]
 
 
 def add_train_args(p):

@@ -196,6 +196,17 @@ def cast_floats(model, dtype, keep_float16_weights=False):
                                  for k, p in tree_flatten(model.parameters())]))
 
 
+def _bfloat16_products_on_the_cpu():
+    """bfloat16 on the CPU: float32 throughout but the products of the frozen weights, which
+    run on AMX tiles in bfloat16 (ops.py). MLX's own bfloat16 matmul is a scalar loop on
+    x86, far slower than float32: without AMX, refused."""
+    if not ops.bfloat16_products_available():
+        raise UserError("--compute-dtype bfloat16 on the CPU needs AMX bfloat16 tiles and the CPU kernels "
+                        "(setup.sh); this machine has not both: use float32 (auto)")
+    ops.use_bfloat16_products()
+    return "float32"
+
+
 def set_compute_dtype(model, compute_dtype="auto", generation_only=False):
     """Cast the model's floats for computation in `compute_dtype`: "auto" (float32 on
     the CPU, the stored dtype on a GPU) or a dtype name.
@@ -206,6 +217,8 @@ def set_compute_dtype(model, compute_dtype="auto", generation_only=False):
     (Training and evaluation, whose products all go through BLAS, would convert
     them at every step.)
     """
+    if compute_dtype == "bfloat16" and mx.default_device() == mx.cpu:
+        compute_dtype = _bfloat16_products_on_the_cpu()
     dtype = default_compute_dtype() if compute_dtype == "auto" else getattr(mx, compute_dtype)
     if dtype is not None:
         cast_floats(model, dtype, generation_only and dtype == mx.float32 and ops.reads_float16_weights())

@@ -12,6 +12,11 @@ most FEW_ROWS rows. Everywhere else (a GPU, float16 computation, a machine
 without a compiler) each op is MLX's own. MLX_LORA_CPU_KERNELS=0 turns the
 kernels off, to compare against plain MLX.
 
+The products of a layer's input with its frozen weight run in float32 (BLAS), or
+with both rounded to bfloat16 on the CPU's AMX tiles, float32 sums, after
+use_bfloat16_products() (`--compute-dtype bfloat16` on such a CPU): what
+PyTorch's CPU autocast computes. Everything else stays float32.
+
 Shapes: B batch, T queries, S keys, N query heads, K key/value heads, H head dim.
 """
 
@@ -53,6 +58,26 @@ def _rows(x):
     return x.size // x.shape[-1]
 
 
+_bfloat16_products = False
+
+
+def bfloat16_products_available():
+    """The CPU kernels run here and this CPU lends them AMX's bfloat16 tiles."""
+    return active() and kernels.bf16_products()
+
+
+def use_bfloat16_products(on=True):
+    """From now on, the frozen weights' products of many rows in bfloat16 on AMX tiles."""
+    global _bfloat16_products
+    if on and not bfloat16_products_available():
+        raise ValueError("bfloat16 products need the CPU kernels and a CPU with AMX bfloat16 tiles")
+    _bfloat16_products = on
+
+
+def _bfloat16_applies(x):
+    return _bfloat16_products and _applies(x, rows=None) and _rows(x) > FEW_ROWS
+
+
 def reads_float16_weights():
     """Whether a float16 weight can stay float16 under float32 computation: the matvec
     kernel reads it as it is (half the bytes a decoded token), and a prompt widens it
@@ -77,6 +102,8 @@ def linear(x, weight):
     """x @ weight.T, float32 x; weight float32, or float16 kept for generation."""
     if _matvec_applies(x, [weight]):
         return kernels.matvec(x, weight)
+    if _bfloat16_applies(x):
+        return kernels.bf16_matmul(x, weight, True)
     if weight.dtype == mx.float16 and _applies(x):
         return _widened_matmul(x, weight)  # a prompt's many rows: widen, then BLAS
     return x @ weight.T
@@ -87,7 +114,7 @@ def quantized_linear(x, weight, scales, biases, group_size, bits):
     if bits in (2, 4, 8) and _applies(x, scales, biases):
         if _rows(x) <= FEW_ROWS:
             return kernels.quantized_matvec(x, weight, scales, biases, group_size, bits)
-        return _dequantized_matmul(group_size, bits)(x, weight, scales, biases)
+        return _dequantized_matmul(group_size, bits, _bfloat16_products)(x, weight, scales, biases)
     return mx.quantized_matmul(x, weight, scales=scales, biases=biases, transpose=True,
                                group_size=group_size, bits=bits)
 
@@ -106,10 +133,11 @@ def _matvec_applies(x, weights):
             and all(w.dtype == weights[0].dtype for w in weights))
 
 
-def _frozen_matmul(dense):
+def _frozen_matmul(dense, bfloat16=False):
     """x @ dense(*stored).T whose backward calls `dense` again instead of keeping the
     float32 weight from forward to backward: a quantized or float16 frozen base keeps
-    its memory saving. The stored arrays take no gradient.
+    its memory saving. The stored arrays take no gradient. Both products in BLAS, or
+    with `bfloat16`, on AMX tiles.
 
     Each dense weight depends on the activation it multiplies: depending on leaves
     alone, MLX may make every layer's dense weight first and hold them all at once."""
@@ -117,21 +145,27 @@ def _frozen_matmul(dense):
     def dense_after(activation, stored):
         return dense(*mx.depends(list(stored), [activation]))
 
+    def product(a, w, transposed):
+        if bfloat16:
+            return kernels.bf16_matmul(a, w, transposed)
+        return a @ (w.T if transposed else w)
+
     @mx.custom_function
     def matmul(x, *stored):
-        return x @ dense_after(x, stored).T
+        return product(x, dense_after(x, stored), True)
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, *stored = primals
-        return (cotangent @ dense_after(cotangent, stored), *map(mx.zeros_like, stored))
+        return (product(cotangent, dense_after(cotangent, stored), False), *map(mx.zeros_like, stored))
 
     return matmul
 
 
 @functools.lru_cache(maxsize=None)
-def _dequantized_matmul(group_size, bits):
-    return _frozen_matmul(lambda w, scales, biases: kernels.dequantize(w, scales, biases, group_size, bits))
+def _dequantized_matmul(group_size, bits, bfloat16):
+    return _frozen_matmul(lambda w, scales, biases: kernels.dequantize(w, scales, biases, group_size, bits),
+                          bfloat16)
 
 
 _widened_matmul = _frozen_matmul(lambda w: kernels.to_float32(w))

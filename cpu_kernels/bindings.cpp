@@ -4,7 +4,8 @@
 // matrices; these run them threaded and vectorised.
 //
 // One file per kernel family, each with its loops, its MLX primitives and its
-// operations: matvec.cpp (float32 and float16 weights), quantized.cpp, cross_entropy.cpp,
+// operations: matvec.cpp (float32 and float16 weights), quantized.cpp, bf16_matmul.cpp (AMX),
+// cross_entropy.cpp,
 // swiglu.cpp, causal_softmax.cpp, decoding.cpp (norm, RoPE, attention). Shared:
 // threads.h (the thread pool), simd.h (dot, exp, softmax rows), primitive.h (the MLX
 // plumbing), ops.h (what this file binds).
@@ -31,7 +32,7 @@ using namespace nb::literals;
 using namespace cpu_kernels;
 
 NB_MODULE(MLX_LORA_MODULE_NAME, m) {
-  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, float16 widening, cross-entropy, SwiGLU, causal softmax, and the norm, RoPE and attention of decoding.";
+  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, float16 widening, bfloat16 products on AMX, cross-entropy, SwiGLU, causal softmax, and the norm, RoPE and attention of decoding.";
   m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32; w float32 or float16).");
   m.def("matvecs", &matvecs, "x"_a, "w"_a,
         "[x @ w.T for w in w] for a few rows of x, in one pass over all the weights (float32).");
@@ -40,6 +41,10 @@ NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
         "The float32 matrix of MLX affine-quantized weights.");
   m.def("to_float32", &to_float32, "x"_a, "float16 x as float32 (exact), on every thread.");
+  m.def("bf16_products", &bf16_products,
+        "Whether bf16_matmul runs here: built with AMX, and the kernel lends this process its tiles.");
+  m.def("bf16_matmul", &bf16_matmul, "a"_a, "b"_a, "transposed"_a,
+        "a [..., K] @ b.T (b [N, K]) or a @ b (b [K, N]), both rounded to bfloat16, summed in float32 on AMX tiles.");
   m.def("cross_entropy", &cross_entropy, "logits"_a, "targets"_a,
         "logsumexp(logits) - logits[target] along the last axis (float32 logits).");
   m.def("swiglu", &swiglu, "a"_a, "b"_a, "silu(a) * b (float32).");

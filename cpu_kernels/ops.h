@@ -21,6 +21,10 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& wq, const mx::ar
 mx::array dequantize(const mx::array& wq, const mx::array& scales, const mx::array& biases,
                      int group_size, int bits);
 
+// bf16_matmul.cpp: bfloat16 products on AMX tiles, float32 sums
+bool bf16_products();
+mx::array bf16_matmul(const mx::array& a, const mx::array& b, bool transposed);
+
 // cross_entropy.cpp
 mx::array cross_entropy(const mx::array& logits, const mx::array& targets);
 

@@ -388,3 +388,116 @@ def test_qlora_step_holds_one_dense_layer_at_a_time():
     # the four more layers' quantized weights must show, or the peak is not measured at all
     assert deep - shallow > 4 * quantized_layer
     assert (deep - shallow) / 4 < dense_layer / 2
+
+
+# --------------------------------------------------------------------------- bfloat16 products (AMX)
+
+needs_amx = pytest.mark.skipif(kernels is None or not kernels.bf16_products(),
+                               reason="no AMX bfloat16 tiles on this CPU (or kernel)")
+
+
+def bf16_rounded(a):
+    """a's values rounded to bfloat16 (to nearest, ties to even), as float64."""
+    return f64(mx.array(a).astype(mx.bfloat16).astype(mx.float32))
+
+
+def bf16_product_bound(a, b_KN):
+    """How far float32 sums of the exact products of bfloat16 values may stray from float64:
+    K roundings of 2^-24 each, over the sum of the products' magnitudes."""
+    a_r, b_r = bf16_rounded(a), bf16_rounded(b_KN)
+    return a_r @ b_r, a.shape[-1] * 2.0**-24 * (np.abs(a_r) @ np.abs(b_r)) + 1e-30
+
+
+@needs_amx
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (5, 7, 3), (33, 47, 65), (64, 96, 128), (100, 200, 1100), (70, 33, 2100)])
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("stored", [mx.float32, mx.bfloat16])
+def test_bf16_matmul_is_the_float32_sum_of_bfloat16_products(m, n, k, transposed, stored):
+    """Every edge of the 32x32 blocks and 32-value steps, K past one chunk of 1024, both
+    orientations of B, B stored as float32 (rounded when packed) or bfloat16."""
+    a = mx.random.normal((m, k), key=mx.random.key(m))
+    b_NK = mx.random.normal((n, k), key=mx.random.key(n)).astype(stored)
+    b = b_NK if transposed else mx.contiguous(b_NK.T)
+    got = f64(kernels.bf16_matmul(a, b, transposed))
+    exact, bound = bf16_product_bound(a, f64(b_NK.astype(mx.float32)).T)
+    assert (np.abs(got - exact) <= bound).all()
+    if k > 16:  # the rounding to bfloat16 shows: not a float32 product
+        assert np.abs(got - f64(a) @ f64(b_NK.astype(mx.float32)).T).max() > 1e3 * bound.max() / k
+
+
+@needs_amx
+def test_bf16_matmul_keeps_leading_axes_and_reads_views_as_their_values():
+    a = mx.random.normal((2, 3, 40, 64))
+    w = mx.random.normal((64, 50))  # its transpose, a view, is the [N, K] weight
+    got = kernels.bf16_matmul(a, w.T, True)
+    assert got.shape == (2, 3, 40, 50)
+    exact, bound = bf16_product_bound(a.reshape(-1, 64), f64(w))
+    assert (np.abs(f64(got).reshape(-1, 50) - exact) <= bound).all()
+    assert f64(kernels.bf16_matmul(mx.zeros((4, 0)), mx.zeros((0, 3)), False)).tolist() == [[0.0] * 3] * 4
+
+
+@needs_amx
+@pytest.mark.parametrize("transposed", [True, False])
+def test_bf16_matmul_gradients(transposed):
+    """d/da through the kernel in the other orientation (bfloat16 products of the cotangent);
+    d/db in float32."""
+    a, g = mx.random.normal((37, 70)), mx.random.normal((37, 45))
+    w_NK = mx.random.normal((45, 70))
+    b = w_NK if transposed else mx.contiguous(w_NK.T)
+    _, (da, db) = mx.vjp(lambda a, b: kernels.bf16_matmul(a, b, transposed), [a, b], [g])
+    exact, bound = bf16_product_bound(g, f64(w_NK))
+    assert (np.abs(f64(da) - exact) <= bound).all()
+    db_NK = f64(g).T @ f64(a)
+    np.testing.assert_allclose(f64(db), db_NK if transposed else db_NK.T, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arguments_of_bf16_matmul_raise():
+    for a, b in [(mx.zeros((2, 4), mx.float16), mx.zeros((3, 4))), (mx.zeros((2, 4)), mx.zeros((3, 4), mx.int32)),
+                 (mx.zeros((2, 4)), mx.zeros((3, 5))), (mx.zeros((2, 4)), mx.zeros((1, 3, 4)))]:
+        with pytest.raises(ValueError):
+            kernels.bf16_matmul(a, b, True)
+
+
+@pytest.fixture
+def bfloat16_products():
+    ops.use_bfloat16_products()
+    yield
+    ops.use_bfloat16_products(False)
+
+
+@needs_amx
+@pytest.mark.parametrize("weights", ["float32", 4])
+def test_bfloat16_products_in_the_model(weights, kernel_calls, bfloat16_products):
+    """Every frozen product of a prompt and of a LoRA step's backward runs on AMX; logits and
+    adapter gradients stay within bfloat16's rounding of the float32 ones."""
+    def run():
+        model = random_model(weights)
+        tokens = mx.random.randint(0, 320, (2, 33), key=mx.random.key(0))
+        logits = model(tokens[:, :-1])
+        models.apply_lora(model, 2, models.parse_targets("all"))
+        model.update(tree_map(lambda p: p + 0.01, model.trainable_parameters()))  # B != 0
+        batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((2, 32)))
+        (loss, _), g = nn.value_and_grad(model, trainer.loss_fn)(model, *batch)
+        return logits, loss, tree_flatten(g)
+
+    logits, loss, grads = run()
+    n_linear = 7 * ARGS.n_layers + 1
+    # forward twice (the logits, then the loss), each frozen linear; a quantized one's backward
+    # calls it from Python too (a float one's, from the primitive's vjp: tested above), but for
+    # the first block's q, k and v, whose input's gradient would reach only the frozen embedding
+    backward = n_linear - 3 if weights == 4 else 0
+    assert kernel_calls["bf16_matmul"] == 2 * n_linear + backward
+    ops.use_bfloat16_products(False)
+    ref_logits, ref_loss, ref_grads = run()
+    scale = np.abs(np.array(ref_logits)).max()
+    assert np.abs(np.array(logits) - np.array(ref_logits)).max() < 2e-2 * scale
+    assert abs(loss.item() - ref_loss.item()) < 1e-2 * abs(ref_loss.item())
+    for (name, got), (_, expected) in zip(grads, ref_grads):
+        cosine = (f64(got) * f64(expected)).sum() / np.linalg.norm(f64(got)) / np.linalg.norm(f64(expected))
+        assert cosine > 0.99, name
+
+
+def test_compute_dtype_bfloat16_on_a_cpu_without_amx_is_refused(monkeypatch):
+    monkeypatch.setattr(ops, "bfloat16_products_available", lambda: False)
+    with pytest.raises(loading.UserError, match="AMX"):
+        loading.set_compute_dtype(random_model(), "bfloat16")

@@ -242,3 +242,11 @@ def test_attention_of_grouped_query_heads(portable, native, T, S, H):
     scale = H ** -0.5
     got, ref = both(portable, native, lambda kernels: kernels.attention(q, k, v, scale))
     close(got, attention_float64(q, k, v, scale), ref, atol=1e-5)
+
+
+def test_without_amx_bfloat16_products_are_said_unavailable(portable):
+    """Built without AMX, the bfloat16 products report so and refuse to run, rather than
+    computing something else."""
+    assert portable.bf16_products() is False
+    with pytest.raises(RuntimeError, match="AMX"):
+        portable.bf16_matmul(mx.ones((2, 4)), mx.ones((3, 4)), True)
