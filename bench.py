@@ -385,15 +385,16 @@ def time_steps(step, batches):
     return time.perf_counter() - tic
 
 
-def mlx_lora_seconds(model_dir, batches, rank, alpha, targets):
+def mlx_lora_seconds(model_dir, batches, rank, alpha, targets, compute_dtype="auto"):
     import mlx.core as mx
     import mlx.optimizers as optim
 
     import models
+    import ops
     import trainer
     from loading import load_model
 
-    model, _, _ = load_model(model_dir)
+    model, _, _ = load_model(model_dir, compute_dtype=compute_dtype)
     models.apply_lora(model, len(model.layers), targets, rank, alpha)
     optimizer = optim.Adam(learning_rate=1e-5)
     compiled = trainer.make_train_step(model, optimizer)
@@ -401,12 +402,18 @@ def mlx_lora_seconds(model_dir, batches, rank, alpha, targets):
     def step(batch):
         mx.eval(compiled(*map(mx.array, batch)), model.trainable_parameters(), optimizer.state)
 
-    return time_steps(step, batches)
+    try:
+        return time_steps(step, batches)
+    finally:
+        ops.use_bfloat16_products(False)
 
 
-def peft_lora_seconds(gguf_path, batches, rank, alpha, targets):
+def peft_lora_seconds(gguf_path, batches, rank, alpha, targets, autocast=False):
     """The same steps in PyTorch + PEFT: transformers' GGUF loader (float32), a LoRA of the same
-    rank, alpha and modules, Adam, the masked cross-entropy."""
+    rank, alpha and modules, Adam, the masked cross-entropy; with `autocast`, the forward pass
+    under bfloat16 autocast."""
+    import contextlib
+
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -418,9 +425,12 @@ def peft_lora_seconds(gguf_path, batches, rank, alpha, targets):
                                             target_modules=[PEFT_TARGETS[t] for t in targets]))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
     def step(batch):
         inputs, targets_, mask = (torch.from_numpy(a) for a in batch)
-        logits = model(input_ids=inputs.long()).logits
+        with precision:
+            logits = model(input_ids=inputs.long()).logits.float()
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets_.long().flatten(), reduction="none")
         loss = (ce * mask.flatten()).sum() / mask.sum().clamp(min=1)
         optimizer.zero_grad()
@@ -442,6 +452,7 @@ def bench_peft(args):
 
     import convert
     import models
+    import ops
 
     gguf_path = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.exists(gguf_path) or not os.path.isdir(args.model):
@@ -452,15 +463,20 @@ def bench_peft(args):
     results = {"key": "peft", "model": "SmolLM2-135M-Instruct", "batches": f"{len(batches)} x {args.batch_size}",
                "max_seq_length": args.max_seq_length, "rank": args.rank, "targets": args.targets,
                "loss_tokens": n_tokens}
+    lora = (args.rank, 2 * args.rank, targets)
+    bfloat16 = ops.bfloat16_products_available()
     with tempfile.TemporaryDirectory() as tmp:
         convert.convert(gguf_path, os.path.join(tmp, "f32"), dtype="float32")  # LoRA's float copy
-        seconds = {"lora": mlx_lora_seconds(os.path.join(tmp, "f32"), batches, args.rank, 2 * args.rank, targets),
-                   "qlora": mlx_lora_seconds(args.model, batches, args.rank, 2 * args.rank, targets),
-                   "peft": peft_lora_seconds(gguf_path, batches, args.rank, 2 * args.rank, targets)}
+        seconds = {"lora": mlx_lora_seconds(os.path.join(tmp, "f32"), batches, *lora),
+                   "qlora": mlx_lora_seconds(args.model, batches, *lora)}
+        if bfloat16:
+            seconds["qlora_bf16"] = mlx_lora_seconds(args.model, batches, *lora, compute_dtype="bfloat16")
+    seconds["peft"] = peft_lora_seconds(gguf_path, batches, *lora)
+    seconds["peft_bf16"] = peft_lora_seconds(gguf_path, batches, *lora, autocast=True)
     for kind, s in seconds.items():
         results[f"{kind}_loss_tokens_per_s"] = round(n_tokens / s, 1)
-    results["lora_over_peft"] = f"{seconds['peft'] / seconds['lora']:.2f}x"
-    results["qlora_over_peft"] = f"{seconds['peft'] / seconds['qlora']:.2f}x"
+    for ours, theirs in itertools.product([k for k in seconds if not k.startswith("peft")], ["peft", "peft_bf16"]):
+        results[f"{ours}_over_{theirs}"] = f"{seconds[theirs] / seconds[ours]:.2f}x"
     return results
 
 

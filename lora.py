@@ -40,7 +40,9 @@ DESCRIPTION = "LoRA / QLoRA fine-tuning, testing and generation."
 class LoraSettings(trainer.TrainingSettings):
     model: str = option(DEFAULT_MODEL, "converted model folder (config.json, weights, tokenizer); default: "
                                        "SmolLM2-135M-Instruct, which setup.sh fetches and converts")
-    compute_dtype: str = option("auto", "dtype to compute in; auto = float32 on the CPU, the stored dtype on a GPU",
+    compute_dtype: str = option("auto", "dtype to compute in; auto = float32 on the CPU, the stored dtype on a GPU; "
+                                        "bfloat16 on a CPU with AMX: the frozen weights' products in bfloat16 on "
+                                        "its tiles, the rest float32",
                                 choices=["auto", "float32", "float16", "bfloat16"])
     # Generation
     prompt: Optional[str] = option(None, "generate from this prompt", flags=["-p"], text=True, allow_empty=True)

@@ -164,7 +164,8 @@ def _frozen_matmul(dense, bfloat16=False):
 
 @functools.lru_cache(maxsize=None)
 def _dequantized_matmul(group_size, bits, bfloat16):
-    return _frozen_matmul(lambda w, scales, biases: kernels.dequantize(w, scales, biases, group_size, bits),
+    dtype = mx.bfloat16 if bfloat16 else mx.float32  # bfloat16: rounded once, half the bytes to pack
+    return _frozen_matmul(lambda w, scales, biases: kernels.dequantize(w, scales, biases, group_size, bits, dtype),
                           bfloat16)
 
 

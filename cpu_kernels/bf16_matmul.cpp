@@ -18,6 +18,7 @@
 
 #include "ops.h"
 #include "primitive.h"
+#include "simd.h"
 #include "threads.h"
 
 // Every CPU with AMX has AVX-512's bfloat16 conversion, which the packing uses.
@@ -46,14 +47,6 @@ struct Scratch {
   explicit Scratch(int64_t n) : data(mx::allocator::malloc(size_t(n) * sizeof(T))) {}
   T* get() { return static_cast<T*>(data.buffer().raw_ptr()); }
 };
-
-// float32 -> bfloat16, to nearest, ties to even; NaN stays NaN.
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffff) > 0x7f800000) return uint16_t((u >> 16) | 0x40);
-  return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
 
 template <typename T>
 inline uint16_t bf16_of(T v) {

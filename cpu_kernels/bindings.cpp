@@ -39,7 +39,8 @@ NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   m.def("quantized_matvec", &quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
         "x [..., K] @ dequantize(w).T for a few rows of x (float32 x, scales and biases).");
   m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
-        "The float32 matrix of MLX affine-quantized weights.");
+        "dtype"_a = mlx::core::float32,
+        "The float32 (or bfloat16) matrix of MLX affine-quantized weights.");
   m.def("to_float32", &to_float32, "x"_a, "float16 x as float32 (exact), on every thread.");
   m.def("bf16_products", &bf16_products,
         "Whether bf16_matmul runs here: built with AMX, and the kernel lends this process its tiles.");

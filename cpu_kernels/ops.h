@@ -19,7 +19,7 @@ mx::array to_float32(const mx::array& x);
 mx::array quantized_matvec(const mx::array& x, const mx::array& wq, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits);
 mx::array dequantize(const mx::array& wq, const mx::array& scales, const mx::array& biases,
-                     int group_size, int bits);
+                     int group_size, int bits, mx::Dtype dtype);
 
 // bf16_matmul.cpp: bfloat16 products on AMX tiles, float32 sums
 bool bf16_products();

@@ -179,12 +179,28 @@ void quantized_matvec_rows(
 
 // ---------------------------------------------------------------- dequantize
 
+// The dequantized weights as float32, or as bfloat16 for the bfloat16 products (half the
+// bytes to write and read again; bf16_matmul would round them the same way).
+inline float stored_as(float v, float*) { return v; }
+inline uint16_t stored_as(float v, uint16_t*) { return to_bf16(v); }
+
 #if defined(__AVX512F__)
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(uint16_t* out, __m512 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256((__m256i*)out, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  alignas(64) float values[16];
+  _mm512_store_ps(values, v);
+  for (int i = 0; i < 16; i++) out[i] = to_bf16(values[i]);
+#endif
+}
+
 // One row, 16 values at a time: lane l takes value l % per_word of word l / per_word
 // of the chunk's 1, 2 or 4 words (2, 4 or 8 bits), so a chunk is one masked load,
 // a permute, a variable shift, a mask, a conversion and a fused multiply-add.
-template <int BITS>
-void dequantize_row(const uint32_t* wn, const float* sn, const float* bn, float* out, int K, int group_size) {
+template <int BITS, typename Out>
+void dequantize_row(const uint32_t* wn, const float* sn, const float* bn, Out* out, int K, int group_size) {
   using P = Packing<BITS>;
   constexpr int words_per_chunk = 16 / P::per_word;
   alignas(64) int32_t word_of[16], shift_of[16];
@@ -198,21 +214,23 @@ void dequantize_row(const uint32_t* wn, const float* sn, const float* bn, float*
     const __m512i words = _mm512_maskz_loadu_epi32(__mmask16((1u << words_per_chunk) - 1), wn + c * words_per_chunk);
     const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(index, words), shifts), mask);
     const int g = c * 16 / group_size;  // group sizes are multiples of 16
-    _mm512_storeu_ps(out + c * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sn[g]), _mm512_set1_ps(bn[g])));
+    store16(out + c * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sn[g]), _mm512_set1_ps(bn[g])));
   }
 }
 #else
-template <int BITS>
-void dequantize_row(const uint32_t* wn, const float* sn, const float* bn, float* out, int K, int group_size) {
+template <int BITS, typename Out>
+void dequantize_row(const uint32_t* wn, const float* sn, const float* bn, Out* out, int K, int group_size) {
   using P = Packing<BITS>;
   for (int k = 0; k < K; k++)
-    out[k] = sn[k / group_size] * float((wn[k / P::per_word] >> (BITS * (k % P::per_word))) & P::mask) + bn[k / group_size];
+    out[k] = stored_as(
+        sn[k / group_size] * float((wn[k / P::per_word] >> (BITS * (k % P::per_word))) & P::mask) + bn[k / group_size],
+        out);
 }
 #endif
 
-template <int BITS>
+template <int BITS, typename Out>
 void dequantize_rows(
-    const uint32_t* wq, const float* scales, const float* biases, float* w,
+    const uint32_t* wq, const float* scales, const float* biases, Out* w,
     int N, int K, int group_size) {
   const int words = K / Packing<BITS>::per_word, groups = K / group_size;
   parallel_for(N, [&](int64_t first, int64_t end) {
@@ -276,8 +294,13 @@ class Dequantize : public CpuPrimitiveWith<QuantizedParams> {
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     run(in, out, [p = p_](std::vector<mx::array>& in, mx::array& out) {
       const int N = out.shape(0), K = out.shape(1);
-      by_bits<DequantizeKernel>(p.bits, in[0].data<uint32_t>(), in[1].data<float>(), in[2].data<float>(),
-                                out.data<float>(), N, K, p.group_size);
+      const auto* wq = in[0].data<uint32_t>();
+      const auto* scales = in[1].data<float>();
+      const auto* biases = in[2].data<float>();
+      if (out.dtype() == mx::float32)
+        by_bits<DequantizeKernel>(p.bits, wq, scales, biases, out.data<float>(), N, K, p.group_size);
+      else
+        by_bits<DequantizeKernel>(p.bits, wq, scales, biases, out.data<uint16_t>(), N, K, p.group_size);
     });
   }
   const char* name() const override { return "Dequantize"; }
@@ -313,12 +336,13 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& wq, const mx::ar
                    {x, wq, scales, biases});
 }
 
-// w [N, K * bits / 32] uint32 -> [N, K] float32
+// w [N, K * bits / 32] uint32 -> [N, K] float32 (or bfloat16, rounded to nearest even)
 mx::array dequantize(const mx::array& wq, const mx::array& scales, const mx::array& biases,
-                     int group_size, int bits) {
+                     int group_size, int bits, mx::Dtype dtype) {
   check_quantized(wq, scales, biases, group_size, bits);
+  if (dtype != mx::float32 && dtype != mx::bfloat16) throw std::invalid_argument("dtype must be float32 or bfloat16");
   auto s = cpu_stream();
-  return mx::array({wq.shape(0), wq.shape(1) * 32 / bits}, mx::float32,
+  return mx::array({wq.shape(0), wq.shape(1) * 32 / bits}, dtype,
                    std::make_shared<Dequantize>(s, QuantizedParams{group_size, bits}),
                    {wq, scales, biases});
 }

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -18,6 +19,17 @@
 namespace cpu_kernels {
 
 namespace mx = mlx::core;
+
+// ---------------------------------------------------------------- bfloat16
+
+// float32 -> bfloat16 bits, to nearest, ties to even; NaN stays NaN. Shared by the
+// bfloat16 products and the dequantization that feeds them.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffff) > 0x7f800000) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
 
 // ---------------------------------------------------------------- streaming weight rows
 // Shared by the float and the quantized matvecs, which read every weight once.

@@ -48,6 +48,10 @@ def test_dequantize_and_quantized_matvec_match_mlx(bits, group_size, K):
     x = mx.random.normal((2, 3, K))
     np.testing.assert_allclose(np.array(kernels.quantized_matvec(x, wq, scales, biases, group_size, bits)),
                                f64(x) @ f64(dense).T, atol=1e-4, rtol=1e-5)
+    # for the bfloat16 products: the same values rounded once to bfloat16 (to nearest even)
+    as_bf16 = kernels.dequantize(wq, scales, biases, group_size, bits, mx.bfloat16)
+    assert as_bf16.dtype == mx.bfloat16
+    assert mx.array_equal(as_bf16, kernels.dequantize(wq, scales, biases, group_size, bits).astype(mx.bfloat16))
     if group_size == 32:  # the same weights in groups of 16: the word-by-word loop, not the byte one
         halves = [mx.repeat(a, 2, axis=1) for a in (scales, biases)]
         np.testing.assert_allclose(np.array(kernels.quantized_matvec(x, wq, *halves, 16, bits)),
