@@ -196,7 +196,10 @@ def test_under_mlx_launch_a_rank_that_dies_ends_the_run(single, tmp_path):
     launcher returns (mlx 0.32's launcher exits 0 whatever its ranks did: the README says so)."""
     model_dir, data, _, _ = single
     die = os.path.join(os.path.dirname(os.path.abspath(__file__)), "die_at_step.py")
-    command = ["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(1)[0]),
+    # The launcher of this interpreter's MLX, beside it: a venv's python called without
+    # activating the venv has no mlx.launch on PATH.
+    launcher = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
+    command = [launcher, "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(1)[0]),
                sys.executable, die, "1", "3", *train_args(model_dir, data, tmp_path / "a.npz", "--iters", "100000")]
     tic = time.time()
     run = subprocess.run(command, capture_output=True, text=True, timeout=90)
