@@ -268,7 +268,7 @@ def use_model(args, adapter_file, resume=None):
         if len(data["valid"]) == 0:
             raise UserError(f"{data['valid'].path}: no validation examples")
         trainer.check_memory(model.args, args.micro_batch_size(distributed.current()),
-                             max(map(len, data["train"].tokens)))
+                             max(map(len, data["train"].tokens)), args.grad_checkpoint)
         code = run_training(model, data, args, *resume)
         if code:
             return code

@@ -11,17 +11,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+import torch
 
 import lora
 import settings
 import models
-from checkpoints import make_checkpoint
+from checkpoints import make_checkpoint, reference_logits
 from conftest import convert_checkpoint
 import trainer
 import loading
 import dataset
 import adapters
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from utils import UserError, read_jsonl
 
 LORA = os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "lora.py")
@@ -94,6 +95,20 @@ def test_adapters_reload_from_file_alone_gives_same_logits(trained):
     assert np.abs(np.array(adapted(tokens)) - np.array(base(tokens))).max() > 1e-3  # training moved it
 
 
+def folded_in_float64(adapted):
+    """The adapted model's weights in Meta's names, each adapter folded in float64: W + scale (A B)^T."""
+    weights = {}
+    for name, module in adapted.named_modules():
+        if isinstance(module, models.LoRALinear):
+            weights[f"{name}.weight"] = (np.array(module.linear.weight, np.float64)
+                                         + module.scale * (np.array(module.lora_a, np.float64)
+                                                           @ np.array(module.lora_b, np.float64)).T)
+    for key, value in tree_flatten(adapted.parameters()):
+        if not key.endswith((".lora_a", ".lora_b", ".linear.weight")):
+            weights[key] = np.array(value, np.float64)
+    return weights
+
+
 def test_adapters_merged_for_generation_give_the_same_logits(trained):
     """Generation alone (lora.py --prompt) folds the adapters into float bases, one
     product a layer: the adapted model's logits, for a prompt and for decoding; a
@@ -102,13 +117,19 @@ def test_adapters_merged_for_generation_give_the_same_logits(trained):
     adapted, _, _ = loading.load_model(model_dir, adapter_file=str(adapter_file))
     merged, _, _ = loading.load_model(model_dir, adapter_file=str(adapter_file), generation_only=True)
     assert not any(isinstance(m, models.LoRALinear) for _, m in merged.named_modules())
+    # Both against the adapted model in float64: the folded model may stray a few times as far as
+    # float32 arithmetic takes the unfolded one, whatever the BLAS's order of sums; an adapter
+    # folded wrongly moves the logits by 0.1 or more (scale 0.9: 0.73).
+    params = {key: getattr(adapted.args, key) for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                                                          "norm_eps")}
+    tokens = [[1, 20, 30, 40, 50, 60, 7]]
+    exact = reference_logits(folded_in_float64(adapted), params, tokens, compute_dtype=torch.float64)
     adapted_cache, merged_cache = adapted.make_cache(), merged.make_cache()
-    for tokens in ([[1, 20, 30, 40, 50, 60]], [[7]]):
-        ref = np.array(adapted(mx.array(tokens), adapted_cache))
-        # float32 rounding of W + scale (A B)^T, against the logits' scale (up to about 6 here):
-        # an adapter folded wrongly moves them by 0.1 or more
-        np.testing.assert_allclose(np.array(merged(mx.array(tokens), merged_cache)), ref,
-                                   atol=1e-5 * np.abs(ref).max(), rtol=0)
+    for part in (slice(0, 6), slice(6, 7)):  # the prompt, then one decoded token over the cache
+        step = mx.array([tokens[0][part]])
+        float32_error = np.abs(np.array(adapted(step, adapted_cache)) - exact[:, part]).max()
+        folded_error = np.abs(np.array(merged(step, merged_cache)) - exact[:, part]).max()
+        assert folded_error <= 4 * float32_error + 1e-6, (folded_error, float32_error)
     qlora, _, _ = loading.load_model(model_dir)
     nn.quantize(qlora, 32, 4)
     models.apply_lora(qlora, 2)  # wq and wv of 2 layers
@@ -133,11 +154,17 @@ def test_test_split_reports_finite_loss_and_perplexity(trained):
 
 
 def test_zero_initialized_lora_equals_base(tiny_llama):
+    """Every target of both layers is wrapped, and with B at zero the adapted model is the base;
+    B moved, the logits move."""
     base, _, _ = loading.load_model(tiny_llama[0])
     adapted, _, _ = loading.load_model(tiny_llama[0])
     models.apply_lora(adapted, 2, models.LORA_TARGETS, rank=4)
+    wrapped = [name for name, m in adapted.named_modules() if isinstance(m, models.LoRALinear)]
+    assert len(wrapped) == 2 * len(models.LORA_TARGETS)
     tokens = mx.array([[1, 7, 8, 9, 10]])
     np.testing.assert_array_equal(np.array(adapted(tokens)), np.array(base(tokens)))
+    adapted.update(tree_map(lambda p: p + 0.05, adapted.trainable_parameters()))
+    assert np.abs(np.array(adapted(tokens)) - np.array(base(tokens))).max() > 1e-2
 
 
 def test_only_lora_parameters_train(tiny_llama):
@@ -342,11 +369,21 @@ def test_missing_or_empty_splits_fail_before_training(tiny_llama, tmp_path, miss
     assert not os.path.exists(tmp_path / "ad.npz")
 
 
-def test_grad_checkpoint_trains_the_same_adapters(tiny_llama, tmp_path):
+def test_grad_checkpoint_trains_the_same_adapters(tiny_llama, tmp_path, monkeypatch):
+    """--grad-checkpoint recomputes every block in backward (each goes through mx.checkpoint) and
+    its memory estimate counts one block's activations; the adapters are the same."""
+    checkpointed, estimates = [], []
+    real_checkpoint, real_check_memory = mx.checkpoint, trainer.check_memory
+    monkeypatch.setattr(mx, "checkpoint", lambda fn: checkpointed.append(fn) or real_checkpoint(fn))
+    monkeypatch.setattr(trainer, "check_memory",
+                        lambda *a, **k: estimates.append(a[3:] or tuple(k.values())) or real_check_memory(*a, **k))
     data = write_dataset(tmp_path / "data")
     for name, flags in (("plain", []), ("ckpt", ["--grad-checkpoint"])):
+        checkpointed.clear()
         run_training(tiny_llama[0], data, tmp_path / f"{name}.npz", "--iters", "6", "--lr-schedule", "cosine",
                      "--warmup", "2", *flags)
+        assert bool(checkpointed) == (name == "ckpt")  # traced once per block by the compiled step
+    assert [bool(e and e[0]) for e in estimates] == [False, True]
     plain, ckpt = mx.load(str(tmp_path / "plain.npz")), mx.load(str(tmp_path / "ckpt.npz"))
     assert plain.keys() == ckpt.keys()
     for key in plain:  # recomputing activations changes memory, not the result
