@@ -65,9 +65,17 @@ def test_a_core_chosen_by_openblas_coretype_is_the_users(monkeypatch):
 
 def test_a_slow_mlx_matmul_is_said_with_its_remedy(monkeypatch):
     monkeypatch.setattr(blas, "matmul_GFLOPs", lambda: (30.0, 230.0))
+    monkeypatch.setattr(blas, "describe", lambda: {})  # MLX's reference BLAS
     speed, warning = blas.check_matmul_speed()
-    assert "MLX 30 GFLOP/s" in speed and "numpy 230 GFLOP/s" in speed
+    assert "MLX 30 GFLOP/s" in speed and "numpy 230 GFLOP/s" in speed and "reference BLAS" in speed
     assert warning.startswith("warning: MLX's matmul runs at 13% of numpy's") and "setup.sh" in warning
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    monkeypatch.setattr(blas, "cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(blas, "describe", lambda: {"library": "x", "version": "OpenBLAS 0.3.21", "core": "Prescott"})
+    assert "setup.sh" in blas.check_matmul_speed()[1]
+    # the right kernels, yet slow: a busy machine, not a missing library
+    monkeypatch.setattr(blas, "describe", lambda: {"library": "x", "version": "OpenBLAS 0.3.34", "core": "SkylakeX"})
+    assert "another process" in blas.check_matmul_speed()[1]
     monkeypatch.setattr(blas, "matmul_GFLOPs", lambda: (200.0, 230.0))
     assert len(blas.check_matmul_speed()) == 1
 
