@@ -241,3 +241,47 @@ def _check_range(meta, value, where):
     words = " and ".join(f"{name.replace('_', ' ')} {meta[name]}" for name, _ in bounds if meta[name] is not None)
     specials = "".join(f" (or {v} for {meaning})" for v, meaning in meta["special"].items())
     raise UserError(f"{where} must be {words}{specials}, got {value}")
+
+
+# ----------------------------------------------------------------------------- the flag reference
+
+SCRIPTS = {"convert.py": "convert.ConvertSettings", "lora.py": "lora.LoraSettings", "fuse.py": "fuse.FuseSettings",
+           "pretrain.py": "pretrain.PretrainSettings", "cwk_create_dataset.py": "cwk_create_dataset.DatasetSettings"}
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "flags.md")
+
+
+def reference_table(cls):
+    """A settings class's flags as a Markdown table: flag, default, values, what it does."""
+    hints = typing.get_type_hints(cls)
+    rows = ["| flag | default | values | what it does |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        meta, kind = f.metadata, _base_type(hints[f.name])
+        names = ", ".join(f"`{name}`" for name in (flag(f),) + meta["flags"])
+        default = "required" if meta["required"] else "" if f.default is None or kind is bool else f"`{f.default}`"
+        values = " ".join(filter(None, [
+            ", ".join(f"`{c}`" for c in meta["choices"]) if meta["choices"] else "",
+            " and ".join(f"{name.replace('_', ' ')} {meta[name]}" for name in ("above", "at_least", "below", "at_most")
+                         if meta[name] is not None),
+            "".join(f"; {v} = {meaning}" for v, meaning in meta["special"].items())]))
+        rows.append(f"| {names} | {default} | {values or kind.__name__} | {meta['help'].replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def reference():
+    """docs/flags.md: every script's flags, from their declarations here."""
+    import importlib
+
+    parts = ["# Every flag\n", "Made by `python settings.py` from the scripts' settings declarations (a test checks "
+             "that it is current). Every script also reads `--config FILE.yaml`, whose keys are flag names; "
+             "command-line flags win.\n"]
+    for script, path in SCRIPTS.items():
+        module, name = path.rsplit(".", 1)
+        parts += [f"## {script}\n", reference_table(getattr(importlib.import_module(module), name)) + "\n"]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    with open(REFERENCE, "w") as f:
+        f.write(reference())
+    print(f"wrote {REFERENCE}")
+

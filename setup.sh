@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything mlx-lora needs into the active Python (a virtual environment is fine),
 # and on Linux a fast BLAS for MLX: MLX's CPU wheel bundles the reference BLAS, about 40x
-# slower at matmul; blas.py loads the fast one before MLX starts (see docs, "Fast BLAS").
+# slower at matmul; blas.py loads the fast one before MLX starts (see docs/performance.md).
 #   PYTHON   the interpreter to install into (default: python3)
 set -euo pipefail
 cd "$(dirname "$0")"

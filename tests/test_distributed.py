@@ -193,7 +193,7 @@ def test_a_rank_that_dies_ends_the_other_with_one_line(single, tmp_path):
 
 def test_under_mlx_launch_a_rank_that_dies_ends_the_run(single, tmp_path):
     """mlx.launch itself: rank 1 dies at step 3, rank 0 reports the lost peer in one line and the
-    launcher returns (mlx 0.32's launcher exits 0 whatever its ranks did: the README says so)."""
+    launcher returns (mlx 0.32's launcher exits 0 whatever its ranks did: docs/distributed.md says so)."""
     model_dir, data, _, _ = single
     die = os.path.join(os.path.dirname(os.path.abspath(__file__)), "die_at_step.py")
     # The launcher of this interpreter's MLX, beside it: a venv's python called without
