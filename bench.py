@@ -32,13 +32,13 @@ import tempfile
 import time
 
 import blas  # first: the fast BLAS before any section imports mlx.core
+import loading
 import utils
 from utils import UserError, read_json, run_script, write_json
 
 from formats import expected_shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")  # what setup.sh converts
 TOKENIZER = os.path.join(ROOT, "..", "shared", "assets", "tokenizers", "mistral-7b-v0.1.model")
 
 SIZES = {  # Mistral-flavour params.json values
@@ -482,7 +482,7 @@ def bench_peft(args):
 
 def add_main_job_args(p):
     """The main job's training settings, shared by the sections that train the default model."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help="The default model's folder (4-bit, for QLoRA).")
+    p.add_argument("--model", default=loading.DEFAULT_MODEL, help="The default model's folder (4-bit, for QLoRA).")
     p.add_argument("--data", default=os.path.join(ROOT, "data"), help="Folder with the chat train.jsonl.")
     p.add_argument("--batch-size", type=int, default=4, help="Conversations per batch (over all ranks).")
     p.add_argument("--max-seq-length", type=int, default=128, help="Tokens per conversation at most.")
@@ -813,7 +813,7 @@ def bench_qa(args):
 
 
 def add_qa_args(p):
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Model folder (default: the default model).")
+    p.add_argument("--model", default=loading.DEFAULT_MODEL, help="Model folder (default: the default model).")
     p.add_argument("--adapter-file", default=None, help="Adapters to score beside the base model.")
     p.add_argument("--data", default=os.path.join(ROOT, "data"), help="Folder with chat train.jsonl and test.jsonl.")
     p.add_argument("--samples", type=int, default=30, help="Questions per split (the first N).")
@@ -965,7 +965,7 @@ def first_tokens(tokens, eos_ids, limit):
 
 
 def add_llamacpp_args(p):
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Base model folder (default: the default model).")
+    p.add_argument("--model", default=loading.DEFAULT_MODEL, help="Base model folder (default: the default model).")
     p.add_argument("--adapter-file", default=os.path.join(ROOT, "adapters", "adapters.npz"),
                    help="Adapters to fuse (default: the main job's).")
     p.add_argument("--data", default=os.path.join(ROOT, "data"), help="Folder with chat test.jsonl.")

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 import settings
-from formats import QUANT_BITS, QUANT_GROUP_SIZES, module_name, open_checkpoint
+from formats import QUANT_BITS, QUANT_GROUP_SIZES, all_finite_bits, module_name, open_checkpoint
 from formats.safetensors import raw_bytes, write_file
 from settings import option
 
@@ -122,15 +122,11 @@ class Plan:
         yield from zip(quantized_names(key), (wq, scales.astype(dtype), biases.astype(dtype)))
 
 
-# The exponent bits of each float type: all ones is infinity or NaN.
-EXPONENT_BITS = {mx.float32: (mx.uint32, 0x7F800000), mx.float16: (mx.uint16, 0x7C00), mx.bfloat16: (mx.uint16, 0x7F80)}
-
-
 def finite(array, checkpoint, key, dtype):
     """`array`, checked to hold no NaN or infinity (a value beyond float16's range becomes one).
-    numpy tests the exponent bits: MLX's isfinite is one core, a fifth of the conversion's time."""
-    bits_type, exponent = EXPONENT_BITS[array.dtype]
-    if ((np.asarray(array.view(bits_type)) & exponent) == exponent).any():
+    Read off the exponent bits: MLX's isfinite is one core, a fifth of the conversion's time."""
+    bits = np.asarray(array.view(mx.uint32 if array.itemsize == 4 else mx.uint16))
+    if not all_finite_bits(bits, dtype):
         raise UserError(f"{checkpoint.path}: {key} is not finite in {dtype}: NaN, infinity, or values beyond "
                         "that type's range (try --dtype bfloat16 or float32)")
     return array

@@ -37,7 +37,7 @@ import textwrap
 import time
 import warnings
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 from tqdm import tqdm
 
@@ -72,8 +72,8 @@ class DatasetSettings(settings.Settings):
     test_size: float = option(0.1, "fraction of documented objects in test.jsonl", at_least=0, below=1)
     valid_size: float = option(0.1, "fraction of documented objects in valid.jsonl", at_least=0, below=1)
     batch_size: int = option(64, "docstrings cleaned per task handed to a worker", at_least=1)
-    workers: int = option(os.cpu_count() or 1, "worker processes that import modules and clean docstrings",
-                          at_least=1, at_most=64)
+    workers: Optional[int] = option(None, "worker processes that import modules and clean docstrings "
+                                          "(default: one per CPU core)", at_least=1, at_most=64)
     import_timeout: float = option(30.0, "seconds one module may take to import and read before its worker "
                                          "is killed and the module skipped", above=0, at_most=86400)
     no_preprocess: bool = option(False, "keep docstrings as written: no markup cleaning, no dropping of trivial "
@@ -792,6 +792,7 @@ def report(args, modules, test_modules, skipped, cleaned, objects, examples, spl
 def main(argv=None):
     args = settings.parse(DatasetSettings, argv, "Turn the docstrings of installed packages into "
                                                  "train/valid/test JSONL for lora.py.")
+    args.workers = args.workers or min(64, os.cpu_count() or 1)
     paths = dataset_paths(args.out, args.force)
     with utils.claimed_output(args.out, *paths.values()):
         make_dataset(args, paths)

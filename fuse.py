@@ -47,7 +47,7 @@ PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. What is ReLU in mlx?
 
 @dataclass
 class FuseSettings(settings.Settings):
-    model: str = option(os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct"),
+    model: str = option(loading.DEFAULT_MODEL,
                         "the base model folder the adapters were trained on (default: the default model)")
     adapter_file: str = option("adapters.npz", "the adapters: a file of lora.py's (with its .json), or a PEFT folder")
     save_path: Optional[str] = option(None, "where the fused model goes: a folder (mlx, hf) or a .gguf file")
@@ -290,11 +290,11 @@ def export_gguf(fused, args, out):
     types = gguf.tensor_types(fused, args.dtype or ("float16" if args.de_quantize else None),
                               args.q_bits if args.quantize else None)
     gguf.write(fused, out, types)
-    precision = {key: ("float", GGUF_FLOATS[t]) if t in GGUF_FLOATS else ("gguf", t) for key, t in types.items()}
+    precision = {key: ("float", gguf.FLOAT_DTYPES[t]) if t in gguf.FLOAT_DTYPES else ("gguf", t)
+                 for key, t in types.items()}
     return gguf.Checkpoint(out), precision
 
 
-GGUF_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 EXPORTS = {"mlx": export_mlx, "hf": export_hf, "gguf": export_gguf}
 
 

@@ -19,6 +19,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 import adapters
 import models
 import ops
+
+# SmolLM2-135M-Instruct, which setup.sh fetches and converts (kept 4-bit): what the scripts use
+# without --model.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
 from formats import QUANT_BITS, QUANT_GROUP_SIZES
 from tokenizer import load_tokenizer
 

@@ -28,11 +28,9 @@ import generate
 import models
 import settings
 import trainer
-from loading import explain_non_finite, load_model, weights_file
+from loading import DEFAULT_MODEL, explain_non_finite, load_model, weights_file
 from settings import option, redefault
 
-# SmolLM2-135M-Instruct, which setup.sh fetches and converts (kept 4-bit).
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
 DESCRIPTION = "LoRA / QLoRA fine-tuning, testing and generation."
 
 

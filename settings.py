@@ -257,7 +257,7 @@ def reference_table(cls):
     for f in dataclasses.fields(cls):
         meta, kind = f.metadata, _base_type(hints[f.name])
         names = ", ".join(f"`{name}`" for name in (flag(f),) + meta["flags"])
-        default = "required" if meta["required"] else "" if f.default is None or kind is bool else f"`{f.default}`"
+        default = "required" if meta["required"] else "" if f.default is None or kind is bool else f"`{_shown(f.default)}`"
         values = " ".join(filter(None, [
             ", ".join(f"`{c}`" for c in meta["choices"]) if meta["choices"] else "",
             " and ".join(f"{name.replace('_', ' ')} {meta[name]}" for name in ("above", "at_least", "below", "at_most")
@@ -265,6 +265,13 @@ def reference_table(cls):
             "".join(f"; {v} = {meaning}" for v, meaning in meta["special"].items())]))
         rows.append(f"| {names} | {default} | {values or kind.__name__} | {meta['help'].replace('|', '/')} |")
     return "\n".join(rows)
+
+
+def _shown(default):
+    """A default as the reference shows it: a path inside this checkout relative to it, so that the
+    page reads the same in every clone."""
+    root = os.path.dirname(REFERENCE)[:-len("docs")]
+    return os.path.relpath(default, root) if isinstance(default, str) and default.startswith(root) else default
 
 
 def reference():

@@ -26,7 +26,19 @@ Every format's module offers detect(path) and a Checkpoint(path) class with:
 import importlib
 import os
 
+import numpy as np
+
 from utils import UserError
+
+# Where each float type's exponent lies: all ones is infinity or NaN. Read off the raw bits, for
+# numpy's speed (MLX's isfinite runs on one core).
+EXPONENT_MASKS = {"float32": 0x7F800000, "float16": 0x7C00, "bfloat16": 0x7F80}
+
+
+def all_finite_bits(bits, dtype_name):
+    """Whether the float values whose raw bits (unsigned integers) are `bits` hold no NaN or infinity."""
+    mask = EXPONENT_MASKS[dtype_name]
+    return not np.any((bits & mask) == mask)
 
 # MLX's affine quantization: the bit widths and group sizes a model folder may hold.
 QUANT_BITS, QUANT_GROUP_SIZES = (2, 3, 4, 6, 8), (32, 64, 128)

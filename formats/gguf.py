@@ -41,7 +41,7 @@ from utils import UserError, atomic_write, read_json
 
 import mlx.core as mx
 
-from formats import expected_shapes
+from formats import all_finite_bits, expected_shapes
 
 MAGIC, VERSIONS, DEFAULT_ALIGNMENT, MAX_DIMS = b"GGUF", (2, 3), 32, 4
 MAX_NESTING = 4  # arrays of arrays: deeper than any real file, shallow enough for the stack
@@ -980,15 +980,10 @@ def weight_rows(checkpoint, name):
                                 group_size=q[0], bits=q[1])
 
 
-# Where each float type's exponent lies (all ones: infinity or NaN), read off its bits.
-EXPONENT_MASKS = {"F32": 0x7F800000, "F16": 0x7C00, "BF16": 0x7F80}
-
-
 def finite_values(out, type_name):
     """Whether a float tensor's bits, or a quantized one's block scales (d, and Q4_1's m), are finite."""
-    if type_name in EXPONENT_MASKS:
-        mask = EXPONENT_MASKS[type_name]
-        return not np.any((out & mask) == mask)
+    if type_name in FLOAT_DTYPES:
+        return all_finite_bits(out, FLOAT_DTYPES[type_name])
     blocks = out.reshape(-1, {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[type_name])
     scales = blocks[:, :4 if type_name == "Q4_1" else 2]
     return bool(np.all(np.isfinite(np.ascontiguousarray(scales).view(np.float16))))
