@@ -16,9 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 import gguf
+from helpers import CHATML
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
-          "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 # Control tokens first (ids 0-2), then a user-defined one, as in SmolLM's and Qwen's vocabularies.
 BPE_SPECIALS = [("<|endoftext|>", 3), ("<|im_start|>", 3), ("<|im_end|>", 3), ("<think>", 4)]
 BPE_TEXT = """\

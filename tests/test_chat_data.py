@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("tokenizers")
 
 import dataset  # noqa: E402
-from test_hf import CHATML, byte_level_tokenizer  # noqa: E402
 from tokenizer import HFTokenizer  # noqa: E402
 from utils import UserError  # noqa: E402
+from helpers import CHATML, byte_level_tokenizer  # noqa: E402
 
 # SmolLM2's template adds a system turn when the conversation has none.
 SMOLLM = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

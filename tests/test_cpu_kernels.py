@@ -18,14 +18,11 @@ import models
 import trainer
 import loading
 import ops
+from helpers import attention_float64, f64, rope_float64
 
 kernels = ops.kernels
 pytestmark = pytest.mark.skipif(kernels is None or mx.default_device() != mx.cpu,
                                 reason="cpu_kernels not built (run setup.sh), or not on the CPU")
-
-
-def f64(a):
-    return np.array(a).astype(np.float64)
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 64, 48), (3, 1027, 1000), (16, 33, 130)])
@@ -167,18 +164,6 @@ def test_rms_norm_and_its_gradient_match_mlx():
         np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-5)
 
 
-def rope_float64(x, dims, traditional, base, offset):
-    X = f64(x)
-    half = dims // 2
-    theta = (offset + np.arange(X.shape[-2]))[:, None] * base ** (-np.arange(half) / half)  # [T, half]
-    a = np.arange(half) * 2 if traditional else np.arange(half)
-    b = a + 1 if traditional else a + half
-    out = X.copy()
-    out[..., a] = X[..., a] * np.cos(theta) - X[..., b] * np.sin(theta)
-    out[..., b] = X[..., a] * np.sin(theta) + X[..., b] * np.cos(theta)
-    return out
-
-
 @pytest.mark.parametrize("traditional", [True, False])
 @pytest.mark.parametrize("dims,offset", [(32, 0), (32, 3000), (16, 7)])  # 16: half the head turns
 def test_rope_matches_float64(traditional, dims, offset):
@@ -194,15 +179,6 @@ def test_rope_gradient_matches_mlx():
              for fn in (lambda x: kernels.rope(x, 32, True, 10000.0, 1.0, 5),
                         lambda x: mx.fast.rope(x, 32, traditional=True, base=10000.0, scale=1.0, offset=5))]
     np.testing.assert_allclose(np.array(grads[0]), np.array(grads[1]), atol=1e-5)
-
-
-def attention_float64(q_BNTH, k_BKSH, v_BKSH, scale):
-    """softmax(scale q k^T) v with no mask, the N // K query heads of a key-value head together."""
-    rep = q_BNTH.shape[1] // k_BKSH.shape[1]
-    Q, K, V = f64(q_BNTH), np.repeat(f64(k_BKSH), rep, axis=1), np.repeat(f64(v_BKSH), rep, axis=1)
-    scores = Q @ K.swapaxes(-1, -2) * scale
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    return p / p.sum(-1, keepdims=True) @ V
 
 
 @pytest.mark.parametrize("S,H", [(40, 16), (600, 16), (40, 88)])  # 600: split between the threads; 88: 64 + 16 + 8

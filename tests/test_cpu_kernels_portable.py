@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import mlx.core as mx
+from helpers import attention_float64, f64, rope_float64
 
-from test_cpu_kernels import attention_float64, f64, rope_float64
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = os.path.join(ROOT, "cpu_kernels")

@@ -4,139 +4,16 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-import cwk_create_dataset as dataset
+import cwk_create_dataset as cwk
 from utils import read_jsonl
+from helpers import FAKEPKG, write_package
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "cwk_create_dataset.py")
 
-FAKEPKG = {
-    "__init__.py": '''
-        """A fake package for the dataset tests.
-
-        It re-exports :class:`~fakepkg.layers.activations.ReLU` and :func:`relu`.
-        """
-        from fakepkg.layers.activations import ReLU, relu
-    ''',
-    "layers/__init__.py": '''
-        """Neural network layers, one module per family."""
-        from fakepkg.layers.activations import ReLU
-    ''',
-    "layers/activations.py": '''
-        """Activation functions and layers."""
-
-
-        class ReLU:
-            """Applies the Rectified Linear Unit.
-
-            Simply ``maximum(x, 0)``. See :func:`relu` for the functional
-            equivalent, and :class:`the tensor type <fakepkg.ops.Tensor>`.
-
-            .. note::
-               Works on any :class:`~fakepkg.ops.Tensor`.
-
-            .. versionadded:: 0.2
-            """
-
-            def forward(self, x):
-                """Apply the activation to ``x`` elementwise."""
-
-            @property
-            def name(self):
-                """The display name of the layer."""
-                return "relu"
-
-            def undocumented(self):
-                pass
-
-            def _helper(self):
-                """A private method, never an example."""
-
-
-        def relu(x, scale=1.0):
-            """The functional form of :class:`ReLU`.
-
-            Example::
-
-                relu(3)
-
-
-
-            Returns ``max(x, 0) * scale``.
-            """
-
-
-        def tiny():
-            """Tiny."""
-
-
-        def _hidden():
-            """A private function, never an example."""
-    ''',
-    "ops.py": textwrap.dedent(
-        '''
-        """Array operations."""
-
-
-        class Tensor:
-            """A minimal tensor type for the tests."""
-
-            def reshape(self, *shape):
-                """Return the tensor with a new shape."""
-
-
-        def reshape(tensor, shape):
-            """Reshape ``tensor`` to ``shape``, as `NumPy <https://numpy.org>`_ does."""
-        '''
-    )
-    + "".join(f'\n\ndef op{i:02d}(x):\n    """Operation number {i} on tensors."""\n' for i in range(20)),
-    "compiled.py": '''
-        """Functions written in C, as far as the tests can tell."""
-        import types
-
-        random = types.ModuleType("fakepkg.compiled.random", "Random sampling functions.")
-
-
-        def _normal(shape):
-            pass
-
-
-        # What a compiled function looks like: no file for its module, the call line in its docstring.
-        _normal.__doc__ = "normal(shape: tuple) -> Tensor\\n\\nDraw samples from a normal distribution."
-        _normal.__name__ = _normal.__qualname__ = "normal"
-        _normal.__module__ = "fakepkg.compiled.random"
-        random.normal = _normal
-    ''',
-    "longdoc.py": f'''
-        """Docstrings longer than the tests' --seq-limit of 300 characters."""
-
-
-        def essay():
-            """An essay in three paragraphs.
-
-            {"The second paragraph still fits within the limit. " * 3}
-
-            {"The third paragraph goes past the limit and is cut away. " * 4}
-            """
-
-
-        def wall():
-            """{"word " * 80}"""
-    ''',
-    "tests/__init__.py": "",
-    "tests/test_fake.py": '''
-        def test_nothing():
-            """A test's docstring, never an example."""
-    ''',
-    "_private.py": '''
-        def hidden():
-            """A private module's function, never an example."""
-    ''',
-}
 
 WILDPKG = {
     "__init__.py": '"""A package with badly behaved modules."""',
@@ -157,14 +34,6 @@ WILDPKG = {
             """Shout a greeting at the user."""
     ''',
 }
-
-
-def write_package(root, name, files):
-    for relative, source in files.items():
-        path = os.path.join(root, name, relative)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(textwrap.dedent(source).lstrip())
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +62,7 @@ def build(packages, out, *args):
 
 
 def read_splits(out):
-    return {name: [obj for _, obj in read_jsonl(os.path.join(out, f"{name}.jsonl"))] for name in dataset.SPLITS}
+    return {name: [obj for _, obj in read_jsonl(os.path.join(out, f"{name}.jsonl"))] for name in cwk.SPLITS}
 
 
 def answers_by_question(splits):
@@ -304,7 +173,7 @@ def test_splits_keep_objects_apart_and_follow_the_sizes(packages):
 
 def test_same_input_gives_byte_identical_files_with_any_worker_count(packages, built):
     build(packages, packages / "again", "--packages", "fakepkg", "wildpkg", "--workers", "1", "--batch-size", "3")
-    for name in dataset.SPLITS:
+    for name in cwk.SPLITS:
         first = (packages / "both" / f"{name}.jsonl").read_bytes()
         assert first == (packages / "again" / f"{name}.jsonl").read_bytes(), name
 
@@ -321,7 +190,7 @@ def test_seed_changes_the_assignment_but_not_the_examples(packages, built):
 def test_completions_format_splits_each_text_into_prompt_and_completion(packages):
     _, texts = build(packages, packages / "text", "--packages", "fakepkg")
     _, pairs = build(packages, packages / "completions", "--packages", "fakepkg", "--format", "completions")
-    for name in dataset.SPLITS:
+    for name in cwk.SPLITS:
         assert [pair["prompt"] + pair["completion"] for pair in pairs[name]] == [t["text"] for t in texts[name]]
     first = pairs["train"][0]
     assert first["prompt"].startswith("Q: What is ") and first["prompt"].endswith("?\nA:")
@@ -331,7 +200,7 @@ def test_completions_format_splits_each_text_into_prompt_and_completion(packages
 def test_chat_format_is_one_user_question_and_the_answer(packages):
     _, texts = build(packages, packages / "text-for-chat", "--packages", "fakepkg")
     _, chats = build(packages, packages / "chat", "--packages", "fakepkg", "--format", "chat")
-    for name in dataset.SPLITS:  # the same objects in the same splits
+    for name in cwk.SPLITS:  # the same objects in the same splits
         assert [f"Q: {c['messages'][0]['content']}\nA: {c['messages'][1]['content']}" for c in chats[name]] \
             == [t["text"] for t in texts[name]]
     first = chats["train"][0]["messages"]
@@ -403,7 +272,7 @@ def test_rst_markup_becomes_plain_text():
     x : int
         A number, see [1]_ and `Python`_.
     """
-    assert dataset.clean_docstring(doc) == (
+    assert cwk.clean_docstring(doc) == (
         "Summary with `method`, x^2 and the guide.\n\n"
         "Warning: Mind the gap.\n\n"
         "```python\nx = 1\n```\n\n"
@@ -414,26 +283,26 @@ def test_rst_markup_becomes_plain_text():
 def test_summary_written_right_after_the_quotes_is_its_own_paragraph():
     # mlx.nn.ReLU's docstring, as written.
     doc = "Applies the Rectified Linear Unit.\n        Simply ``mx.maximum(x, 0)``.\n\n    See :func:`relu`.\n    "
-    assert dataset.clean_docstring(doc) == "Applies the Rectified Linear Unit.\n\nSimply `mx.maximum(x, 0)`.\n\nSee `relu`."
+    assert cwk.clean_docstring(doc) == "Applies the Rectified Linear Unit.\n\nSimply `mx.maximum(x, 0)`.\n\nSee `relu`."
 
 
 def test_call_lines_are_split_from_prose_only_when_they_stand_alone():
-    assert dataset.split_call_lines("f(a) -> int\nf(b) -> int\n\nDoes f.", {"f"}) == (
+    assert cwk.split_call_lines("f(a) -> int\nf(b) -> int\n\nDoes f.", {"f"}) == (
         ["f(a) -> int", "f(b) -> int"],
         "\nDoes f.",
     )
-    assert dataset.split_call_lines("f(a) computes things.\nMore.", {"f"}) == ([], "f(a) computes things.\nMore.")
+    assert cwk.split_call_lines("f(a) computes things.\nMore.", {"f"}) == ([], "f(a) computes things.\nMore.")
 
 
 def test_fit_to_limit_prefers_paragraphs_then_sentences():
-    assert dataset.fit_to_limit("One.\n\nTwo two.", 10) == "One."
-    assert dataset.fit_to_limit("One. Two two two.", 10) == "One."
-    assert dataset.fit_to_limit("no end here at all", 10) == ""
-    assert dataset.fit_to_limit("Code:\n\n```\na\n\nb\n```", 14) == "Code:"  # never inside a fence
+    assert cwk.fit_to_limit("One.\n\nTwo two.", 10) == "One."
+    assert cwk.fit_to_limit("One. Two two two.", 10) == "One."
+    assert cwk.fit_to_limit("no end here at all", 10) == ""
+    assert cwk.fit_to_limit("Code:\n\n```\na\n\nb\n```", 14) == "Code:"  # never inside a fence
 
 
 def test_short_names_are_the_shortest_unambiguous_tails():
-    names = dataset.short_names({("p", "p.core.reshape"), ("p", "p.core.array.reshape"), ("p", "p.nn.ReLU")})
+    names = cwk.short_names({("p", "p.core.reshape"), ("p", "p.core.array.reshape"), ("p", "p.nn.ReLU")})
     assert names == {
         ("p", "p.core.reshape"): "core.reshape",
         ("p", "p.core.array.reshape"): "array.reshape",
@@ -455,12 +324,12 @@ def test_shipped_data_documents_mlx_as_chat():
 def test_plain_format_is_the_answer_without_the_question(packages):
     _, texts = build(packages, packages / "text2", "--packages", "fakepkg")
     _, plain = build(packages, packages / "plain", "--packages", "fakepkg", "--format", "plain")
-    for name in dataset.SPLITS:
+    for name in cwk.SPLITS:
         assert [p["text"] for p in plain[name]] == [t["text"].split("\nA: ", 1)[1] for t in texts[name]]
 
 
 def test_a_path_that_is_another_objects_tail_keeps_its_full_name():
-    names = dataset.short_names({("p", "p.a"), ("p", "p.p.a")})
+    names = cwk.short_names({("p", "p.a"), ("p", "p.p.a")})
     assert names == {("p", "p.a"): "p.a", ("p", "p.p.a"): "p.p.a"}
 
 

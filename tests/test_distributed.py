@@ -15,10 +15,8 @@ import pytest
 
 import lora
 import pretrain
-from test_lora import LORA, write_dataset
-from test_pretrain import TINY, write_corpus
-from test_reliability import assert_same_bits, read_adapters, wait_for_step
 from utils import read_jsonl
+from helpers import LORA, TINY, assert_same_bits, read_adapters, wait_for_step, write_corpus, write_dataset
 
 ITERS = 8
 

@@ -24,9 +24,8 @@ import loading  # noqa: E402
 from formats import hf  # noqa: E402
 from formats import mlx as mlx_folder  # noqa: E402
 from hf_checkpoints import make_hf_model  # noqa: E402
-from test_hf import SAMPLES, byte_level_tokenizer  # noqa: E402
-from test_lora import write_dataset  # noqa: E402
 from utils import UserError, read_jsonl  # noqa: E402
+from helpers import SAMPLES, byte_level_tokenizer, write_dataset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSE = os.path.join(ROOT, "fuse.py")

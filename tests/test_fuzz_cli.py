@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 import settings as cli_settings
 from checkpoints import make_checkpoint
-from test_dataset import FAKEPKG, write_package
-from test_lora import write_dataset
+from helpers import FAKEPKG, write_dataset, write_package
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CI draws the same 16 examples a command every run; MLX_LORA_FUZZ_EXAMPLES=200 and

@@ -21,8 +21,9 @@ import mlx.core as mx  # noqa: E402  (conftest imported utils first)
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from formats import gguf as gguf_format  # noqa: E402
-from gguf_files import CHATML, weight_shapes, write_gguf  # noqa: E402
+from gguf_files import weight_shapes, write_gguf  # noqa: E402
 from utils import UserError  # noqa: E402
+from helpers import CHATML, hf_llama3_factors  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,22 +164,6 @@ def test_linear_rope_scaling_and_end_tokens(tmp_path):
     config = gguf_format.Checkpoint(w.path).config
     assert config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
     assert config["eos_token_ids"] == [2, 0, 3] and config["bos_token_id"] == 1
-
-
-def hf_llama3_factors(theta, head_dim, factor, low, high, old):
-    """rope_freqs as llama.cpp's convert_hf_to_gguf computes them (float32 frequencies)."""
-    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    out = []
-    for freq in freqs.astype(np.float32):
-        wavelen = 2 * np.pi / float(freq)
-        if wavelen < old / high:
-            out.append(1.0)
-        elif wavelen > old / low:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, np.float32)
 
 
 @pytest.mark.parametrize("factor, low, high, old", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192),

@@ -33,8 +33,7 @@ from formats import gguf as gguf_format  # noqa: E402
 from formats import mlx as mlx_format  # noqa: E402
 from gguf_files import write_gguf  # noqa: E402
 from hf_checkpoints import make_hf_model  # noqa: E402
-from test_gguf import hf_llama3_factors  # noqa: E402
-from test_hf import byte_level_tokenizer  # noqa: E402
+from helpers import byte_level_tokenizer, hf_llama3_factors  # noqa: E402
 from utils import UserError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

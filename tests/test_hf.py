@@ -20,11 +20,10 @@ import loading  # noqa: E402
 from checkpoints import make_tokenizer  # noqa: E402
 from hf_checkpoints import hf_logits, make_hf_model  # noqa: E402
 from utils import UserError  # noqa: E402
+from helpers import SAMPLES, byte_level_tokenizer  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(3, 320, size=(2, 40))  # longer than the window (8) and the
                                                                    # llama3 scaling's original context (16)
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def converted(folder, out, **options):
@@ -80,26 +79,6 @@ def test_classic_config_layout_and_pytorch_bin_weights(tmp_path):
 
 
 # ----------------------------------------------------------------------------- tokenizer.json
-
-SAMPLES = ["Once upon a time", "héllo wörld, naïve café", "日本語のテキストと中文", "emoji 🙂🎉 and 👩‍👩‍👧",
-           "  two  spaces\tand\ttabs\n\nnewlines", "<|im_start|>user\nhi<|im_end|>", "x<|im_end|>y", "Ünïcödé ß→∑ ✓"]
-
-
-def byte_level_tokenizer(folder):
-    """A byte-level BPE tokenizer.json trained here, with ChatML's specials and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Once upon a time there was a little girl named Lily."] * 20 + SAMPLES, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                                eos_token="<|im_end|>", unk_token="<|endoftext|>")
-    fast.chat_template = CHATML
-    fast.save_pretrained(folder)
-    return fast
 
 
 def test_tokenizer_json_encodes_as_transformers(tmp_path):

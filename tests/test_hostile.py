@@ -17,7 +17,7 @@ import generate
 import loading
 import utils
 from checkpoints import make_checkpoint
-from test_lora import LORA, write_dataset
+from helpers import LORA, write_dataset
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,37 +23,9 @@ import loading
 import dataset
 import adapters
 from mlx.utils import tree_flatten, tree_map
-from utils import UserError, read_jsonl
+from utils import UserError
+from helpers import LORA, THINGS, run_training, story, write_dataset, write_split
 
-LORA = os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "lora.py")
-NAMES, THINGS = ["Tom", "Lily", "Ben", "Anna"], ["ball", "cat", "tree", "boat", "cake"]
-
-
-def story(rng):
-    n, t = rng.choice(NAMES), rng.choice(THINGS)
-    return f"{n} had a {t}. {n} loved the {t} and played with the {t} in the park."
-
-
-def write_split(folder, split, lines):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{split}.jsonl"), "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
-
-
-def write_dataset(folder, n_train=24, n_valid=8, n_test=8, seed=0):
-    rng = random.Random(seed)
-    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
-        write_split(folder, split, [{"text": story(rng)} for _ in range(n)])
-    return str(folder)
-
-
-def run_training(model_dir, data, adapter_file, *flags):
-    argv = ["--model", model_dir, "--train", "--data", data, "--adapter-file", str(adapter_file),
-            "--iters", "40", "--batch-size", "4", "--learning-rate", "1e-2", "--lora-layers", "2",
-            "--steps-per-report", "5", "--steps-per-eval", "20", "--save-every", "10", *flags]
-    lora.main(argv)
-    return [record for _, record in read_jsonl(os.path.splitext(adapter_file)[0] + ".metrics.jsonl")]
 
 
 def losses(records, key):

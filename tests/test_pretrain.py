@@ -1,6 +1,5 @@
 """Pretraining from scratch: blocks and masks, a loss that falls, and a model lora.py fine-tunes."""
 
-import json
 import math
 import os
 import shutil
@@ -13,11 +12,8 @@ import lora
 import loading
 import generate
 import pretrain
-from test_lora import write_dataset
 from utils import UserError, read_jsonl
-
-SENTENCES = ["The cat sat on the mat.", "A dog ran in the park.", "Birds sing in the morning.",
-             "Lily has a red ball.", "Tom reads a big book.", "The sun is warm today."]
+from helpers import TINY, write_corpus, write_dataset
 
 
 class FakeTokenizer:
@@ -39,22 +35,6 @@ def test_blocks_join_documents_with_bos_eos_and_mask_only_the_padding():
     np.testing.assert_array_equal(mask[2], [1, 1, 1, 0, 0, 0])  # padding targets do not count
     assert mask[:2].all()
     assert mask.sum() == len(stream) - 1  # every real next-token target exactly once
-
-
-def write_corpus(folder, n_docs=60, seed=0):
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    for split, n in (("train", n_docs), ("valid", 8)):
-        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
-            for _ in range(n):
-                f.write(json.dumps({"text": " ".join(rng.choice(SENTENCES, 4))}) + "\n")
-    return str(folder)
-
-
-TINY = ["--vocab-size", "300", "--dim", "64", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
-        "--hidden-dim", "160", "--context", "32", "--batch-size", "8", "--warmup", "5",
-        "--learning-rate", "3e-3", "--min-learning-rate", "3e-4", "--steps-per-report", "5",
-        "--steps-per-eval", "20", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")

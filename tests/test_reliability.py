@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import mlx.core as mx
 import numpy as np
@@ -15,8 +14,8 @@ import lora
 import trainer
 import loading
 import dataset
-from test_lora import LORA, write_dataset
 from utils import UserError, read_jsonl
+from helpers import LORA, assert_same_bits, read_adapters, wait_for_step, write_dataset
 
 ITERS, SAVE_EVERY = 24, 4
 KILL_IN_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_in_checkpoint.py")
@@ -30,16 +29,6 @@ def train_command(model_dir, data, adapter_file, *extra):
             "--lora-layers", "2", "--lora-dropout", "0.1", "--lora-targets", "all", "--batch-size", "3", *extra]
 
 
-def read_adapters(path):
-    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
-
-
-def assert_same_bits(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
 @pytest.fixture(scope="module")
 def setting(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
@@ -48,20 +37,6 @@ def setting(tiny_llama, tmp_path_factory):
     run = subprocess.run(train_command(tiny_llama[0], data, reference), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     return tiny_llama[0], data, read_adapters(reference), root
-
-
-def wait_for_step(metrics_path, step, proc, timeout=120):
-    """Block until the run has logged `step` (metrics are flushed every report)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
-            if steps and max(steps) >= step:
-                return
-        assert proc.poll() is None, "training ended before it could be interrupted"
-        time.sleep(0.02)
-    raise AssertionError("training did not reach the step in time")
 
 
 def resume_and_compare(setting, adapter_file):

@@ -11,9 +11,8 @@ import pytest
 
 import lora
 import trainer
-from test_lora import LORA, run_training, write_dataset
-from test_reliability import assert_same_bits, read_adapters
 from utils import UserError, read_jsonl
+from helpers import LORA, assert_same_bits, read_adapters, run_training, write_dataset
 
 
 @pytest.fixture(scope="module")

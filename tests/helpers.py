@@ -1,0 +1,316 @@
+"""What several test modules share: data writers, runs of the scripts, references, comparisons.
+
+Test modules import from here (and from checkpoints.py, hf_checkpoints.py, gguf_files.py, which
+build checkpoints), never from each other.
+"""
+
+import json
+import os
+import random
+import textwrap
+import time
+
+import mlx.core as mx
+import numpy as np
+
+import lora
+from utils import read_jsonl
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LORA = os.path.join(ROOT, "lora.py")
+
+
+# ------------------------------------------------------------ fine-tuning data and runs of lora.py
+
+
+NAMES, THINGS = ["Tom", "Lily", "Ben", "Anna"], ["ball", "cat", "tree", "boat", "cake"]
+
+
+def story(rng):
+    n, t = rng.choice(NAMES), rng.choice(THINGS)
+    return f"{n} had a {t}. {n} loved the {t} and played with the {t} in the park."
+
+
+def write_split(folder, split, lines):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+
+
+def write_dataset(folder, n_train=24, n_valid=8, n_test=8, seed=0):
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        write_split(folder, split, [{"text": story(rng)} for _ in range(n)])
+    return str(folder)
+
+
+def run_training(model_dir, data, adapter_file, *flags):
+    argv = ["--model", model_dir, "--train", "--data", data, "--adapter-file", str(adapter_file),
+            "--iters", "40", "--batch-size", "4", "--learning-rate", "1e-2", "--lora-layers", "2",
+            "--steps-per-report", "5", "--steps-per-eval", "20", "--save-every", "10", *flags]
+    lora.main(argv)
+    return [record for _, record in read_jsonl(os.path.splitext(adapter_file)[0] + ".metrics.jsonl")]
+
+
+# ---------------------------------------------------------------- pretraining corpora and settings
+
+
+SENTENCES = ["The cat sat on the mat.", "A dog ran in the park.", "Birds sing in the morning.",
+             "Lily has a red ball.", "Tom reads a big book.", "The sun is warm today."]
+
+
+def write_corpus(folder, n_docs=60, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", n_docs), ("valid", 8)):
+        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"text": " ".join(rng.choice(SENTENCES, 4))}) + "\n")
+    return str(folder)
+
+
+TINY = ["--vocab-size", "300", "--dim", "64", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
+        "--hidden-dim", "160", "--context", "32", "--batch-size", "8", "--warmup", "5",
+        "--learning-rate", "3e-3", "--min-learning-rate", "3e-4", "--steps-per-report", "5",
+        "--steps-per-eval", "20", "--dtype", "float32"]
+
+
+# --------------------------------------- adapters compared bit for bit, runs followed step by step
+
+
+def read_adapters(path):
+    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+
+
+def assert_same_bits(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def wait_for_step(metrics_path, step, proc, timeout=120):
+    """Block until the run has logged `step` (metrics are flushed every report)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
+            if steps and max(steps) >= step:
+                return
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError("training did not reach the step in time")
+
+
+# -------------------------------------------- tokenizers and chat templates of today's checkpoints
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+SAMPLES = ["Once upon a time", "héllo wörld, naïve café", "日本語のテキストと中文", "emoji 🙂🎉 and 👩‍👩‍👧",
+           "  two  spaces\tand\ttabs\n\nnewlines", "<|im_start|>user\nhi<|im_end|>", "x<|im_end|>y", "Ünïcödé ß→∑ ✓"]
+
+
+def byte_level_tokenizer(folder):
+    """A byte-level BPE tokenizer.json trained here, with ChatML's specials and template."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Once upon a time there was a little girl named Lily."] * 20 + SAMPLES, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                                eos_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    return fast
+
+
+# ---------------------------------------------- a fake installed package for cwk_create_dataset.py
+
+
+FAKEPKG = {
+    "__init__.py": '''
+        """A fake package for the dataset tests.
+
+        It re-exports :class:`~fakepkg.layers.activations.ReLU` and :func:`relu`.
+        """
+        from fakepkg.layers.activations import ReLU, relu
+    ''',
+    "layers/__init__.py": '''
+        """Neural network layers, one module per family."""
+        from fakepkg.layers.activations import ReLU
+    ''',
+    "layers/activations.py": '''
+        """Activation functions and layers."""
+
+
+        class ReLU:
+            """Applies the Rectified Linear Unit.
+
+            Simply ``maximum(x, 0)``. See :func:`relu` for the functional
+            equivalent, and :class:`the tensor type <fakepkg.ops.Tensor>`.
+
+            .. note::
+               Works on any :class:`~fakepkg.ops.Tensor`.
+
+            .. versionadded:: 0.2
+            """
+
+            def forward(self, x):
+                """Apply the activation to ``x`` elementwise."""
+
+            @property
+            def name(self):
+                """The display name of the layer."""
+                return "relu"
+
+            def undocumented(self):
+                pass
+
+            def _helper(self):
+                """A private method, never an example."""
+
+
+        def relu(x, scale=1.0):
+            """The functional form of :class:`ReLU`.
+
+            Example::
+
+                relu(3)
+
+
+            Returns ``max(x, 0) * scale``.
+            """
+
+
+        def tiny():
+            """Tiny."""
+
+
+        def _hidden():
+            """A private function, never an example."""
+    ''',
+    "ops.py": textwrap.dedent(
+        '''
+        """Array operations."""
+
+
+        class Tensor:
+            """A minimal tensor type for the tests."""
+
+            def reshape(self, *shape):
+                """Return the tensor with a new shape."""
+
+
+        def reshape(tensor, shape):
+            """Reshape ``tensor`` to ``shape``, as `NumPy <https://numpy.org>`_ does."""
+        '''
+    )
+    + "".join(f'\n\ndef op{i:02d}(x):\n    """Operation number {i} on tensors."""\n' for i in range(20)),
+    "compiled.py": '''
+        """Functions written in C, as far as the tests can tell."""
+        import types
+
+        random = types.ModuleType("fakepkg.compiled.random", "Random sampling functions.")
+
+
+        def _normal(shape):
+            pass
+
+
+        # What a compiled function looks like: no file for its module, the call line in its docstring.
+        _normal.__doc__ = "normal(shape: tuple) -> Tensor\\n\\nDraw samples from a normal distribution."
+        _normal.__name__ = _normal.__qualname__ = "normal"
+        _normal.__module__ = "fakepkg.compiled.random"
+        random.normal = _normal
+    ''',
+    "longdoc.py": f'''
+        """Docstrings longer than the tests' --seq-limit of 300 characters."""
+
+
+        def essay():
+            """An essay in three paragraphs.
+
+            {"The second paragraph still fits within the limit. " * 3}
+
+            {"The third paragraph goes past the limit and is cut away. " * 4}
+            """
+
+
+        def wall():
+            """{"word " * 80}"""
+    ''',
+    "tests/__init__.py": "",
+    "tests/test_fake.py": '''
+        def test_nothing():
+            """A test's docstring, never an example."""
+    ''',
+    "_private.py": '''
+        def hidden():
+            """A private module's function, never an example."""
+    ''',
+}
+
+
+def write_package(root, name, files):
+    for relative, source in files.items():
+        path = os.path.join(root, name, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(source).lstrip())
+
+
+# --------------------------------------------------------------- float64 references of the kernels
+
+
+def f64(a):
+    return np.array(a).astype(np.float64)
+
+
+def rope_float64(x, dims, traditional, base, offset):
+    X = f64(x)
+    half = dims // 2
+    theta = (offset + np.arange(X.shape[-2]))[:, None] * base ** (-np.arange(half) / half)  # [T, half]
+    a = np.arange(half) * 2 if traditional else np.arange(half)
+    b = a + 1 if traditional else a + half
+    out = X.copy()
+    out[..., a] = X[..., a] * np.cos(theta) - X[..., b] * np.sin(theta)
+    out[..., b] = X[..., a] * np.sin(theta) + X[..., b] * np.cos(theta)
+    return out
+
+
+def attention_float64(q_BNTH, k_BKSH, v_BKSH, scale):
+    """softmax(scale q k^T) v with no mask, the N // K query heads of a key-value head together."""
+    rep = q_BNTH.shape[1] // k_BKSH.shape[1]
+    Q, K, V = f64(q_BNTH), np.repeat(f64(k_BKSH), rep, axis=1), np.repeat(f64(v_BKSH), rep, axis=1)
+    scores = Q @ K.swapaxes(-1, -2) * scale
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True) @ V
+
+
+# -------------------------------------------------------------------- llama.cpp's own computations
+
+
+def hf_llama3_factors(theta, head_dim, factor, low, high, old):
+    """rope_freqs as llama.cpp's convert_hf_to_gguf computes them (float32 frequencies)."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    out = []
+    for freq in freqs.astype(np.float32):
+        wavelen = 2 * np.pi / float(freq)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
