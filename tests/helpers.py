@@ -22,6 +22,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA = os.path.join(ROOT, "lora.py")
 
 
+# ----------------------------------------------------------------------------------- generation
+
+def sampled(model, prompt_tokens, seed, n=12, temp=1.5):
+    """n tokens drawn at temperature `temp` after mx.random.seed(seed): the same seed must give
+    the same tokens, another seed other ones (a stronger check of determinism than greedy)."""
+    import generate
+
+    mx.random.seed(seed)
+    tokens = generate.generate_tokens(model, prompt_tokens, generate.Sampler(temp=temp))
+    return [int(next(tokens)) for _ in range(n)]
+
+
 # ------------------------------------------------------------ fine-tuning data and runs of lora.py
 
 

@@ -69,9 +69,17 @@ def native():
         return None
 
 
-def test_the_native_build_is_there_to_compare_against(native):
+def test_the_native_build_is_there_to_compare_against(portable, native):
+    """The tests below compare the two builds: they must be two (not the portable one twice, or
+    the native one loaded under the other's name), and a disagreement between them must fail."""
     if native is None:
         pytest.skip("_cpu_kernels not built (run setup.sh): the portable one is checked against float64 only")
+    assert native is not portable and os.path.dirname(native.__file__) == ROOT
+    x, w = mx.random.normal((2, 40)), mx.random.normal((7, 40))
+    got, ref = both(portable, native, lambda kernels: kernels.matvec(x, w))
+    close(got, f64(x) @ f64(w).T, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError):
+        close(got, f64(x) @ f64(w).T, ref * 1.001, rtol=1e-5, atol=1e-5)
 
 
 def close(got, expected, native_got=None, **tolerance):

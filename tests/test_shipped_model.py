@@ -9,6 +9,7 @@ import numpy as np
 import trainer
 import loading
 import generate
+from helpers import sampled
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "base_model")
 
@@ -42,8 +43,10 @@ def greedy(model, tokenizer, prompt, n):
 def test_shipped_model_generates_deterministically_and_knows_docstrings():
     model, tokenizer, _ = loading.load_model(SHIPPED)
     prompt = "numpy.linalg.norm(x, ord=None, axis=None) Matrix or vector norm."
-    first, second = greedy(model, tokenizer, prompt, 40), greedy(model, tokenizer, prompt, 40)
-    assert first == second and len(first) > 10
+    prompt_tokens = tokenizer.encode(prompt)
+    assert sampled(model, prompt_tokens, seed=1) == sampled(model, prompt_tokens, seed=1)
+    assert sampled(model, prompt_tokens, seed=1) != sampled(model, prompt_tokens, seed=2)
+    assert len(greedy(model, tokenizer, prompt, 40)) > 10  # no EOS straight away
     # A pretrained model puts far more probability on real documentation than on shuffled words.
     text = "Return the sum of the array elements over the given axis."
     words = text.split()
