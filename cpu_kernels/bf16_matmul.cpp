@@ -48,15 +48,18 @@ struct Scratch {
   T* get() { return static_cast<T*>(data.buffer().raw_ptr()); }
 };
 
-template <typename T>
-inline uint16_t bf16_of(T v) {
-  if constexpr (std::is_same_v<T, float>) return to_bf16(v);
-  else return v;  // already bfloat16 bits
-}
+// A value of B as bfloat16 bits: float32 and float16 rounded, bfloat16 bits as they are.
+inline uint16_t bf16_of(float v) { return to_bf16(v); }
+inline uint16_t bf16_of(mx::float16_t v) { return to_bf16(static_cast<float>(v)); }
+inline uint16_t bf16_of(uint16_t v) { return v; }
 
 // Sixteen values from `src` as bfloat16 bits.
 inline void bf16_row16(const float* src, uint16_t* out) {
   _mm256_storeu_si256((__m256i*)out, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src)));
+}
+inline void bf16_row16(const mx::float16_t* src, uint16_t* out) {
+  const __m512 widened = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)src));  // exact
+  _mm256_storeu_si256((__m256i*)out, (__m256i)_mm512_cvtneps_pbh(widened));
 }
 inline void bf16_row16(const uint16_t* src, uint16_t* out) { std::memcpy(out, src, 32); }
 
@@ -267,6 +270,7 @@ class Bf16Matmul : public CpuPrimitiveWith<Orientation> {
       Scratch<uint16_t> ap(Mp * Kp), bp(Np * Kp);
       pack_a(a.data<float>(), M, K, ap.get(), Mp, Kp);
       if (b.dtype() == mx::float32) pack_b(b.data<float>(), transposed, N, K, bp.get(), Np, Kp);
+      else if (b.dtype() == mx::float16) pack_b(b.data<mx::float16_t>(), transposed, N, K, bp.get(), Np, Kp);
       else pack_b(b.data<uint16_t>(), transposed, N, K, bp.get(), Np, Kp);
       bf16_products_into(ap.get(), bp.get(), out.data<float>(), M, N, Mp, Np, Kp);
 #else
@@ -311,12 +315,12 @@ bool bf16_products() {
 #endif
 }
 
-// a [..., K] (float32) @ b^T with b [N, K], or @ b with b [K, N] (float32 or bfloat16):
+// a [..., K] (float32) @ b^T with b [N, K], or @ b with b [K, N] (float32, float16 or bfloat16):
 // float32 [..., N], the operands rounded to bfloat16.
 mx::array bf16_matmul(const mx::array& a, const mx::array& b, bool transposed) {
   check_float32(a, "a");
-  if (b.dtype() != mx::float32 && b.dtype() != mx::bfloat16)
-    throw std::invalid_argument("bf16_matmul: b must be float32 or bfloat16");
+  if (b.dtype() != mx::float32 && b.dtype() != mx::float16 && b.dtype() != mx::bfloat16)
+    throw std::invalid_argument("bf16_matmul: b must be float32, float16 or bfloat16");
   if (a.ndim() < 1 || b.ndim() != 2) throw std::invalid_argument("bf16_matmul: a must be [..., K] and b 2-D");
   const int K = a.shape(-1), N = transposed ? b.shape(0) : b.shape(1);
   if ((transposed ? b.shape(1) : b.shape(0)) != K)

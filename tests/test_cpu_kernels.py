@@ -391,10 +391,10 @@ def bf16_product_bound(a, b_KN):
 @needs_amx
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (5, 7, 3), (33, 47, 65), (64, 96, 128), (100, 200, 1100), (70, 33, 2100)])
 @pytest.mark.parametrize("transposed", [True, False])
-@pytest.mark.parametrize("stored", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("stored", [mx.float32, mx.float16, mx.bfloat16])
 def test_bf16_matmul_is_the_float32_sum_of_bfloat16_products(m, n, k, transposed, stored):
     """Every edge of the 32x32 blocks and 32-value steps, K past one chunk of 1024, both
-    orientations of B, B stored as float32 (rounded when packed) or bfloat16."""
+    orientations of B, B stored as float32 or float16 (rounded when packed) or bfloat16."""
     a = mx.random.normal((m, k), key=mx.random.key(m))
     b_NK = mx.random.normal((n, k), key=mx.random.key(n)).astype(stored)
     b = b_NK if transposed else mx.contiguous(b_NK.T)
@@ -481,3 +481,16 @@ def test_compute_dtype_bfloat16_on_a_cpu_without_amx_is_refused(monkeypatch):
     monkeypatch.setattr(ops, "bfloat16_products_available", lambda: False)
     with pytest.raises(loading.UserError, match="AMX"):
         loading.set_compute_dtype(random_model(), "bfloat16")
+
+
+@needs_amx
+def test_bfloat16_products_read_a_float16_model_kept_for_generation(kernel_calls, bfloat16_products):
+    """lora.py --prompt --compute-dtype bfloat16 on a float16 model: its weights stay float16 and
+    the prompt's products round them to bfloat16 as they pack."""
+    model = random_model("float16")
+    tokens = mx.random.randint(0, 320, (1, 40), key=mx.random.key(1))
+    logits = np.array(model(tokens))
+    assert kernel_calls["bf16_matmul"] == 7 * ARGS.n_layers + 1
+    ops.use_bfloat16_products(False)
+    ref = np.array(model(tokens))
+    assert np.abs(logits - ref).max() < 2e-2 * np.abs(ref).max()
