@@ -3,7 +3,8 @@
     meta.py         Meta's and Mistral's folders: consolidated.NN.pth or consolidated.safetensors
                     with params.json (LLaMA 1/2/3, Code Llama, Mistral)
     hf.py           Hugging Face folders: config.json, safetensors shards (or pytorch_model*.bin)
-    gguf.py         GGUF files (llama.cpp, Ollama, LM Studio)
+    gguf/           GGUF files (llama.cpp, Ollama, LM Studio): a package, one module a concern
+    protobuf.py     the few pieces of protobuf a SentencePiece model needs (gguf/ writes and reads them)
     mlx.py          this toolkit's own model folders (to quantize or export one again)
     safetensors.py  the safetensors container both of the first two may use
 

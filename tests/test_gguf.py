@@ -1,4 +1,4 @@
-"""formats/gguf.py: GGUF files read into this toolkit's names, config, weights and tokenizer.
+"""formats/gguf/: GGUF files read into this toolkit's names, config, weights and tokenizer.
 
 The files are written by llama.cpp's own writer (tests/gguf_files.py); the references are the
 gguf package's dequantization, the writer's own inputs, transformers' GGUF tokenizer and the

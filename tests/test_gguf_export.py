@@ -1,4 +1,4 @@
-"""formats/gguf.py's writer: any checkpoint of this toolkit written as a llama GGUF file.
+"""formats/gguf/writer.py: any checkpoint of this toolkit written as a llama GGUF file.
 
 The references share no code with the writer: llama.cpp's own reader (the gguf package) for the
 tensor bytes and metadata, transformers' GGUF loader for the logits and the tokenizer, this

@@ -1,0 +1,142 @@
+"""GGUF files (llama.cpp, Ollama, LM Studio): the metadata, the tokenizer and the weights in one file.
+
+Layout, little-endian: "GGUF", the version (2 or 3), the tensor and metadata counts (uint64),
+the metadata key/values, one info per tensor (name, dims fastest axis first, ggml type, offset),
+then, aligned, the tensors' data. Files come from strangers: the header is read by a parser of
+our own that bounds every count and length by the bytes left before it allocates or loops, and
+every tensor's bytes must lie inside the file. The file stays memory-mapped; a tensor is read
+when asked for.
+
+Weights: F32, F16 and BF16 as stored; Q8_0, Q4_0 and Q4_1 are exactly MLX's affine quantization
+in groups of 32 (quantized() lays their blocks out as MLX does); the other types the gguf package
+can dequantize (K-quants, Q5_x, IQ) come as float32. GGUF llama files already hold the queries'
+and keys' rows in Meta's interleaved RoPE order (llama.cpp's converter permutes Hugging Face's),
+so every tensor maps to one of ours by name and nothing is permuted.
+
+Writing (writer.py: tensor_types, write): any checkpoint of this toolkit as a llama GGUF file, the reader's
+mapping inverted. MLX's 4- and 8-bit quantization in groups of 32 with scales float16 holds goes
+into Q4_1 and Q8_0 blocks exactly (so a GGUF file converted and written back keeps its bytes);
+every other quantized tensor is quantized from float32 by the gguf package. The tokenizer is
+rewritten as llama.cpp reads one: tokenizer.json's byte-level BPE (its pre-tokenizer named),
+SentencePiece's pieces, or Llama 3's tiktoken ranks as byte-level BPE. Tensors are converted and
+written a few rows at a time, so memory stays around one tensor whatever the model size.
+
+One module a concern: header.py (the bounded parser), names.py (GGUF's names and ours), blocks.py
+(quantized blocks both ways), config.py (metadata to config), vocabulary.py (tokenizers both ways),
+writer.py; the reader's Checkpoint is here.
+"""
+
+import os
+
+import numpy as np
+
+from utils import UserError, atomic_write
+
+import mlx.core as mx
+
+from formats import expected_shapes
+from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, MLX_BITS, block_scales, mlx_affine, wide_scales
+from formats.gguf.config import check_architecture, derive_config
+from formats.gguf.header import MAGIC, gguf_package, map_file, read_header, shown, tensor_entries
+from formats.gguf.names import ROPE_FREQS, check_tensors, meta_name
+from formats.gguf.vocabulary import tokenizer_files
+
+from formats.gguf.blocks import written_values  # noqa: F401  (re-exported)
+from formats.gguf.vocabulary import LLAMA3_PRES, PRE_SPLITS, byte_spelling  # noqa: F401
+from formats.gguf.writer import tensor_types, write  # noqa: F401
+
+__all__ = ['Checkpoint', 'detect', 'tensor_types', 'write', 'written_values', 'byte_spelling', 'PRE_SPLITS', 'LLAMA3_PRES', 'meta_name', 'FLOAT_DTYPES']
+
+
+def detect(path):
+    """Whether `path` is a GGUF file: its first four bytes say so, whatever its name."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+class Checkpoint:
+    """An opened, fully checked GGUF llama file (see formats/__init__.py for the interface); also
+    quantized_scales_dtype(name), the dtype quantized() gives the scales, for convert.py's plan."""
+
+    def __init__(self, path):
+        self.path = path
+        self._map = map_file(path)
+        meta, infos, data_start = read_header(self._map, path)
+        check_architecture(meta, path)
+        entries = tensor_entries(infos, data_start, len(self._map), path)
+        rope_freqs = entries.pop(ROPE_FREQS, None)
+        if rope_freqs is not None:
+            rope_freqs = self._floats(rope_freqs)
+        self._entries = {}
+        for gguf_name, entry in entries.items():
+            name = meta_name(gguf_name)
+            if name is None:
+                raise UserError(f"{path}: unexpected tensor {shown(gguf_name)} (not a llama weight)")
+            self._entries[name] = entry
+        self.config = derive_config(meta, self._entries, path, rope_freqs)
+        self.shapes = expected_shapes(self.config)
+        check_tensors(self._entries, self.shapes, path)
+        self._tokenizer_files = tokenizer_files(meta, path)
+
+    def stored_dtype(self, name):
+        return FLOAT_DTYPES.get(self._entries[name].type)
+
+    def quantization(self, name):
+        entry = self._entries[name]
+        bits = MLX_BITS.get(entry.type)
+        return (GROUP_SIZE, bits) if bits and len(entry.shape) == 2 else None
+
+    def quantized(self, name):
+        """(weight uint32 [out, in * bits / 32], scales [out, in / 32], biases [out, in / 32]):
+        float16 scales and biases, or float32 where a bias (-8 d, -128 d) overflows float16."""
+        entry = self._entries[name]
+        assert self.quantization(name), f"{name} is not stored in MLX's affine quantization"
+        rows, cols = entry.shape
+        blocks_RGB = self._raw(entry).reshape(rows, cols // GROUP_SIZE, entry.type_size)
+        return tuple(mx.array(a) for a in mlx_affine(blocks_RGB, entry.type))
+
+    def quantized_scales_dtype(self, name):
+        """The dtype of quantized(name)'s scales and biases, read off the blocks' scales alone."""
+        entry = self._entries[name]
+        d = block_scales(self._raw(entry).reshape(-1, entry.type_size))
+        return mx.float32 if wide_scales(d, entry.type) else mx.float16
+
+    def tensor(self, name):
+        entry = self._entries[name]
+        raw = self._raw(entry)
+        if entry.type == "BF16":
+            return mx.array(raw.view(np.uint16).reshape(entry.shape)).view(mx.bfloat16)
+        if entry.type in FLOAT_DTYPES:
+            return mx.array(raw.view(FLOAT_DTYPES[entry.type]).reshape(entry.shape))
+        if self.quantization(name):
+            # d q + b in float32 is exactly GGUF's d (q - 8), d (q - 128), d q + m
+            w, scales, biases = self.quantized(name)
+            return mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
+                                 group_size=GROUP_SIZE, bits=MLX_BITS[entry.type])
+        return mx.array(self._floats(entry))
+
+    def write_tokenizer(self, folder):
+        for file_name, content in self._tokenizer_files.items():
+            with atomic_write(os.path.join(folder, file_name), "wb") as f:
+                f.write(content)
+
+    def _raw(self, entry):
+        """The tensor's bytes, a view of the mapped file (read when used)."""
+        return np.frombuffer(self._map, np.uint8, entry.nbytes, entry.start)
+
+    @np.errstate(all="ignore")  # a stranger's NaN or infinity: no warnings printed
+    def _floats(self, entry):
+        """Any tensor as a float32 numpy array of its shape."""
+        raw = self._raw(entry)
+        if entry.type == "BF16":  # bfloat16 is float32's top half
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(entry.shape)
+        if entry.type in FLOAT_DTYPES:
+            return raw.view(FLOAT_DTYPES[entry.type]).astype(np.float32).reshape(entry.shape)
+        rows = raw.reshape(-1, entry.shape[-1] // entry.block * entry.type_size)
+        gguf = gguf_package(self.path)
+        return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[entry.type]).reshape(entry.shape)

@@ -1,0 +1,174 @@
+"""Quantized blocks both ways, each codec beside its inverse: GGUF's Q8_0, Q4_0 and Q4_1 blocks as
+MLX's affine quantization in groups of 32 (reading), and MLX's back into those blocks or floats
+(writing), a few rows at a time.
+"""
+
+import numpy as np
+
+from utils import UserError
+
+import mlx.core as mx
+
+from formats import all_finite_bits
+
+
+FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+MLX_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # exactly MLX's affine quantization, groups of 32
+BIAS_OFFSETS = {"Q4_0": 8, "Q8_0": 128}      # their values are d (q - offset): bias -offset d
+GROUP_SIZE, F16_MAX = 32, 65504.0
+
+
+@np.errstate(all="ignore")  # a stranger's NaN or infinity: no warnings printed
+def mlx_affine(blocks_RGB, type_name):
+    """GGUF blocks of 32 values as MLX's affine quantization: (weight uint32 [R, G*32*bits/32],
+    scales [R, G], biases [R, G]), so that d q + b is each value."""
+    d_RG = block_scales(blocks_RGB)
+    if type_name == "Q4_1":
+        m_RG = np.ascontiguousarray(blocks_RGB[..., 2:4]).view(np.float16)[..., 0]
+        return mlx_nibbles(blocks_RGB[..., 4:]), d_RG, m_RG
+    if type_name == "Q4_0":
+        q = mlx_nibbles(blocks_RGB[..., 2:])
+    else:  # Q8_0: int8 q; q + 128 as unsigned is its bits with the top one flipped
+        q = (blocks_RGB[..., 2:] ^ np.uint8(0x80)).reshape(len(blocks_RGB), -1).view(np.uint32)
+    bias_RG = -BIAS_OFFSETS[type_name] * d_RG.astype(np.float32)  # exact: the offset is a power of two
+    if wide_scales(d_RG, type_name):
+        return q, d_RG.astype(np.float32), bias_RG
+    return q, d_RG, bias_RG.astype(np.float16)
+
+
+def block_scales(blocks):
+    """Each block's scale d, the float16 its first two bytes hold."""
+    return np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+
+
+@np.errstate(all="ignore")
+def wide_scales(d, type_name):
+    """Whether a bias -offset d overflows float16 (d past 65504 / offset): then the tensor's
+    scales and biases are float32, where d q - offset d is still exact."""
+    offset = BIAS_OFFSETS.get(type_name)
+    return offset is not None and bool(np.any(np.isfinite(d) & (np.abs(d.astype(np.float32)) * offset > F16_MAX)))
+
+
+def mlx_nibbles(qs_RG16):
+    """4-bit values in MLX's order, as uint32 words [R, G*4]. A GGUF block keeps value j in byte
+    j's low nibble and value j+16 in its high one; MLX keeps values 2b and 2b+1 in byte b."""
+    values_RG32 = np.concatenate([qs_RG16 & 0x0F, qs_RG16 >> 4], axis=-1)
+    packed_RG16 = values_RG32[..., 0::2] | (values_RG32[..., 1::2] << 4)
+    return packed_RG16.reshape(len(qs_RG16), -1).view(np.uint32)
+
+
+def gguf_nibbles(packed_RG16):
+    """MLX's 4-bit values (values 2b and 2b+1 in byte b of a group) in GGUF's block order (value j
+    in byte j's low nibble, value j+16 in its high one): mlx_nibbles undone."""
+    values_RG32 = np.empty(packed_RG16.shape[:-1] + (32,), np.uint8)
+    values_RG32[..., 0::2], values_RG32[..., 1::2] = packed_RG16 & 0x0F, packed_RG16 >> 4
+    return values_RG32[..., :16] | (values_RG32[..., 16:] << 4)
+
+
+CHUNK_VALUES = 1 << 22  # rows converted at a time: about 16 MiB of float32, whatever the tensor
+
+
+def tensor_chunks(checkpoint, name, type_name):
+    """The weight's bytes in `type_name`, as uint8 arrays of a few rows each."""
+    own = own_code_blocks(checkpoint, name, type_name)
+    if own is not None:
+        yield from own
+        return
+    import gguf
+
+    for rows in weight_rows(checkpoint, name):
+        if type_name in FLOAT_DTYPES:
+            bits = {"F32": mx.uint32, "F16": mx.uint16, "BF16": mx.uint16}[type_name]
+            out = np.asarray(rows.astype(getattr(mx, FLOAT_DTYPES[type_name])).view(bits))
+        else:
+            with np.errstate(all="ignore"):  # NaN or infinity is reported below, in the result
+                out = gguf.quants.quantize(np.asarray(rows.astype(mx.float32)), gguf.GGMLQuantizationType[type_name])
+        if not finite_values(out, type_name):
+            raise UserError(f"{checkpoint.path}: {name} is not finite in {type_name}: NaN, infinity, or values "
+                            "beyond that type's range" + (" (try float32 or bfloat16)" if type_name == "F16" else ""))
+        yield out.view(np.uint8)
+
+
+def written_values(checkpoint, name, type_name):
+    """The float32 values a tensor takes in a GGUF file as `type_name` (Q8_0, Q4_1): write()'s own
+    blocks, dequantized as readers dequantize them. What an export's precision costs, exactly."""
+    import gguf
+
+    blocks = np.concatenate(list(tensor_chunks(checkpoint, name, type_name)))
+    values = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[type_name])
+    return mx.array(values.reshape(checkpoint.shapes[name]))
+
+
+def weight_rows(checkpoint, name):
+    """The weight a few rows at a time: as stored, or float32 where it is held quantized (dequantized
+    a few rows at a time, so that a quantized embedding is never whole in float32)."""
+    q = checkpoint.quantization(name)
+    arrays = checkpoint.quantized(name) if q is not None else (checkpoint.tensor(name),)
+    mx.eval(arrays)  # read once, whole: slices of an unread array would each read it
+    n_rows, n_cols = checkpoint.shapes[name][0], checkpoint.shapes[name][-1]
+    step = max(1, CHUNK_VALUES // n_cols)
+    for start in range(0, n_rows, step):
+        part = [a[start:start + step] for a in arrays]
+        if q is None:
+            yield part[0]
+        else:  # as every format's tensor() dequantizes: d q + b in float32
+            weight, scales, biases = part
+            yield mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                                group_size=q[0], bits=q[1])
+
+
+def finite_values(out, type_name):
+    """Whether a float tensor's bits, or a quantized one's block scales (d, and Q4_1's m), are finite."""
+    if type_name in FLOAT_DTYPES:
+        return all_finite_bits(out, FLOAT_DTYPES[type_name])
+    blocks = out.reshape(-1, {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[type_name])
+    scales = blocks[:, :4 if type_name == "Q4_1" else 2]
+    return bool(np.all(np.isfinite(np.ascontiguousarray(scales).view(np.float16))))
+
+
+def own_code_blocks(checkpoint, name, type_name):
+    """The weight's own codes as Q4_1 or Q8_0 blocks, chunks of rows, when it is held in MLX's
+    affine quantization in groups of 32 (Q8_0: biases -128 scale, as the reader makes of Q8_0);
+    else None, and it is quantized from float32. Scales float16 holds are copied exactly; others
+    are rounded to float16, which moves a value far less than re-quantizing would (a step's
+    2^-11 against half a step)."""
+    q = {"Q4_1": (GROUP_SIZE, 4), "Q8_0": (GROUP_SIZE, 8)}.get(type_name)
+    if q is None or checkpoint.quantization(name) != q:
+        return None
+    w, scales, biases = checkpoint.quantized(name)
+    s_RG, b_RG = (np.asarray(a.astype(mx.float32)) for a in (scales, biases))
+    d_RG = finite_float16(s_RG)
+    if d_RG is None:
+        return None
+    if type_name == "Q4_1":
+        m_RG = finite_float16(b_RG)
+        if m_RG is None:
+            return None
+        heads_RGB = np.stack([d_RG, m_RG], axis=-1).view(np.uint8)  # d, m: two float16 each block
+    else:
+        if not np.array_equal(b_RG, -128 * s_RG):  # exact in float32: 128 is a power of two
+            return None
+        heads_RGB = d_RG[..., None].view(np.uint8)
+    mx.eval(w)  # read once, whole: slices of an unread array would each read it
+    return own_code_chunks(w, heads_RGB, type_name)
+
+
+def own_code_chunks(w, heads_RGB, type_name):
+    """Blocks of a few rows at a time: each block's head (d, or d and m) then its codes."""
+    rows_per_chunk = max(1, CHUNK_VALUES // (heads_RGB.shape[1] * GROUP_SIZE))
+    for start in range(0, w.shape[0], rows_per_chunk):
+        words = np.asarray(w[start:start + rows_per_chunk])
+        heads = heads_RGB[start:start + rows_per_chunk]
+        n, groups = heads.shape[:2]
+        if type_name == "Q4_1":
+            codes_RGB = gguf_nibbles(words.view(np.uint8).reshape(n, groups, 16))
+        else:  # MLX's q + 128, unsigned: Q8_0's signed q is the same bits with the top one flipped
+            codes_RGB = words.view(np.uint8).reshape(n, groups, 32) ^ np.uint8(0x80)
+        yield np.concatenate([heads, codes_RGB], axis=-1).reshape(n, -1)
+
+
+def finite_float16(a):
+    """`a` rounded to float16, or None where a value is beyond float16's range."""
+    with np.errstate(over="ignore"):
+        half = a.astype(np.float16)
+    return half if np.all(np.isfinite(half)) else None
