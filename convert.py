@@ -33,6 +33,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+import models
 import settings
 from formats import QUANT_BITS, QUANT_GROUP_SIZES, all_finite_bits, module_name, open_checkpoint
 from formats.safetensors import raw_bytes, write_file
@@ -40,7 +41,7 @@ from settings import option
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Every linear layer and the embedding; never the norms.
-QUANTIZABLE = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output", "tok_embeddings"}
+QUANTIZABLE = {*models.LORA_TARGETS, "output", "tok_embeddings"}
 # .npy's descr of each array type (bfloat16 as "<V2", as mx.savez writes it).
 NPY_DESCR = {mx.float32: "<f4", mx.float16: "<f2", mx.bfloat16: "<V2", mx.uint32: "<u4"}
 # The type of dequantized weights when --dtype leaves it open: exact for 4- and 8-bit codes

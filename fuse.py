@@ -138,12 +138,12 @@ def read_adapters(adapter_file, base):
     expected = {}
     for i in range(first, n):
         for target in lora["targets"]:
-            parent = "attention" if target in ("wq", "wk", "wv", "wo") else "feed_forward"
-            out_dims, in_dims = base.shapes[f"layers.{i}.{parent}.{target}.weight"]
-            expected[f"layers.{i}.{parent}.{target}.lora_a"] = (in_dims, lora["rank"])
-            expected[f"layers.{i}.{parent}.{target}.lora_b"] = (lora["rank"], out_dims)
+            path = models.target_path(i, target)
+            out_dims, in_dims = base.shapes[f"{path}.weight"]
+            expected[f"{path}.lora_a"] = (in_dims, lora["rank"])
+            expected[f"{path}.lora_b"] = (lora["rank"], out_dims)
             if lora["fine_tune_type"] == "dora":
-                expected[f"layers.{i}.{parent}.{target}.magnitude"] = (out_dims,)
+                expected[f"{path}.magnitude"] = (out_dims,)
     utils.check_fit(adapter_file, arrays, {k: _Shape(s) for k, s in expected.items()}, "adapters")
     return lora, arrays
 

@@ -284,11 +284,20 @@ def count_parameters(model):
 
 # ----------------------------------------------------------------------------- LoRA
 
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# Each adaptable linear of a block and the part of the block it lives in: the one statement of
+# which linears are attention's and which the feed-forward's.
+TARGET_PARENTS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+                  "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+LORA_TARGETS = tuple(TARGET_PARENTS)
+
+
+def target_path(layer_index, target):
+    """Where linear `target` of block `layer_index` lives: layers.N.attention.wq, ..."""
+    return f"layers.{layer_index}.{TARGET_PARENTS[target]}.{target}"
 
 
 def _parent(layer, name):
-    return layer.attention if name in ("wq", "wk", "wv", "wo") else layer.feed_forward
+    return getattr(layer, TARGET_PARENTS[name])
 
 
 def _linear_dims(linear):

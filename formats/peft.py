@@ -23,7 +23,9 @@ from formats.safetensors import SafetensorsFile
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model.model.layers"
-HF_MODULES = {ours.split(".")[1]: hf.split(".")[1] for hf, ours in LAYER_NAMES.items() if "." in ours}
+# Each adaptable linear's Hugging Face path in a block, and back: from formats.hf's one table.
+HF_PATHS = {ours.split(".")[1]: hf for hf, ours in LAYER_NAMES.items() if "." in ours}  # wq: self_attn.q_proj
+HF_MODULES = {ours: hf.split(".")[1] for ours, hf in HF_PATHS.items()}                  # wq: q_proj
 OUR_MODULES = {hf: ours for ours, hf in HF_MODULES.items()}
 
 
@@ -54,7 +56,7 @@ def write(folder, lora, arrays, model_config, base_model_name):
     tensors = {}
     for name, value in arrays.items():
         _, i, _, module, matrix = name.split(".")  # layers.N.attention.wq.lora_a
-        where = f"{PREFIX}.{i}.{_hf_parent(module)}.{HF_MODULES[module]}"
+        where = f"{PREFIX}.{i}.{HF_PATHS[module]}"
         if matrix == "lora_a":
             tensors[f"{where}.lora_A.weight"] = value.T  # [r, in]
         elif matrix == "lora_b":
@@ -71,10 +73,6 @@ def write(folder, lora, arrays, model_config, base_model_name):
               "inference_mode": True, "modules_to_save": None}
     with open(os.path.join(folder, CONFIG), "w") as f:
         json.dump(config, f, indent=2)
-
-
-def _hf_parent(module):
-    return "self_attn" if module in ("wq", "wk", "wv", "wo") else "mlp"
 
 
 def read(folder, model_config):
@@ -103,12 +101,11 @@ def _our_name(name, path):
     parts = name.split(".")
     # base_model.model.model.layers.N.(self_attn|mlp).MODULE.(lora_A.weight|lora_B.weight|lora_magnitude_vector)
     tail = ".".join(parts[7:])
-    if (len(parts) < 8 or ".".join(parts[:4]) != PREFIX or not parts[4].isdigit() or parts[6] not in OUR_MODULES
-            or tail not in PEFT_MATRICES):
+    if (len(parts) < 8 or ".".join(parts[:4]) != PREFIX or not parts[4].isdigit()
+            or f"{parts[5]}.{parts[6]}" not in LAYER_NAMES or tail not in PEFT_MATRICES):
         raise UserError(f"{path}: cannot map '{name}' onto this toolkit's model (it adapts LoRA or DoRA on the "
                         f"linears {', '.join(OUR_MODULES)} of the layers)")
-    return f"layers.{int(parts[4])}.{'attention' if parts[5] == 'self_attn' else 'feed_forward'}." \
-           f"{OUR_MODULES[parts[6]]}.{PEFT_MATRICES[tail]}"
+    return f"layers.{int(parts[4])}.{LAYER_NAMES[f'{parts[5]}.{parts[6]}']}.{PEFT_MATRICES[tail]}"
 
 
 PEFT_MATRICES = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b", "lora_magnitude_vector": "magnitude"}

@@ -1,6 +1,5 @@
 """The MLX model against an independent reference forward, the KV cache, quantization, the real model."""
 
-import os
 import subprocess
 import sys
 
@@ -17,8 +16,8 @@ import ops
 from mlx.utils import tree_flatten
 from checkpoints import make_checkpoint, reference_logits
 from conftest import convert_checkpoint
+from helpers import LORA
 
-LORA = os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "lora.py")
 TOKENS = np.random.default_rng(0).integers(3, 320, size=(2, 40))  # longer than Mistral's test window 16
 
 
