@@ -37,6 +37,7 @@ import utils
 from utils import UserError, read_json, run_script, write_json
 
 from formats import expected_shapes
+from formats.peft import HF_MODULES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(ROOT, "..", "shared", "assets", "tokenizers", "mistral-7b-v0.1.model")
@@ -324,8 +325,8 @@ def torch_lora_step_seconds(args, autocast):
         hidden_size=shape["dim"], num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
         num_key_value_heads=shape["n_kv_heads"], head_dim=shape["head_dim"], intermediate_size=shape["hidden_dim"],
         vocab_size=shape["vocab_size"], rms_norm_eps=1e-5, tie_word_embeddings=False)
-    model = get_peft_model(transformers.LlamaForCausalLM(config),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=[PEFT_TARGETS[t] for t in args.targets.split(",")]))
+    targets = [HF_MODULES[t] for t in args.targets.split(",")]
+    model = get_peft_model(transformers.LlamaForCausalLM(config), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     tokens = torch.randint(0, shape["vocab_size"], (args.batch_size, args.seq_len + 1))
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -353,9 +354,6 @@ def add_train_args(p):
 
 
 # ----------------------------------------------------------------------------- the real model against PEFT
-
-PEFT_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
-                "w2": "down_proj", "w3": "up_proj"}
 
 
 def real_batches(model_dir, data, n_batches, batch_size, max_seq_length):
@@ -422,7 +420,7 @@ def peft_lora_seconds(gguf_path, batches, rank, alpha, targets, autocast=False):
     folder, name = os.path.split(gguf_path)
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                            target_modules=[PEFT_TARGETS[t] for t in targets]))
+                                            target_modules=[HF_MODULES[t] for t in targets]))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
