@@ -29,10 +29,11 @@ SYSTEM_OPENBLAS = [
     "/usr/lib64/libopenblas.so.0",
     "/usr/lib/libopenblas.so.0",
 ]
-# OpenBLAS's x86 kernel sets by the instructions they use: a CPU with those instructions
-# that gets a core name outside its set runs kernels slower than it could.
-AVX512_CORES = {"SkylakeX", "CooperLake", "SapphireRapids"}
-AVX2_CORES = AVX512_CORES | {"Haswell", "Zen"}
+# OpenBLAS's x86 kernel sets by the instructions they use, lower-cased (a DYNAMIC_ARCH build
+# says "Cooperlake", a build for one CPU "SKYLAKEX"): a CPU with those instructions that gets
+# a core outside its set runs kernels slower than it could.
+AVX512_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
+AVX2_CORES = AVX512_CORES | {"haswell", "zen", "excavator"}
 
 PATH = None  # the library loaded
 _handle = None
@@ -44,14 +45,11 @@ def _mkl_candidates():
             for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))]
 
 
-def _choose():
+def _candidates():
     explicit = os.environ.get("MLX_LORA_BLAS")
     if explicit:
-        return None if explicit == "none" else explicit
-    for path in [FORWARDING] + _mkl_candidates() + SYSTEM_OPENBLAS:
-        if os.path.exists(path):
-            return path
-    return None
+        return [] if explicit == "none" else [explicit]
+    return [path for path in [FORWARDING] + _mkl_candidates() + SYSTEM_OPENBLAS if os.path.exists(path)]
 
 
 def _load():
@@ -62,22 +60,22 @@ def _load():
         # Too late: MLX's symbols are already bound to the reference BLAS.
         print("warning: blas imported after mlx.core; the fast BLAS is not loaded", file=sys.stderr)
         return
-    path = _choose()
-    if path is None:
-        return
-    # A BLAS's idle threads otherwise spin between calls (OpenBLAS: 2^28 cycles, about 0.1 s),
-    # on a core the CPU kernels' threads need next: bfloat16 products ran 2x slower.
-    if "mkl_rt" in path:
-        os.environ.setdefault("KMP_BLOCKTIME", "0")
+    for path in _candidates():  # the first that loads: a moved venv breaks the forwarding's link
+        # A BLAS's idle threads otherwise spin between calls (OpenBLAS: 2^28 cycles, about 0.1 s),
+        # on a core the CPU kernels' threads need next: bfloat16 products ran 2x slower.
+        if "mkl_rt" in path:
+            os.environ.setdefault("KMP_BLOCKTIME", "0")
+        else:
+            os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # the least: 2^4 cycles
+        try:
+            _handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            print(f"warning: could not load the BLAS {path}: {e} (rerun setup.sh)", file=sys.stderr)
+            continue
+        PATH = path
+        break
     else:
-        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # the least: 2^4 cycles
-    try:
-        _handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    except OSError as e:
-        print(f"warning: could not load the BLAS {path}: {e}; MLX's matmuls use its reference BLAS "
-              "(rerun setup.sh)", file=sys.stderr)
         return
-    PATH = path
     warning = generic_kernel_warning(describe().get("core"), cpu_flags())
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -97,7 +95,7 @@ def describe():
     kernels it runs here is what decides MLX's float32 matmul speed."""
     if _handle is None:
         return {}
-    if PATH == FORWARDING:
+    if hasattr(_handle, "mlx_lora_blas_corename"):  # the forwarding library, however it was named
         config, core = _string_function("mlx_lora_blas_config"), _string_function("mlx_lora_blas_corename")
         return {"library": "scipy-openblas32", "version": " ".join(config.split()[:2]), "core": core}
     if _string_function("openblas_get_config") is not None:
@@ -145,9 +143,11 @@ def generic_kernel_warning(core, flags):
     A core the user chose with OPENBLAS_CORETYPE is theirs to choose."""
     if not core or os.environ.get("OPENBLAS_CORETYPE"):
         return None
-    if ("avx512f" in flags and core not in AVX512_CORES) or ("avx2" in flags and core not in AVX2_CORES):
+    name = core.lower()
+    if ("avx512f" in flags and name not in AVX512_CORES) or ("avx2" in flags and name not in AVX2_CORES):
         return (f"{PATH} runs OpenBLAS's {core} kernels, older than this CPU: MLX's float32 matmuls run "
-                "several times slower than they could (rerun setup.sh for scipy-openblas32)")
+                "several times slower than they could (a newer OpenBLAS knows it: pip install -U "
+                "scipy-openblas32, then rerun setup.sh)")
     return None
 
 

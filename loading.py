@@ -19,12 +19,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 import adapters
 import models
 import ops
+from formats import QUANT_BITS, QUANT_GROUP_SIZES
+from tokenizer import load_tokenizer
 
 # SmolLM2-135M-Instruct, which setup.sh fetches and converts (kept 4-bit): what the scripts use
 # without --model.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
-from formats import QUANT_BITS, QUANT_GROUP_SIZES
-from tokenizer import load_tokenizer
 
 
 def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=False):
@@ -221,8 +221,11 @@ def set_compute_dtype(model, compute_dtype="auto", generation_only=False):
     (Training and evaluation, whose products all go through BLAS, would convert
     them at every step.)
     """
-    if compute_dtype == "bfloat16" and mx.default_device() == mx.cpu:
-        compute_dtype = _bfloat16_products_on_the_cpu()
+    if mx.default_device() == mx.cpu:  # set for this model, on or off (an earlier model's stays not)
+        if compute_dtype == "bfloat16":
+            compute_dtype = _bfloat16_products_on_the_cpu()
+        else:
+            ops.use_bfloat16_products(False)
     dtype = default_compute_dtype() if compute_dtype == "auto" else getattr(mx, compute_dtype)
     if dtype is not None:
         cast_floats(model, dtype, generation_only and dtype == mx.float32 and ops.reads_float16_weights())

@@ -22,11 +22,15 @@ Shapes: B batch, T queries, S keys, N query heads, K key/value heads, H head dim
 
 import functools
 import os
+import sys
 
 import utils  # noqa: F401  (fast BLAS before mlx.core)
 
 import mlx.core as mx
 import mlx.nn as nn
+
+
+KERNELS_API_VERSION = 2  # what this ops.py calls: bindings.cpp's API_VERSION
 
 
 def _load_kernels():
@@ -35,6 +39,10 @@ def _load_kernels():
     try:
         import _cpu_kernels
     except ImportError:  # not built (or built for another MLX): plain MLX ops
+        return None
+    if getattr(_cpu_kernels, "API_VERSION", 1) != KERNELS_API_VERSION:
+        print(f"warning: {_cpu_kernels.__file__} was built from other sources: plain MLX ops run "
+              "(rerun setup.sh)", file=sys.stderr)
         return None
     return _cpu_kernels
 
@@ -72,6 +80,11 @@ def use_bfloat16_products(on=True):
     if on and not bfloat16_products_available():
         raise ValueError("bfloat16 products need the CPU kernels and a CPU with AMX bfloat16 tiles")
     _bfloat16_products = on
+
+
+def bfloat16_products_used():
+    """Whether the frozen products run in bfloat16 now (use_bfloat16_products)."""
+    return _bfloat16_products
 
 
 def _bfloat16_applies(x):

@@ -128,8 +128,8 @@ void tile_from_columns(const T* b, int64_t N, int64_t K, int64_t n0, int64_t k0,
   }
 }
 
-// B's tiles, from b [N, K] (transposed: C = A b^T) or b [K, N] (C = A b), float32 or
-// bfloat16 bits; zeros past N and K. The threads split b's rows, so that each reads its
+// B's tiles, from b [N, K] (transposed: C = A b^T) or b [K, N] (C = A b), float32,
+// float16 or bfloat16 bits; zeros past N and K. The threads split b's rows, so that each reads its
 // part of b in order.
 template <typename T>
 void pack_b(const T* b, bool transposed, int64_t N, int64_t K, uint16_t* bp, int64_t Np, int64_t Kp) {
@@ -263,9 +263,10 @@ class Bf16Matmul : public CpuPrimitiveWith<Orientation> {
 #if defined(MLX_LORA_AMX)
       const auto& a = in[0];
       const auto& b = in[1];
-      const int64_t K = a.shape(-1), N = out.shape(-1), M = K > 0 ? a.size() / K : out.size() / std::max<int64_t>(N, 1);
-      if (K == 0) std::fill_n(out.data<float>(), out.size(), 0.0f);
-      if (K == 0 || M == 0 || N == 0) return;
+      const int64_t K = a.shape(-1), N = out.shape(-1);
+      if (K == 0) std::fill_n(out.data<float>(), out.size(), 0.0f);  // an empty sum
+      if (K == 0 || out.size() == 0) return;
+      const int64_t M = a.size() / K;
       const int64_t Mp = round_up(M, BLOCK), Np = round_up(N, BLOCK), Kp = round_up(K, K_STEP);
       Scratch<uint16_t> ap(Mp * Kp), bp(Np * Kp);
       pack_a(a.data<float>(), M, K, ap.get(), Mp, Kp);
@@ -293,9 +294,9 @@ class Bf16Matmul : public CpuPrimitiveWith<Orientation> {
                                   std::make_shared<Bf16Matmul>(stream(), Orientation{!p_.transposed}), {g, b}));
         continue;
       }
-      const int64_t K = a.shape(-1);
-      const auto a2 = mx::reshape(a, {-1, int(K)}, stream());
-      const auto g2 = mx::reshape(g, {-1, g.shape(-1)}, stream());
+      const int rows = a.shape(-1) > 0 ? int(a.size() / a.shape(-1)) : int(g.size() / std::max(g.shape(-1), 1));
+      const auto a2 = mx::reshape(a, {rows, a.shape(-1)}, stream());
+      const auto g2 = mx::reshape(g, {rows, g.shape(-1)}, stream());
       const auto db = p_.transposed ? mx::matmul(mx::transpose(g2, stream()), a2, stream())
                                     : mx::matmul(mx::transpose(a2, stream()), g2, stream());
       grads.push_back(mx::astype(db, b.dtype(), stream()));

@@ -263,6 +263,7 @@ template <int B> struct DequantizeKernel {
 // MLX affine-quantized weights of a group size and bit width.
 struct QuantizedParams {
   int group_size, bits;
+  mx::Dtype out = mx::float32;  // what dequantize writes: two of other dtypes are not the same op
   bool operator==(const QuantizedParams&) const = default;
 };
 
@@ -343,7 +344,7 @@ mx::array dequantize(const mx::array& wq, const mx::array& scales, const mx::arr
   if (dtype != mx::float32 && dtype != mx::bfloat16) throw std::invalid_argument("dtype must be float32 or bfloat16");
   auto s = cpu_stream();
   return mx::array({wq.shape(0), wq.shape(1) * 32 / bits}, dtype,
-                   std::make_shared<Dequantize>(s, QuantizedParams{group_size, bits}),
+                   std::make_shared<Dequantize>(s, QuantizedParams{group_size, bits, dtype}),
                    {wq, scales, biases});
 }
 

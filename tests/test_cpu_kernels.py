@@ -487,10 +487,31 @@ def test_compute_dtype_bfloat16_on_a_cpu_without_amx_is_refused(monkeypatch):
 def test_bfloat16_products_read_a_float16_model_kept_for_generation(kernel_calls, bfloat16_products):
     """lora.py --prompt --compute-dtype bfloat16 on a float16 model: its weights stay float16 and
     the prompt's products round them to bfloat16 as they pack."""
-    model = random_model("float16")
+    model = random_model("float16")  # loading's compute dtype, auto: products back in float32
+    ops.use_bfloat16_products()
     tokens = mx.random.randint(0, 320, (1, 40), key=mx.random.key(1))
     logits = np.array(model(tokens))
     assert kernel_calls["bf16_matmul"] == 7 * ARGS.n_layers + 1
     ops.use_bfloat16_products(False)
     ref = np.array(model(tokens))
     assert np.abs(logits - ref).max() < 2e-2 * np.abs(ref).max()
+
+
+@needs_amx
+def test_each_model_loaded_sets_the_precision_of_its_products():
+    """One process, two models: the second, loaded for float32, must not inherit bfloat16 products."""
+    loading.set_compute_dtype(random_model(), "bfloat16")
+    assert ops.bfloat16_products_used()
+    loading.set_compute_dtype(random_model(), "auto")
+    assert not ops.bfloat16_products_used()
+
+
+def test_a_kernels_build_of_other_sources_is_not_used(monkeypatch, capsys):
+    """A _cpu_kernels left from older sources (a git pull without setup.sh) would be called with
+    arguments it does not take: plain MLX runs instead, and the user is told."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "_cpu_kernels", types.SimpleNamespace(API_VERSION=1, __file__="old.so"))
+    assert ops._load_kernels() is None
+    assert "rerun setup.sh" in capsys.readouterr().err

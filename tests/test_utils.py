@@ -55,6 +55,8 @@ def test_generic_kernels_on_a_newer_cpu_are_said(monkeypatch):
     assert "Haswell" in blas.generic_kernel_warning("Haswell", {"avx2", "avx512f"})
     assert blas.generic_kernel_warning("Haswell", {"avx2"}) is None
     assert blas.generic_kernel_warning("SapphireRapids", {"avx2", "avx512f"}) is None
+    assert blas.generic_kernel_warning("Cooperlake", {"avx2", "avx512f"}) is None  # what OpenBLAS says
+    assert blas.generic_kernel_warning("SKYLAKEX", {"avx2", "avx512f"}) is None  # a build for one CPU
     assert blas.generic_kernel_warning("Prescott", {"sse3"}) is None
 
 
