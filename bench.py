@@ -260,8 +260,7 @@ def bench_train(args):
     precisions = ["float32"] + (["bfloat16"] if ops.bfloat16_products_available() else [])
     for bits, precision in itertools.product([None] + ([4] if args.qlora else []), precisions):
         kind = ("qlora4" if bits else "lora") + ("_bf16" if precision == "bfloat16" else "")
-        ops.use_bfloat16_products(precision == "bfloat16")
-        model = random_model(args.size, bits=bits)
+        model = random_model(args.size, bits=bits, compute_dtype=precision)
         mx.reset_peak_memory()
         flops_params = matmul_parameters(model)
         models.apply_lora(model, len(model.layers), models.parse_targets(args.targets))
@@ -282,7 +281,6 @@ def bench_train(args):
         results[f"{kind}_useful_GFLOPs"] = round(4 * flops_params * n_tokens / seconds / 1e9, 1)
         results[f"{kind}_step_s"] = round(seconds, 3)
         results[f"{kind}_peak_memory_GB"] = round(trainer.peak_memory_gb(), 2)
-    ops.use_bfloat16_products(False)
     results["matmul_params_M"] = round(flops_params / 1e6, 1)
     results["blas"] = blas.describe()
     results.update(pytorch_reference(args, {k[:-len("_tokens_per_s")]: v for k, v in results.items()
@@ -388,7 +386,6 @@ def mlx_lora_seconds(model_dir, batches, rank, alpha, targets, compute_dtype="au
     import mlx.optimizers as optim
 
     import models
-    import ops
     import trainer
     from loading import load_model
 
@@ -400,10 +397,7 @@ def mlx_lora_seconds(model_dir, batches, rank, alpha, targets, compute_dtype="au
     def step(batch):
         mx.eval(compiled(*map(mx.array, batch)), model.trainable_parameters(), optimizer.state)
 
-    try:
-        return time_steps(step, batches)
-    finally:
-        ops.use_bfloat16_products(False)
+    return time_steps(step, batches)
 
 
 def peft_lora_seconds(gguf_path, batches, rank, alpha, targets, autocast=False):
@@ -651,7 +645,7 @@ WEIGHT_KINDS = {"float32": ("float32", None), "float16": ("float16", None), "8-b
                 "4-bit": ("float32", 4)}
 
 
-def random_model(size, bits=None, dtype="float32", generation_only=False):
+def random_model(size, bits=None, dtype="float32", generation_only=False, compute_dtype="auto"):
     """A random model of MODEL_SIZES[size], optionally quantized as convert.py -q does
     (the layers whose input width divides into groups of 64), its floats stored in
     `dtype` and then cast as load_model does (on the CPU: float32 computation)."""
@@ -667,7 +661,7 @@ def random_model(size, bits=None, dtype="float32", generation_only=False):
         nn.quantize(model, 64, bits, class_predicate=lambda _, m: hasattr(m, "to_quantized")
                     and m.weight.shape[-1] % 64 == 0)
     loading.cast_floats(model, getattr(mx, dtype))
-    loading.set_compute_dtype(model, generation_only=generation_only)
+    loading.set_compute_dtype(model, compute_dtype, generation_only)
     mx.eval(model.parameters())
     return model
 
