@@ -1,12 +1,17 @@
 """Benchmarks, one subcommand per script measured; results print as a table and go to a JSON file.
 
-    python bench.py                  everything below but qa, in one run (about 10 min here)
-    python bench.py machine          numpy float32 matmul GFLOP/s, memory copy bandwidth
+    python bench.py                  machine, convert, train and generate in one run (ALL below;
+                                     3-4 min on a 2-core Xeon)
+    python bench.py machine          MLX's and numpy's float32 matmul, the BLAS's kernels, memory bandwidth
     python bench.py convert [--size 7b|medium] [--layout meta|hf] [--dir /tmp] [--dtype float16] [-q]
-    python bench.py train [--size tiny|medium] [--qlora]
+    python bench.py train [--size tiny|medium] [--qlora]    float32 and bfloat16 products, and PyTorch
     python bench.py generate [--size medium] [--kinds float32,float16,8-bit,4-bit] [--samples 16]
     python bench.py peft [--batches 12]     the default model's LoRA/QLoRA against PyTorch + PEFT
-    python bench.py qa [--model FOLDER] [--adapter-file adapters/adapters.npz]
+    python bench.py qa [--model FOLDER] [--adapter-file adapters/adapters.npz] [--samples 30]
+    python bench.py fuse [--size 7b] [--formats mlx hf gguf] [-q]    fuse and export: time, peak memory
+    python bench.py llamacpp         the main job's GGUF exports through llama.cpp (llama-cpp-python)
+    python bench.py distributed      two ranks of one thread against one process of two
+    python bench.py accumulation     one batch as one step and as micro-batches: memory, speed
 
 MLX_LORA_CPU_KERNELS=0 in the environment measures plain MLX, without cpu_kernels/.
 
@@ -40,7 +45,6 @@ from formats import expected_shapes
 from formats.peft import HF_MODULES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TOKENIZER = os.path.join(ROOT, "..", "shared", "assets", "tokenizers", "mistral-7b-v0.1.model")
 
 SIZES = {  # Mistral-flavour params.json values
     "7b": {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,
@@ -82,12 +86,15 @@ def write_synthetic_checkpoint(folder, params):
     os.remove(scratch)
     with open(os.path.join(folder, "params.json"), "w") as f:
         json.dump(params, f, indent=2)
-    if os.path.exists(TOKENIZER):
-        shutil.copyfile(TOKENIZER, os.path.join(folder, "tokenizer.model"))
-    else:  # convert.py only copies it
-        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
-            f.write(b"placeholder: the benchmark never tokenizes")
+    write_placeholder_tokenizer(folder)
     return sum(math.prod(s) for s in shapes.values())
+
+
+def write_placeholder_tokenizer(folder):
+    """convert.py only copies a checkpoint's tokenizer.model, and the benchmark never tokenizes: a
+    placeholder keeps the benchmark free of files outside this repository."""
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(b"placeholder: the benchmark never tokenizes")
 
 
 def write_synthetic_hf_checkpoint(folder, params, shard_bytes=5 * 10**9):
@@ -125,8 +132,7 @@ def write_synthetic_hf_checkpoint(folder, params, shard_bytes=5 * 10**9):
                    "head_dim": params["head_dim"], "intermediate_size": params["hidden_dim"],
                    "rms_norm_eps": params["norm_eps"], "vocab_size": params["vocab_size"],
                    "sliding_window": params.get("sliding_window"), "rope_theta": 10000.0}, f, indent=2)
-    if os.path.exists(TOKENIZER):
-        shutil.copyfile(TOKENIZER, os.path.join(folder, "tokenizer.model"))
+    write_placeholder_tokenizer(folder)
     return sum(math.prod(s) for s in shapes.values())
 
 
@@ -987,7 +993,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description="Benchmarks for the mlx-lora scripts.")
     parser.add_argument("--results", default=os.path.join(ROOT, "bench_results.json"),
                         help="JSON file the results are merged into, one entry per section.")
-    sub = parser.add_subparsers(dest="section", help="What to measure (default: everything but qa).")
+    sub = parser.add_subparsers(dest="section", help="What to measure (default: machine, convert, train and generate).")
     for name, (add_args, _, help_text) in SECTIONS.items():
         add_args(sub.add_parser(name, help=help_text))
     return parser
