@@ -315,34 +315,24 @@ def pytorch_reference(args, mlx_tokens_per_s):
 
 def torch_lora_step_seconds(args, autocast):
     """Median seconds of a LoRA step of MODEL_SIZES[args.size] as transformers' LlamaForCausalLM
-    with PEFT's LoRA (alpha 16, like apply_lora's default), Adam, every core."""
-    import contextlib
-
+    with PEFT's LoRA (rank 8, alpha 16, like apply_lora's defaults), every core."""
+    import numpy as np
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model
 
-    torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     shape = MODEL_SIZES[args.size]
     config = transformers.LlamaConfig(
         hidden_size=shape["dim"], num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
         num_key_value_heads=shape["n_kv_heads"], head_dim=shape["head_dim"], intermediate_size=shape["hidden_dim"],
         vocab_size=shape["vocab_size"], rms_norm_eps=1e-5, tie_word_embeddings=False)
-    targets = [HF_MODULES[t] for t in args.targets.split(",")]
-    model = get_peft_model(transformers.LlamaForCausalLM(config), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    tokens = torch.randint(0, shape["vocab_size"], (args.batch_size, args.seq_len + 1))
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    step = peft_step(transformers.LlamaForCausalLM(config), 8, 16, args.targets.split(","), autocast)
+    tokens = np.random.default_rng(0).integers(0, shape["vocab_size"], (args.batch_size, args.seq_len + 1))
+    batch = (tokens[:, :-1], tokens[:, 1:], np.ones((args.batch_size, args.seq_len), np.float32))
     times = []
     for i in range(args.steps + 2):  # two warm-up steps, as for MLX
         tic = time.perf_counter()
-        with precision:
-            logits = model(input_ids=tokens[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        step(batch)
         if i >= 2:
             times.append(time.perf_counter() - tic)
     return sorted(times)[len(times) // 2]
@@ -406,23 +396,19 @@ def mlx_lora_seconds(model_dir, batches, rank, alpha, targets, compute_dtype="au
     return time_steps(step, batches)
 
 
-def peft_lora_seconds(gguf_path, batches, rank, alpha, targets, autocast=False):
-    """The same steps in PyTorch + PEFT: transformers' GGUF loader (float32), a LoRA of the same
-    rank, alpha and modules, Adam, the masked cross-entropy; with `autocast`, the forward pass
-    under bfloat16 autocast."""
+def peft_step(base, rank, alpha, targets, autocast):
+    """One training step of PyTorch + PEFT over `base` (a transformers model): a LoRA of this
+    rank and alpha on `targets` (this toolkit's names), Adam, the cross-entropy of the targets
+    the mask counts; with `autocast`, the forward pass under bfloat16 autocast. Every core."""
     import contextlib
 
     import torch
-    import transformers
     from peft import LoraConfig, get_peft_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    folder, name = os.path.split(gguf_path)
-    base = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                             target_modules=[HF_MODULES[t] for t in targets]))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
     def step(batch):
@@ -435,7 +421,17 @@ def peft_lora_seconds(gguf_path, batches, rank, alpha, targets, autocast=False):
         loss.backward()
         optimizer.step()
 
-    return time_steps(step, batches)
+    return step
+
+
+def peft_lora_seconds(gguf_path, batches, rank, alpha, targets, autocast=False):
+    """The same steps in PyTorch + PEFT over transformers' GGUF loader (float32)."""
+    import torch
+    import transformers
+
+    folder, name = os.path.split(gguf_path)
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return time_steps(peft_step(base, rank, alpha, targets, autocast), batches)
 
 
 def bench_peft(args):
