@@ -200,17 +200,6 @@ def cast_floats(model, dtype, keep_float16_weights=False):
                                  for k, p in tree_flatten(model.parameters())]))
 
 
-def _bfloat16_products_on_the_cpu():
-    """bfloat16 on the CPU: float32 throughout but the products of the frozen weights, which
-    run on AMX tiles in bfloat16 (ops.py). MLX's own bfloat16 matmul is a scalar loop on
-    x86, far slower than float32: without AMX, refused."""
-    if not ops.bfloat16_products_available():
-        raise UserError("--compute-dtype bfloat16 on the CPU needs AMX bfloat16 tiles and the CPU kernels "
-                        "(setup.sh); this machine has not both: use float32 (auto)")
-    ops.use_bfloat16_products()
-    return "float32"
-
-
 def set_compute_dtype(model, compute_dtype="auto", generation_only=False):
     """Cast the model's floats for computation in `compute_dtype`: "auto" (float32 on
     the CPU, the stored dtype on a GPU) or a dtype name.
@@ -221,11 +210,16 @@ def set_compute_dtype(model, compute_dtype="auto", generation_only=False):
     (Training and evaluation, whose products all go through BLAS, would convert
     them at every step.)
     """
-    if mx.default_device() == mx.cpu:  # set for this model, on or off (an earlier model's stays not)
-        if compute_dtype == "bfloat16":
-            compute_dtype = _bfloat16_products_on_the_cpu()
-        else:
-            ops.use_bfloat16_products(False)
+    if mx.default_device() == mx.cpu:
+        # bfloat16 on the CPU: float32 throughout but the frozen weights' products, on AMX tiles
+        # (ops.py); MLX's own bfloat16 matmul is a scalar loop on x86. Set for every model loaded,
+        # on or off, so that none inherits an earlier one's.
+        bfloat16 = compute_dtype == "bfloat16"
+        if bfloat16 and not ops.bfloat16_products_available():
+            raise UserError("--compute-dtype bfloat16 on the CPU needs AMX bfloat16 tiles and the CPU kernels "
+                            "(setup.sh); this machine has not both: use float32 (auto)")
+        ops.use_bfloat16_products(bfloat16)
+        compute_dtype = "float32" if bfloat16 else compute_dtype
     dtype = default_compute_dtype() if compute_dtype == "auto" else getattr(mx, compute_dtype)
     if dtype is not None:
         cast_floats(model, dtype, generation_only and dtype == mx.float32 and ops.reads_float16_weights())

@@ -13,6 +13,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
+import generate
 import lora
 from utils import read_jsonl
 
@@ -27,8 +28,6 @@ LORA = os.path.join(ROOT, "lora.py")
 def sampled(model, prompt_tokens, seed, n=12, temp=1.5):
     """n tokens drawn at temperature `temp` after mx.random.seed(seed): the same seed must give
     the same tokens, another seed other ones (a stronger check of determinism than greedy)."""
-    import generate
-
     mx.random.seed(seed)
     tokens = generate.generate_tokens(model, prompt_tokens, generate.Sampler(temp=temp))
     return [int(next(tokens)) for _ in range(n)]

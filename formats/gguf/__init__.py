@@ -41,9 +41,9 @@ from formats.gguf.header import MAGIC, gguf_package, map_file, read_header, show
 from formats.gguf.names import ROPE_FREQS, check_tensors, meta_name
 from formats.gguf.vocabulary import tokenizer_files
 
-from formats.gguf.blocks import written_values  # noqa: F401  (re-exported)
-from formats.gguf.vocabulary import LLAMA3_PRES, PRE_SPLITS, byte_spelling  # noqa: F401
-from formats.gguf.writer import tensor_types, write  # noqa: F401
+from formats.gguf.blocks import written_values
+from formats.gguf.vocabulary import LLAMA3_PRES, PRE_SPLITS, byte_spelling
+from formats.gguf.writer import tensor_types, write
 
 __all__ = ['Checkpoint', 'detect', 'tensor_types', 'write', 'written_values', 'byte_spelling', 'PRE_SPLITS', 'LLAMA3_PRES', 'meta_name', 'FLOAT_DTYPES']
 
