@@ -448,7 +448,7 @@ def bench_peft(args):
     import models
     import ops
 
-    gguf_path = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf_path = loading.DEFAULT_GGUF
     if not os.path.exists(gguf_path) or not os.path.isdir(args.model):
         raise UserError(f"{gguf_path}: run setup.sh first (it fetches and converts the default model)")
     targets = models.parse_targets(args.targets)

@@ -24,7 +24,8 @@ from tokenizer import load_tokenizer
 
 # SmolLM2-135M-Instruct, which setup.sh fetches and converts (kept 4-bit): what the scripts use
 # without --model.
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "SmolLM2-135M-Instruct")
+DEFAULT_GGUF = DEFAULT_MODEL + ".Q4_1.gguf"  # the file it is converted from
 
 
 def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=False):

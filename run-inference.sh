@@ -2,7 +2,7 @@
 # Ask the fine-tuned default model (adapters from run-training.sh) through its chat template.
 #
 # Settings, as environment variables (default in brackets):
-#   MODEL          converted model folder                   [models/SmolLM2-135M-Instruct]
+#   MODEL          converted model folder                   [checkpoints/SmolLM2-135M-Instruct]
 #   ADAPTER_FILE   adapters to apply                        [adapters/adapters.npz]
 #   PROMPT         the user's question                      ["What is ReLU in mlx?"]
 #   MAX_TOKENS     tokens to generate at most               [100]
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
-exec "$PYTHON" lora.py --model "${MODEL:-models/SmolLM2-135M-Instruct}" \
+exec "$PYTHON" lora.py --model "${MODEL:-checkpoints/SmolLM2-135M-Instruct}" \
   --adapter-file "${ADAPTER_FILE:-adapters/adapters.npz}" \
   --chat --prompt "${PROMPT:-What is ReLU in mlx?}" \
   --max-tokens "${MAX_TOKENS:-100}" \

