@@ -7,6 +7,7 @@ so the adapters can be restored onto a fresh base model. A PEFT adapter folder
 (formats/peft.py) is read as well, wherever an adapter file is.
 """
 
+import dataclasses
 import os
 
 import utils
@@ -25,13 +26,13 @@ def config_path(adapter_file):
     return os.path.splitext(adapter_file)[0] + ".json"
 
 
-def save(model, adapter_file, lora_config):
-    """Write the adapter weights and, beside them, their configuration; both atomically."""
+def save(model, adapter_file, config):
+    """Write the adapter weights and, beside them, their AdapterConfig; both atomically."""
     arrays = dict(tree_flatten(model.trainable_parameters()))
     bad = [k for k, v in arrays.items() if not mx.isfinite(v).all().item()]
     if bad:
         raise UserError(f"{adapter_file}: not written, adapter {bad[0]} has non-finite values")
-    utils.write_json(config_path(adapter_file), lora_config)
+    utils.write_json(config_path(adapter_file), config.to_json())
     utils.atomic_save_arrays(adapter_file, arrays)
 
 
@@ -41,46 +42,19 @@ def load(model, adapter_file):
 
     Adapters that do not fit the model (other dims, layers or rank) are a UserError.
     """
-    lora, weights = read(adapter_file, vars(model.args))
-    models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"], lora["alpha"], 0.0,
-                      lora["fine_tune_type"])
+    config, weights = read(adapter_file, vars(model.args))
+    models.apply_lora(model, dataclasses.replace(config, dropout=0.0))
     _load_into(model, adapter_file, weights)
-    return lora
+    return config
 
 
 def read(adapter_file, model_config):
-    """(LoRA configuration, {name: array}) of an adapter file or a PEFT folder."""
+    """(AdapterConfig, {name: array}) of an adapter file or a PEFT folder."""
     if peft.is_peft_folder(adapter_file):
         return peft.read(adapter_file, model_config)
     path = config_path(adapter_file)
-    lora = checked_config(read_json(path, "adapter configuration"), path)
-    return lora, utils.load_arrays(adapter_file, "adapter file")
-
-
-def checked_config(config, where):
-    """A LoRA configuration (what apply_lora returns) read from a file, every key checked."""
-    if not isinstance(config, dict):
-        raise UserError(f"{where}: bad adapter configuration (expected an object, got {config!r})")
-    missing = [k for k in ("lora_layers", "targets", "rank", "alpha") if k not in config]
-    if missing:
-        raise UserError(f"{where}: bad adapter configuration (no '{missing[0]}')")
-    targets = config["targets"]
-    if (not isinstance(targets, list) or not targets
-            or not all(isinstance(t, str) and t in models.LORA_TARGETS for t in targets)):
-        raise UserError(f"{where}: 'targets' must be a list of {', '.join(models.LORA_TARGETS)}, got {targets!r}")
-    return {"lora_layers": utils.checked_number(config["lora_layers"], int, 1, 2**16, f"{where}: 'lora_layers'"),
-            "targets": targets,
-            "rank": utils.checked_number(config["rank"], int, 1, 2**16, f"{where}: 'rank'"),
-            "alpha": utils.checked_number(config["alpha"], float, 1e-12, 1e12, f"{where}: 'alpha'"),
-            "dropout": utils.checked_number(config.get("dropout", 0.0), float, 0.0, 0.999, f"{where}: 'dropout'"),
-            "fine_tune_type": checked_fine_tune_type(config.get("fine_tune_type", "lora"), where)}
-
-
-def checked_fine_tune_type(value, where):
-    if value not in models.FINE_TUNE_TYPES:
-        raise UserError(f"{where}: 'fine_tune_type' must be one of {', '.join(models.FINE_TUNE_TYPES)}, "
-                        f"got {value!r}")
-    return value
+    config = models.AdapterConfig.from_json(read_json(path, "adapter configuration"), path)
+    return config, utils.load_arrays(adapter_file, "adapter file")
 
 
 def load_weights(model, adapter_file):

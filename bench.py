@@ -41,8 +41,8 @@ import loading
 import utils
 from utils import UserError, read_json, run_script, write_json
 
-from formats import expected_shapes
-from formats.peft import HF_MODULES
+from models import NAMES
+from formats.peft import hf_module
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,7 +65,7 @@ def write_synthetic_checkpoint(folder, params):
     """
     import torch
 
-    shapes = expected_shapes(params)
+    shapes = NAMES.shapes(params)
     biggest = max(math.prod(s) for s in shapes.values())
     scratch = os.path.join(folder, "scratch.bin")
     gen = torch.Generator().manual_seed(0)
@@ -102,9 +102,9 @@ def write_synthetic_hf_checkpoint(folder, params, shard_bytes=5 * 10**9):
     same shapes, streaming one buffer of random bf16 values into every tensor."""
     import numpy as np
 
-    from formats.hf import hf_name_of, shard_plan
+    from formats.hf import shard_plan
 
-    shapes = {hf_name_of(key): shape for key, shape in expected_shapes(params).items()}
+    shapes = {NAMES.rename(key, "ours", "hf"): shape for key, shape in NAMES.shapes(params).items()}
     pattern = (0.02 * np.random.default_rng(0).standard_normal(1 << 23)).astype(np.float32)
     pattern = (pattern.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # bfloat16 bits: 16 MiB
     weight_map = {}
@@ -178,7 +178,7 @@ def disk_bytes(path):
 def bench_convert(args):
     size = args.size
     params = SIZES[size]
-    n_params = sum(math.prod(s) for s in expected_shapes(params).values())
+    n_params = sum(math.prod(s) for s in NAMES.shapes(params).values())
     out_bytes = n_params * {"float16": 2, "bfloat16": 2, "float32": 4}[args.dtype]
     need = n_params * 2 + out_bytes + 2 * GiB  # input + output + slack
     root = os.path.abspath(args.dir or tempfile.gettempdir())
@@ -269,7 +269,8 @@ def bench_train(args):
         model = random_model(args.size, bits=bits, compute_dtype=precision)
         mx.reset_peak_memory()
         flops_params = matmul_parameters(model)
-        models.apply_lora(model, len(model.layers), models.parse_targets(args.targets))
+        models.apply_lora(model, models.AdapterConfig(layers=len(model.layers),
+                                                      targets=models.parse_targets(args.targets)))
         optimizer = optim.Adam(learning_rate=1e-5)
         step = trainer.make_train_step(model, optimizer)
         tokens = mx.random.randint(0, model.args.vocab_size, (args.batch_size, args.seq_len + 1))
@@ -386,7 +387,7 @@ def mlx_lora_seconds(model_dir, batches, rank, alpha, targets, compute_dtype="au
     from loading import load_model
 
     model, _, _ = load_model(model_dir, compute_dtype=compute_dtype)
-    models.apply_lora(model, len(model.layers), targets, rank, alpha)
+    models.apply_lora(model, models.AdapterConfig(layers=len(model.layers), targets=targets, rank=rank, alpha=alpha))
     optimizer = optim.Adam(learning_rate=1e-5)
     compiled = trainer.make_train_step(model, optimizer)
 
@@ -407,7 +408,7 @@ def peft_step(base, rank, alpha, targets, autocast):
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                            target_modules=[HF_MODULES[t] for t in targets]))
+                                            target_modules=[hf_module(t) for t in targets]))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
@@ -835,7 +836,7 @@ def write_random_adapters(adapter_file, params, rank=8, targets=("wq", "wv")):
     """LoRA adapters of every layer with non-zero B, in lora.py's layout, for a synthetic model."""
     import numpy as np
 
-    shapes = expected_shapes(params)
+    shapes = NAMES.shapes(params)
     rng = np.random.default_rng(0)
     arrays = {}
     for i in range(params["n_layers"]):
@@ -852,7 +853,7 @@ def bench_fuse(args):
     """A synthetic 7B-shaped (Llama: no sliding window) model converted, given random adapters,
     then fused and exported by fuse.py, which checks the export: time and peak memory."""
     params = {k: v for k, v in SIZES[args.size].items() if k != "sliding_window"}
-    n_params = sum(math.prod(s) for s in expected_shapes(params).values())
+    n_params = sum(math.prod(s) for s in NAMES.shapes(params).values())
     root = os.path.abspath(args.dir or tempfile.gettempdir())
     need = n_params * (2 + 2 + 4) + 2 * GiB  # bf16 source, the base folder, the export (float32 at most)
     if shutil.disk_usage(root).free < need:

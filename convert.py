@@ -33,15 +33,12 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-import models
 import settings
-from formats import QUANT_BITS, QUANT_GROUP_SIZES, all_finite_bits, module_name, open_checkpoint
+from formats import QUANT_BITS, QUANT_GROUP_SIZES, all_finite_bits, open_checkpoint
 from formats.safetensors import raw_bytes, write_file
 from settings import option
 
 DTYPES = ("float32", "float16", "bfloat16")
-# Every linear layer and the embedding; never the norms.
-QUANTIZABLE = {*models.LORA_TARGETS, "output", "tok_embeddings"}
 # .npy's descr of each array type (bfloat16 as "<V2", as mx.savez writes it).
 NPY_DESCR = {mx.float32: "<f4", mx.float16: "<f2", mx.bfloat16: "<V2", mx.uint32: "<u4"}
 # The type of dequantized weights when --dtype leaves it open: exact for 4- and 8-bit codes
@@ -68,7 +65,7 @@ class Plan:
             source_q = checkpoint.quantization(key)
             stored = checkpoint.stored_dtype(key) or DEQUANTIZED_DTYPE
             self.dtype[key] = dtype or stored
-            if q is not None and module_name(key) in QUANTIZABLE and shape[-1] % q[0] == 0:
+            if q is not None and len(shape) == 2 and shape[-1] % q[0] == 0:  # matrices, never the norms
                 self.how[key], self.q[key] = "quantize", q
             elif q is None and dtype is None and source_q is not None:
                 self.how[key], self.q[key] = "keep", source_q

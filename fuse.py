@@ -18,6 +18,7 @@ Beyond that (or beyond float rounding) the export is refused, non-zero, and noth
 left behind. Everything streams one tensor (one block, for the check) at a time.
 """
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -81,11 +82,11 @@ class Fused:
     a quantized base layer that an adapter changes is held re-quantized to its own group size
     and bits; without, in float32. One no adapter touches keeps its exact quantized values."""
 
-    def __init__(self, base, lora, arrays, requantize=True):
+    def __init__(self, base, adapter_config, arrays, requantize=True):
         self.base, self.path, self.config, self.shapes = base, base.path, base.config, base.shapes
-        self.scale, self.requantize = lora["alpha"] / lora["rank"], requantize
+        self.scale, self.requantize = adapter_config.scale, requantize
         # Full fine-tuning's file holds the trained blocks' own weights: they replace the base's.
-        self.replaced = arrays if lora["fine_tune_type"] == "full" else {}
+        self.replaced = arrays if adapter_config.type == "full" else {}
         # weight key: (A, B, DoRA's magnitudes or None)
         self.deltas = {name.removesuffix(".lora_a") + ".weight": (a, arrays[name.removesuffix("_a") + "_b"],
                                                                   arrays.get(name.removesuffix(".lora_a") + ".magnitude"))
@@ -123,29 +124,29 @@ class Fused:
 
 
 def read_adapters(adapter_file, base):
-    """(LoRA configuration, {name: array}) of the adapters, checked to fit the base model."""
+    """(AdapterConfig, {name: array}) of the adapters, checked to fit the base model."""
     if not os.path.exists(adapter_file):
         raise UserError(f"{adapter_file}: adapter file not found")
-    lora, arrays = adapters.read(adapter_file, base.config)
+    config, arrays = adapters.read(adapter_file, base.config)
     n = base.config["n_layers"]
-    if lora["lora_layers"] > n:
-        raise UserError(f"{adapter_file}: adapts {lora['lora_layers']} layers, the model has {n}")
-    first = n - lora["lora_layers"]
-    if lora["fine_tune_type"] == "full":  # every weight of the trained blocks
+    if config.layers > n:
+        raise UserError(f"{adapter_file}: adapts {config.layers} layers, the model has {n}")
+    first = config.first_layer(n)
+    if config.type == "full":  # every weight of the trained blocks
         expected = {k: s for k, s in base.shapes.items() if k.startswith("layers.") and int(k.split(".")[1]) >= first}
         utils.check_fit(adapter_file, arrays, {k: _Shape(s) for k, s in expected.items()}, "trained weights")
-        return lora, arrays
+        return config, arrays
     expected = {}
     for i in range(first, n):
-        for target in lora["targets"]:
-            path = models.target_path(i, target)
+        for target in config.targets:
+            path = models.NAMES.target_path(i, target)
             out_dims, in_dims = base.shapes[f"{path}.weight"]
-            expected[f"{path}.lora_a"] = (in_dims, lora["rank"])
-            expected[f"{path}.lora_b"] = (lora["rank"], out_dims)
-            if lora["fine_tune_type"] == "dora":
+            expected[f"{path}.lora_a"] = (in_dims, config.rank)
+            expected[f"{path}.lora_b"] = (config.rank, out_dims)
+            if config.type == "dora":
                 expected[f"{path}.magnitude"] = (out_dims,)
     utils.check_fit(adapter_file, arrays, {k: _Shape(s) for k, s in expected.items()}, "adapters")
-    return lora, arrays
+    return config, arrays
 
 
 class _Shape:
@@ -180,10 +181,11 @@ class AtPrecision:
         return mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits)
 
 
-def probe_logits(source, config, tokens_BT, lora=None):
+def probe_logits(source, config, tokens_BT, adapted=None):
     """Logits [B, T, V] of the model whose weights `source` gives (tensor(key) of a checkpoint),
     computed in float32 one block at a time, so that one block's weights are in memory at a
-    time. With `lora` ((scale, rank, {weight key: (A, B)})) the adapters run as LoRA layers."""
+    time. With `adapted` ((AdapterConfig, {weight key: (A, B, magnitude)})) the adapters run
+    as their layers."""
     args = loading.model_args(config)
     h_BTD = source.tensor("tok_embeddings.weight")[mx.array(tokens_BT)].astype(mx.float32)
     mask = models.attention_mask(h_BTD.shape[1], 0, args.sliding_window)
@@ -191,8 +193,8 @@ def probe_logits(source, config, tokens_BT, lora=None):
         block = models.TransformerBlock(args)
         keys = [f"layers.{i}.{name}" for name, _ in tree_flatten(block.parameters())]
         block.update(tree_unflatten([(key.split(".", 2)[2], source.tensor(key).astype(mx.float32)) for key in keys]))
-        if lora is not None:
-            _add_lora(block, i, *lora)
+        if adapted is not None:
+            _add_adapters(block, i, *adapted)
         h_BTD = block(h_BTD, mask)
         mx.eval(h_BTD)
         del block  # its weights go before the next block's come
@@ -204,17 +206,15 @@ def probe_logits(source, config, tokens_BT, lora=None):
                            for v in range(0, args.vocab_size, step)], axis=-1)
 
 
-def _add_lora(block, i, scale, rank, deltas, fine_tune_type):
+def _add_adapters(block, i, adapter_config, deltas):
     for key, (a_IR, b_RO, magnitude_O) in deltas.items():
-        _, layer, parent, name, _ = key.split(".")
+        _, layer, _, name, _ = key.split(".")
         if int(layer) != i:
             continue
-        owner = getattr(block, parent)
-        wrapped = models.FINE_TUNE_TYPES[fine_tune_type](getattr(owner, name), rank, scale * rank)
+        wrapped = models.wrap_linear(block, name, dataclasses.replace(adapter_config, dropout=0.0))
         wrapped.lora_a, wrapped.lora_b = a_IR, b_RO
         if magnitude_O is not None:
             wrapped.magnitude = magnitude_O
-        setattr(owner, name, wrapped)
 
 
 def probe_tokens(folder, config):
@@ -224,17 +224,16 @@ def probe_tokens(folder, config):
     return [ids[:24], ids[24:48]] if len(ids) >= 48 else [ids]
 
 
-def check_export(base, fused, exported, precision, lora, folder):
+def check_export(base, fused, exported, precision, adapter_config, folder):
     """Refuse an export that does not behave as the base model with its adapters (see the module
     doc); return the Distances of the export, of its precision alone, and of the base model."""
     tokens = probe_tokens(folder, base.config)
     # The adapters as LoRA layers run them, apart from the fold: its scale is not trusted. Fully
     # fine-tuned blocks have no fold: the trained weights are the adapted model.
-    if lora["fine_tune_type"] == "full":
+    if adapter_config.type == "full":
         adapted = probe_logits(fused, base.config, tokens)
     else:
-        adapted = probe_logits(base, base.config, tokens, lora=(lora["alpha"] / lora["rank"], lora["rank"],
-                                                               fused.deltas, lora["fine_tune_type"]))
+        adapted = probe_logits(base, base.config, tokens, adapted=(adapter_config, fused.deltas))
     rounding = 1e-4 * max(1.0, float(np.abs(adapted).max()))
     folded = Distance(probe_logits(fused, base.config, tokens), adapted) if fused.deltas else None
     if folded is not None and folded.largest > rounding:
@@ -305,16 +304,16 @@ def _quantized(checkpoint):
 def fuse(args):
     """Fold, export into a temporary place, check, and only then put the export in place."""
     base = mlx_folder.Checkpoint(args.model)
-    lora, arrays = read_adapters(args.adapter_file, base)
+    adapter_config, arrays = read_adapters(args.adapter_file, base)
     # Re-quantized to the base's types unless --dtype or --de-quantize asks for floats
-    fused = Fused(base, lora, arrays, requantize=args.dtype is None and not args.de_quantize)
+    fused = Fused(base, adapter_config, arrays, requantize=args.dtype is None and not args.de_quantize)
     target = args.save_path
     _check_free(target, args.force)
     replaced = (utils.file_replaced_when_done(target, suffix=".gguf") if args.format == "gguf"
                 else utils.folder_replaced_when_done(target))
     with utils.claimed_output(target), replaced as tmp:
         exported, precision = EXPORTS[args.format](fused, args, tmp)
-        report(*check_export(base, fused, exported, precision, lora, args.model))
+        report(*check_export(base, fused, exported, precision, adapter_config, args.model))
     print(f"wrote {target} ({args.format})", file=sys.stderr)
 
 
@@ -326,19 +325,19 @@ def report(export, cost, base):
 def write_peft(args):
     """The adapters alone, as a PEFT folder; read back, they must be the same numbers."""
     base = mlx_folder.Checkpoint(args.model)
-    lora, arrays = read_adapters(args.adapter_file, base)
-    if lora["fine_tune_type"] == "full":
+    adapter_config, arrays = read_adapters(args.adapter_file, base)
+    if adapter_config.type == "full":
         raise UserError(f"{args.adapter_file}: fully fine-tuned weights are no adapters: export them with --save-path")
     _check_free(args.peft_path, args.force)
     with utils.claimed_output(args.peft_path), utils.folder_replaced_when_done(args.peft_path) as tmp:
-        peft.write(tmp, lora, arrays, base.config, os.path.basename(os.path.abspath(args.model)))
-        back_lora, back = peft.read(tmp, base.config)
+        peft.write(tmp, adapter_config, arrays, base.config, os.path.basename(os.path.abspath(args.model)))
+        _, back = peft.read(tmp, base.config)
         for name, value in arrays.items():
             if not np.array_equal(np.array(back[name]), np.array(value.astype(mx.float32))):
                 raise UserError(f"{args.peft_path}: {name} did not survive the round trip: not written")
-    print(f"wrote {args.peft_path} (PEFT: r {lora['rank']}, alpha {lora['alpha']}, "
-          f"{', '.join(peft.HF_MODULES[t] for t in lora['targets'])} of the last {lora['lora_layers']} layers)",
-          file=sys.stderr)
+    print(f"wrote {args.peft_path} (PEFT: r {adapter_config.rank}, alpha {adapter_config.alpha}, "
+          f"{', '.join(peft.hf_module(t) for t in adapter_config.targets)} of the last {adapter_config.layers} "
+          "layers)", file=sys.stderr)
 
 
 def _check_free(path, force):

@@ -71,7 +71,7 @@ class LoraSettings(trainer.TrainingSettings):
     fine_tune_type: str = option("lora", "lora: low-rank adapters; dora: LoRA with a trained magnitude per output "
                                          "row (DoRA, as PEFT); full: every weight of the last --lora-layers blocks "
                                          "(the adapter file holds them, and a model folder STEM-model is written)",
-                                 choices=list(models.FINE_TUNE_TYPES))
+                                 choices=list(models.ADAPTER_TYPES))
     max_seq_length: int = option(2048, "longer examples are truncated (with a warning)", at_least=2)
     mask_prompt: bool = option(False, "loss on the completion only (needs prompt/completion data)")
     lr_schedule: str = option("constant", "learning-rate schedule after warm-up", choices=["constant", "cosine"])
@@ -101,6 +101,15 @@ class LoraSettings(trainer.TrainingSettings):
             raise UserError("--system goes with --chat")
         if self.weight_decay and self.optimizer == "adam":
             raise UserError("--weight-decay needs an optimizer that decays: adam has none, adamw is adam with it")
+
+    def adapter_config(self):
+        return models.AdapterConfig(layers=self.lora_layers, targets=models.parse_targets(self.lora_targets),
+                                    rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                                    type=self.fine_tune_type)
+
+    def training_settings(self):
+        """The training loop's settings alone: what the trainer is given."""
+        return settings.subset(trainer.TrainingSettings, self)
 
 
 def parse_args(argv=None):
@@ -150,29 +159,34 @@ def steps_of_epochs(args):
     return steps
 
 
+@dataclass
+class ResumePoint:
+    """Where a run starts: its checkpoints, what a checkpoint must match, and the checkpoint
+    resumed from (trainer.resume's path, arrays and meta) or None."""
+    checkpoints: trainer.Checkpoints
+    run_meta: dict
+    path: Optional[str] = None
+    arrays: Optional[dict] = None
+    meta: Optional[dict] = None
+    adapter_config: Optional[models.AdapterConfig] = None  # the resumed run's
+
+
 def resume_point(args):
-    """(checkpoints, run_meta, resumed) of this run: `resumed` is trainer.resume's
-    (path, arrays, meta), or None for a fresh run."""
+    """The ResumePoint of this run, read before anything loads."""
     checkpoints = trainer.Checkpoints(os.path.splitext(args.adapter_file)[0] + "-checkpoints", args.keep_checkpoints)
-    run_meta = {"seed": args.seed, "batch_size": args.batch_size}
-    resumed = trainer.resume(checkpoints, args.resume, run_meta, args.iters) if args.resume else None
-    if resumed:
-        resumed[2]["lora"] = adapters.checked_config(resumed[2].get("lora"), resumed[0])
-    return checkpoints, run_meta, resumed
+    point = ResumePoint(checkpoints, {"seed": args.seed, "batch_size": args.batch_size})
+    if args.resume:
+        resumed = trainer.resume(checkpoints, args.resume, point.run_meta, args.iters)
+        if resumed:
+            point.path, point.arrays, point.meta = resumed
+            point.adapter_config = models.AdapterConfig.from_json(point.meta.get("lora"), point.path)
+    return point
 
 
-def run_training(model, data, args, checkpoints, run_meta, resumed):
+def run_training(model, data, args, start: ResumePoint):
     """Adapt, train (or resume), save; returns an exit code (non-zero when interrupted)."""
     stem = os.path.splitext(args.adapter_file)[0]
-    if resumed:
-        resume_path, arrays, meta = resumed
-        lora = meta["lora"]
-        lora_config = models.apply_lora(model, lora["lora_layers"], tuple(lora["targets"]), lora["rank"],
-                                        lora["alpha"], lora["dropout"], lora["fine_tune_type"])
-    else:
-        arrays, meta = None, {}
-        lora_config = models.apply_lora(model, args.lora_layers, models.parse_targets(args.lora_targets),
-                                        args.lora_rank, args.lora_alpha, args.lora_dropout, args.fine_tune_type)
+    adapter_config = models.apply_lora(model, start.adapter_config or args.adapter_config())
     if args.resume_adapter_file:
         adapters.load_weights(model, args.resume_adapter_file)
     model.grad_checkpoint = args.grad_checkpoint
@@ -183,13 +197,14 @@ def run_training(model, data, args, checkpoints, run_meta, resumed):
     optimizer = trainer.make_optimizer(args.optimizer, trainer.learning_rate_schedule(
         args.learning_rate, args.iters, args.warmup, cosine=args.lr_schedule == "cosine"), args.weight_decay)
     step_fn = trainer.make_train_step(model, optimizer, accumulation=args.grad_accumulation_steps)
-    if arrays is not None:
-        trainer.restore(resume_path, arrays, model, optimizer)
+    if start.arrays is not None:
+        trainer.restore(start.path, start.arrays, model, optimizer)
     trainer.write_manifest(stem + ".manifest.json",
                            {"weights": weights_file(args.model), **{f"data.{s}": d.path for s, d in data.items()}},
                            dataclasses.asdict(args))
     plan = dataset.batch_plan(data["train"], args.batch_size)
-    log = trainer.MetricsLog(stem + ".metrics.jsonl", stem + ".loss.png", resume_step=meta.get("step"))
+    resumed = start.meta or {}
+    log = trainer.MetricsLog(stem + ".metrics.jsonl", stem + ".loss.png", resume_step=resumed.get("step"))
     model.train()
     try:
         trainer.train(
@@ -197,9 +212,9 @@ def run_training(model, data, args, checkpoints, run_meta, resumed):
             batch_for_step=lambda step: dataset.make_batch(
                 data["train"], plan[dataset.training_batch_order(len(plan), args.seed, step - 1)]),
             evaluate=lambda: evaluate(model, data["valid"], args.batch_size, args.val_batches),
-            settings=args, checkpoints=checkpoints, log=log,
-            save_outputs=lambda: adapters.save(model, args.adapter_file, lora_config),
-            checkpoint_meta=dict(run_meta, lora=lora_config), resumed=meta)
+            settings=args.training_settings(), checkpoints=start.checkpoints, log=log,
+            save_outputs=lambda: adapters.save(model, args.adapter_file, adapter_config),
+            checkpoint_meta=dict(start.run_meta, lora=adapter_config.to_json()), resumed=resumed)
     except trainer.Interrupted as stop:
         print(f"Stopped by {signal.Signals(stop.signum).name}; checkpoint {stop.checkpoint}. Resume with:\n"
               f"  {shlex.join(['python', 'lora.py', *sys.argv[1:], '--resume', 'latest'])}", file=sys.stderr)
@@ -209,7 +224,7 @@ def run_training(model, data, args, checkpoints, run_meta, resumed):
         model.eval()
     log.plot()
     print(f"Saved adapters to {args.adapter_file} (metrics {log.path}, plot {log.plot_path})", file=sys.stderr)
-    if lora_config["fine_tune_type"] == "full" and distributed.current().is_writer:
+    if adapter_config.type == "full" and distributed.current().is_writer:
         import fuse  # the export's formats, for this case alone
 
         fuse.main(["--model", args.model, "--adapter-file", args.adapter_file, "--save-path", stem + "-model",
@@ -267,7 +282,7 @@ def use_model(args, adapter_file, resume=None):
             raise UserError(f"{data['valid'].path}: no validation examples")
         trainer.check_memory(model.args, args.micro_batch_size(distributed.current()),
                              max(map(len, data["train"].tokens)), args.grad_checkpoint)
-        code = run_training(model, data, args, *resume)
+        code = run_training(model, data, args, resume)
         if code:
             return code
 

@@ -34,7 +34,6 @@ import distributed
 import models
 import settings
 import trainer
-from formats import expected_shapes
 from settings import option, redefault
 from tokenizer import SentencePieceTokenizer
 
@@ -189,7 +188,7 @@ def check_model_memory(args, micro_batch_size):
     """A UserError when the model's weights, gradients and Adam's two moments (float32), or a
     micro-batch's activations, would not fit in the memory MLX may use."""
     model_args = model_args_of(args, args.vocab_size)
-    n_params = sum(math.prod(s) for s in expected_shapes(vars(model_args)).values())
+    n_params = sum(math.prod(s) for s in models.NAMES.shapes(vars(model_args)).values())
     need, limit = 16 * n_params, mx.get_memory_limit()
     if need > limit:
         raise UserError(f"a model of {n_params / 1e9:.1f}B parameters needs about {need / 2**30:.0f} GiB to train, "
@@ -265,7 +264,8 @@ def pretrain(args, work):
     log = trainer.MetricsLog(os.path.join(work, "metrics.jsonl"), os.path.join(work, "loss.png"),
                              resume_step=meta.get("step"))
     try:
-        trainer.train(model, optimizer, step_fn, batch_for_step, evaluate, args, checkpoints, log,
+        trainer.train(model, optimizer, step_fn, batch_for_step, evaluate,
+                      settings.subset(trainer.TrainingSettings, args), checkpoints, log,
                       save_outputs=lambda: save_model(model, args, tokenizer_path, args.out),
                       checkpoint_meta=run_meta, resumed=meta)
     except trainer.Interrupted as stop:

@@ -61,6 +61,12 @@ class Settings:
         """Rules between settings; a subclass raises UserError when they are broken."""
 
 
+def subset(cls, settings):
+    """The fields of settings class `cls` (a base of `settings`' class) taken from `settings`: what a
+    lower module is given, rather than a whole script's settings."""
+    return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+
 def flag(field):
     return "--" + field.name.replace("_", "-")
 

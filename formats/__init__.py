@@ -47,28 +47,6 @@ QUANT_BITS, QUANT_GROUP_SIZES = (2, 3, 4, 6, 8), (32, 64, 128)
 FORMATS = ("gguf", "meta", "mlx", "hf")
 
 
-def expected_shapes(c):
-    """Every weight the model needs and its full (merged) shape; no output.weight when the
-    model reads its logits off the embedding (tie_word_embeddings)."""
-    D, V, C = c["dim"], c["vocab_size"], c["hidden_dim"]
-    Q, KV = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
-    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,)}
-    if not c.get("tie_word_embeddings"):
-        shapes["output.weight"] = (V, D)
-    for i in range(c["n_layers"]):
-        p = f"layers.{i}."
-        shapes.update({p + "attention.wq.weight": (Q, D), p + "attention.wk.weight": (KV, D),
-                       p + "attention.wv.weight": (KV, D), p + "attention.wo.weight": (D, Q),
-                       p + "feed_forward.w1.weight": (C, D), p + "feed_forward.w2.weight": (D, C),
-                       p + "feed_forward.w3.weight": (C, D),
-                       p + "attention_norm.weight": (D,), p + "ffn_norm.weight": (D,)})
-    return shapes
-
-
-def module_name(key):
-    return key.split(".")[-2]
-
-
 def open_checkpoint(path):
     """The Checkpoint of whichever format `path` holds."""
     if not os.path.exists(path):

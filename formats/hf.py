@@ -16,7 +16,7 @@ import shutil
 
 from utils import UserError, read_json
 
-from formats import expected_shapes
+from models import NAMES
 from formats.safetensors import SafetensorsFile
 from formats.torch_files import dtype_name, load_state_dict, to_mx
 
@@ -25,14 +25,6 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # The tokenizer's files, copied as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-# Per-layer names: Hugging Face's -> this toolkit's.
-LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-               "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-               "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-               "post_attention_layernorm": "ffn_norm"}
-TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "output.weight"}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints saved RoPE's frequencies: not a weight
 
 
@@ -50,7 +42,7 @@ class Checkpoint:
         hf = read_json(config_path, "config.json")
         self.config = model_config(hf, config_path)
         self.config.update(tokenizer_config(folder, hf))
-        self.shapes = expected_shapes(self.config)
+        self.shapes = NAMES.shapes(self.config)
         self.files = weight_files(folder)  # {hf name: file}
         self.names = self._our_names()  # {our name: hf name}
         self._check_shapes()
@@ -58,7 +50,7 @@ class Checkpoint:
     def _our_names(self):
         names = {}
         for hf_name, file in self.files.items():
-            ours = our_name(hf_name)
+            ours = NAMES.rename(hf_name, "hf", "ours")
             if ours is None:
                 if not hf_name.endswith(IGNORED_SUFFIXES):
                     raise UserError(f"{file.path}: unexpected tensor '{hf_name}' (is this a {'/'.join(ARCHITECTURES)} "
@@ -69,7 +61,7 @@ class Checkpoint:
             names[ours] = hf_name
         for key in self.shapes:
             if key not in names:
-                raise UserError(f"{self.path}: no tensor '{hf_name_of(key)}' in the weights (expected from "
+                raise UserError(f"{self.path}: no tensor '{NAMES.rename(key, 'ours', 'hf')}' in the weights (expected from "
                                 "config.json)")
         return names
 
@@ -89,12 +81,7 @@ class Checkpoint:
 
     def tensor(self, key):
         hf_name = self.names[key]
-        array = self.files[hf_name].array(hf_name)
-        if key.endswith("attention.wq.weight"):
-            return interleaved_rope_rows(array, self.config["n_heads"])
-        if key.endswith("attention.wk.weight"):
-            return interleaved_rope_rows(array, self.config["n_kv_heads"])
-        return array
+        return our_rows(self.files[hf_name].array(hf_name), NAMES.weight(key), self.config)
 
     def quantization(self, key):
         return None  # Hugging Face folders hold floats here
@@ -112,41 +99,22 @@ class Checkpoint:
                 f.write(template)
 
 
-def interleaved_rope_rows(w, n_heads):
-    """Rows of one head's queries (or keys) in Meta's order: Hugging Face keeps the first and
-    second halves of the RoPE pairs apart, [h, 2, H/2, D] -> [h, H/2, 2, D]."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+def our_rows(w_O_, weight, config):
+    """A Hugging Face weight's rows [out, ...] in this toolkit's order: the queries' and keys'
+    rows of each head in Meta's, RoPE pairs interleaved; Hugging Face keeps the pairs' halves
+    apart, [h, 2, H/2, ...] -> [h, H/2, 2, ...]."""
+    if weight.rope_heads is None:
+        return w_O_
+    heads = config[weight.rope_heads]
+    return w_O_.reshape(heads, 2, -1, *w_O_.shape[1:]).swapaxes(1, 2).reshape(w_O_.shape)
 
 
-def split_rope_halves(w, n_heads):
-    """The inverse: Meta's interleaved rows in Hugging Face's order, [h, H/2, 2, D] -> [h, 2, H/2, D]."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
-def our_name(hf_name):
-    """This toolkit's name for a Hugging Face tensor name, or None."""
-    if hf_name in TOP_NAMES:
-        return TOP_NAMES[hf_name]
-    parts = hf_name.split(".")
-    if len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[5] == "weight":
-        local = LAYER_NAMES.get(f"{parts[3]}.{parts[4]}")
-        return None if local is None else f"layers.{int(parts[2])}.{local}.weight"
-    if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[4] == "weight":
-        local = LAYER_NAMES.get(parts[3])  # the norms: one part
-        return None if local is None else f"layers.{int(parts[2])}.{local}.weight"
-    return None
-
-
-def hf_name_of(key):
-    """The Hugging Face name of this toolkit's `key` (for messages)."""
-    for hf, ours in TOP_NAMES.items():
-        if ours == key:
-            return hf
-    _, i, *local = key.removesuffix(".weight").split(".")
-    hf_local = next(hf for hf, ours in LAYER_NAMES.items() if ours == ".".join(local))
-    return f"model.layers.{i}.{hf_local}.weight"
+def hf_rows(w_O_, weight, config):
+    """The inverse: this toolkit's rows [out, ...] in Hugging Face's order, [h, H/2, 2, ...] -> [h, 2, H/2, ...]."""
+    if weight.rope_heads is None:
+        return w_O_
+    heads = config[weight.rope_heads]
+    return w_O_.reshape(heads, -1, 2, *w_O_.shape[1:]).swapaxes(1, 2).reshape(w_O_.shape)
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -345,15 +313,10 @@ def write(checkpoint, folder, dtype):
 
     config = checkpoint.config
     out_dtype = getattr(mx, dtype)
-    names = {key: hf_name_of(key) for key in checkpoint.shapes}
+    names = {key: NAMES.rename(key, "ours", "hf") for key in checkpoint.shapes}
 
     def hf_tensor(key):
-        w = checkpoint.tensor(key).astype(mx.float32)
-        if key.endswith("attention.wq.weight"):
-            w = split_rope_halves(w, config["n_heads"])
-        elif key.endswith("attention.wk.weight"):
-            w = split_rope_halves(w, config["n_kv_heads"])
-        return w.astype(out_dtype)
+        return hf_rows(checkpoint.tensor(key), NAMES.weight(key), config).astype(out_dtype)
 
     weight_map = {}
     sizes = {key: math.prod(shape) * out_dtype.size for key, shape in checkpoint.shapes.items()}

@@ -2,7 +2,7 @@
 shards, or one consolidated.safetensors (Mistral's newer downloads), and tokenizer.model.
 
 The format of LLaMA 1/2/3, Code Llama and Mistral downloads. Shards of Meta's model
-parallelism are merged (each weight split along the axis of SPLIT_AXIS); the names
+parallelism are merged (each weight split along its `meta_split` axis, models.NAMES); the names
 of the tensors are already this toolkit's. Shards are memory-mapped, and every
 shape is checked against params.json before a tensor is read. tokenizer.model is
 SentencePiece (LLaMA 1/2, Mistral) or, from Llama 3 on, a tiktoken rank file.
@@ -15,14 +15,11 @@ from collections import namedtuple
 
 from utils import UserError, read_json
 
-from formats import expected_shapes, module_name
+from models import NAMES
 from formats.safetensors import SafetensorsFile
 from formats.torch_files import dtype_name, load_state_dict, to_mx
 from tokenizer import is_tiktoken_file, llama3_special_tokens
 
-# Meta's model parallelism: which axis of each weight is split across shards.
-SPLIT_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # column-parallel
-              "wo": 1, "w2": 1, "tok_embeddings": 1}                     # row-parallel
 # Llama 3.1's RoPE scaling, as Meta's reference code applies it when params.json says use_scaled_rope.
 LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 8192}
@@ -55,7 +52,7 @@ class Checkpoint:
             self.shards = [(self.file.path, {k: Entry(shape, dtype) for k, (dtype, shape) in self.file.tensors.items()})]
         self.config = derive_config(params, params_path, self.shards)
         self.config.update(self._tokenizer_config())
-        self.shapes = expected_shapes(self.config)
+        self.shapes = NAMES.shapes(self.config)
         check_shards(self.shards, self.shapes)
 
     def _tokenizer_config(self):
@@ -194,7 +191,7 @@ def check_shards(shards, shapes):
             raise UserError(f"{path}: unexpected key '{key}' (does params.json match these weights?)")
         for key, shape in shapes.items():
             tensor, want = sd[key], list(shape)
-            axis = SPLIT_AXIS.get(module_name(key))
+            axis = split_axis(key)
             if axis is not None:
                 if want[axis] % n:
                     raise UserError(f"{path}: {key}: size {want[axis]} cannot be split over {n} shards")
@@ -207,9 +204,14 @@ def check_shards(shards, shapes):
     first_path, first = shards[0]
     for path, sd in shards[1:]:  # replicated tensors (norms) are small: compare them now
         for key in shapes:
-            if module_name(key) not in SPLIT_AXIS and not sd[key].equal(first[key]):
+            if split_axis(key) is None and not sd[key].equal(first[key]):
                 raise UserError(f"{path}: {key} differs from {os.path.basename(first_path)}; "
                                 "replicated tensors must be identical in every shard")
+
+
+def split_axis(key):
+    """The axis Meta's model parallelism splits weight `key` along across shards; None: replicated."""
+    return NAMES.weight(key).meta_split
 
 
 def merged(key, shards):
@@ -217,7 +219,7 @@ def merged(key, shards):
     import torch
 
     pieces = [sd[key] for _, sd in shards]
-    axis = SPLIT_AXIS.get(module_name(key))
+    axis = split_axis(key)
     if axis is None or len(pieces) == 1:
         return pieces[0]  # memory-mapped: read as it is written out
     shape = list(pieces[0].shape)

@@ -18,101 +18,87 @@ from utils import UserError, read_json
 
 import mlx.core as mx
 
-from formats.hf import LAYER_NAMES, interleaved_rope_rows, split_rope_halves
+from formats.hf import hf_rows, our_rows
 from formats.safetensors import SafetensorsFile
+from models import NAMES, AdapterConfig
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PREFIX = "base_model.model.model.layers"
-# Each adaptable linear's Hugging Face path in a block, and back: from formats.hf's one table.
-HF_PATHS = {ours.split(".")[1]: hf for hf, ours in LAYER_NAMES.items() if "." in ours}  # wq: self_attn.q_proj
-HF_MODULES = {ours: hf.split(".")[1] for ours, hf in HF_PATHS.items()}                  # wq: q_proj
-OUR_MODULES = {hf: ours for ours, hf in HF_MODULES.items()}
+PREFIX = "base_model.model."  # before the Hugging Face name of the module adapted
+# PEFT's names of the arrays of an adapted module, and ours.
+PEFT_MATRICES = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b", "lora_magnitude_vector": "magnitude"}
 
 
 def is_peft_folder(path):
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
 
 
-def hf_rows(out_O_, name, config):
-    """Rows of output features [out, ...] in Hugging Face's order (queries and keys)."""
-    if name in ("wq", "wk"):
-        heads = config["n_heads"] if name == "wq" else config["n_kv_heads"]
-        return split_rope_halves(out_O_, heads)
-    return out_O_
+def hf_module(linear):
+    """The Hugging Face module name of one of a block's linears, as PEFT's target_modules spell it: q_proj."""
+    return NAMES.rename(NAMES.target_path(0, linear) + ".weight", "ours", "hf").split(".")[-2]
 
 
-def our_rows(out_O_, name, config):
-    """Rows of output features [out, ...] from Hugging Face's order (queries and keys) to ours."""
-    if name in ("wq", "wk"):
-        heads = config["n_heads"] if name == "wq" else config["n_kv_heads"]
-        return interleaved_rope_rows(out_O_, heads)
-    return out_O_
-
-
-def write(folder, lora, arrays, model_config, base_model_name):
+def write(folder, config: AdapterConfig, arrays, model_config, base_model_name):
     """Write adapters (this toolkit's names and layout) as a PEFT folder."""
     n_layers = model_config["n_layers"]
-    layers = list(range(n_layers - lora["lora_layers"], n_layers))
+    layers = list(range(config.first_layer(n_layers), n_layers))
     tensors = {}
     for name, value in arrays.items():
-        _, i, _, module, matrix = name.split(".")  # layers.N.attention.wq.lora_a
-        where = f"{PREFIX}.{i}.{HF_PATHS[module]}"
+        module, matrix = name.rsplit(".", 1)  # layers.N.attention.wq, lora_a
+        weight = NAMES.weight(module + ".weight")
+        where = PREFIX + NAMES.rename(module + ".weight", "ours", "hf").removesuffix(".weight")
         if matrix == "lora_a":
             tensors[f"{where}.lora_A.weight"] = value.T  # [r, in]
         elif matrix == "lora_b":
-            tensors[f"{where}.lora_B.weight"] = hf_rows(value.T, module, model_config)  # [out, r]
+            tensors[f"{where}.lora_B.weight"] = hf_rows(value.T, weight, model_config)  # [out, r]
         else:  # DoRA's magnitudes
-            tensors[f"{where}.lora_magnitude_vector"] = hf_rows(value[:, None], module, model_config)[:, 0]
+            tensors[f"{where}.lora_magnitude_vector"] = hf_rows(value, weight, model_config)
     mx.save_safetensors(os.path.join(folder, WEIGHTS), {k: v.astype(mx.float32) for k, v in tensors.items()},
                         metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-              "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora.get("dropout", 0.0),
-              "target_modules": [HF_MODULES[t] for t in lora["targets"]], "layers_to_transform": layers,
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-              "use_dora": lora.get("fine_tune_type") == "dora",
-              "inference_mode": True, "modules_to_save": None}
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+                   "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+                   "target_modules": [hf_module(t) for t in config.targets], "layers_to_transform": layers,
+                   "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": config.type == "dora",
+                   "inference_mode": True, "modules_to_save": None}
     with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(peft_config, f, indent=2)
 
 
 def read(folder, model_config):
-    """(lora config, {our name: array}) of a PEFT folder, for a model of `model_config`."""
+    """(AdapterConfig, {our name: array}) of a PEFT folder, for a model of `model_config`."""
     config_path, weights_path = os.path.join(folder, CONFIG), os.path.join(folder, WEIGHTS)
     peft = read_json(config_path, "PEFT adapter configuration")
-    lora = _lora_config(peft, config_path, model_config["n_layers"])
+    config = _adapter_config(peft, config_path, model_config["n_layers"])
     if not os.path.isfile(weights_path):
         raise UserError(f"{weights_path}: not found (only safetensors PEFT adapters are read)")
     file = SafetensorsFile(weights_path)
     arrays = {}
     for name in file.tensors:
-        ours = _our_name(name, weights_path)
+        module, matrix = _our_name(name, weights_path)
+        weight = NAMES.weight(module + ".weight")
         value = file.array(name).astype(mx.float32)
-        module = ours.split(".")[3]
-        if ours.endswith("lora_a"):
-            arrays[ours] = value.T  # [in, r]
-        elif ours.endswith("lora_b"):
-            arrays[ours] = our_rows(value, module, model_config).T  # [r, out]
+        if matrix == "lora_a":
+            arrays[f"{module}.lora_a"] = value.T  # [in, r]
+        elif matrix == "lora_b":
+            arrays[f"{module}.lora_b"] = our_rows(value, weight, model_config).T  # [r, out]
         else:
-            arrays[ours] = our_rows(value[:, None], module, model_config)[:, 0]
-    return lora, arrays
+            arrays[f"{module}.magnitude"] = our_rows(value, weight, model_config)
+    return config, arrays
 
 
 def _our_name(name, path):
-    parts = name.split(".")
-    # base_model.model.model.layers.N.(self_attn|mlp).MODULE.(lora_A.weight|lora_B.weight|lora_magnitude_vector)
-    tail = ".".join(parts[7:])
-    if (len(parts) < 8 or ".".join(parts[:4]) != PREFIX or not parts[4].isdigit()
-            or f"{parts[5]}.{parts[6]}" not in LAYER_NAMES or tail not in PEFT_MATRICES):
+    """(our module path, our matrix name) of a PEFT tensor name:
+    base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight -> (layers.N.attention.wq, lora_a)."""
+    matrix = next((m for m in PEFT_MATRICES if name.endswith("." + m)), None)
+    hf = name[len(PREFIX):-len(matrix) - 1] + ".weight" if name.startswith(PREFIX) and matrix else None
+    weight = None if hf is None else NAMES.weight(hf, "hf")
+    if weight is None or not weight.linear or not hf.startswith("model.layers."):
         raise UserError(f"{path}: cannot map '{name}' onto this toolkit's model (it adapts LoRA or DoRA on the "
-                        f"linears {', '.join(OUR_MODULES)} of the layers)")
-    return f"layers.{int(parts[4])}.{LAYER_NAMES[f'{parts[5]}.{parts[6]}']}.{PEFT_MATRICES[tail]}"
+                        f"linears {', '.join(map(hf_module, NAMES.parts))} of the layers)")
+    return NAMES.rename(hf, "hf", "ours").removesuffix(".weight"), PEFT_MATRICES[matrix]
 
 
-PEFT_MATRICES = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b", "lora_magnitude_vector": "magnitude"}
-
-
-def _lora_config(peft, path, n_layers):
-    """This toolkit's LoRA configuration of a PEFT one, or a UserError for what it cannot hold."""
+def _adapter_config(peft, path, n_layers):
+    """The AdapterConfig of a PEFT configuration, or a UserError for what it cannot hold."""
     if peft.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: peft_type {peft.get('peft_type')!r} is not LORA")
     for key, unsupported in (("bias", ("all", "lora_only")), ("fan_in_fan_out", True)):
@@ -123,10 +109,11 @@ def _lora_config(peft, path, n_layers):
     targets = peft.get("target_modules")
     if isinstance(targets, str) or not isinstance(targets, list) or not targets:
         raise UserError(f"{path}: 'target_modules' must be a list of module names, got {targets!r}")
-    unknown = [t for t in targets if t not in OUR_MODULES]
+    ours = {hf_module(t): t for t in NAMES.parts}  # q_proj: wq
+    unknown = [t for t in targets if t not in ours]
     if unknown:
         raise UserError(f"{path}: cannot map the modules {', '.join(map(repr, unknown))} (supported: "
-                        f"{', '.join(OUR_MODULES)})")
+                        f"{', '.join(ours)})")
     layers = peft.get("layers_to_transform")
     if layers is None:
         layers = list(range(n_layers))
@@ -139,10 +126,6 @@ def _lora_config(peft, path, n_layers):
         raise UserError(f"{path}: 'r' and 'lora_alpha' must be a positive integer and a number")
     if peft.get("use_rslora"):  # scale alpha / sqrt(r) is ours with alpha * sqrt(r)
         alpha = alpha * rank ** 0.5
-    return {"lora_layers": len(layers), "targets": [OUR_MODULES[t] for t in sorted(targets, key=_target_order)],
-            "rank": rank, "alpha": float(alpha), "dropout": float(peft.get("lora_dropout") or 0.0),
-            "fine_tune_type": "dora" if peft.get("use_dora") else "lora"}
-
-
-def _target_order(hf_module):
-    return list(OUR_MODULES).index(hf_module)
+    return AdapterConfig(layers=len(layers), targets=tuple(t for t in NAMES.parts if hf_module(t) in targets),
+                         rank=rank, alpha=float(alpha), dropout=float(peft.get("lora_dropout") or 0.0),
+                         type="dora" if peft.get("use_dora") else "lora")

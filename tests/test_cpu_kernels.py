@@ -324,7 +324,7 @@ def test_qlora_gradients_with_and_without_kernels(kernel_calls, plain_mlx):
     """QLoRA's dequantize-into-BLAS path trains the same adapters as MLX's quantized matmul."""
     def grads():
         model = random_model(4)
-        models.apply_lora(model, 2, models.parse_targets("all"))
+        models.apply_lora(model, models.AdapterConfig(layers=2, targets=models.parse_targets("all")))
         model.update(tree_map(lambda p: p + 0.01, model.trainable_parameters()))  # B != 0
         tokens = mx.random.randint(0, 320, (2, 17), key=mx.random.key(0))
         batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((2, 16)))
@@ -352,7 +352,7 @@ def test_qlora_step_holds_one_dense_layer_at_a_time():
                                 vocab_size=320, norm_eps=1e-5)
         model = models.Model(args)
         nn.quantize(model, 64, 4)
-        models.apply_lora(model, n_layers, models.parse_targets("wq,wv"))
+        models.apply_lora(model, models.AdapterConfig(layers=n_layers, targets=models.parse_targets("wq,wv")))
         optimizer = optim.Adam(learning_rate=1e-5)
         step = trainer.make_train_step(model, optimizer)
         tokens = mx.random.randint(0, 320, (1, 33), key=mx.random.key(0))
@@ -454,7 +454,7 @@ def test_bfloat16_products_in_the_model(weights, kernel_calls, bfloat16_products
         model = random_model(weights)
         tokens = mx.random.randint(0, 320, (2, 33), key=mx.random.key(0))
         logits = model(tokens[:, :-1])
-        models.apply_lora(model, 2, models.parse_targets("all"))
+        models.apply_lora(model, models.AdapterConfig(layers=2, targets=models.parse_targets("all")))
         model.update(tree_map(lambda p: p + 0.01, model.trainable_parameters()))  # B != 0
         batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((2, 32)))
         (loss, _), g = nn.value_and_grad(model, trainer.loss_fn)(model, *batch)

@@ -28,7 +28,7 @@ import chat  # noqa: E402
 import convert  # noqa: E402
 import loading  # noqa: E402
 from checkpoints import ASSETS, make_checkpoint  # noqa: E402
-from formats import expected_shapes  # noqa: E402
+from models import NAMES  # noqa: E402
 from formats import gguf as gguf_format  # noqa: E402
 from formats import mlx as mlx_format  # noqa: E402
 from gguf_files import write_gguf  # noqa: E402
@@ -158,7 +158,7 @@ def test_mlx_4_bit_groups_of_32_are_q4_1_exactly_when_float16_holds_the_scales(t
     checkpoint = mlx_format.Checkpoint(str(tmp_path / "mlx"))
     path = export(tmp_path / "mlx", tmp_path / "out")
     for name, (kind, raw) in tensors(path).items():
-        ours = gguf_format.meta_name(name)
+        ours = gguf_format.our_name(name)
         if len(checkpoint.shapes[ours]) == 1:
             continue
         assert kind == "Q4_1"
@@ -529,14 +529,14 @@ import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import utils
 import mlx.core as mx
-from formats import expected_shapes
 from formats import gguf as gguf_format
 from formats import mlx as mlx_format
+from models import NAMES
 
 class Generated:
     '''A model whose every weight is drawn when read: nothing of it is held between tensors.'''
     def __init__(self, folder, config):
-        self.path, self.config, self.shapes = folder, config, expected_shapes(config)
+        self.path, self.config, self.shapes = folder, config, NAMES.shapes(config)
         self.tokenizer = mlx_format.Checkpoint(folder)
     def stored_dtype(self, name): return "float32"
     def quantization(self, name): return None
@@ -567,7 +567,7 @@ def test_tensors_are_written_one_at_a_time(tmp_path, llama_folder):
                                      out=str(out), n_layers=12)
     grown = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
                                text=True).stdout.split()[-1])
-    model_bytes = sum(np.prod(s) for s in expected_shapes(dict(
+    model_bytes = sum(np.prod(s) for s in NAMES.shapes(dict(
         mlx_format.Checkpoint(str(llama_folder)).config, dim=1024, hidden_dim=4096, n_heads=8, n_kv_heads=8,
         head_dim=128, n_layers=12)).values()) * 4
     assert grown < 150 * 2**20 and grown < model_bytes / 5, (grown, model_bytes)

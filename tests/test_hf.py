@@ -237,18 +237,17 @@ def meta_folder_of(model, folder, params):
     queries and keys in Meta's interleaved order."""
     import torch
 
-    from formats.hf import interleaved_rope_rows, our_name
+    from formats.hf import our_rows
+    from models import NAMES
 
     config = model.config
+    heads = {"n_heads": config.num_attention_heads, "n_kv_heads": config.num_key_value_heads}
     sd = {}
     for hf_name, tensor in model.state_dict().items():
-        name = our_name(hf_name)
+        name = NAMES.rename(hf_name, "hf", "ours")
         if name is None or (name == "output.weight" and config.tie_word_embeddings):
             continue
-        if name.endswith(("wq.weight", "wk.weight")):
-            heads = config.num_attention_heads if "wq" in name else config.num_key_value_heads
-            tensor = torch.from_numpy(np.array(interleaved_rope_rows(mx.array(tensor.numpy()), heads)))
-        sd[name] = tensor.clone()
+        sd[name] = torch.from_numpy(np.array(our_rows(mx.array(tensor.numpy()), NAMES.weight(name), heads)))
     os.makedirs(folder, exist_ok=True)
     torch.save(sd, os.path.join(folder, "consolidated.00.pth"))
     with open(os.path.join(folder, "params.json"), "w") as f:

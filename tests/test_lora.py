@@ -61,7 +61,7 @@ def test_adapters_reload_from_file_alone_gives_same_logits(trained):
     adapted, _, _ = loading.load_model(model_dir, adapter_file=str(adapter_file))
     # The same adapters applied by hand to a fresh model: identical logits.
     by_hand, _, _ = loading.load_model(model_dir)
-    models.apply_lora(by_hand, 2)
+    models.apply_lora(by_hand, models.AdapterConfig(layers=2))
     by_hand.load_weights(str(adapter_file), strict=False)
     np.testing.assert_array_equal(np.array(adapted(tokens)), np.array(by_hand(tokens)))
     assert np.abs(np.array(adapted(tokens)) - np.array(base(tokens))).max() > 1e-3  # training moved it
@@ -104,7 +104,7 @@ def test_adapters_merged_for_generation_give_the_same_logits(trained):
         assert folded_error <= 4 * float32_error + 1e-6, (folded_error, float32_error)
     qlora, _, _ = loading.load_model(model_dir)
     nn.quantize(qlora, 32, 4)
-    models.apply_lora(qlora, 2)  # wq and wv of 2 layers
+    models.apply_lora(qlora, models.AdapterConfig(layers=2))  # wq and wv of 2 layers
     adapters.merge(qlora)
     assert sum(isinstance(m, models.LoRALinear) for _, m in qlora.named_modules()) == 4
 
@@ -130,9 +130,9 @@ def test_zero_initialized_lora_equals_base(tiny_llama):
     B moved, the logits move."""
     base, _, _ = loading.load_model(tiny_llama[0])
     adapted, _, _ = loading.load_model(tiny_llama[0])
-    models.apply_lora(adapted, 2, models.LORA_TARGETS, rank=4)
+    models.apply_lora(adapted, models.AdapterConfig(layers=2, targets=tuple(models.NAMES.parts), rank=4))
     wrapped = [name for name, m in adapted.named_modules() if isinstance(m, models.LoRALinear)]
-    assert len(wrapped) == 2 * len(models.LORA_TARGETS)
+    assert len(wrapped) == 2 * len(models.NAMES.parts)
     tokens = mx.array([[1, 7, 8, 9, 10]])
     np.testing.assert_array_equal(np.array(adapted(tokens)), np.array(base(tokens)))
     adapted.update(tree_map(lambda p: p + 0.05, adapted.trainable_parameters()))
@@ -141,7 +141,7 @@ def test_zero_initialized_lora_equals_base(tiny_llama):
 
 def test_only_lora_parameters_train(tiny_llama):
     model, _, _ = loading.load_model(tiny_llama[0])
-    models.apply_lora(model, 2)
+    models.apply_lora(model, models.AdapterConfig(layers=2))
     names = [k for k, _ in tree_flatten(model.trainable_parameters())]
     assert names and all(k.endswith(("lora_a", "lora_b")) for k in names)
 

@@ -155,10 +155,10 @@ def test_lora_linear_over_quantized_base():
     np.testing.assert_allclose(np.array(layer(x)), lora_reference(x, dense, layer), atol=1e-4)
 
 
-@pytest.mark.parametrize("targets, rank", [(("wq", "wv"), 8), (models.LORA_TARGETS, 4)])
+@pytest.mark.parametrize("targets, rank", [(("wq", "wv"), 8), (tuple(models.NAMES.parts), 4)])
 def test_lora_adds_expected_parameter_count(tiny_llama, targets, rank):
     model, _, config = loading.load_model(tiny_llama[0])
-    models.apply_lora(model, 1, targets, rank)
+    models.apply_lora(model, models.AdapterConfig(layers=1, targets=targets, rank=rank))
     d, h, kv = config["dim"], config["hidden_dim"], config["n_kv_heads"] * config["head_dim"]
     shapes = {"wq": (d, d), "wk": (d, kv), "wv": (d, kv), "wo": (d, d), "w1": (d, h), "w2": (h, d), "w3": (d, h)}
     expected = sum(rank * (i + o) for t in targets for i, o in [shapes[t]])  # one layer adapted

@@ -34,18 +34,18 @@ from utils import UserError, atomic_write
 
 import mlx.core as mx
 
-from formats import expected_shapes
+from models import NAMES
 from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, MLX_BITS, block_scales, mlx_affine, wide_scales
 from formats.gguf.config import check_architecture, derive_config
 from formats.gguf.header import MAGIC, gguf_package, map_file, read_header, shown, tensor_entries
-from formats.gguf.names import ROPE_FREQS, check_tensors, meta_name
+from formats.gguf.names import ROPE_FREQS, check_tensors, our_name
 from formats.gguf.vocabulary import tokenizer_files
 
 from formats.gguf.blocks import written_values
 from formats.gguf.vocabulary import LLAMA3_PRES, PRE_SPLITS, byte_spelling
 from formats.gguf.writer import tensor_types, write
 
-__all__ = ['Checkpoint', 'detect', 'tensor_types', 'write', 'written_values', 'byte_spelling', 'PRE_SPLITS', 'LLAMA3_PRES', 'meta_name', 'FLOAT_DTYPES']
+__all__ = ['Checkpoint', 'detect', 'tensor_types', 'write', 'written_values', 'byte_spelling', 'PRE_SPLITS', 'LLAMA3_PRES', 'our_name', 'FLOAT_DTYPES']
 
 
 def detect(path):
@@ -74,12 +74,12 @@ class Checkpoint:
             rope_freqs = self._floats(rope_freqs)
         self._entries = {}
         for gguf_name, entry in entries.items():
-            name = meta_name(gguf_name)
+            name = our_name(gguf_name)
             if name is None:
                 raise UserError(f"{path}: unexpected tensor {shown(gguf_name)} (not a llama weight)")
             self._entries[name] = entry
         self.config = derive_config(meta, self._entries, path, rope_freqs)
-        self.shapes = expected_shapes(self.config)
+        self.shapes = NAMES.shapes(self.config)
         check_tensors(self._entries, self.shapes, path)
         self._tokenizer_files = tokenizer_files(meta, path)
 

@@ -48,7 +48,7 @@ def positive_number(meta, key, path, default=None):
 def derive_config(meta, entries, path, rope_freqs):
     """convert.py's config keys and the tokenizer's, from the llama.* and tokenizer.ggml.* keys."""
     n_layers = positive_int(meta, "llama.block_count", path)
-    if n_layers > len(entries):  # bounds the weights expected_shapes will list
+    if n_layers > len(entries):  # bounds the weights NAMES.shapes will list
         raise UserError(f"{path}: llama.block_count {n_layers} but the file holds only {len(entries)} tensors")
     dim = positive_int(meta, "llama.embedding_length", path)
     n_heads = positive_int(meta, "llama.attention.head_count", path)

@@ -13,7 +13,7 @@ from utils import UserError
 
 from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, tensor_chunks
 from formats.gguf.config import DEFAULT_CONTEXT, exported_rope_freqs
-from formats.gguf.names import ROPE_FREQS, gguf_name_of
+from formats.gguf.names import ROPE_FREQS, gguf_name
 from formats.gguf.vocabulary import add_vocabulary, exported_vocabulary
 
 
@@ -67,12 +67,12 @@ def write(checkpoint, path, types):
     add_model_metadata(writer, checkpoint, types)
     add_vocabulary(writer, vocab)
     infos = ([(ROPE_FREQS, rope_freqs.shape, "F32")] if rope_freqs is not None else []) + \
-        [(gguf_name_of(name), shape, types[name]) for name, shape in checkpoint.shapes.items()]
-    for gguf_name, shape, type_name in infos:
+        [(gguf_name(name), shape, types[name]) for name, shape in checkpoint.shapes.items()]
+    for name, shape, type_name in infos:
         qtype = gguf.GGMLQuantizationType[type_name]
         rows, cols = math.prod(shape[:-1]), shape[-1]
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        writer.add_tensor_info(gguf_name, (*shape[:-1], cols // block * type_size), np.uint8,
+        writer.add_tensor_info(name, (*shape[:-1], cols // block * type_size), np.uint8,
                                rows * (cols // block) * type_size, raw_dtype=qtype)
     try:
         writer.write_header_to_file()

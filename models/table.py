@@ -1,0 +1,93 @@
+"""One family's weights under every name they go by: this toolkit's module tree (which is Meta's
+checkpoint layout), Hugging Face's and GGUF's, with the shape each has.
+
+A family file declares one NameTable; every reader, writer and adapter mapping goes
+through it, so a checkpoint's names are spelled in one place.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+# Where the blocks' weights sit, in each naming: N is the block's index.
+BLOCK_PREFIXES = {"ours": "layers.{}.", "hf": "model.layers.{}.", "gguf": "blk.{}."}
+SUFFIXES = (".weight", ".bias")
+LAYER_INDEX = r"(0|[1-9][0-9]{0,5})"  # bounded: a name from a file cannot make a huge index
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One module holding a weight, named in each naming, without the block prefix or `.weight`."""
+    ours: str                          # "attention.wq" in a block, "norm" at the top
+    hf: str                            # "self_attn.q_proj", "model.norm"
+    gguf: str                          # "attn_q", "output_norm"
+    shape: Callable[[dict], tuple]     # its `.weight`'s shape, of the model config
+    meta_split: Optional[int] = None   # the axis Meta's model-parallel shards split it along
+    rope_heads: Optional[str] = None   # config key of its head count: RoPE query or key rows, which
+                                       # Hugging Face stores each head's pair halves apart
+    absent_if: Optional[str] = None    # config key that, when true, means no such weight (a tied output)
+
+    @property
+    def linear(self):
+        """An adaptable linear of a block: a module of a part (attention.wq, feed_forward.w1)."""
+        return "." in self.ours
+
+
+class NameTable:
+    def __init__(self, top, block):
+        self.top, self.block = tuple(top), tuple(block)
+        self._patterns = {naming: _name_pattern(naming) for naming in BLOCK_PREFIXES}
+        self._by_name = {naming: ({getattr(w, naming): w for w in self.top},
+                                  {getattr(w, naming): w for w in self.block}) for naming in BLOCK_PREFIXES}
+
+    @property
+    def parts(self):
+        """{linear: the part of a block it belongs to}: wq: attention, w1: feed_forward."""
+        return {w.ours.split(".")[1]: w.ours.split(".")[0] for w in self.block if w.linear}
+
+    def target_path(self, layer_index, linear):
+        """Where `linear` of block `layer_index` lives in the module tree: layers.N.attention.wq."""
+        return f"layers.{layer_index}.{self.parts[linear]}.{linear}"
+
+    def shapes(self, config):
+        """{our name: shape} of every weight a model of `config` has."""
+        def present(w):
+            return w.absent_if is None or not config.get(w.absent_if)
+        shapes = {f"{w.ours}.weight": tuple(w.shape(config)) for w in self.top if present(w)}
+        for i in range(config["n_layers"]):
+            prefix = BLOCK_PREFIXES["ours"].format(i)
+            shapes.update({f"{prefix}{w.ours}.weight": tuple(w.shape(config)) for w in self.block if present(w)})
+        return shapes
+
+    def weight(self, name, naming="ours"):
+        """The Weight `name` (in `naming`) is a tensor of, or None."""
+        found = self._split(name, naming)
+        return None if found is None else found[1]
+
+    def rename(self, name, naming, into):
+        """`name` of one naming in another ("ours", "hf", "gguf"), or None if no weight has it."""
+        found = self._split(name, naming)
+        if found is None:
+            return None
+        index, w, suffix = found
+        local = getattr(w, into)
+        return local + suffix if index is None else BLOCK_PREFIXES[into].format(index) + local + suffix
+
+    def _split(self, name, naming):
+        """(block index or None, Weight, suffix) of a tensor name, or None."""
+        suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
+        if suffix is None:
+            return None
+        module = name[:-len(suffix)]
+        top, block = self._by_name[naming]
+        if module in top:
+            return None, top[module], suffix
+        match = self._patterns[naming].fullmatch(module)
+        if match and match[2] in block:
+            return int(match[1]), block[match[2]], suffix
+        return None
+
+
+def _name_pattern(naming):
+    prefix = re.escape(BLOCK_PREFIXES[naming]).replace(re.escape("{}"), LAYER_INDEX)
+    return re.compile(prefix + r"(.+)")
