@@ -141,7 +141,6 @@ def check_training_outputs(adapter_file):
     for path in training_outputs(adapter_file):
         if os.path.isdir(path):
             raise UserError(f"{path}: a folder is in the way of an output file")
-    os.makedirs(parent, exist_ok=True)
 
 
 def steps_of_epochs(args):

@@ -563,6 +563,9 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
     early = EarlyStop(settings.early_stop, resumed) if settings.early_stop else None
 
     def checkpoint(step, **more):
+        if step == bad_total:  # every step so far skipped: the result would be the untrained start
+            raise UserError(f"all {step} steps were non-finite and skipped: nothing trained, nothing saved; "
+                            f"try a lower --learning-rate (now {settings.learning_rate})")
         if world.is_writer:
             if early is None:
                 save_outputs()

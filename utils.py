@@ -233,8 +233,15 @@ def claimed_output(path, *more):
 
     A second run on the same output is refused while this one holds it, instead of
     mixing their files; then the temporaries of killed earlier runs are removed. The
-    lock is a file .NAME.lock beside `path`, removed when the block ends.
+    lock is a file .NAME.lock beside `path`, removed when the block ends. A run that
+    fails removes the outputs it created, and the folders it made for them if they are
+    left empty; what was there before it stays.
     """
+    outputs = (path, *more)
+    existed = {p for p in outputs if os.path.lexists(p)}
+    folders = {os.path.dirname(os.path.abspath(p)) for p in outputs}
+    folders_existed = {f for f in folders if os.path.exists(f)}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), _temporary_prefix(path) + "lock")
     while True:
         try:
@@ -250,14 +257,33 @@ def claimed_output(path, *more):
         if _same_file(fd, lock_path):
             break
         os.close(fd)  # the lock file was replaced between open and flock: take the new one
+    failed = False
     try:
-        for p in (path, *more):
+        for p in outputs:
             remove_stale_temporaries(p)
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         with contextlib.suppress(OSError):
             os.unlink(lock_path)
         os.close(fd)
+        if failed:
+            remove_created([p for p in outputs if p not in existed], folders - folders_existed)
+
+
+def remove_created(paths, folders):
+    """Remove the files (or folders) at `paths`, then each of `folders` that is left empty."""
+    for p in paths:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+    for folder in sorted(folders, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only if empty
 
 
 def _same_file(fd, path):

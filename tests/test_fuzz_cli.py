@@ -8,6 +8,7 @@ lone surrogate, a path that is a device or a folder. The value comes on the comm
 through a --config YAML file, which can also carry lists, mappings, booleans and null.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -29,6 +30,9 @@ FUZZ = settings(max_examples=int(os.environ.get("MLX_LORA_FUZZ_EXAMPLES", 16)), 
                 derandomize=not os.environ.get("MLX_LORA_FUZZ_RANDOM"),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
+SETTINGS = {"lora.py": __import__("lora").LoraSettings, "convert.py": __import__("convert").ConvertSettings,
+            "pretrain.py": __import__("pretrain").PretrainSettings,
+            "cwk_create_dataset.py": __import__("cwk_create_dataset").DatasetSettings}
 HOSTILE_ARGS = ["-1", "0", "nan", "inf", "-inf", "1e308", "1" + "0" * 30, "", " ", "abc", "1.5",
                 b"\xff\xfe", "\udcff", "\U0001f4a5", "/dev/null", ".", "/nonexistent/dir/x.npz"]
 HOSTILE_YAML = [-1, 0, math.nan, math.inf, 10**30, "", "abc", 1.5, [1, 2], {"a": 1}, True, None, "\ud800",
@@ -54,15 +58,17 @@ def hostile(draw, flags):
     return flag, how, draw(st.sampled_from(HOSTILE_ARGS if how == "args" else HOSTILE_YAML))
 
 
-def run_hostile(script, base, change, out, tmp, env=None):
+def run_hostile(script, base, change, out, tmp, did_its_job, env=None):
     """Run `script` with `base` (a {flag: value or None} of a valid run) and one hostile change;
-    check what a user sees and what is left in `out`."""
+    check what a user sees and what is left in `out`. A run that accepts the value (exit 0) must
+    have done what its settings, parsed here from the same arguments, ask: `did_its_job(settings,
+    stdout, tmp)` says what is missing, so a value silently ignored or misread fails."""
     flag, how, value = change
     argv = dict(base)
     argv.pop(flag, None)
     args = [a for f, v in argv.items() for a in ([f] if v is None else [f, v])]
     if how == "args":
-        args += [flag, value]
+        args += [flag, os.fsdecode(value)]
     else:
         (tmp / "c.yaml").write_text(yaml_text(flag[2:], value), encoding="utf-8", errors="surrogatepass")
         args += ["--config", str(tmp / "c.yaml")]
@@ -80,6 +86,10 @@ def run_hostile(script, base, change, out, tmp, env=None):
         assert left == before, f"{where}\nleft behind: {sorted(set(left) - set(before))}"
     else:
         assert not [name for name in left if name.startswith(".")], f"{where}\ntemporaries: {left}"
+        with contextlib.chdir(tmp):
+            parsed = cli_settings.parse(SETTINGS[script], args, "")
+        missing = did_its_job(parsed, proc.stdout.decode("utf-8", "replace"), tmp)
+        assert not missing, f"{where}\nexit 0, but {missing}"
 
 
 def fresh(tmp_path_factory, name):
@@ -96,14 +106,24 @@ def lora_inputs(tiny_llama, tmp_path_factory):
 
 
 @FUZZ
-@given(change=hostile(flags_of(__import__("lora").LoraSettings)))
+@given(change=hostile(flags_of(SETTINGS["lora.py"])))
 def test_lora_command_line(lora_inputs, tmp_path_factory, change):
     model, data = lora_inputs
     tmp, out = fresh(tmp_path_factory, "lora")
     base = {"--model": model, "--data": data, "--adapter-file": str(out / "a.npz"), "--train": None, "--test": None,
             "--prompt": "hi", "-n": "2", "--iters": "2", "--steps-per-eval": "2", "--val-batches": "1",
             "--test-batches": "1", "--lora-layers": "1", "--batch-size": "2"}
-    run_hostile("lora.py", base, change, out, tmp)
+    run_hostile("lora.py", base, change, out, tmp, lora_did_its_job)
+
+
+def lora_did_its_job(parsed, stdout, tmp):
+    if parsed.train and not (tmp / parsed.adapter_file).is_file():
+        return f"no adapters at {parsed.adapter_file}"
+    if parsed.test and "Test loss" not in stdout:
+        return "no test loss printed"
+    if parsed.prompt is not None and not stdout.strip():
+        return "nothing generated"
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +134,16 @@ def checkpoint(tmp_path_factory):
 
 
 @FUZZ
-@given(change=hostile(flags_of(__import__("convert").ConvertSettings)))
+@given(change=hostile(flags_of(SETTINGS["convert.py"])))
 def test_convert_command_line(checkpoint, tmp_path_factory, change):
     tmp, out = fresh(tmp_path_factory, "convert")
     base = {"--torch-path": checkpoint, "--mlx-path": str(out / "model"), "-q": None, "--q-group-size": "32"}
-    run_hostile("convert.py", base, change, out, tmp)
+    run_hostile("convert.py", base, change, out, tmp, lambda parsed, stdout, tmp: wrote(
+        tmp / parsed.mlx_path / "config.json"))
+
+
+def wrote(path):
+    return None if path.is_file() else f"no {path}"
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +152,15 @@ def corpus(tmp_path_factory):
 
 
 @FUZZ
-@given(change=hostile(flags_of(__import__("pretrain").PretrainSettings)))
+@given(change=hostile(flags_of(SETTINGS["pretrain.py"])))
 def test_pretrain_command_line(corpus, tmp_path_factory, change):
     tmp, out = fresh(tmp_path_factory, "pretrain")
     base = {"--corpus": corpus, "--out": str(out / "model"), "--iters": "2", "--batch-size": "2", "--context": "16",
             "--dim": "32", "--n-layers": "1", "--n-heads": "2", "--n-kv-heads": "1", "--hidden-dim": "64",
             "--vocab-size": "300", "--steps-per-eval": "2", "--val-batches": "1", "--save-every": "2",
             "--warmup": "1"}
-    run_hostile("pretrain.py", base, change, out, tmp)
+    run_hostile("pretrain.py", base, change, out, tmp, lambda parsed, stdout, tmp: wrote(
+        tmp / parsed.out / "config.json"))
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +171,9 @@ def site(tmp_path_factory):
 
 
 @FUZZ
-@given(change=hostile(flags_of(__import__("cwk_create_dataset").DatasetSettings)))
+@given(change=hostile(flags_of(SETTINGS["cwk_create_dataset.py"])))
 def test_dataset_command_line(site, tmp_path_factory, change):
     tmp, out = fresh(tmp_path_factory, "dataset")
     base = {"--packages": "fakepkg", "--out": str(out / "data"), "--workers": "1", "--import-timeout": "20"}
-    run_hostile("cwk_create_dataset.py", base, change, out, tmp, env=dict(os.environ, PYTHONPATH=str(site)))
+    run_hostile("cwk_create_dataset.py", base, change, out, tmp, lambda parsed, stdout, tmp: wrote(
+        tmp / parsed.out / "train.jsonl"), env=dict(os.environ, PYTHONPATH=str(site)))

@@ -251,3 +251,15 @@ def test_metrics_log_resumes_at_the_checkpoint_step_past_a_torn_line(tmp_path):
     log.log(step=13, train_loss=0.5)
     log.close()
     assert [r["step"] for _, r in read_jsonl(str(path))] == list(range(1, 14))
+
+
+def test_a_run_whose_every_step_is_skipped_fails_and_leaves_nothing(setting, tmp_path):
+    """A learning rate that makes every step non-finite ends in one line, before the untrained
+    start is saved as a result: no adapters, manifest, metrics or folder are left."""
+    model_dir, data, _, _ = setting
+    adapter_file = tmp_path / "new" / "adapters.npz"
+    run = subprocess.run([sys.executable, LORA, "--model", model_dir, "--train", "--data", data,
+                          "--adapter-file", str(adapter_file), "--iters", "2", "--learning-rate", "1e308",
+                          "--lora-layers", "1", "--batch-size", "2"], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.splitlines()[-1].startswith("error: all 2 steps were non-finite")
+    assert os.listdir(tmp_path) == []
