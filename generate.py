@@ -48,7 +48,10 @@ class Sampler:
             logits_V = penalized(logits_V, window_H, self.repetition_penalty)
         if self.temp == 0:
             return mx.argmax(logits_V, axis=-1)
-        return mx.random.categorical(self.filtered(logits_V.astype(mx.float32) / self.temp))
+        logits_V = logits_V.astype(mx.float32)
+        # Shifted to a maximum of 0 first: a tiny temperature then tends to greedy instead of
+        # overflowing to infinities whose softmax is NaN.
+        return mx.random.categorical(self.filtered((logits_V - logits_V.max(axis=-1, keepdims=True)) / self.temp))
 
     def filtered(self, logits_V):
         """Tempered logits with the tokens top-k, top-p and min-p leave out set to -inf."""

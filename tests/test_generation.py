@@ -72,6 +72,14 @@ def test_greedy_sampling_is_argmax():
     assert generate.GREEDY(logits).item() == 1
 
 
+@pytest.mark.parametrize("temp", [1e-308, 1e-45, 1e-30])
+def test_a_vanishing_temperature_draws_the_likeliest_token(temp):
+    """T -> 0 is greedy; 1/T overflowing float32 must not turn the logits into NaN."""
+    mx.random.seed(0)
+    logits = mx.random.normal((300,), key=mx.random.key(5)) * 10
+    assert {generate.Sampler(temp=temp)(logits).item() for _ in range(20)} == {generate.GREEDY(logits).item()}
+
+
 def test_top_p_keeps_only_the_nucleus():
     mx.random.seed(0)
     logits = mx.log(mx.array([0.5, 0.3, 0.15, 0.05]))
