@@ -7,6 +7,8 @@ import os
 
 from utils import write_json
 
+from benchmarks.harness import ROOT
+
 from models import NAMES
 
 
@@ -55,15 +57,19 @@ def write_synthetic_checkpoint(folder, params):
     os.remove(scratch)
     with open(os.path.join(folder, "params.json"), "w") as f:
         json.dump(params, f, indent=2)
-    write_placeholder_tokenizer(folder)
+    write_small_tokenizer(folder)
     return sum(math.prod(s) for s in shapes.values())
 
 
-def write_placeholder_tokenizer(folder):
-    """convert.py only copies a checkpoint's tokenizer.model, and the benchmark never tokenizes: a
-    placeholder keeps the benchmark free of files outside this repository."""
+def write_small_tokenizer(folder):
+    """A small SentencePiece model trained here on this repository's own README (fuse.py's check
+    tokenizes a probe text): no file from outside the repository."""
+    from pretrain import train_tokenizer
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        model = train_tokenizer([f.read()], 400, seed=0)
     with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
-        f.write(b"placeholder: the benchmark never tokenizes")
+        f.write(model)
 
 
 def write_synthetic_hf_checkpoint(folder, params, shard_bytes=5 * 10**9):
@@ -101,7 +107,7 @@ def write_synthetic_hf_checkpoint(folder, params, shard_bytes=5 * 10**9):
                    "head_dim": params["head_dim"], "intermediate_size": params["hidden_dim"],
                    "rms_norm_eps": params["norm_eps"], "vocab_size": params["vocab_size"],
                    "sliding_window": params.get("sliding_window"), "rope_theta": 10000.0}, f, indent=2)
-    write_placeholder_tokenizer(folder)
+    write_small_tokenizer(folder)
     return sum(math.prod(s) for s in shapes.values())
 
 
