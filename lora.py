@@ -9,8 +9,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import shlex
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -215,9 +213,7 @@ def run_training(model, data, args, start: ResumePoint):
             save_outputs=lambda: adapters.save(model, args.adapter_file, adapter_config),
             checkpoint_meta=dict(start.run_meta, lora=adapter_config.to_json()), resumed=resumed)
     except trainer.Interrupted as stop:
-        print(f"Stopped by {signal.Signals(stop.signum).name}; checkpoint {stop.checkpoint}. Resume with:\n"
-              f"  {shlex.join(['python', 'lora.py', *sys.argv[1:], '--resume', 'latest'])}", file=sys.stderr)
-        return 128 + stop.signum
+        return stop.report("lora.py")
     finally:
         log.close()
         model.eval()

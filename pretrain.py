@@ -16,7 +16,6 @@ import dataclasses
 import io
 import math
 import os
-import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -269,9 +268,7 @@ def pretrain(args, work):
                       save_outputs=lambda: save_model(model, args, tokenizer_path, args.out),
                       checkpoint_meta=run_meta, resumed=meta)
     except trainer.Interrupted as stop:
-        print(f"Stopped; checkpoint {stop.checkpoint}. Resume with:\n"
-              f"  {shlex.join(['python', 'pretrain.py', *sys.argv[1:], '--resume', 'latest'])}", file=sys.stderr)
-        return 128 + stop.signum
+        return stop.report("pretrain.py")
     finally:
         log.close()
     log.plot()

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
 import sys
 import time
@@ -480,6 +481,13 @@ class Interrupted(Exception):
     def __init__(self, signum, checkpoint):
         super().__init__(checkpoint)
         self.signum, self.checkpoint = signum, checkpoint
+
+    def report(self, script):
+        """Say where the run stopped and the command that resumes it; the exit code, 128 + signal."""
+        command = shlex.join(["python", script, *sys.argv[1:], "--resume", "latest"])
+        print(f"Stopped by {signal.Signals(self.signum).name}; checkpoint {self.checkpoint}. Resume with:\n"
+              f"  {command}", file=sys.stderr)
+        return 128 + self.signum
 
 
 def peak_memory_gb():
