@@ -186,7 +186,7 @@ def probe_logits(source, config, tokens_BT, adapted=None):
     computed in float32 one block at a time, so that one block's weights are in memory at a
     time. With `adapted` ((AdapterConfig, {weight key: (A, B, magnitude)})) the adapters run
     as their layers."""
-    args = loading.model_args(config)
+    args = models.model_args(config)
     h_BTD = source.tensor("tok_embeddings.weight")[mx.array(tokens_BT)].astype(mx.float32)
     mask = models.attention_mask(h_BTD.shape[1], 0, args.sliding_window)
     for i in range(args.n_layers):

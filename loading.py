@@ -7,7 +7,6 @@ the one loader: scripts, benchmarks and users' own code call it.
 """
 
 import os
-from dataclasses import MISSING, fields
 
 import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError, read_json
@@ -39,7 +38,7 @@ def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=Fa
         raise UserError(f"{path}: model folder not found")
     config_path = os.path.join(path, "config.json")
     config = read_json(config_path, "model configuration")
-    args = model_args(config, config_path)
+    args = models.model_args(config, config_path)
     q = quantization(config, config_path)
     tokenizer = load_tokenizer(path, tokenizer_settings(config, config_path))
     if tokenizer.vocab_size > args.vocab_size:
@@ -79,55 +78,6 @@ def explain_non_finite(model, what):
     name = first_non_finite(model)
     if name is not None:
         raise UserError(f"{what} is not finite: the model's {name} holds NaN or infinity")
-
-
-# The numbers of config.json the model uses: (type, lowest, highest). The bounds keep a
-# hostile file from asking for terabytes before a weight is read.
-CONFIG_KEYS = {
-    "dim": (int, 1, 2**17), "n_layers": (int, 1, 2**10), "n_heads": (int, 1, 2**12), "n_kv_heads": (int, 1, 2**12),
-    "head_dim": (int, 1, 2**12), "hidden_dim": (int, 1, 2**19), "norm_eps": (float, 1e-12, 1.0),
-    "vocab_size": (int, 1, 2**22), "rope_theta": (float, 1.0, 1e12), "sliding_window": (int, 1, 2**31),
-    "context_length": (int, 1, 2**31),
-}
-# What each supported RoPE scaling needs: (key, type, lowest, highest).
-ROPE_SCALINGS = {
-    "linear": [("factor", float, 1e-3, 1e6)],
-    "llama3": [("factor", float, 1.0, 1e6), ("low_freq_factor", float, 1e-6, 1e6),
-               ("high_freq_factor", float, 1e-6, 1e6), ("original_max_position_embeddings", int, 1, 2**31)],
-}
-
-
-def model_args(config, source="config.json"):
-    """ModelArgs from a model folder's configuration, every key the model uses checked."""
-    names = {f.name: f for f in fields(models.ModelArgs)}
-    missing = [name for name, f in names.items() if f.default is MISSING and name not in config]
-    if missing:
-        raise UserError(f"{source}: missing key(s) {', '.join(missing)}")
-    values = {name: utils.checked_number(config[name], *CONFIG_KEYS[name], f"{source}: '{name}'")
-              for name in CONFIG_KEYS if config.get(name) is not None}
-    values["rope_scaling"] = rope_scaling(config.get("rope_scaling"), source)
-    tie = config.get("tie_word_embeddings", False)
-    if not isinstance(tie, bool):
-        raise UserError(f"{source}: 'tie_word_embeddings' must be true or false, got {tie!r}")
-    args = models.ModelArgs(**values, tie_word_embeddings=tie)
-    if args.n_heads % args.n_kv_heads:
-        raise UserError(f"{source}: n_heads {args.n_heads} is not a multiple of n_kv_heads {args.n_kv_heads}")
-    if args.head_dim % 2:
-        raise UserError(f"{source}: head_dim {args.head_dim} is odd: RoPE turns pairs")
-    return args
-
-
-def rope_scaling(scaling, source):
-    """A RoPE scaling block checked ({"rope_type": ..., its numbers}), or None."""
-    if scaling is None:
-        return None
-    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
-    if kind not in ROPE_SCALINGS:
-        raise UserError(f"{source}: 'rope_scaling' must be {' or '.join(ROPE_SCALINGS)} with its numbers, "
-                        f"got {scaling!r}")
-    return {"rope_type": kind, **{key: utils.checked_number(scaling.get(key), kind_, low, high,
-                                                            f"{source}: 'rope_scaling.{key}'")
-                                  for key, kind_, low, high in ROPE_SCALINGS[kind]}}
 
 
 def tokenizer_settings(config, source="config.json"):

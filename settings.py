@@ -17,6 +17,7 @@ naming the flag (or the file and key) and what it must be.
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -139,13 +140,60 @@ def parse(cls, argv, description):
     return settings
 
 
+# A --config file is flag names and scalars (or lists of them): bounds far beyond that, which an
+# alias bomb or a deeply nested file breaks before it costs anything.
+MAX_YAML_DEPTH = 8
+MAX_YAML_NODES = 10_000  # counted with every alias expanded
+
+
+@functools.lru_cache(maxsize=1)
+def _bounded_loader():
+    """PyYAML's safe loader with its documents bounded in depth and in expanded size, and a
+    key given twice in one mapping refused rather than silently overwritten."""
+    import yaml
+
+    class Refused(yaml.YAMLError):
+        pass
+
+    class BoundedLoader(yaml.SafeLoader):
+        def compose_document(self):
+            self.depth, self.sizes = 0, {}
+            return super().compose_document()
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            if self.depth > MAX_YAML_DEPTH:
+                raise Refused(f"nested more than {MAX_YAML_DEPTH} deep")
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+            if id(node) not in self.sizes:  # an alias's node is sized once, and counted at each use
+                children = node.value if isinstance(node.value, list) else []
+                flat = [n for child in children for n in (child if isinstance(child, tuple) else (child,))]
+                self.sizes[id(node)] = 1 + sum(self.sizes.get(id(n), 1) for n in flat)
+            if self.sizes[id(node)] > MAX_YAML_NODES:
+                raise Refused(f"more than {MAX_YAML_NODES} values once its aliases are expanded")
+            return node
+
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+            repeated = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
+            if repeated is not None:
+                line = node.value[repeated][0].start_mark.line + 1
+                raise Refused(f"the key {str(keys[repeated])[:100]!r} appears twice (again on line {line})")
+            return super().construct_mapping(node, deep)
+
+    return BoundedLoader
+
+
 def read_config(cls, path):
-    """The settings a YAML file gives, each checked for its field's type and range."""
+    """The settings a YAML file gives (bounded: _bounded_loader), each checked for its field's type and range."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
+            config = yaml.load(f, Loader=_bounded_loader())  # noqa: S506 (a safe loader, bounded)
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found")
     except UnicodeDecodeError as e:
@@ -154,6 +202,8 @@ def read_config(cls, path):
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})")
     except ValueError as e:  # an integer too long for Python to read, say
         raise UserError(f"{path}: unreadable value ({e})")
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML (nested too deeply)")
     if config is None:
         return {}
     if not isinstance(config, dict):

@@ -299,7 +299,7 @@ def load_checkpoint(path):
         raise UserError(f"{path}: checkpoint not found")
     try:
         arrays, metadata = mx.load(path, return_metadata=True)
-        meta = json.loads(metadata["mlx_lora"])
+        meta = utils.parse_json(metadata["mlx_lora"], f"{path}: metadata")
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}: not a readable checkpoint ({e})")
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:

@@ -311,38 +311,88 @@ def write_json(path, obj):
         f.write("\n")
 
 
-def read_json(path, what="file"):
-    """Read a JSON object from `path`, with errors that name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text")
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})")
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    _check_unicode(obj, path)
+# Bounds of the JSON this toolkit reads from files it did not write: deeper nesting or longer
+# integers than any real config, header or data line has are refused before they cost anything.
+MAX_JSON_DEPTH = 100
+MAX_JSON_INT_DIGITS = 40
+MAX_JSON_FILE_BYTES = 1 << 30  # tokenizer.json files reach tens of MB
+
+
+class _BadJSON(ValueError):
+    """A bound broken while parsing; the caller names the file."""
+
+
+def _bounded_int(text):
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise _BadJSON(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_JSON_INT_DIGITS})")
+    return int(text)
+
+
+def _unique_keys(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _BadJSON(f"the key {repeated[:100]!r} appears twice in one object")
     return obj
 
 
-def _check_unicode(obj, where):
-    """A UserError if a string in `obj` is not valid Unicode: JSON's \\ud800 escapes
-    decode to lone surrogates, which no tokenizer or file name can take."""
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UserError(f"{where}: a string is not valid Unicode ({obj[e.start]!r} at character {e.start})")
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _check_unicode(key, where)
-            _check_unicode(value, where)
-    elif isinstance(obj, list):
-        for value in obj:
-            _check_unicode(value, where)
+def parse_json(text, where):
+    """A JSON value from untrusted text (str or bytes): at most MAX_JSON_DEPTH deep, integers of
+    at most MAX_JSON_INT_DIGITS digits, no repeated keys, every string valid Unicode. Each
+    defect is a UserError starting with `where` (a file, or a file and line)."""
+    try:
+        obj = json.loads(text, parse_int=_bounded_int, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply")
+    except _BadJSON as e:
+        raise UserError(f"{where}: {e}")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: line {e.lineno}: invalid JSON ({e.msg})")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte {e.start})")
+    _check_tree(obj, where)
+    return obj
+
+
+def _check_tree(obj, where):
+    """Depth and Unicode of a parsed JSON value, walked without recursion."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise UserError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} deep")
+        if isinstance(value, str):
+            _check_string(value, where)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_string(key, where)
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
+def _check_string(text, where):
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer or file name can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: a string is not valid Unicode ({text[e.start]!r} at character {e.start})")
+
+
+def read_json(path, what="file"):
+    """Read a JSON object from `path` (parse_json's bounds), with errors that name the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found")
+    if len(raw) > MAX_JSON_FILE_BYTES:
+        raise UserError(f"{path}: more than {MAX_JSON_FILE_BYTES} bytes: not a {what}")
+    obj = parse_json(raw, path)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024
@@ -366,13 +416,9 @@ def read_jsonl(path, max_line_bytes=MAX_JSONL_LINE_BYTES):
                 raise UserError(f"{path}: line {lineno}: not UTF-8 (byte {e.start})")
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {lineno}: invalid JSON ({e.msg})")
+            obj = parse_json(line, f"{path}: line {lineno}")
             if not isinstance(obj, dict):
                 raise UserError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            _check_unicode(obj, f"{path}: line {lineno}")
             yield lineno, obj
 
 

@@ -10,7 +10,7 @@
 
 Every format's module offers detect(path) and a Checkpoint(path) class with:
   path          what was opened;
-  config        the model folder's config.json keys (loading.CONFIG_KEYS), and the
+  config        the model folder's config.json keys (models/config.py's CONFIG_KEYS, checked there), and the
                 tokenizer's: bos_token_id, eos_token_ids, add_bos_token;
   shapes        {name: shape} of every weight, in this toolkit's names (Meta's) and
                 Meta's row order for the queries and keys (RoPE on interleaved pairs);

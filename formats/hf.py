@@ -16,7 +16,7 @@ import shutil
 
 from utils import UserError, read_json
 
-from models import NAMES
+from models import NAMES, checked_shapes
 from formats.safetensors import SafetensorsFile
 from formats.torch_files import dtype_name, load_state_dict, to_mx
 
@@ -42,7 +42,7 @@ class Checkpoint:
         hf = read_json(config_path, "config.json")
         self.config = model_config(hf, config_path)
         self.config.update(tokenizer_config(folder, hf))
-        self.shapes = NAMES.shapes(self.config)
+        self.shapes = checked_shapes(self.config, config_path)
         self.files = weight_files(folder)  # {hf name: file}
         self.names = self._our_names()  # {our name: hf name}
         self._check_shapes()
@@ -142,7 +142,7 @@ def model_config(hf, path):
               "rope_theta": _number(rope if "rope_theta" in rope else hf, "rope_theta", path, float, default=10000.0),
               "sliding_window": _number(hf, "sliding_window", path, default=None) if kind == "mistral" else None,
               "context_length": _number(hf, "max_position_embeddings", path, default=None),
-              "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False))}
+              "tie_word_embeddings": hf.get("tie_word_embeddings", False)}  # checked as a boolean
     scaling = rope_scaling(hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None),
                            path)
     if scaling is not None:

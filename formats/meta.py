@@ -15,7 +15,7 @@ from collections import namedtuple
 
 from utils import UserError, read_json
 
-from models import NAMES
+from models import NAMES, checked_shapes
 from formats.safetensors import SafetensorsFile
 from formats.torch_files import dtype_name, load_state_dict, to_mx
 from tokenizer import is_tiktoken_file, llama3_special_tokens
@@ -52,7 +52,7 @@ class Checkpoint:
             self.shards = [(self.file.path, {k: Entry(shape, dtype) for k, (dtype, shape) in self.file.tensors.items()})]
         self.config = derive_config(params, params_path, self.shards)
         self.config.update(self._tokenizer_config())
-        self.shapes = NAMES.shapes(self.config)
+        self.shapes = checked_shapes(self.config, params_path)
         check_shards(self.shards, self.shapes)
 
     def _tokenizer_config(self):

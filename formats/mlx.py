@@ -14,6 +14,7 @@ from utils import UserError, load_arrays, read_json
 
 import mlx.core as mx
 
+import models
 from models import NAMES
 
 # What a model folder holds besides its weights and config.json.
@@ -35,7 +36,7 @@ class Checkpoint:
         self.path = folder
         config_path = os.path.join(folder, "config.json")
         raw = read_json(config_path, "model configuration")
-        args = loading.model_args(raw, config_path)  # every key checked
+        args = models.model_args(raw, config_path)  # every key checked
         self.config = {key: value for key, value in vars(args).items() if value is not None or key in raw}
         self.config.update(loading.tokenizer_settings(raw, config_path))
         self._quantization = loading.quantization(raw, config_path) or {}

@@ -15,7 +15,7 @@ import struct
 
 import numpy as np
 
-from utils import UserError
+from utils import UserError, parse_json
 
 import mlx.core as mx
 
@@ -40,15 +40,13 @@ class SafetensorsFile:
             if n > min(MAX_HEADER_BYTES, size - 8):
                 raise UserError(f"{path}: not a safetensors file (a header of {n} bytes in a file of {size})")
             raw = f.read(n)
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: not a safetensors file (its header is not JSON: {e})")
+        header = parse_json(raw, f"{path}: header")
         if not isinstance(header, dict):
             raise UserError(f"{path}: not a safetensors file (its header is not a JSON object)")
         self.data_start, data_bytes = 8 + n, size - 8 - n
         self._entries = {name: self._entry(name, info, data_bytes)
                          for name, info in header.items() if name != "__metadata__"}
+        self._check_disjoint()
         self.tensors = {name: (dtype, shape) for name, (dtype, shape, _) in self._entries.items()}
 
     def _entry(self, name, info, data_bytes):
@@ -65,13 +63,21 @@ class SafetensorsFile:
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
             raise UserError(f"{where}: data_offsets {offsets!r} are not two byte offsets")
         begin, end = offsets
-        dtype, name_of_dtype = DTYPES[info["dtype"]]
+        name_of_dtype = DTYPES[info["dtype"]][1]
         if not begin <= end <= data_bytes:
             raise UserError(f"{where}: its data [{begin}, {end}) lies outside the file's {data_bytes} data bytes "
                             "(truncated?)")
-        if end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+        if end - begin != _nbytes(name_of_dtype, shape):
             raise UserError(f"{where}: {end - begin} bytes of data for a {info['dtype']} tensor of shape {shape}")
         return name_of_dtype, tuple(shape), begin
+
+    def _check_disjoint(self):
+        """No two tensors share bytes: one range read as two weights is a forged file."""
+        spans = sorted((begin, begin + _nbytes(dtype, shape), name)
+                       for name, (dtype, shape, begin) in self._entries.items())
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise UserError(f"{self.path}: {second} overlaps the bytes of {first}")
 
     def array(self, name):
         """The tensor as an mx.array of its own float type."""
@@ -83,6 +89,12 @@ class SafetensorsFile:
             data = np.memmap(self.path, dtype=numpy_type, mode="r", offset=self.data_start + begin, shape=shape)
         out = mx.array(data)
         return out.view(mx.bfloat16) if dtype_name == "bfloat16" else out
+
+
+def _nbytes(dtype_name, shape):
+    """Bytes of a tensor of one of DTYPES (by its name) and `shape`."""
+    numpy_type = next(numpy for numpy, name in DTYPES.values() if name == dtype_name)
+    return math.prod(shape) * np.dtype(numpy_type).itemsize
 
 
 def _count(value):

@@ -4,16 +4,18 @@
                     scalings, the KV cache)
     table.py        a family's weights under every name (ours, Hugging Face's, GGUF's)
     llama.py        LLaMA / Mistral: ModelArgs, Model, and its NAMES table
+    config.py       a model configuration checked (model_args, checked_shapes), for every reader
     lora_layers.py  LoRA and DoRA, their AdapterConfig, and apply_lora
 """
 
 from models.layers import (KVCache, Linear, QuantizedLinear, RMSNorm, attention_mask, count_parameters,
                            embedding_as_output)
+from models.config import checked_shapes, model_args
 from models.llama import NAMES, Attention, FeedForward, Model, ModelArgs, TransformerBlock
 from models.lora_layers import (ADAPTER_TYPES, AdapterConfig, DoRALinear, LoRALinear, apply_lora, dense_weight,
                                 folded, parse_targets, row_norms, wrap_linear)
 
 __all__ = ["KVCache", "Linear", "QuantizedLinear", "RMSNorm", "attention_mask", "count_parameters",
-           "embedding_as_output", "NAMES", "Attention", "FeedForward", "Model", "ModelArgs", "TransformerBlock",
+           "embedding_as_output", "checked_shapes", "model_args", "NAMES", "Attention", "FeedForward", "Model", "ModelArgs", "TransformerBlock",
            "ADAPTER_TYPES", "AdapterConfig", "DoRALinear", "LoRALinear", "apply_lora", "dense_weight", "folded",
            "parse_targets", "row_norms", "wrap_linear"]

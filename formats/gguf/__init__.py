@@ -34,7 +34,7 @@ from utils import UserError, atomic_write
 
 import mlx.core as mx
 
-from models import NAMES
+from models import checked_shapes
 from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, MLX_BITS, block_scales, mlx_affine, wide_scales
 from formats.gguf.config import check_architecture, derive_config
 from formats.gguf.header import MAGIC, gguf_package, map_file, read_header, shown, tensor_entries
@@ -79,7 +79,7 @@ class Checkpoint:
                 raise UserError(f"{path}: unexpected tensor {shown(gguf_name)} (not a llama weight)")
             self._entries[name] = entry
         self.config = derive_config(meta, self._entries, path, rope_freqs)
-        self.shapes = NAMES.shapes(self.config)
+        self.shapes = checked_shapes(self.config, path)
         check_tensors(self._entries, self.shapes, path)
         self._tokenizer_files = tokenizer_files(meta, path)
 

@@ -1,0 +1,67 @@
+"""A model's configuration checked, once for every path in: convert.py validates what it reads
+(Hugging Face, GGUF, Meta) before writing anything, and loading validates a model folder's
+config.json, with the same bounds, so whatever converts loads and runs.
+"""
+
+from dataclasses import MISSING, fields
+
+import utils
+from utils import UserError
+
+from models.llama import NAMES, ModelArgs
+
+
+# The numbers of config.json the model uses: (type, lowest, highest). The bounds keep a
+# hostile file from asking for terabytes before a weight is read.
+CONFIG_KEYS = {
+    "dim": (int, 1, 2**17), "n_layers": (int, 1, 2**10), "n_heads": (int, 1, 2**12), "n_kv_heads": (int, 1, 2**12),
+    "head_dim": (int, 1, 2**12), "hidden_dim": (int, 1, 2**19), "norm_eps": (float, 1e-12, 1.0),
+    "vocab_size": (int, 1, 2**22), "rope_theta": (float, 1.0, 1e12), "sliding_window": (int, 1, 2**31),
+    "context_length": (int, 1, 2**31),
+}
+# What each supported RoPE scaling needs: (key, type, lowest, highest).
+ROPE_SCALINGS = {
+    "linear": [("factor", float, 1e-3, 1e6)],
+    "llama3": [("factor", float, 1.0, 1e6), ("low_freq_factor", float, 1e-6, 1e6),
+               ("high_freq_factor", float, 1e-6, 1e6), ("original_max_position_embeddings", int, 1, 2**31)],
+}
+
+
+def model_args(config, source="config.json"):
+    """ModelArgs from a model folder's configuration, every key the model uses checked."""
+    names = {f.name: f for f in fields(ModelArgs)}
+    missing = [name for name, f in names.items() if f.default is MISSING and name not in config]
+    if missing:
+        raise UserError(f"{source}: missing key(s) {', '.join(missing)}")
+    values = {name: utils.checked_number(config[name], *CONFIG_KEYS[name], f"{source}: '{name}'")
+              for name in CONFIG_KEYS if config.get(name) is not None}
+    values["rope_scaling"] = rope_scaling(config.get("rope_scaling"), source)
+    tie = config.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise UserError(f"{source}: 'tie_word_embeddings' must be true or false, got {tie!r}")
+    args = ModelArgs(**values, tie_word_embeddings=tie)
+    if args.n_heads % args.n_kv_heads:
+        raise UserError(f"{source}: n_heads {args.n_heads} is not a multiple of n_kv_heads {args.n_kv_heads}")
+    if args.head_dim % 2:
+        raise UserError(f"{source}: head_dim {args.head_dim} is odd: RoPE turns pairs")
+    return args
+
+
+def rope_scaling(scaling, source):
+    """A RoPE scaling block checked ({"rope_type": ..., its numbers}), or None."""
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        raise UserError(f"{source}: 'rope_scaling' must be {' or '.join(ROPE_SCALINGS)} with its numbers, "
+                        f"got {scaling!r}")
+    return {"rope_type": kind, **{key: utils.checked_number(scaling.get(key), kind_, low, high,
+                                                            f"{source}: 'rope_scaling.{key}'")
+                                  for key, kind_, low, high in ROPE_SCALINGS[kind]}}
+
+
+def checked_shapes(config, source):
+    """{name: shape} of every weight of a model of `config`, after the config is checked (its
+    counts bounded, so the list stays small whatever a file says)."""
+    model_args(config, source)
+    return NAMES.shapes(config)
