@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 
 import utils  # noqa: F401  (fast BLAS before mlx.core)
+from utils import UserError
 
 import mlx.core as mx
 
@@ -42,6 +43,17 @@ class World:
 
     def all_max(self, x):
         return x if self.group is None else mx.distributed.all_max(x, group=self.group)
+
+    def check_agreement(self, digests):
+        """A UserError on every rank unless all ranks hold the same {what: hex digest}: ranks given
+        other data, settings or base weights would train one model on different things."""
+        if self.group is None:
+            return
+        for what, digest in digests.items():
+            chunks = mx.array([int(digest[i:i + 4], 16) for i in range(0, 32, 4)], dtype=mx.int32)  # 8 x 16 bits
+            if not mx.array_equal(self.all_max(chunks) * self.size, self.all_sum(chunks)).item():
+                raise UserError(f"rank {self.rank}: the ranks were given different {what}: each must have the "
+                                "same files and settings")
 
 
 _world = World()

@@ -7,6 +7,8 @@
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import sys
@@ -171,7 +173,8 @@ class ResumePoint:
 def resume_point(args):
     """The ResumePoint of this run, read before anything loads."""
     checkpoints = trainer.Checkpoints(os.path.splitext(args.adapter_file)[0] + "-checkpoints", args.keep_checkpoints)
-    point = ResumePoint(checkpoints, {"seed": args.seed, "batch_size": args.batch_size})
+    base = trainer.sha256_file(weights_file(args.model))
+    point = ResumePoint(checkpoints, {"seed": args.seed, "batch_size": args.batch_size, trainer.BASE_KEY: base})
     if args.resume:
         resumed = trainer.resume(checkpoints, args.resume, point.run_meta, args.iters)
         if resumed:
@@ -227,6 +230,15 @@ def run_training(model, data, args, start: ResumePoint):
     return 0
 
 
+def run_digests(args, data):
+    """{what: SHA-256} of what every rank of a run must share: base weights, data and settings."""
+    shared = {k: v for k, v in dataclasses.asdict(args).items() if k != "resume"}
+    return {"base model weights": trainer.sha256_file(weights_file(args.model)),
+            "training data": hashlib.sha256(b"".join(bytes.fromhex(trainer.sha256_file(d.path))
+                                                     for d in data.values())).hexdigest(),
+            "settings": hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()}
+
+
 def adapters_to_apply(adapter_file):
     """The adapter file --test and --prompt apply, or None for the base model: the
     default file may be missing, a file named explicitly may not."""
@@ -277,6 +289,7 @@ def use_model(args, adapter_file, resume=None):
             raise UserError(f"{data['valid'].path}: no validation examples")
         trainer.check_memory(model.args, args.micro_batch_size(distributed.current()),
                              max(map(len, data["train"].tokens)), args.grad_checkpoint)
+        distributed.current().check_agreement(run_digests(args, data))
         code = run_training(model, data, args, resume)
         if code:
             return code

@@ -38,6 +38,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 CHECKPOINT_FORMAT = 1
+BASE_KEY = "base_sha256"  # the run meta key of the base weights' digest: a resume must be on the same base
 
 
 @dataclass
@@ -322,7 +323,10 @@ def resume(checkpoints, which, run_meta, iters):
     path = checkpoints.latest() if which == "latest" else which
     arrays, meta = load_checkpoint(path)
     for key, value in run_meta.items():
-        if meta.get(key) != value:
+        if key == BASE_KEY and meta.get(key) not in (None, value):  # None: a checkpoint from before it was kept
+            raise UserError(f"{path}: checkpoint was made on another base model (weights SHA-256 "
+                            f"{meta[key][:12]}..., this run's {value[:12]}...)")
+        if key != BASE_KEY and meta.get(key) != value:
             raise UserError(f"{path}: checkpoint was made with --{key.replace('_', '-')} {meta.get(key)}, "
                             f"this run has {value}")
     if meta.get("stopped_early"):
@@ -359,6 +363,13 @@ def restore(path, arrays, model, optimizer):
 # ----------------------------------------------------------------------------- manifest
 
 def sha256_file(path):
+    """The file's SHA-256, computed once per version of the file (a run asks for it more than once)."""
+    stat = os.stat(path)
+    return _sha256_file(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_file(path, size, mtime_ns):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

@@ -185,8 +185,20 @@ def test_a_rank_that_dies_ends_the_other_with_one_line(single, tmp_path):
     code, err = finish(procs[:1], timeout=90)[0]
     assert time.time() - tic < 30  # the lost peer is seen at once
     assert code == 2 and "another rank stopped" in err and "Traceback" not in err
-    assert not os.path.exists(adapter_file)  # nothing half-written: none was due
     procs[1].wait()
+    # Nothing half-written (no result was due), and neither the manifest, the metrics nor the lock stay.
+    assert sorted(os.listdir(tmp_path)) == ["hosts.json"]
+
+
+def test_ranks_given_different_data_refuse_to_start(single, tmp_path):
+    model_dir, data, _, _ = single
+    other = write_dataset(tmp_path / "other", n_train=14, n_valid=6, seed=1)
+    args = train_args(model_dir, data, tmp_path / "out" / "a.npz")
+    procs = start_ranks(args, tmp_path, ranks=(0,)) + start_ranks(
+        [other if a == data else a for a in args], tmp_path, ranks=(1,))
+    for code, err in finish(procs, timeout=120):
+        assert code == 2 and "the ranks were given different training data" in err, err
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_under_mlx_launch_a_rank_that_dies_ends_the_run(single, tmp_path):

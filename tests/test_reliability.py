@@ -263,3 +263,20 @@ def test_a_run_whose_every_step_is_skipped_fails_and_leaves_nothing(setting, tmp
                           "--lora-layers", "1", "--batch-size", "2"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.splitlines()[-1].startswith("error: all 2 steps were non-finite")
     assert os.listdir(tmp_path) == []
+
+
+def test_resume_on_another_base_model_of_the_same_shapes_is_refused(setting, tmp_path):
+    """The checkpoint keeps the base weights' SHA-256: adapters trained on one model do not
+    continue on another whose shapes happen to fit."""
+    from checkpoints import make_checkpoint
+    from conftest import convert_checkpoint
+
+    model_dir, data, _, _ = setting
+    make_checkpoint(tmp_path / "torch", "llama2", n_layers=2, seed=7)  # the same shapes, other weights
+    other = convert_checkpoint(tmp_path / "torch", tmp_path / "other")
+    adapter_file = tmp_path / "run" / "adapters.npz"
+    first = subprocess.run(train_command(model_dir, data, adapter_file, "--iters", "4"), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    run = subprocess.run(train_command(other, data, adapter_file, "--resume", "latest"), capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "checkpoint was made on another base model" in run.stderr.splitlines()[-1]
