@@ -186,8 +186,9 @@ def convert(source_path, mlx_path, quantize=False, q_group_size=64, q_bits=4, dt
     need = sum(math.prod(s) * d.size for _, d, s in plan.arrays())
     free = shutil.disk_usage(os.path.dirname(mlx_path)).free
     if need > free:
-        raise UserError(f"{os.path.dirname(mlx_path)}: needs {need / 2**30:.1f} GiB free, has {free / 2**30:.1f} GiB")
-    _say_what_changes(checkpoint, plan)
+        raise UserError(f"{os.path.dirname(mlx_path)}: the model needs {utils.human_bytes(need)} of disk, "
+                        f"{utils.human_bytes(free)} are free")
+    _say_what_changes(checkpoint, plan, (q_group_size, q_bits) if quantize else None)
 
     # Stream into a temporary folder beside the output; rename it into place only when complete.
     with utils.claimed_output(mlx_path), folder_replaced_when_done(mlx_path) as tmp:
@@ -212,13 +213,25 @@ def _commonest(values):
     return collections.Counter(values).most_common(1)[0][0]
 
 
-def _say_what_changes(checkpoint, plan):
-    """One line for weights the file holds quantized in a form MLX cannot (K-quants)."""
+def _say_what_changes(checkpoint, plan, q):
+    """One line for weights the file holds quantized in a form MLX cannot (K-quants), and one for
+    matrices -q leaves in floats because their rows do not split into its groups; none at all
+    quantized is an error rather than a float model called quantized."""
     dequantized = [key for key in checkpoint.shapes
                    if checkpoint.stored_dtype(key) is None and checkpoint.quantization(key) is None]
     if dequantized:
         print(f"note: {len(dequantized)} weights are quantized in a form MLX does not hold (K-quants); "
               f"dequantized to {plan.dtype[dequantized[0]]}", file=sys.stderr)
+    if q is None:
+        return
+    matrices = [key for key, shape in checkpoint.shapes.items() if len(shape) == 2]
+    floats = [key for key in matrices if plan.how[key] != "quantize"]
+    if floats == matrices:
+        raise UserError(f"-q: no weight's rows split into groups of {q[0]} (rows of "
+                        f"{checkpoint.shapes[floats[0]][1]} values, say): choose another --q-group-size")
+    if floats:
+        print(f"note: {len(floats)} matrices stay {plan.dtype[floats[0]]}: their rows of "
+              f"{checkpoint.shapes[floats[0]][1]} values (say) do not split into groups of {q[0]}", file=sys.stderr)
 
 
 def write_weights(path, fmt, plan, arrays):

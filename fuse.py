@@ -69,6 +69,11 @@ class FuseSettings(settings.Settings):
             raise UserError("give --save-path (a fused model) or --peft-path (the adapters alone), one of them")
         if self.format == "gguf" and self.save_path is not None and not self.save_path.endswith(".gguf"):
             raise UserError(f"--save-path {self.save_path}: a GGUF file's name ends in .gguf")
+        if self.quantize and self.de_quantize:
+            raise UserError("-q quantizes the fused weights and --de-quantize writes them as floats: give one")
+        if self.peft_path is not None and (self.quantize or self.de_quantize or self.dtype is not None):
+            raise UserError("--peft-path writes the adapters alone: -q, --de-quantize and --dtype are for a fused "
+                            "model (--save-path)")
         if self.format == "gguf" and self.quantize and self.q_bits not in (4, 8):
             raise UserError("--format gguf -q writes Q4_1 (--q-bits 4) or Q8_0 (--q-bits 8)")
 

@@ -7,6 +7,7 @@ schedule position) and the step. A checkpoint is one safetensors file written
 atomically; the newest `keep` are kept.
 """
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -436,12 +437,25 @@ class MetricsLog:
     def log(self, **record):
         self.records.append(record)
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+            except OSError as e:
+                self._failed(e)
 
     def close(self):
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:
+                self._failed(e)
+
+    def _failed(self, error):
+        """A full disk, say: named by the file, not by the errno alone; the log is closed for good."""
+        file, self._file = self._file, None
+        with contextlib.suppress(OSError):
+            file.close()
+        raise UserError(f"{self.path}: not written ({error.strerror or error})")
 
     def plot(self):
         if self._file is None:

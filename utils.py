@@ -304,6 +304,14 @@ def checked_number(value, kind, low, high, where):
     return kind(value)
 
 
+def human_bytes(n):
+    """A byte count as people read it: 512 B, 3.4 MB, 14.5 GB (decimal units, as disks are sold)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 def write_json(path, obj):
     """Write `obj` as indented JSON, atomically."""
     with atomic_write(path, "w") as f:

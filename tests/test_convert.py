@@ -485,3 +485,21 @@ def test_quantized_safetensors_matches_npz(tmp_path):
     assert sorted(a) == sorted(b) and "layers.0.feed_forward.w2.scales" in a
     for key in a:
         assert a[key].dtype == b[key].dtype and np.array_equal(np.array(a[key]), np.array(b[key])), key
+
+
+def test_q_says_which_matrices_stay_float_and_refuses_when_none_would_be_quantized(tmp_path):
+    """Rows the group size cannot divide stay float: said in a note, and -q that would quantize
+    nothing is an error rather than a float model reported as 4-bit."""
+    def convert_q(source, out):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "--hf-path", str(source),
+                               "--mlx-path", str(out), "-q", "--q-group-size", "128"], capture_output=True, text=True)
+
+    make_checkpoint(tmp_path / "src", "llama2", n_layers=1, seed=1, dim=128, n_heads=4)  # hidden 352
+    partial = convert_q(tmp_path / "src", tmp_path / "q128")
+    assert partial.returncode == 0 and "note: 1 matrices stay float32: their rows of 352 values" in partial.stderr
+    _, weights = load(str(tmp_path / "q128"))
+    assert "layers.0.feed_forward.w1.scales" in weights and "layers.0.feed_forward.w2.scales" not in weights
+    make_checkpoint(tmp_path / "small", "llama2", n_layers=1, seed=1)  # dim 64: no row splits into 128
+    refused = convert_q(tmp_path / "small", tmp_path / "refused")
+    assert refused.returncode == 2 and "no weight's rows split into groups of 128" in refused.stderr
+    assert not os.path.exists(tmp_path / "refused")

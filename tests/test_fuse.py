@@ -344,6 +344,8 @@ def test_a_rank_that_does_not_match_is_a_one_line_error(tuned, tmp_path):
     (["--format", "gguf"], "a GGUF file's name ends in .gguf"),
     (["--format", "hf", "-q"], "--format hf holds floats"),
     ([], "give --save-path (a fused model) or --peft-path"),
+    (["-q", "--de-quantize"], "-q quantizes the fused weights and --de-quantize writes them as floats"),
+    (["--de-quantize", "-q", "--q-bits", "8"], "give one"),
 ])
 def test_unknown_formats_and_flag_mistakes_are_one_line_errors(tuned, tmp_path, args, message):
     model_dir, adapter_file = tuned
@@ -351,6 +353,14 @@ def test_unknown_formats_and_flag_mistakes_are_one_line_errors(tuned, tmp_path, 
     run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, *save, *args)
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("flag", [["-q"], ["--de-quantize"], ["--dtype", "float16"]])
+def test_flags_of_a_fused_model_are_refused_with_peft_path(tuned, tmp_path, flag):
+    model_dir, adapter_file = tuned
+    run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--peft-path", tmp_path / "p", *flag)
+    assert run.returncode == 2 and "--peft-path writes the adapters alone" in run.stderr
+    assert not os.path.exists(tmp_path / "p")
 
 
 def test_an_existing_save_path_needs_force(tuned, tmp_path):

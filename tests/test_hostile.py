@@ -209,6 +209,14 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_adapters(tiny_llama, 
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
 
 
+def test_a_full_disk_while_logging_names_the_metrics_and_leaves_nothing(tiny_llama, data, tmp_path):
+    adapter_file = tmp_path / "out" / "a.npz"
+    proc = run(*train_args(tiny_llama[0], data, adapter_file, "--iters", "200", "--steps-per-report", "1",
+                           "--save-every", "1000", "--steps-per-eval", "1000"), preexec_fn=_full_disk)
+    assert_one_line_error(proc, f"{tmp_path / 'out' / 'a.metrics.jsonl'}: not written (File too large)")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_full_disk_while_converting_leaves_no_output(tmp_path):
     src, out = tmp_path / "src", tmp_path / "model"
     make_checkpoint(src, n_layers=2, seed=1)
