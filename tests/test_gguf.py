@@ -20,6 +20,7 @@ spm = pytest.importorskip("sentencepiece")
 import mlx.core as mx  # noqa: E402  (conftest imported utils first)
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
+import convert  # noqa: E402
 from formats import gguf as gguf_format  # noqa: E402
 from gguf_files import weight_shapes, write_gguf  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -321,6 +322,7 @@ BAD_BYTES = [
      "blk.0.attn_q.weight has 9 dimensions (GGUF allows 1 to 4)"),
     ("offset past the end", patched(b"blk.1.ffn_up.weight", 24, Q(2**50)),
      "blk.1.ffn_up.weight: its data runs past the end of the file (truncated?)"),
+    ("aliased offset", patched(b"blk.1.ffn_up.weight", 24, Q(0)), "overlaps the bytes of"),
     ("type Q8_1", patched(b"blk.0.attn_q.weight", 20, I(9)),
      "tensor type Q8_1 (blk.0.attn_q.weight) is not supported"),
     ("type 99", patched(b"blk.0.attn_q.weight", 20, I(99)), "tensor type 99 (blk.0.attn_q.weight) is not supported"),
@@ -367,6 +369,19 @@ def test_bad_files_are_one_line_errors(tmp_path, options, says):
     path = str(tmp_path / "model.gguf")
     write_gguf(path, **options)
     refuses(path, says)
+
+
+@pytest.mark.parametrize("tensor_type", ["Q8_0", "Q4_0", "Q4_1"])
+def test_a_block_with_a_nan_scale_is_refused_not_kept(tmp_path, tensor_type):
+    path = str(tmp_path / "model.gguf")
+    write_gguf(path, tensor_type=tensor_type)
+    entry = gguf_format.Checkpoint(path)._entries["layers.1.feed_forward.w3.weight"]
+    data = bytearray(open(path, "rb").read())
+    data[entry.start + 5 * entry.type_size:entry.start + 5 * entry.type_size + 2] = b"\x00\x7e"  # float16 NaN
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(UserError, match="blk.1.ffn_up.weight has blocks whose scale is NaN or infinite"):
+        convert.convert(path, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_counts_past_any_real_file_are_refused(tmp_path):

@@ -98,7 +98,11 @@ class Checkpoint:
         assert self.quantization(name), f"{name} is not stored in MLX's affine quantization"
         rows, cols = entry.shape
         blocks_RGB = self._raw(entry).reshape(rows, cols // GROUP_SIZE, entry.type_size)
-        return tuple(mx.array(a) for a in mlx_affine(blocks_RGB, entry.type))
+        w, scales, biases = mlx_affine(blocks_RGB, entry.type)
+        with np.errstate(invalid="ignore"):
+            if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
+                raise UserError(f"{self.path}: {entry.gguf_name} has blocks whose scale is NaN or infinite")
+        return mx.array(w), mx.array(scales), mx.array(biases)
 
     def quantized_scales_dtype(self, name):
         """The dtype of quantized(name)'s scales and biases, read off the blocks' scales alone."""

@@ -192,7 +192,16 @@ def tensor_entries(infos, data_start, file_size, path):
         if start + nbytes > file_size:
             raise UserError(f"{path}: {shown(name)}: its data runs past the end of the file (truncated?)")
         entries[name] = Entry(name, type_name, block, type_size, tuple(reversed(dims)), start, nbytes)
+    check_disjoint(entries, path)
     return entries
+
+
+def check_disjoint(entries, path):
+    """No two tensors share bytes: one range read as two weights is a forged file."""
+    spans = sorted((entry.start, entry.start + entry.nbytes, name) for name, entry in entries.items())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise UserError(f"{path}: {shown(second)} overlaps the bytes of {shown(first)}")
 
 
 def tensor_type(type_id, tensor_name, path):
