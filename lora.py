@@ -186,6 +186,8 @@ def resume_point(args):
 def run_training(model, data, args, start: ResumePoint):
     """Adapt, train (or resume), save; returns an exit code (non-zero when interrupted)."""
     stem = os.path.splitext(args.adapter_file)[0]
+    if start.adapter_config is not None:
+        check_resumed_adapters(args, start, len(model.layers))
     adapter_config = models.apply_lora(model, start.adapter_config or args.adapter_config())
     if args.resume_adapter_file:
         adapters.load_weights(model, args.resume_adapter_file)
@@ -228,6 +230,23 @@ def run_training(model, data, args, start: ResumePoint):
         fuse.main(["--model", args.model, "--adapter-file", args.adapter_file, "--save-path", stem + "-model",
                    "--force"])
     return 0
+
+
+# Each AdapterConfig field and the flag that sets it.
+ADAPTER_FLAGS = {"layers": "lora_layers", "targets": "lora_targets", "rank": "lora_rank", "alpha": "lora_alpha",
+                 "dropout": "lora_dropout", "type": "fine_tune_type"}
+
+
+def check_resumed_adapters(args, start, n_layers):
+    """A resumed run trains the checkpoint's adapters: a flag given now that says otherwise is an
+    error, not silently overruled."""
+    asked = dataclasses.replace(args.adapter_config(), layers=min(args.lora_layers, n_layers))
+    for field, name in ADAPTER_FLAGS.items():
+        ours, theirs = getattr(asked, field), getattr(start.adapter_config, field)
+        if name in getattr(args, "given", ()) and ours != theirs:
+            shown = ",".join(theirs) if field == "targets" else theirs
+            raise UserError(f"{start.path}: the checkpoint trains --{name.replace('_', '-')} {shown}, this run "
+                            "asks otherwise: drop the flag to resume, or start a new run")
 
 
 def run_digests(args, data):

@@ -280,3 +280,16 @@ def test_resume_on_another_base_model_of_the_same_shapes_is_refused(setting, tmp
     run = subprocess.run(train_command(other, data, adapter_file, "--resume", "latest"), capture_output=True,
                          text=True)
     assert run.returncode == 2 and "checkpoint was made on another base model" in run.stderr.splitlines()[-1]
+
+
+def test_resume_with_other_adapter_flags_is_refused(setting, tmp_path):
+    model_dir, data, _, _ = setting
+    adapter_file = tmp_path / "adapters.npz"
+    first = subprocess.run(train_command(model_dir, data, adapter_file, "--iters", "4"), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    same = subprocess.run(train_command(model_dir, data, adapter_file, "--iters", "6", "--resume", "latest"),
+                          capture_output=True, text=True)
+    assert same.returncode == 0, same.stderr  # the same command line (16 layers asked of a 2-layer model) resumes
+    other = subprocess.run(train_command(model_dir, data, adapter_file, "--iters", "8", "--resume", "latest",
+                                         "--lora-rank", "4"), capture_output=True, text=True)
+    assert other.returncode == 2 and "the checkpoint trains --lora-rank 8" in other.stderr.splitlines()[-1]
