@@ -47,6 +47,13 @@ class Tokenizer:
         end = [self.eos_id] if eos and self.eos_id is not None else []
         return start + self._encode(text) + end
 
+    def decode(self, ids):
+        """The text of `ids`."""
+        # A model's vocabulary may be padded past its tokenizer's pieces (to a multiple of 64, say,
+        # for speed): an id drawn from there has no text. It decodes as nothing, as Hugging Face's
+        # tokenizers does, not as a U+FFFD marker, which streaming takes for half a character.
+        return self._decode([i for i in ids if 0 <= i < self.vocab_size])
+
 
 class SentencePieceTokenizer(Tokenizer):
     """SentencePiece `tokenizer.model` with LLaMA's conventions (BOS/EOS ids from the model)."""
@@ -82,8 +89,8 @@ class SentencePieceTokenizer(Tokenizer):
                 ids += self._sp.encode(part)
         return ids
 
-    def decode(self, ids):
-        return self._sp.decode(list(ids))
+    def _decode(self, ids):
+        return self._sp.decode(ids)
 
     def piece(self, token):
         return self._sp.id_to_piece(token)
@@ -106,8 +113,8 @@ class HFTokenizer(Tokenizer):
     def _encode(self, text):
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids):
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+    def _decode(self, ids):
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     def piece(self, token):
         return self._tok.id_to_token(token)
@@ -131,8 +138,8 @@ class TiktokenTokenizer(Tokenizer):
     def _encode(self, text):
         return self._enc.encode(text, allowed_special="all")
 
-    def decode(self, ids):
-        return self._enc.decode(list(ids))
+    def _decode(self, ids):
+        return self._enc.decode(ids)
 
     def piece(self, token):
         return self._enc.decode_single_token_bytes(token).decode("utf-8", "replace")

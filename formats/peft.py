@@ -11,21 +11,31 @@ DoRA adds a magnitude per output row (`...q_proj.lora_magnitude_vector`, [out]),
 same row order as lora_B.
 """
 
+import dataclasses
 import json
 import os
+from types import SimpleNamespace
 
-from utils import UserError, read_json
+from utils import UserError, check_fit, checked_number, read_json
 
 import mlx.core as mx
 
 from formats.hf import hf_rows, our_rows
 from formats.safetensors import SafetensorsFile
 from models import NAMES, AdapterConfig
+from models.lora_layers import repeated
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # before the Hugging Face name of the module adapted
 # PEFT's names of the arrays of an adapted module, and ours.
 PEFT_MATRICES = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b", "lora_magnitude_vector": "magnitude"}
+# PEFT's keys whose other values change what the adapters compute, and the one value supported here.
+ONLY = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False}
+# PEFT's keys for per-module ranks and alphas and for whole modules saved beside the adapters: empty here.
+EMPTY = ("rank_pattern", "alpha_pattern", "modules_to_save")
+# Our AdapterConfig's keys as PEFT spells them, so that its checks name the key of the file.
+SPELLED = {"lora_layers": "layers_to_transform", "targets": "target_modules", "rank": "r",
+           "alpha": "lora_alpha", "dropout": "lora_dropout", "fine_tune_type": "use_dora"}
 
 
 def is_peft_folder(path):
@@ -37,6 +47,12 @@ def hf_module(linear):
     return NAMES.rename(NAMES.target_path(0, linear) + ".weight", "ours", "hf").split(".")[-2]
 
 
+def peft_module(module):
+    """PEFT's name of one of our adapted modules: layers.N.attention.wq ->
+    base_model.model.model.layers.N.self_attn.q_proj."""
+    return PREFIX + NAMES.rename(module + ".weight", "ours", "hf").removesuffix(".weight")
+
+
 def write(folder, config: AdapterConfig, arrays, model_config, base_model_name):
     """Write adapters (this toolkit's names and layout) as a PEFT folder."""
     n_layers = model_config["n_layers"]
@@ -45,7 +61,7 @@ def write(folder, config: AdapterConfig, arrays, model_config, base_model_name):
     for name, value in arrays.items():
         module, matrix = name.rsplit(".", 1)  # layers.N.attention.wq, lora_a
         weight = NAMES.weight(module + ".weight")
-        where = PREFIX + NAMES.rename(module + ".weight", "ours", "hf").removesuffix(".weight")
+        where = peft_module(module)
         if matrix == "lora_a":
             tensors[f"{where}.lora_A.weight"] = value.T  # [r, in]
         elif matrix == "lora_b":
@@ -64,16 +80,21 @@ def write(folder, config: AdapterConfig, arrays, model_config, base_model_name):
 
 
 def read(folder, model_config):
-    """(AdapterConfig, {our name: array}) of a PEFT folder, for a model of `model_config`."""
+    """(AdapterConfig, {our name: array}) of a PEFT folder, for a model of `model_config`: every
+    key of its configuration and every tensor's name and shape checked, a UserError if not."""
     config_path, weights_path = os.path.join(folder, CONFIG), os.path.join(folder, WEIGHTS)
-    peft = read_json(config_path, "PEFT adapter configuration")
-    config = _adapter_config(peft, config_path, model_config["n_layers"])
+    config = _adapter_config(read_json(config_path, "PEFT adapter configuration"), config_path,
+                             model_config["n_layers"])
     if not os.path.isfile(weights_path):
         raise UserError(f"{weights_path}: not found (only safetensors PEFT adapters are read)")
-    file = SafetensorsFile(weights_path)
+    file = SafetensorsFile(weights_path)  # refuses tensors that are not floats
+    expected = _expected_tensors(config, model_config)
+    # Checked in PEFT's names and layout, before any is reordered into ours (what check_fit
+    # compares is .shape: no array is read for it).
+    check_fit(weights_path, {name: SimpleNamespace(shape=shape) for name, (_, shape) in file.tensors.items()},
+              {name: SimpleNamespace(shape=shape) for name, (_, _, shape) in expected.items()}, "adapters")
     arrays = {}
-    for name in file.tensors:
-        module, matrix = _our_name(name, weights_path)
+    for name, (module, matrix, _) in expected.items():
         weight = NAMES.weight(module + ".weight")
         value = file.array(name).astype(mx.float32)
         if matrix == "lora_a":
@@ -85,47 +106,75 @@ def read(folder, model_config):
     return config, arrays
 
 
-def _our_name(name, path):
-    """(our module path, our matrix name) of a PEFT tensor name:
-    base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight -> (layers.N.attention.wq, lora_a)."""
-    matrix = next((m for m in PEFT_MATRICES if name.endswith("." + m)), None)
-    hf = name[len(PREFIX):-len(matrix) - 1] + ".weight" if name.startswith(PREFIX) and matrix else None
-    weight = None if hf is None else NAMES.weight(hf, "hf")
-    if weight is None or not weight.linear or not hf.startswith("model.layers."):
-        raise UserError(f"{path}: cannot map '{name}' onto this toolkit's model (it adapts LoRA or DoRA on the "
-                        f"linears {', '.join(map(hf_module, NAMES.parts))} of the layers)")
-    return NAMES.rename(hf, "hf", "ours").removesuffix(".weight"), PEFT_MATRICES[matrix]
+def _expected_tensors(config, model_config):
+    """{PEFT's tensor name: (our module, our matrix, PEFT's shape)} of the adapters `config` declares."""
+    n_layers = model_config["n_layers"]
+    expected = {}
+    for i in range(config.first_layer(n_layers), n_layers):
+        for target in config.targets:
+            module = NAMES.target_path(i, target)
+            out_dims, in_dims = NAMES.weight(module + ".weight").shape(model_config)
+            shapes = {"lora_a": (config.rank, in_dims), "lora_b": (out_dims, config.rank)}
+            if config.type == "dora":
+                shapes["magnitude"] = (out_dims,)
+            expected.update({f"{peft_module(module)}.{peft}": (module, ours, shapes[ours])
+                             for peft, ours in PEFT_MATRICES.items() if ours in shapes})
+    return expected
 
 
 def _adapter_config(peft, path, n_layers):
-    """The AdapterConfig of a PEFT configuration, or a UserError for what it cannot hold."""
-    if peft.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{path}: peft_type {peft.get('peft_type')!r} is not LORA")
-    for key, unsupported in (("bias", ("all", "lora_only")), ("fan_in_fan_out", True)):
-        if peft.get(key) == unsupported or (isinstance(unsupported, tuple) and peft.get(key) in unsupported):
-            raise UserError(f"{path}: '{key}': {peft.get(key)!r} is not supported")
-    if peft.get("rank_pattern") or peft.get("alpha_pattern") or peft.get("modules_to_save"):
-        raise UserError(f"{path}: per-module ranks, alphas or saved modules are not supported")
-    targets = peft.get("target_modules")
-    if isinstance(targets, str) or not isinstance(targets, list) or not targets:
-        raise UserError(f"{path}: 'target_modules' must be a list of module names, got {targets!r}")
+    """The AdapterConfig of a PEFT configuration, every key it reads checked: a UserError naming the key."""
+    for key, value in ONLY.items():
+        if key in peft and (type(peft[key]) is not type(value) or peft[key] != value):
+            raise UserError(f"{path}: '{key}': {peft[key]!r} is not supported (only {json.dumps(value)})")
+    for key in EMPTY:
+        if peft.get(key) not in (None, {}, []):
+            raise UserError(f"{path}: '{key}': per-module ranks, alphas or saved modules are not supported")
+    config = AdapterConfig.from_json(
+        {"lora_layers": _n_layers_adapted(peft.get("layers_to_transform"), path, n_layers),
+         "targets": _targets(peft.get("target_modules"), path), "rank": peft.get("r"),
+         "alpha": peft.get("lora_alpha"), "dropout": peft.get("lora_dropout", 0.0),
+         "fine_tune_type": "dora" if _flag(peft, "use_dora", path) else "lora"}, path, SPELLED)
+    if _flag(peft, "use_rslora", path):  # scale alpha / sqrt(r) is ours with alpha * sqrt(r)
+        config = dataclasses.replace(config, alpha=config.alpha * config.rank ** 0.5)
+    return config
+
+
+def _flag(peft, key, path):
+    """A true-or-false key, false when absent: a string such as "no" must not read as true."""
+    value = peft.get(key, False)
+    if not isinstance(value, bool):
+        raise UserError(f"{path}: '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _targets(modules, path):
+    """Our names of PEFT's target_modules (q_proj: wq), each a module we adapt, named once."""
     ours = {hf_module(t): t for t in NAMES.parts}  # q_proj: wq
-    unknown = [t for t in targets if t not in ours]
+    if not isinstance(modules, list) or not modules:
+        raise UserError(f"{path}: 'target_modules' must be a list of module names, got {modules!r}")
+    unknown = [m for m in modules if not isinstance(m, str) or m not in ours]
     if unknown:
-        raise UserError(f"{path}: cannot map the modules {', '.join(map(repr, unknown))} (supported: "
-                        f"{', '.join(ours)})")
-    layers = peft.get("layers_to_transform")
+        raise UserError(f"{path}: 'target_modules': cannot map the modules {', '.join(map(repr, unknown))} "
+                        f"(supported: {', '.join(ours)})")
+    if (twice := repeated(modules)) is not None:
+        raise UserError(f"{path}: 'target_modules' names {twice!r} twice")
+    return [t for t in NAMES.parts if hf_module(t) in modules]
+
+
+def _n_layers_adapted(layers, path, n_layers):
+    """How many layers layers_to_transform adapts (absent: all): one index or a list of them, each
+    once, which must be the model's last ones."""
     if layers is None:
-        layers = list(range(n_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    if sorted(layers) != list(range(n_layers - len(layers), n_layers)):
-        raise UserError(f"{path}: adapts the layers {layers}: only the last N layers of a model are supported")
-    rank, alpha = peft.get("r"), peft.get("lora_alpha")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or not isinstance(alpha, (int, float)):
-        raise UserError(f"{path}: 'r' and 'lora_alpha' must be a positive integer and a number")
-    if peft.get("use_rslora"):  # scale alpha / sqrt(r) is ours with alpha * sqrt(r)
-        alpha = alpha * rank ** 0.5
-    return AdapterConfig(layers=len(layers), targets=tuple(t for t in NAMES.parts if hf_module(t) in targets),
-                         rank=rank, alpha=float(alpha), dropout=float(peft.get("lora_dropout") or 0.0),
-                         type="dora" if peft.get("use_dora") else "lora")
+        return n_layers
+    where = f"{path}: 'layers_to_transform'"
+    indexed = enumerate(layers) if isinstance(layers, list) else [(None, layers)]  # PEFT takes one index alone
+    indices = [checked_number(x, int, 0, n_layers - 1, where if i is None else f"{where}[{i}]") for i, x in indexed]
+    if not indices:
+        raise UserError(f"{where} is empty: it adapts no layer")
+    if (twice := repeated(indices)) is not None:
+        raise UserError(f"{where} names layer {twice} twice")
+    if sorted(indices) != list(range(n_layers - len(indices), n_layers)):
+        raise UserError(f"{where}: {indices}: only the last N layers of a model are supported "
+                        f"(this one has {n_layers})")
+    return len(indices)

@@ -43,26 +43,44 @@ class AdapterConfig:
                 "dropout": self.dropout, "fine_tune_type": self.type}
 
     @classmethod
-    def from_json(cls, config, where):
-        """The configuration a file holds, every key checked; a UserError naming `where` if not."""
+    def from_json(cls, config, where, spelled=None):
+        """The configuration a file holds, every key checked; a UserError naming `where` if not.
+        `spelled` names a key as the file does where that is not ours (PEFT's "r" for "rank")."""
+        def key(name):
+            return f"'{(spelled or {}).get(name, name)}'"
+
         if not isinstance(config, dict):
             raise UserError(f"{where}: bad adapter configuration (expected an object, got {config!r})")
         missing = [k for k in ("lora_layers", "targets", "rank", "alpha") if k not in config]
         if missing:
-            raise UserError(f"{where}: bad adapter configuration (no '{missing[0]}')")
+            raise UserError(f"{where}: bad adapter configuration (no {key(missing[0])})")
         targets = config["targets"]
         if (not isinstance(targets, list) or not targets
                 or not all(isinstance(t, str) and t in NAMES.parts for t in targets)):
-            raise UserError(f"{where}: 'targets' must be a list of {', '.join(NAMES.parts)}, got {targets!r}")
+            raise UserError(f"{where}: {key('targets')} must be a list of {', '.join(NAMES.parts)}, got {targets!r}")
+        if (twice := repeated(targets)) is not None:
+            raise UserError(f"{where}: {key('targets')} names {twice!r} twice")
         kind = config.get("fine_tune_type", "lora")
         if kind not in ADAPTER_TYPES:
-            raise UserError(f"{where}: 'fine_tune_type' must be one of {', '.join(ADAPTER_TYPES)}, got {kind!r}")
-        return cls(layers=utils.checked_number(config["lora_layers"], int, 1, 2**16, f"{where}: 'lora_layers'"),
-                   targets=tuple(targets),
-                   rank=utils.checked_number(config["rank"], int, 1, 2**16, f"{where}: 'rank'"),
-                   alpha=utils.checked_number(config["alpha"], float, 1e-12, 1e12, f"{where}: 'alpha'"),
-                   dropout=utils.checked_number(config.get("dropout", 0.0), float, 0.0, 0.999, f"{where}: 'dropout'"),
-                   type=kind)
+            raise UserError(f"{where}: {key('fine_tune_type')} must be one of {', '.join(ADAPTER_TYPES)}, "
+                            f"got {kind!r}")
+
+        def number(name, as_type, low, high):  # only dropout may be absent (0): the others were checked above
+            return utils.checked_number(config.get(name, 0.0), as_type, low, high, f"{where}: {key(name)}")
+
+        return cls(layers=number("lora_layers", int, 1, 2**16), targets=tuple(targets),
+                   rank=number("rank", int, 1, 2**16), alpha=number("alpha", float, 1e-12, 1e12),
+                   dropout=number("dropout", float, 0.0, 0.999), type=kind)
+
+
+def repeated(items):
+    """The first of `items` that comes twice, or None: a list of targets or layers names each once."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 def _linear_dims(linear):
@@ -163,13 +181,15 @@ def wrapped(linear, config):
 
 
 def parse_targets(targets):
-    """'wq,wv' or 'all' -> tuple of linear names; a UserError for unknown names."""
+    """'wq,wv' or 'all' -> tuple of linear names; a UserError for unknown or repeated names."""
     known = tuple(NAMES.parts)
     names = known if targets == "all" else tuple(t.strip() for t in targets.split(",") if t.strip())
     unknown = [t for t in names if t not in known]
     if unknown or not names:
         raise UserError(f"--lora-targets: unknown {', '.join(unknown) or 'empty list'}; "
                         f"choose from {', '.join(known)} or 'all'")
+    if (twice := repeated(names)) is not None:
+        raise UserError(f"--lora-targets: {twice} is given twice")
     return names
 
 
