@@ -43,6 +43,8 @@ def load_split(data_dir, split, tokenizer, max_seq_length, mask_prompt, template
     """Read and tokenize `data_dir/split.jsonl`; every defect is a UserError naming file and line.
     `template` is the model's chat template (chat.load_template), or None."""
     path = os.path.join(data_dir, f"{split}.jsonl")
+    if template is not None:  # a broken template fails here, not on some line of the data
+        chat.check(template, tokenizer, f"the model's {chat.TEMPLATE_FILE}, on a short conversation")
     tokens, spans, truncated = [], [], []
     for lineno, obj in read_jsonl(path):
         where = f"{path}: line {lineno}"
