@@ -356,7 +356,8 @@ def parse_json(text, where):
     except _BadJSON as e:
         raise UserError(f"{where}: {e}")
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: line {e.lineno}: invalid JSON ({e.msg})")
+        line = f"line {e.lineno}: " if e.doc.count("\n") > 1 else ""  # a data line is named by its caller
+        raise UserError(f"{where}: {line}invalid JSON ({e.msg})")
     except UnicodeDecodeError as e:
         raise UserError(f"{where}: not UTF-8 text (byte {e.start})")
     _check_tree(obj, where)
