@@ -192,22 +192,27 @@ def probe_logits(source, config, tokens_BT, adapted=None):
     time. With `adapted` ((AdapterConfig, {weight key: (A, B, magnitude)})) the adapters run
     as their layers."""
     args = models.model_args(config)
-    h_BTD = source.tensor("tok_embeddings.weight")[mx.array(tokens_BT)].astype(mx.float32)
-    mask = models.attention_mask(h_BTD.shape[1], 0, args.sliding_window)
-    for i in range(args.n_layers):
-        block = models.TransformerBlock(args)
+    # The family's model, its own methods run one block at a time; its random initial weights
+    # are never evaluated (MLX is lazy), each block's come from `source` just before it runs.
+    model = models.build(args)
+    model.tok_embeddings.weight = source.tensor("tok_embeddings.weight").astype(mx.float32)
+    h_BTD = model.embed(mx.array(tokens_BT))
+    masks = model.masks(h_BTD.shape[1], 0)
+    for i, block in enumerate(model.layers):
         keys = [f"layers.{i}.{name}" for name, _ in tree_flatten(block.parameters())]
         block.update(tree_unflatten([(key.split(".", 2)[2], source.tensor(key).astype(mx.float32)) for key in keys]))
         if adapted is not None:
             _add_adapters(block, i, *adapted)
-        h_BTD = block(h_BTD, mask)
+        h_BTD = model.run_block(i, block, h_BTD, masks)
         mx.eval(h_BTD)
-        del block  # its weights go before the next block's come
-    h_BTD = mx.fast.rms_norm(h_BTD, source.tensor("norm.weight").astype(mx.float32), args.norm_eps)
+        model.layers[i] = None  # its weights go before the next block's come
+    model.norm.update(tree_unflatten([(name, source.tensor(f"norm.{name}").astype(mx.float32))
+                                      for name, _ in tree_flatten(model.norm.parameters())]))
+    h_BTD = model.norm(h_BTD)
     output_VD = source.tensor("tok_embeddings.weight" if args.tie_word_embeddings else "output.weight")
     # In slices of the vocabulary: a large one's float32 copy is never whole
     step = max(1, PROBE_CHUNK // args.dim)
-    return np.concatenate([np.array(h_BTD @ output_VD[v:v + step].astype(mx.float32).T)
+    return np.concatenate([np.array(model.final_logits(h_BTD @ output_VD[v:v + step].astype(mx.float32).T))
                            for v in range(0, args.vocab_size, step)], axis=-1)
 
 

@@ -43,7 +43,7 @@ def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=Fa
     tokenizer = load_tokenizer(path, tokenizer_settings(config, config_path))
     if tokenizer.vocab_size > args.vocab_size:
         raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} pieces, the model only {args.vocab_size}")
-    model = models.Model(args)
+    model = models.build(args)
     weights_path = weights_file(path)
     weights = utils.load_arrays(weights_path)
     if q:

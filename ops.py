@@ -209,12 +209,14 @@ def rms_norm(x, weight, eps):
 
 # ----------------------------------------------------------------------------- attention
 
-def rope(x_BNTH, theta, offset, scale=1.0, periods=None):
-    """Meta's RoPE, which rotates interleaved pairs (x0, x1), (x2, x3), ...: "traditional" in MLX.
-    Pair i turns by (offset + t) * scale / periods[i], or by (offset + t) * scale * theta^(-2i/H)."""
+def rope(x_BNTH, theta, offset, scale=1.0, periods=None, traditional=True, dims=None):
+    """RoPE over the first `dims` of each head (all by default). traditional: Meta's layout, which
+    rotates interleaved pairs (x0, x1), (x2, x3), ...; else Hugging Face's, pairs (x_i, x_i+dims/2).
+    Pair i turns by (offset + t) * scale / periods[i], or by (offset + t) * scale * theta^(-2i/dims)."""
+    dims = dims or x_BNTH.shape[-1]
     if periods is None and _applies(x_BNTH, rows=x_BNTH.shape[2]):
-        return kernels.rope(x_BNTH, x_BNTH.shape[-1], True, theta, scale, offset)
-    return mx.fast.rope(x_BNTH, x_BNTH.shape[-1], traditional=True, base=None if periods is not None else theta,
+        return kernels.rope(x_BNTH, dims, traditional, theta, scale, offset)
+    return mx.fast.rope(x_BNTH, dims, traditional=traditional, base=None if periods is not None else theta,
                         scale=scale, offset=offset, freqs=periods)
 
 

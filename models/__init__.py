@@ -8,14 +8,21 @@
     lora_layers.py  LoRA and DoRA, their AdapterConfig, and apply_lora
 """
 
-from models.layers import (KVCache, Linear, QuantizedLinear, RMSNorm, attention_mask, count_parameters,
-                           embedding_as_output)
+from models.layers import (Attention, Decoder, FeedForward, KVCache, Linear, QuantizedLinear, RMSNorm, RoPE,
+                           TransformerBlock, attention_mask, count_parameters, embedding_as_output)
 from models.config import checked_shapes, model_args
-from models.llama import NAMES, Attention, FeedForward, Model, ModelArgs, TransformerBlock
+from models.llama import NAMES, Model, ModelArgs
 from models.lora_layers import (ADAPTER_TYPES, AdapterConfig, DoRALinear, LoRALinear, apply_lora, dense_weight,
                                 folded, parse_targets, row_norms, wrap_linear)
 
-__all__ = ["KVCache", "Linear", "QuantizedLinear", "RMSNorm", "attention_mask", "count_parameters",
-           "embedding_as_output", "checked_shapes", "model_args", "NAMES", "Attention", "FeedForward", "Model", "ModelArgs", "TransformerBlock",
+
+
+def build(args):
+    """The model of the family `args` are of, its weights not yet loaded."""
+    return Model(args)
+
+
+__all__ = ["build", "Attention", "Decoder", "FeedForward", "KVCache", "Linear", "QuantizedLinear", "RMSNorm", "RoPE",
+           "TransformerBlock", "attention_mask", "count_parameters", "embedding_as_output", "checked_shapes", "model_args", "NAMES", "Model", "ModelArgs",
            "ADAPTER_TYPES", "AdapterConfig", "DoRALinear", "LoRALinear", "apply_lora", "dense_weight", "folded",
            "parse_targets", "row_norms", "wrap_linear"]

@@ -16,16 +16,28 @@ from mlx.utils import tree_flatten
 import ops
 
 
-def rope_periods(args):
+class RoPE:
+    """How one attention turns its queries and keys: the base, the pairs' layout, the scaling,
+    over the first `dims` of each head. Not a parameter: nothing of it trains or is saved."""
+
+    def __init__(self, dims, theta, traditional=True, scaling=None):
+        self.dims, self.theta, self.traditional = dims, theta, traditional
+        self.periods = rope_periods(dims, theta, scaling)
+        self.scale = 1.0 / scaling["factor"] if scaling is not None and scaling["rope_type"] == "linear" else 1.0
+
+    def __call__(self, x_BNTH, offset):
+        return ops.rope(x_BNTH, self.theta, offset, self.scale, self.periods, self.traditional, self.dims)
+
+
+def rope_periods(dims, theta, scaling):
     """RoPE's per-pair wavelength over 2 pi (1 / angular frequency) for llama3 scaling, else None.
 
     Llama 3.1 stretches the long wavelengths by `factor`, keeps the short ones and
     blends those between (Meta's apply_scaling); computed in float64, once.
     """
-    scaling = args.rope_scaling
     if scaling is None or scaling["rope_type"] != "llama3":
         return None
-    inv_freq = args.rope_theta ** -(np.arange(0, args.head_dim, 2, dtype=np.float64) / args.head_dim)
+    inv_freq = theta ** -(np.arange(0, dims, 2, dtype=np.float64) / dims)
     old = scaling["original_max_position_embeddings"]
     low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
     wavelength = 2 * np.pi / inv_freq
@@ -36,19 +48,12 @@ def rope_periods(args):
     return mx.array((1.0 / scaled).astype(np.float32))
 
 
-def rope_position_scale(args):
-    """Linear RoPE scaling divides the positions by its factor."""
-    scaling = args.rope_scaling
-    return 1.0 / scaling["factor"] if scaling is not None and scaling["rope_type"] == "linear" else 1.0
-
-
 class Linear(nn.Linear):
     """nn.Linear whose product is ops.linear; quantizes to QuantizedLinear."""
 
     def __call__(self, x):
-        if "bias" in self:
-            return super().__call__(x)
-        return ops.linear(x, self.weight)
+        y = ops.linear(x, self.weight)
+        return y + self.bias if "bias" in self else y
 
     def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
         if mode != "affine" or quantize_input:
@@ -60,9 +65,8 @@ class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear (affine) whose product is ops.quantized_linear."""
 
     def __call__(self, x):
-        if "bias" in self:
-            return super().__call__(x)
-        return ops.quantized_linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+        y = ops.quantized_linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+        return y + self.bias if "bias" in self else y
 
 
 class RMSNorm(nn.Module):
@@ -73,6 +77,71 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x):
         return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: wq, wk, wv, wo, biases on the first three where the family has
+    them, and an RMSNorm of each query and key head before RoPE where it has those (q_norm,
+    k_norm). `scale` multiplies the scores (head_dim^-0.5 unless the family says)."""
+
+    def __init__(self, dim, n_heads, n_kv_heads, head_dim, rope, *, qkv_bias=False, qk_norm_eps=None, scale=None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.rope = rope
+        self.wq = Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.wk = Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wo = Linear(n_heads * head_dim, dim, bias=False)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+
+    def __call__(self, x_BTD, mask, cache=None):
+        B, T, _ = x_BTD.shape
+        q_BTD, k_BTD, v_BTD = ops.projections(x_BTD, (self.wq, self.wk, self.wv))
+        q_BTNH = q_BTD.reshape(B, T, self.n_heads, -1)
+        k_BTKH = k_BTD.reshape(B, T, self.n_kv_heads, -1)
+        if "q_norm" in self:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        q_BNTH, k_BKTH = q_BTNH.transpose(0, 2, 1, 3), k_BTKH.transpose(0, 2, 1, 3)
+        v_BKTH = v_BTD.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        q_BNTH, k_BKTH = self.rope(q_BNTH, offset), self.rope(k_BKTH, offset)
+        if cache is not None:
+            k_BKTH, v_BKTH = cache.update(k_BKTH, v_BKTH)
+        o_BNTH = ops.attention(q_BNTH, k_BKTH, v_BKTH, self.scale, mask)
+        return self.wo(o_BNTH.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """The gated feed-forward: w2(act(w1 x) * w3 x), SwiGLU (silu) or GeGLU (tanh gelu)."""
+
+    def __init__(self, dim, hidden_dim, activation="silu"):
+        super().__init__()
+        self.activation = activation
+        self.w1 = Linear(dim, hidden_dim, bias=False)
+        self.w2 = Linear(hidden_dim, dim, bias=False)
+        self.w3 = Linear(dim, hidden_dim, bias=False)
+
+    def __call__(self, x_BTD):
+        a_BTC, b_BTC = ops.projections(x_BTD, (self.w1, self.w3))
+        if self.activation == "silu":
+            return self.w2(ops.swiglu(a_BTC, b_BTC))
+        return self.w2(nn.gelu_approx(a_BTC) * b_BTC)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then h + feed_forward(norm(h))."""
+
+    def __init__(self, attention, feed_forward, attention_norm, ffn_norm):
+        super().__init__()
+        self.attention, self.feed_forward = attention, feed_forward
+        self.attention_norm, self.ffn_norm = attention_norm, ffn_norm
+
+    def __call__(self, x_BTD, mask, cache=None):
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), mask, cache)
+        return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
 
 
 class KVCache:
@@ -143,6 +212,58 @@ def attention_mask(T, offset, window):
     q_T1 = mx.arange(offset, offset + T)[:, None]
     k_1S = mx.arange(start, offset + T)[None]
     return (k_1S <= q_T1) & (k_1S > q_T1 - window)
+
+
+class Decoder(nn.Module):
+    """A decoder-only transformer: token embeddings, `blocks`, a final `norm`, and an output layer
+    or the embedding read back (tie_word_embeddings). A family's Model builds its blocks and
+    passes them; `window(i)` is block i's attention window (None: every earlier token)."""
+
+    def __init__(self, args, blocks, norm):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = blocks
+        self.norm = norm
+        if not args.tie_word_embeddings:
+            self.output = Linear(args.dim, args.vocab_size, bias=False)
+        self.grad_checkpoint = False
+
+    def window(self, index):
+        return self.args.sliding_window
+
+    def embed(self, tokens_BT):
+        return self.tok_embeddings(tokens_BT)
+
+    def __call__(self, tokens_BT, cache=None):
+        offset = 0 if cache is None else cache[0].offset
+        masks = self.masks(tokens_BT.shape[1], offset)
+        h_BTD = self.embed(tokens_BT)
+        for i, layer in enumerate(self.layers):
+            h_BTD = self.run_block(i, layer, h_BTD, masks, cache)
+        return self.logits(self.norm(h_BTD))
+
+    def masks(self, T, offset):
+        """{window: attention_mask} for T new tokens at `offset`, one per distinct window."""
+        return {w: attention_mask(T, offset, w) for w in {self.window(i) for i in range(len(self.layers))}}
+
+    def run_block(self, index, layer, h_BTD, masks, cache=None):
+        mask = masks[self.window(index)]
+        if self.grad_checkpoint and cache is None:
+            return checkpointed(layer, h_BTD, mask)
+        return layer(h_BTD, mask, None if cache is None else cache[index])
+
+    def logits(self, h_BTD):
+        if self.args.tie_word_embeddings:
+            return self.final_logits(embedding_as_output(self.tok_embeddings, h_BTD))  # logits_BTV
+        return self.final_logits(self.output(h_BTD))  # logits_BTV
+
+    def final_logits(self, logits_BTV):
+        """What the family does to the output layer's products (Gemma 2 soft-caps them)."""
+        return logits_BTV
+
+    def make_cache(self):
+        return [KVCache(self.window(i)) for i in range(len(self.layers))]
 
 
 def embedding_as_output(embedding, h_BTD):

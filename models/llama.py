@@ -14,11 +14,7 @@ from typing import Optional
 
 import utils  # noqa: F401  (fast BLAS before mlx.core)
 
-import mlx.nn as nn
-
-import ops
-from models.layers import (KVCache, Linear, RMSNorm, attention_mask, checkpointed, embedding_as_output,
-                           rope_periods, rope_position_scale)
+from models.layers import Attention, Decoder, FeedForward, RMSNorm, RoPE, TransformerBlock
 from models.table import NameTable, Weight
 
 
@@ -71,83 +67,16 @@ NAMES = NameTable(
            Weight("ffn_norm", "post_attention_layernorm", "ffn_norm", lambda c: (c["dim"],))])
 
 
-class Attention(nn.Module):
+def block(args: ModelArgs, index=0):
+    """Block `index` of a LLaMA/Mistral model: SwiGLU, RoPE on Meta's interleaved pairs."""
+    rope = RoPE(args.head_dim, args.rope_theta, traditional=True, scaling=args.rope_scaling)
+    return TransformerBlock(Attention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim, rope),
+                            FeedForward(args.dim, args.hidden_dim),
+                            RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps))
+
+
+class Model(Decoder):
+    names = NAMES
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
-        self.scale = args.head_dim ** -0.5
-        self.rope_theta = args.rope_theta
-        self._rope_periods = rope_periods(args)  # leading underscore: not a parameter
-        self.rope_scale = rope_position_scale(args)
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-
-    def __call__(self, x_BTD, mask, cache=None):
-        B, T, _ = x_BTD.shape
-        q_BTD, k_BTD, v_BTD = ops.projections(x_BTD, (self.wq, self.wk, self.wv))
-        q_BNTH = q_BTD.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k_BKTH = k_BTD.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v_BKTH = v_BTD.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        q_BNTH = ops.rope(q_BNTH, self.rope_theta, offset, self.rope_scale, self._rope_periods)
-        k_BKTH = ops.rope(k_BKTH, self.rope_theta, offset, self.rope_scale, self._rope_periods)
-        if cache is not None:
-            k_BKTH, v_BKTH = cache.update(k_BKTH, v_BKTH)
-        o_BNTH = ops.attention(q_BNTH, k_BKTH, v_BKTH, self.scale, mask)
-        return self.wo(o_BNTH.transpose(0, 2, 1, 3).reshape(B, T, -1))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.w1 = Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = Linear(args.dim, args.hidden_dim, bias=False)
-
-    def __call__(self, x_BTD):
-        return self.w2(ops.swiglu(*ops.projections(x_BTD, (self.w1, self.w3))))
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-
-    def __call__(self, x_BTD, mask, cache=None):
-        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), mask, cache)
-        return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        if not args.tie_word_embeddings:
-            self.output = Linear(args.dim, args.vocab_size, bias=False)
-        self.grad_checkpoint = False
-
-    def __call__(self, tokens_BT, cache=None):
-        T = tokens_BT.shape[1]
-        offset = 0 if cache is None else cache[0].offset
-        mask = attention_mask(T, offset, self.args.sliding_window)
-        h_BTD = self.tok_embeddings(tokens_BT)
-        for i, layer in enumerate(self.layers):
-            if self.grad_checkpoint and cache is None:
-                h_BTD = checkpointed(layer, h_BTD, mask)
-            else:
-                h_BTD = layer(h_BTD, mask, None if cache is None else cache[i])
-        h_BTD = self.norm(h_BTD)
-        if self.args.tie_word_embeddings:
-            return embedding_as_output(self.tok_embeddings, h_BTD)  # logits_BTV
-        return self.output(h_BTD)  # logits_BTV
-
-    def make_cache(self):
-        return [KVCache(self.args.sliding_window) for _ in self.layers]
+        super().__init__(args, [block(args, i) for i in range(args.n_layers)], RMSNorm(args.dim, args.norm_eps))
