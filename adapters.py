@@ -49,25 +49,34 @@ def load(model, adapter_file):
 
 
 def read(adapter_file, model_config):
-    """(AdapterConfig, {name: array}) of an adapter file or a PEFT folder."""
+    """(AdapterConfig, {name: array}) of an adapter file or a PEFT folder, every array finite."""
     if peft.is_peft_folder(adapter_file):
-        return peft.read(adapter_file, model_config)
-    path = config_path(adapter_file)
-    config = models.AdapterConfig.from_json(read_json(path, "adapter configuration"), path)
-    return config, utils.load_arrays(adapter_file, "adapter file")
+        config, arrays = peft.read(adapter_file, model_config)
+    else:
+        path = config_path(adapter_file)
+        config = models.AdapterConfig.from_json(read_json(path, "adapter configuration"), path)
+        arrays = utils.load_arrays(adapter_file, "adapter file")
+    return config, finite_arrays(adapter_file, arrays)
+
+
+def finite_arrays(adapter_file, arrays):
+    """`arrays`, checked to be floating-point numbers and finite: NaN adapters are named as such,
+    not later as a base model or an export that went wrong."""
+    for name, w in arrays.items():
+        if not mx.issubdtype(w.dtype, mx.floating) or not mx.isfinite(w).all().item():
+            raise UserError(f"{adapter_file}: adapter {name} is not finite floating-point numbers")
+    return arrays
 
 
 def load_weights(model, adapter_file):
     """Load saved adapter weights (the file alone, --resume-adapter-file) into a model already
     wrapped with LoRA layers of that shape."""
-    _load_into(model, adapter_file, utils.load_arrays(adapter_file, "adapter file"))
+    weights = finite_arrays(adapter_file, utils.load_arrays(adapter_file, "adapter file"))
+    _load_into(model, adapter_file, weights)
 
 
 def _load_into(model, adapter_file, weights):
     utils.check_fit(adapter_file, weights, dict(tree_flatten(model.trainable_parameters())), "adapters")
-    for name, w in weights.items():
-        if not mx.issubdtype(w.dtype, mx.floating) or not mx.isfinite(w).all().item():
-            raise UserError(f"{adapter_file}: adapter {name} is not finite floating-point numbers")
     model.update(tree_unflatten(list(weights.items())))
 
 

@@ -16,7 +16,7 @@ import json
 import os
 from types import SimpleNamespace
 
-from utils import UserError, check_fit, checked_number, read_json
+from utils import UserError, atomic_save_arrays, check_fit, checked_number, read_json, write_json
 
 import mlx.core as mx
 
@@ -68,15 +68,14 @@ def write(folder, config: AdapterConfig, arrays, model_config, base_model_name):
             tensors[f"{where}.lora_B.weight"] = hf_rows(value.T, weight, model_config)  # [out, r]
         else:  # DoRA's magnitudes
             tensors[f"{where}.lora_magnitude_vector"] = hf_rows(value, weight, model_config)
-    mx.save_safetensors(os.path.join(folder, WEIGHTS), {k: v.astype(mx.float32) for k, v in tensors.items()},
-                        metadata={"format": "pt"})
+    atomic_save_arrays(os.path.join(folder, WEIGHTS), {k: v.astype(mx.float32) for k, v in tensors.items()},
+                       metadata={"format": "pt"})
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
                    "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
                    "target_modules": [hf_module(t) for t in config.targets], "layers_to_transform": layers,
                    "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": config.type == "dora",
                    "inference_mode": True, "modules_to_save": None}
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump(peft_config, f, indent=2)
+    write_json(os.path.join(folder, CONFIG), peft_config)
 
 
 def read(folder, model_config):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import mlx.core as mx
@@ -22,6 +23,7 @@ from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "convert.py")
+FUSE = os.path.join(ROOT, "fuse.py")
 
 
 def run(script, *args, **kwargs):
@@ -305,3 +307,23 @@ def test_yaml_settings_are_typed_strictly(tmp_path):
             lora.parse_args(["--config", str(tmp_path / "c.yaml")])
     (tmp_path / "c.yaml").write_text("learning_rate: 1e-5\n")  # YAML 1.1 reads this as a string
     assert lora.parse_args(["--config", str(tmp_path / "c.yaml")]).learning_rate == 1e-5
+
+
+def test_a_full_disk_while_writing_peft_adapters_names_the_file(tiny_llama, data, tmp_path):
+    adapter_file = tmp_path / "a.npz"
+    assert run(*train_args(tiny_llama[0], data, adapter_file, "--lora-targets", "all")).returncode == 0
+    proc = run(FUSE, "--model", tiny_llama[0], "--adapter-file", adapter_file, "--peft-path", tmp_path / "peft",
+               preexec_fn=_full_disk)
+    assert_one_line_error(proc, f"{tmp_path / 'peft'}: not written")
+    assert not os.path.exists(tmp_path / "peft")
+
+
+def test_non_finite_adapters_are_named_by_fuse(tiny_llama, data, tmp_path):
+    adapter_file = tmp_path / "a.npz"
+    assert run(*train_args(tiny_llama[0], data, adapter_file)).returncode == 0
+    arrays = dict(np.load(adapter_file))
+    arrays["layers.1.attention.wq.lora_b"][0, 0] = np.nan
+    np.savez(adapter_file, **arrays)
+    for out in (["--save-path", tmp_path / "fused"], ["--peft-path", tmp_path / "peft"]):
+        proc = run(FUSE, "--model", tiny_llama[0], "--adapter-file", adapter_file, *out)
+        assert_one_line_error(proc, f"{adapter_file}: adapter layers.1.attention.wq.lora_b is not finite")
