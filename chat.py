@@ -11,10 +11,9 @@ includes or imports. A template that raises, or passes a limit, is a one-line
 UserError.
 
 Not bounded before the fact: a single operation whose result outgrows its inputs
-other than by *, ** or one width (str.replace with an empty pattern, join with a long
-separator, indent or tojson(indent=) over many lines, printing a list that holds one
-big string many times): its result is refused only once made, which can take more
-memory than the caps.
+other than by *, **, a width, replace or join (indent or tojson(indent=) over many lines,
+printing a list that holds one big string many times): its result is refused only once
+made, which can take more memory than the caps.
 """
 
 import contextlib
@@ -109,11 +108,18 @@ def _one_line_errors(where):
 
 
 def _rendered(template, messages, specials, add_generation_prompt):
-    sandbox = _Sandbox()
-    compiled = sandbox.compiled(template)
+    sandbox, compiled = _compiled(template)
     sandbox.start()
     return sandbox.concat(compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
                                             **specials))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template):
+    """(sandbox, compiled template): a dataset renders one template for every line, so it is
+    compiled once; each render restarts the sandbox's limits."""
+    sandbox = _Sandbox()
+    return sandbox, sandbox.compiled(template)
 
 
 def _raise_exception(message):
@@ -176,6 +182,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self.tick()
         if isinstance(getattr(obj, "__self__", None), str):  # str.center(width), str.zfill(width), ...
             _check_counts(*args, *kwargs.values())
+            args = _check_growth(obj.__self__, obj.__name__, args)
         return _bounded(super().call(context, obj, *args, **kwargs))
 
     def wrap_str_format(self, value):
@@ -213,6 +220,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             _check_counts(*args[sizes_from:], *kwargs.values())
             if name == "format":
                 _check_widths(args[0])
+            if name in ("join", "replace") and len(args) > sizes_from:
+                args = (*args[:sizes_from], *_check_growth(args[sizes_from - 1], name, args[sizes_from:]))
             return _bounded(function(*args, **kwargs))
         return guarded
 
@@ -320,6 +329,25 @@ def _check_product(left, right):
         _check_length(sequence, len(sequence) * count)
     elif isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_INT_BITS:
         raise _LimitPassed(f"computes an integer of more than {MAX_INT_BITS} bits")
+
+
+def _check_growth(value, name, args):
+    """Before `value`.replace(old, new) or sep.join(items) (the method or the filter, whose
+    value is the items): the length of the result, which can outgrow its inputs many times.
+    Returns `args`, an iterable of items made a list so that it can be measured and still used."""
+    if name == "replace" and isinstance(value, str) and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+        old, new = args[:2]
+        count = value.count(old) if old else len(value) + 1
+        _check_length(value, len(value) + count * max(0, len(new) - len(old)))
+    elif name == "join" and args and not isinstance(args[0], (str, dict)):
+        if isinstance(value, str):  # sep.join(items)
+            items, sep = list(args[0]), value
+            args = (items, *args[1:])
+        else:  # items|join(sep)
+            items, sep = value, args[0]
+        if isinstance(items, (list, tuple)) and isinstance(sep, str):
+            _check_length(sep, len(sep) * max(0, len(items) - 1) + sum(len(str(i)) for i in items[:MAX_ITEMS]))
+    return args
 
 
 def _check_power(base, exponent):

@@ -153,6 +153,10 @@ def test_endless_work_ends_at_the_deadline(fast_deadline, template):
     ("{{ '{:>3000000000}'.format(1) }}", f"asks for a width or count of more than {chat.MAX_ITEMS}"),
     ("{{ '{:>{}}'.format(1, 3000000000) }}", f"asks for a width or count of more than {chat.MAX_ITEMS}"),
     ("{{ [1] | batch(3000000000, 0) | list }}", f"asks for a width or count of more than {chat.MAX_ITEMS}"),
+    ("{{ ('x' * 1000000).replace('', 'y' * 1000) }}", f"builds a string of more than {chat.MAX_OUTPUT_CHARS} characters"),
+    ("{{ ('x' * 10000) | replace('', 'y' * 10000) }}", f"builds a string of more than {chat.MAX_OUTPUT_CHARS} characters"),
+    ("{{ ('y' * 100000).join(['a'] * 100000) }}", f"builds a string of more than {chat.MAX_OUTPUT_CHARS} characters"),
+    ("{{ (['a'] * 100000) | join('y' * 100000) }}", f"builds a string of more than {chat.MAX_OUTPUT_CHARS} characters"),
 ])
 def test_a_value_too_big_to_build_is_refused_before_it_is_built(template, message):
     assert refusal(template).endswith(message)
