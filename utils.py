@@ -345,10 +345,11 @@ def _unique_keys(pairs):
     return obj
 
 
-def parse_json(text, where):
+def parse_json(text, where, name_lines=True):
     """A JSON value from untrusted text (str or bytes): at most MAX_JSON_DEPTH deep, integers of
     at most MAX_JSON_INT_DIGITS digits, no repeated keys, every string valid Unicode. Each
-    defect is a UserError starting with `where` (a file, or a file and line)."""
+    defect is a UserError starting with `where`: a file (its line named too), or a file and the
+    line the text is (name_lines=False)."""
     try:
         obj = json.loads(text, parse_int=_bounded_int, object_pairs_hook=_unique_keys)
     except RecursionError:
@@ -356,8 +357,7 @@ def parse_json(text, where):
     except _BadJSON as e:
         raise UserError(f"{where}: {e}")
     except json.JSONDecodeError as e:
-        line = f"line {e.lineno}: " if e.doc.count("\n") > 1 else ""  # a data line is named by its caller
-        raise UserError(f"{where}: {line}invalid JSON ({e.msg})")
+        raise UserError(f"{where}: {f'line {e.lineno}: ' if name_lines else ''}invalid JSON ({e.msg})")
     except UnicodeDecodeError as e:
         raise UserError(f"{where}: not UTF-8 text (byte {e.start})")
     _check_tree(obj, where)
@@ -425,7 +425,7 @@ def read_jsonl(path, max_line_bytes=MAX_JSONL_LINE_BYTES):
                 raise UserError(f"{path}: line {lineno}: not UTF-8 (byte {e.start})")
             if not line.strip():
                 continue
-            obj = parse_json(line, f"{path}: line {lineno}")
+            obj = parse_json(line, f"{path}: line {lineno}", name_lines=False)
             if not isinstance(obj, dict):
                 raise UserError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj

@@ -21,6 +21,7 @@ import utils  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 
 import convert
+from utils import UserError
 import loading
 import models
 import settings
@@ -464,12 +465,12 @@ def test_quantization_skips_weights_whose_last_dim_is_not_a_group_multiple(tmp_p
     assert loading.load_model(out)[0].layers[0].feed_forward.w2.weight.dtype == mx.float32  # loads: w2 float
 
 
-def test_nothing_quantizable_writes_no_quantization_block(tmp_path):
+def test_nothing_quantizable_is_refused_not_written_as_floats(tmp_path):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
-    ck = make_checkpoint(src, "mistral")  # dim 64, hidden 192: no last dim is a multiple of 128
-    convert.convert(src, out, quantize=True, q_group_size=128, q_bits=4)
-    config, weights = load(out)
-    assert "quantization" not in config and sorted(weights) == sorted(ck.state_dict)
+    make_checkpoint(src, "mistral")  # dim 64, hidden 192: no last dim is a multiple of 128
+    with pytest.raises(UserError, match="no weight's rows split into groups of 128"):
+        convert.convert(src, out, quantize=True, q_group_size=128, q_bits=4)
+    assert not os.path.exists(out)
 
 
 def test_quantized_safetensors_matches_npz(tmp_path):
