@@ -55,6 +55,9 @@ def read(adapter_file, model_config):
     else:
         path = config_path(adapter_file)
         config = models.AdapterConfig.from_json(read_json(path, "adapter configuration"), path)
+        if config.type != "full":  # its targets as the model's family names them
+            config = dataclasses.replace(config, targets=models.names_of(model_config).resolve_targets(
+                config.targets, f"{path}: 'targets'"))
         arrays = utils.load_arrays(adapter_file, "adapter file")
     return config, finite_arrays(adapter_file, arrays)
 

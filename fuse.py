@@ -144,7 +144,7 @@ def read_adapters(adapter_file, base):
     expected = {}
     for i in range(first, n):
         for target in config.targets:
-            path = models.NAMES.target_path(i, target)
+            path = models.names_of(base.config).target_path(i, target)
             out_dims, in_dims = base.shapes[f"{path}.weight"]
             expected[f"{path}.lora_a"] = (in_dims, config.rank)
             expected[f"{path}.lora_b"] = (config.rank, out_dims)
@@ -346,8 +346,8 @@ def write_peft(args):
             if not np.array_equal(np.array(back[name]), np.array(value.astype(mx.float32))):
                 raise UserError(f"{args.peft_path}: {name} did not survive the round trip: not written")
     print(f"wrote {args.peft_path} (PEFT: r {adapter_config.rank}, alpha {adapter_config.alpha}, "
-          f"{', '.join(peft.hf_module(t) for t in adapter_config.targets)} of the last {adapter_config.layers} "
-          "layers)", file=sys.stderr)
+          f"{', '.join(peft.hf_module(models.names_of(base.config), t) for t in adapter_config.targets)} of the last "
+          f"{adapter_config.layers} layers)", file=sys.stderr)
 
 
 def _check_free(path, force):

@@ -187,7 +187,7 @@ def run_training(model, data, args, start: ResumePoint):
     """Adapt, train (or resume), save; returns an exit code (non-zero when interrupted)."""
     stem = os.path.splitext(args.adapter_file)[0]
     if start.adapter_config is not None:
-        check_resumed_adapters(args, start, len(model.layers))
+        check_resumed_adapters(args, start, model)
     adapter_config = models.apply_lora(model, start.adapter_config or args.adapter_config())
     if args.resume_adapter_file:
         adapters.load_weights(model, args.resume_adapter_file)
@@ -237,10 +237,11 @@ ADAPTER_FLAGS = {"layers": "lora_layers", "targets": "lora_targets", "rank": "lo
                  "dropout": "lora_dropout", "type": "fine_tune_type"}
 
 
-def check_resumed_adapters(args, start, n_layers):
+def check_resumed_adapters(args, start, model):
     """A resumed run trains the checkpoint's adapters: a flag given now that says otherwise is an
     error, not silently overruled."""
-    asked = dataclasses.replace(args.adapter_config(), layers=min(args.lora_layers, n_layers))
+    asked = dataclasses.replace(args.adapter_config(), layers=min(args.lora_layers, len(model.layers)),
+                                targets=model.names.resolve_targets(args.adapter_config().targets))
     for field, name in ADAPTER_FLAGS.items():
         ours, theirs = getattr(asked, field), getattr(start.adapter_config, field)
         if name in getattr(args, "given", ()) and ours != theirs:

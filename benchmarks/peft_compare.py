@@ -8,6 +8,7 @@ from utils import UserError, read_json
 
 from benchmarks.harness import add_main_job_args, time_steps
 from formats.peft import hf_module
+from models import NAMES
 
 
 def real_batches(model_dir, data, n_batches, batch_size, max_seq_length):
@@ -57,7 +58,7 @@ def peft_step(base, rank, alpha, targets, autocast):
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                            target_modules=[hf_module(t) for t in targets]))
+                                            target_modules=[hf_module(NAMES, t) for t in targets]))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 

@@ -1,13 +1,14 @@
 """Hugging Face model folders: config.json, and weights in safetensors shards (through
 model.safetensors.index.json) or pytorch_model*.bin; the tokenizer's files beside them.
 
-Supported: model_type llama and mistral (LLaMA 1/2/3/3.1/3.2/3.3, Code Llama,
-TinyLlama, SmolLM/SmolLM2, Mistral). config.json is read in both the classic
-layout (rope_theta, rope_scaling) and transformers 5's (rope_parameters).
+Supported: the model_types of models.FAMILIES (LLaMA 1/2/3.x, Code Llama, TinyLlama,
+SmolLM/SmolLM2, Mistral, Qwen2/2.5, Qwen3). config.json is read in both the classic
+layout (rope_theta, rope_scaling) and transformers 5's (rope_parameters); each family's
+names come from its table (models/).
 
 Hugging Face stores each head's query and key rows with the two halves of every
-RoPE pair apart (its rotate_half RoPE); this toolkit keeps Meta's interleaved
-order, so those rows are put back as they are read.
+RoPE pair apart (its rotate_half RoPE); for LLaMA this toolkit keeps Meta's interleaved
+order, so those rows are put back as they are read (the table's rope_heads says which).
 """
 
 import math
@@ -16,11 +17,10 @@ import shutil
 
 from utils import UserError, read_json
 
-from models import NAMES, checked_shapes
+from models import FAMILIES, checked_shapes, family, names_of
 from formats.safetensors import SafetensorsFile
 from formats.torch_files import dtype_name, load_state_dict, to_mx
 
-ARCHITECTURES = ("llama", "mistral")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # The tokenizer's files, copied as they are.
@@ -43,6 +43,7 @@ class Checkpoint:
         self.config = model_config(hf, config_path)
         self.config.update(tokenizer_config(folder, hf))
         self.shapes = checked_shapes(self.config, config_path)
+        self.table = names_of(self.config)
         self.files = weight_files(folder)  # {hf name: file}
         self.names = self._our_names()  # {our name: hf name}
         self._check_shapes()
@@ -50,19 +51,19 @@ class Checkpoint:
     def _our_names(self):
         names = {}
         for hf_name, file in self.files.items():
-            ours = NAMES.rename(hf_name, "hf", "ours")
+            ours = self.table.rename(hf_name, "hf", "ours")
             if ours is None:
                 if not hf_name.endswith(IGNORED_SUFFIXES):
-                    raise UserError(f"{file.path}: unexpected tensor '{hf_name}' (is this a {'/'.join(ARCHITECTURES)} "
-                                    "checkpoint?)")
+                    raise UserError(f"{file.path}: unexpected tensor '{hf_name}' (not a weight of a "
+                                    f"{self.config.get('model_type', 'llama')} model)")
                 continue
             if ours == "output.weight" and self.config["tie_word_embeddings"]:
                 continue  # some tied checkpoints save the embedding twice
             names[ours] = hf_name
         for key in self.shapes:
             if key not in names:
-                raise UserError(f"{self.path}: no tensor '{NAMES.rename(key, 'ours', 'hf')}' in the weights (expected from "
-                                "config.json)")
+                raise UserError(f"{self.path}: no tensor '{self.table.rename(key, 'ours', 'hf')}' in the weights "
+                                "(expected from config.json)")
         return names
 
     def _check_shapes(self):
@@ -81,7 +82,7 @@ class Checkpoint:
 
     def tensor(self, key):
         hf_name = self.names[key]
-        return our_rows(self.files[hf_name].array(hf_name), NAMES.weight(key), self.config)
+        return our_rows(self.files[hf_name].array(hf_name), self.table.weight(key), self.config)
 
     def quantization(self, key):
         return None  # Hugging Face folders hold floats here
@@ -122,15 +123,13 @@ def hf_rows(w_O_, weight, config):
 def model_config(hf, path):
     """This toolkit's config from a Hugging Face config.json."""
     kind = hf.get("model_type")
-    if kind not in ARCHITECTURES:
+    if kind not in FAMILIES:
         shown = kind or (hf.get("architectures") or ["?"])[0]
-        raise UserError(f"{path}: architecture '{shown}' is not supported (supported: {', '.join(ARCHITECTURES)}: "
-                        "LLaMA 1/2/3.x, Code Llama, TinyLlama, SmolLM, Mistral)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise UserError(f"{path}: '{flag}' is true: this toolkit's LLaMA has no biases")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{path}: 'hidden_act' {hf['hidden_act']!r} is not supported (silu)")
+        raise UserError(f"{path}: architecture {str(shown)[:100]!r} is not supported (supported: "
+                        f"{', '.join(FAMILIES)})")
+    for key, value in FAMILIES[kind].HF_CONSTANTS.items():
+        if hf.get(key, value) != value:
+            raise UserError(f"{path}: {key!r} is {str(hf[key])[:100]!r}: a {kind} model here has {value!r}")
     rope = hf.get("rope_parameters") or {}  # transformers 5 puts rope_theta and the scaling here
     dim, n_heads = _number(hf, "hidden_size", path), _number(hf, "num_attention_heads", path)
     config = {"dim": dim, "n_layers": _number(hf, "num_hidden_layers", path), "n_heads": n_heads,
@@ -143,6 +142,8 @@ def model_config(hf, path):
               "sliding_window": _number(hf, "sliding_window", path, default=None) if kind == "mistral" else None,
               "context_length": _number(hf, "max_position_embeddings", path, default=None),
               "tie_word_embeddings": hf.get("tie_word_embeddings", False)}  # checked as a boolean
+    if FAMILIES[kind] is not FAMILIES["llama"]:  # LLaMA's folders never said
+        config["model_type"] = kind
     scaling = rope_scaling(hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None),
                            path)
     if scaling is not None:
@@ -313,10 +314,11 @@ def write(checkpoint, folder, dtype):
 
     config = checkpoint.config
     out_dtype = getattr(mx, dtype)
-    names = {key: NAMES.rename(key, "ours", "hf") for key in checkpoint.shapes}
+    table = names_of(config)
+    names = {key: table.rename(key, "ours", "hf") for key in checkpoint.shapes}
 
     def hf_tensor(key):
-        return hf_rows(checkpoint.tensor(key), NAMES.weight(key), config).astype(out_dtype)
+        return hf_rows(checkpoint.tensor(key), table.weight(key), config).astype(out_dtype)
 
     weight_map = {}
     sizes = {key: math.prod(shape) * out_dtype.size for key, shape in checkpoint.shapes.items()}
@@ -336,18 +338,18 @@ def write(checkpoint, folder, dtype):
 
 def hf_config(config, dtype):
     """config.json as transformers 4 and 5 both read it (rope_theta and rope_scaling at the top)."""
-    kind = "mistral" if config.get("sliding_window") else "llama"
+    kind = config.get("model_type") or ("mistral" if config.get("sliding_window") else "llama")
     ends = config.get("eos_token_ids") or []
-    out = {"architectures": ["MistralForCausalLM" if kind == "mistral" else "LlamaForCausalLM"],
+    out = {"architectures": [family(config).HF_CLASSES[kind]],
            "model_type": kind, "hidden_size": config["dim"], "num_hidden_layers": config["n_layers"],
            "num_attention_heads": config["n_heads"], "num_key_value_heads": config["n_kv_heads"],
            "head_dim": config["head_dim"], "intermediate_size": config["hidden_dim"],
            "rms_norm_eps": config["norm_eps"], "vocab_size": config["vocab_size"],
            "rope_theta": config["rope_theta"], "rope_scaling": _hf_rope_scaling(config.get("rope_scaling")),
            "max_position_embeddings": config.get("context_length") or 4096,
-           "tie_word_embeddings": bool(config.get("tie_word_embeddings")), "hidden_act": "silu",
-           "attention_bias": False, "mlp_bias": False, "bos_token_id": config.get("bos_token_id"),
-           "eos_token_id": ends[0] if len(ends) == 1 else ends, "torch_dtype": dtype}
+           "tie_word_embeddings": bool(config.get("tie_word_embeddings")), **family(config).HF_CONSTANTS,
+           "bos_token_id": config.get("bos_token_id"), "eos_token_id": ends[0] if len(ends) == 1 else ends,
+           "torch_dtype": dtype}
     if kind == "mistral":
         out["sliding_window"] = config["sliding_window"]
     return out

@@ -15,7 +15,6 @@ from utils import UserError, load_arrays, read_json
 import mlx.core as mx
 
 import models
-from models import NAMES
 
 # What a model folder holds besides its weights and config.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -40,7 +39,7 @@ class Checkpoint:
         self.config = {key: value for key, value in vars(args).items() if value is not None or key in raw}
         self.config.update(loading.tokenizer_settings(raw, config_path))
         self._quantization = loading.quantization(raw, config_path) or {}
-        self.shapes = NAMES.shapes(self.config)
+        self.shapes = models.names_of(self.config).shapes(self.config)
         self.weights_path = loading.weights_file(folder)
         self._unread = load_arrays(self.weights_path)  # lazy: nothing is read until asked for
         self._arrays = {name: (a.shape, a.dtype) for name, a in self._unread.items()}  # what the file holds

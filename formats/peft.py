@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from formats.hf import hf_rows, our_rows
 from formats.safetensors import SafetensorsFile
-from models import NAMES, AdapterConfig
+from models import AdapterConfig, names_of
 from models.lora_layers import repeated
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -42,26 +42,27 @@ def is_peft_folder(path):
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
 
 
-def hf_module(linear):
-    """The Hugging Face module name of one of a block's linears, as PEFT's target_modules spell it: q_proj."""
-    return NAMES.rename(NAMES.target_path(0, linear) + ".weight", "ours", "hf").split(".")[-2]
+def hf_module(table, linear):
+    """The Hugging Face module name of one of a block's linears (of a family's NameTable), as
+    PEFT's target_modules spell it: q_proj."""
+    return table.rename(table.target_path(0, linear) + ".weight", "ours", "hf").split(".")[-2]
 
 
-def peft_module(module):
+def peft_module(table, module):
     """PEFT's name of one of our adapted modules: layers.N.attention.wq ->
     base_model.model.model.layers.N.self_attn.q_proj."""
-    return PREFIX + NAMES.rename(module + ".weight", "ours", "hf").removesuffix(".weight")
+    return PREFIX + table.rename(module + ".weight", "ours", "hf").removesuffix(".weight")
 
 
 def write(folder, config: AdapterConfig, arrays, model_config, base_model_name):
     """Write adapters (this toolkit's names and layout) as a PEFT folder."""
-    n_layers = model_config["n_layers"]
+    n_layers, table = model_config["n_layers"], names_of(model_config)
     layers = list(range(config.first_layer(n_layers), n_layers))
     tensors = {}
     for name, value in arrays.items():
         module, matrix = name.rsplit(".", 1)  # layers.N.attention.wq, lora_a
-        weight = NAMES.weight(module + ".weight")
-        where = peft_module(module)
+        weight = table.weight(module + ".weight")
+        where = peft_module(table, module)
         if matrix == "lora_a":
             tensors[f"{where}.lora_A.weight"] = value.T  # [r, in]
         elif matrix == "lora_b":
@@ -72,7 +73,7 @@ def write(folder, config: AdapterConfig, arrays, model_config, base_model_name):
                        metadata={"format": "pt"})
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
                    "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-                   "target_modules": [hf_module(t) for t in config.targets], "layers_to_transform": layers,
+                   "target_modules": [hf_module(table, t) for t in config.targets], "layers_to_transform": layers,
                    "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": config.type == "dora",
                    "inference_mode": True, "modules_to_save": None}
     write_json(os.path.join(folder, CONFIG), peft_config)
@@ -82,19 +83,20 @@ def read(folder, model_config):
     """(AdapterConfig, {our name: array}) of a PEFT folder, for a model of `model_config`: every
     key of its configuration and every tensor's name and shape checked, a UserError if not."""
     config_path, weights_path = os.path.join(folder, CONFIG), os.path.join(folder, WEIGHTS)
+    table = names_of(model_config)
     config = _adapter_config(read_json(config_path, "PEFT adapter configuration"), config_path,
-                             model_config["n_layers"])
+                             model_config["n_layers"], table)
     if not os.path.isfile(weights_path):
         raise UserError(f"{weights_path}: not found (only safetensors PEFT adapters are read)")
     file = SafetensorsFile(weights_path)  # refuses tensors that are not floats
-    expected = _expected_tensors(config, model_config)
+    expected = _expected_tensors(config, model_config, table)
     # Checked in PEFT's names and layout, before any is reordered into ours (what check_fit
     # compares is .shape: no array is read for it).
     check_fit(weights_path, {name: SimpleNamespace(shape=shape) for name, (_, shape) in file.tensors.items()},
               {name: SimpleNamespace(shape=shape) for name, (_, _, shape) in expected.items()}, "adapters")
     arrays = {}
     for name, (module, matrix, _) in expected.items():
-        weight = NAMES.weight(module + ".weight")
+        weight = table.weight(module + ".weight")
         value = file.array(name).astype(mx.float32)
         if matrix == "lora_a":
             arrays[f"{module}.lora_a"] = value.T  # [in, r]
@@ -105,23 +107,23 @@ def read(folder, model_config):
     return config, arrays
 
 
-def _expected_tensors(config, model_config):
+def _expected_tensors(config, model_config, table):
     """{PEFT's tensor name: (our module, our matrix, PEFT's shape)} of the adapters `config` declares."""
     n_layers = model_config["n_layers"]
     expected = {}
     for i in range(config.first_layer(n_layers), n_layers):
         for target in config.targets:
-            module = NAMES.target_path(i, target)
-            out_dims, in_dims = NAMES.weight(module + ".weight").shape(model_config)
+            module = table.target_path(i, target)
+            out_dims, in_dims = table.weight(module + ".weight").shape(model_config)
             shapes = {"lora_a": (config.rank, in_dims), "lora_b": (out_dims, config.rank)}
             if config.type == "dora":
                 shapes["magnitude"] = (out_dims,)
-            expected.update({f"{peft_module(module)}.{peft}": (module, ours, shapes[ours])
+            expected.update({f"{peft_module(table, module)}.{peft}": (module, ours, shapes[ours])
                              for peft, ours in PEFT_MATRICES.items() if ours in shapes})
     return expected
 
 
-def _adapter_config(peft, path, n_layers):
+def _adapter_config(peft, path, n_layers, table):
     """The AdapterConfig of a PEFT configuration, every key it reads checked: a UserError naming the key."""
     for key, value in ONLY.items():
         if key in peft and (type(peft[key]) is not type(value) or peft[key] != value):
@@ -131,7 +133,7 @@ def _adapter_config(peft, path, n_layers):
             raise UserError(f"{path}: '{key}': per-module ranks, alphas or saved modules are not supported")
     config = AdapterConfig.from_json(
         {"lora_layers": _n_layers_adapted(peft.get("layers_to_transform"), path, n_layers),
-         "targets": _targets(peft.get("target_modules"), path), "rank": peft.get("r"),
+         "targets": _targets(peft.get("target_modules"), path, table), "rank": peft.get("r"),
          "alpha": peft.get("lora_alpha"), "dropout": peft.get("lora_dropout", 0.0),
          "fine_tune_type": "dora" if _flag(peft, "use_dora", path) else "lora"}, path, SPELLED)
     if _flag(peft, "use_rslora", path):  # scale alpha / sqrt(r) is ours with alpha * sqrt(r)
@@ -147,9 +149,9 @@ def _flag(peft, key, path):
     return value
 
 
-def _targets(modules, path):
+def _targets(modules, path, table):
     """Our names of PEFT's target_modules (q_proj: wq), each a module we adapt, named once."""
-    ours = {hf_module(t): t for t in NAMES.parts}  # q_proj: wq
+    ours = {hf_module(table, t): t for t in table.parts}  # q_proj: wq
     if not isinstance(modules, list) or not modules:
         raise UserError(f"{path}: 'target_modules' must be a list of module names, got {modules!r}")
     unknown = [m for m in modules if not isinstance(m, str) or m not in ours]
@@ -158,7 +160,7 @@ def _targets(modules, path):
                         f"(supported: {', '.join(ours)})")
     if (twice := repeated(modules)) is not None:
         raise UserError(f"{path}: 'target_modules' names {twice!r} twice")
-    return [t for t in NAMES.parts if hf_module(t) in modules]
+    return [t for t in table.parts if hf_module(table, t) in modules]
 
 
 def _n_layers_adapted(layers, path, n_layers):

@@ -4,13 +4,15 @@
                     scalings, the KV cache)
     table.py        a family's weights under every name (ours, Hugging Face's, GGUF's)
     llama.py        LLaMA / Mistral: ModelArgs, Model, and its NAMES table
+    qwen2.py        Qwen2 / Qwen2.5: q, k, v biases
+    qwen3.py        Qwen3: q and k norms
     config.py       a model configuration checked (model_args, checked_shapes), for every reader
     lora_layers.py  LoRA and DoRA, their AdapterConfig, and apply_lora
 """
 
 from models.layers import (Attention, Decoder, FeedForward, KVCache, Linear, QuantizedLinear, RMSNorm, RoPE,
                            TransformerBlock, attention_mask, count_parameters, embedding_as_output)
-from models.config import checked_shapes, model_args
+from models.config import FAMILIES, checked_shapes, family, model_args, names_of
 from models.llama import NAMES, Model, ModelArgs
 from models.lora_layers import (ADAPTER_TYPES, AdapterConfig, DoRALinear, LoRALinear, apply_lora, dense_weight,
                                 folded, parse_targets, row_norms, wrap_linear)
@@ -19,10 +21,10 @@ from models.lora_layers import (ADAPTER_TYPES, AdapterConfig, DoRALinear, LoRALi
 
 def build(args):
     """The model of the family `args` are of, its weights not yet loaded."""
-    return Model(args)
+    return family(args).Model(args)
 
 
 __all__ = ["build", "Attention", "Decoder", "FeedForward", "KVCache", "Linear", "QuantizedLinear", "RMSNorm", "RoPE",
-           "TransformerBlock", "attention_mask", "count_parameters", "embedding_as_output", "checked_shapes", "model_args", "NAMES", "Model", "ModelArgs",
+           "TransformerBlock", "attention_mask", "count_parameters", "embedding_as_output", "FAMILIES", "checked_shapes", "family", "model_args", "names_of", "NAMES", "Model", "ModelArgs",
            "ADAPTER_TYPES", "AdapterConfig", "DoRALinear", "LoRALinear", "apply_lora", "dense_weight", "folded",
            "parse_targets", "row_norms", "wrap_linear"]

@@ -8,7 +8,10 @@ from dataclasses import MISSING, fields
 import utils
 from utils import UserError
 
-from models.llama import NAMES, ModelArgs
+from models import llama, qwen2, qwen3
+
+# Every family, by the model_type a config names (none: LLaMA, as folders before families were).
+FAMILIES = {kind: family for family in (llama, qwen2, qwen3) for kind in family.MODEL_TYPES}
 
 
 # The numbers of config.json the model uses: (type, lowest, highest). The bounds keep a
@@ -27,14 +30,33 @@ ROPE_SCALINGS = {
 }
 
 
+def family(config, source="config.json"):
+    """The module of the family `config` (a dict, or ModelArgs) is of."""
+    kind = config.get("model_type", "llama") if isinstance(config, dict) else config.model_type
+    if kind not in FAMILIES:
+        raise UserError(f"{source}: model_type {str(kind)[:100]!r} is not supported (supported: "
+                        f"{', '.join(FAMILIES)})")
+    return FAMILIES[kind]
+
+
+def names_of(config):
+    """The NameTable of the family of `config`."""
+    return family(config).NAMES
+
+
 def model_args(config, source="config.json"):
-    """ModelArgs from a model folder's configuration, every key the model uses checked."""
+    """The family's ModelArgs from a model folder's configuration, every key the model uses checked."""
+    of = family(config, source)
+    ModelArgs = of.ModelArgs
     names = {f.name: f for f in fields(ModelArgs)}
     missing = [name for name, f in names.items() if f.default is MISSING and name not in config]
     if missing:
         raise UserError(f"{source}: missing key(s) {', '.join(missing)}")
-    values = {name: utils.checked_number(config[name], *CONFIG_KEYS[name], f"{source}: '{name}'")
-              for name in CONFIG_KEYS if config.get(name) is not None}
+    keys = {**CONFIG_KEYS, **getattr(of, "CONFIG_KEYS", {})}
+    values = {name: utils.checked_number(config[name], *keys[name], f"{source}: '{name}'")
+              for name in keys if config.get(name) is not None}
+    if "model_type" in config:
+        values["model_type"] = config["model_type"]
     values["rope_scaling"] = rope_scaling(config.get("rope_scaling"), source)
     tie = config.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
@@ -64,4 +86,4 @@ def checked_shapes(config, source):
     """{name: shape} of every weight of a model of `config`, after the config is checked (its
     counts bounded, so the list stays small whatever a file says)."""
     model_args(config, source)
-    return NAMES.shapes(config)
+    return names_of(config).shapes(config)

@@ -13,8 +13,6 @@ from utils import UserError
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.llama import NAMES
-
 # What --fine-tune-type chooses: the layer that wraps each target, or, for full, none (the
 # blocks' own weights train).
 ADAPTER_TYPES = ("lora", "dora", "full")
@@ -24,7 +22,8 @@ ADAPTER_TYPES = ("lora", "dora", "full")
 class AdapterConfig:
     """What adapts a model, saved beside the adapters (their .json) so that they can be restored."""
     layers: int = 16                   # the last `layers` blocks are adapted (fewer if the model has fewer)
-    targets: tuple = ("wq", "wv")      # linears of each block: NAMES.parts' keys
+    targets: tuple = ("wq", "wv")      # linears of each block: ours (a NameTable's parts), or as given
+                                       # (Hugging Face's names, 'all') until apply_lora resolves them
     rank: int = 8
     alpha: float = 16.0                # the update is scaled by alpha / rank
     dropout: float = 0.0               # on the adapters' input, in training
@@ -55,9 +54,8 @@ class AdapterConfig:
         if missing:
             raise UserError(f"{where}: bad adapter configuration (no {key(missing[0])})")
         targets = config["targets"]
-        if (not isinstance(targets, list) or not targets
-                or not all(isinstance(t, str) and t in NAMES.parts for t in targets)):
-            raise UserError(f"{where}: {key('targets')} must be a list of {', '.join(NAMES.parts)}, got {targets!r}")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise UserError(f"{where}: {key('targets')} must be a list of linear names, got {str(targets)[:200]}")
         if (twice := repeated(targets)) is not None:
             raise UserError(f"{where}: {key('targets')} names {twice!r} twice")
         kind = config.get("fine_tune_type", "lora")
@@ -181,13 +179,11 @@ def wrapped(linear, config):
 
 
 def parse_targets(targets):
-    """'wq,wv' or 'all' -> tuple of linear names; a UserError for unknown or repeated names."""
-    known = tuple(NAMES.parts)
-    names = known if targets == "all" else tuple(t.strip() for t in targets.split(",") if t.strip())
-    unknown = [t for t in names if t not in known]
-    if unknown or not names:
-        raise UserError(f"--lora-targets: unknown {', '.join(unknown) or 'empty list'}; "
-                        f"choose from {', '.join(known)} or 'all'")
+    """'wq,wv', 'q_proj,v_proj' or 'all' -> tuple of names, which apply_lora resolves against the
+    model's family; a UserError for an empty or repeated name."""
+    names = tuple(t.strip() for t in targets.split(","))
+    if not all(names):
+        raise UserError(f"--lora-targets: {targets!r} has an empty name")
     if (twice := repeated(names)) is not None:
         raise UserError(f"--lora-targets: {twice} is given twice")
     return names
@@ -205,7 +201,8 @@ def apply_lora(model, config: AdapterConfig):
     model.freeze()
     n = len(model.layers)
     first = config.first_layer(n)
-    applied = dataclasses.replace(config, layers=n - first)
+    targets = model.names.resolve_targets(config.targets) if config.type != "full" else config.targets
+    config = applied = dataclasses.replace(config, layers=n - first, targets=targets)
     if config.type == "full":
         for i, layer in enumerate(model.layers[first:], start=first):
             if any(isinstance(m, nn.QuantizedLinear) for _, m in layer.named_modules()):
@@ -232,6 +229,6 @@ def wrap_linear(block, name, config):
 
 
 def _part(block, name):
-    """(the part of `block` linear `name` belongs to, the linear)."""
-    part = getattr(block, NAMES.parts[name])
-    return part, getattr(part, name)
+    """(the part of `block` linear `name` belongs to, the linear): its attention or feed-forward."""
+    part = next(child for child in block.children().values() if isinstance(child, nn.Module) and name in child)
+    return part, part[name]

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from utils import UserError
+
 # Where the blocks' weights sit, in each naming: N is the block's index.
 BLOCK_PREFIXES = {"ours": "layers.{}.", "hf": "model.layers.{}.", "gguf": "blk.{}."}
 SUFFIXES = (".weight", ".bias")
@@ -26,11 +28,13 @@ class Weight:
     rope_heads: Optional[str] = None   # config key of its head count: RoPE query or key rows, which
                                        # Hugging Face stores each head's pair halves apart
     absent_if: Optional[str] = None    # config key that, when true, means no such weight (a tied output)
+    bias: bool = False                 # a `.bias` of shape[0] beside the `.weight`
+    norm: bool = False                 # a norm inside a part (attention.q_norm): not a linear
 
     @property
     def linear(self):
         """An adaptable linear of a block: a module of a part (attention.wq, feed_forward.w1)."""
-        return "." in self.ours
+        return "." in self.ours and not self.norm
 
 
 class NameTable:
@@ -51,13 +55,29 @@ class NameTable:
 
     def shapes(self, config):
         """{our name: shape} of every weight a model of `config` has."""
-        def present(w):
-            return w.absent_if is None or not config.get(w.absent_if)
-        shapes = {f"{w.ours}.weight": tuple(w.shape(config)) for w in self.top if present(w)}
+        def tensors(prefix, weights):
+            for w in weights:
+                if w.absent_if is None or not config.get(w.absent_if):
+                    shape = tuple(w.shape(config))
+                    yield f"{prefix}{w.ours}.weight", shape
+                    if w.bias:
+                        yield f"{prefix}{w.ours}.bias", shape[:1]
+        shapes = dict(tensors("", self.top))
         for i in range(config["n_layers"]):
-            prefix = BLOCK_PREFIXES["ours"].format(i)
-            shapes.update({f"{prefix}{w.ours}.weight": tuple(w.shape(config)) for w in self.block if present(w)})
+            shapes.update(tensors(BLOCK_PREFIXES["ours"].format(i), self.block))
         return shapes
+
+    def resolve_targets(self, targets, where="--lora-targets"):
+        """Our names of the linears `targets` names: ours (wq), Hugging Face's (q_proj), or 'all';
+        a UserError starting with `where` and listing this family's for any other."""
+        if tuple(targets) == ("all",):
+            return tuple(self.parts)
+        hf = {w.hf.split(".")[-1]: w.ours.split(".")[1] for w in self.block if w.linear}
+        unknown = [t for t in targets if t not in self.parts and t not in hf]
+        if unknown or not targets:
+            raise UserError(f"{where}: this model has no {', '.join(unknown) or 'linears named'}; choose "
+                            f"from {', '.join(self.parts)} (or {', '.join(hf)}), or 'all'")
+        return tuple(dict.fromkeys(hf.get(t, t) for t in targets))
 
     def weight(self, name, naming="ours"):
         """The Weight `name` (in `naming`) is a tensor of, or None."""

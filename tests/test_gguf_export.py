@@ -27,6 +27,7 @@ import mlx.core as mx  # noqa: E402  (conftest imported utils first)
 import chat  # noqa: E402
 import convert  # noqa: E402
 import loading  # noqa: E402
+import models  # noqa: E402
 from checkpoints import ASSETS, make_checkpoint  # noqa: E402
 from models import NAMES  # noqa: E402
 from formats import gguf as gguf_format  # noqa: E402
@@ -158,7 +159,7 @@ def test_mlx_4_bit_groups_of_32_are_q4_1_exactly_when_float16_holds_the_scales(t
     checkpoint = mlx_format.Checkpoint(str(tmp_path / "mlx"))
     path = export(tmp_path / "mlx", tmp_path / "out")
     for name, (kind, raw) in tensors(path).items():
-        ours = gguf_format.our_name(name)
+        ours = gguf_format.our_name(models.NAMES, name)
         if len(checkpoint.shapes[ours]) == 1:
             continue
         assert kind == "Q4_1"

@@ -141,8 +141,8 @@ def test_a_template_that_raises_or_reaches_python_internals_is_a_clear_error(tem
 def test_unsupported_architecture_is_refused_by_name(tmp_path):
     make_hf_model(tmp_path / "hf", "llama")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, model_type="qwen2")))
-    with pytest.raises(UserError, match="architecture 'qwen2' is not supported \\(supported: llama, mistral"):
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, model_type="bloom")))
+    with pytest.raises(UserError, match="architecture 'bloom' is not supported \\(supported: llama, mistral, qwen2"):
         convert.convert(str(tmp_path / "hf"), str(tmp_path / "mlx"))
     assert not os.path.exists(tmp_path / "mlx")
 

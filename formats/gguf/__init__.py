@@ -34,7 +34,7 @@ from utils import UserError, atomic_write
 
 import mlx.core as mx
 
-from models import checked_shapes
+from models import checked_shapes, names_of
 from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, MLX_BITS, block_scales, mlx_affine, wide_scales
 from formats.gguf.config import check_architecture, derive_config
 from formats.gguf.header import MAGIC, gguf_package, map_file, read_header, shown, tensor_entries
@@ -67,20 +67,23 @@ class Checkpoint:
         self.path = path
         self._map = map_file(path)
         meta, infos, data_start = read_header(self._map, path)
-        check_architecture(meta, path)
+        arch, kind = check_architecture(meta, path)
+        table = names_of({"model_type": kind})
         entries = tensor_entries(infos, data_start, len(self._map), path)
         rope_freqs = entries.pop(ROPE_FREQS, None)
         if rope_freqs is not None:
             rope_freqs = self._floats(rope_freqs)
         self._entries = {}
         for gguf_name, entry in entries.items():
-            name = our_name(gguf_name)
+            name = our_name(table, gguf_name)
             if name is None:
-                raise UserError(f"{path}: unexpected tensor {shown(gguf_name)} (not a llama weight)")
+                raise UserError(f"{path}: unexpected tensor {shown(gguf_name)} (not a {arch} weight)")
             self._entries[name] = entry
-        self.config = derive_config(meta, self._entries, path, rope_freqs)
+        self.config = derive_config(meta, self._entries, path, rope_freqs, arch)
+        if arch != "llama":
+            self.config["model_type"] = kind
         self.shapes = checked_shapes(self.config, path)
-        check_tensors(self._entries, self.shapes, path)
+        check_tensors(self._entries, self.shapes, path, table)
         self._tokenizer_files = tokenizer_files(meta, path)
 
     def stored_dtype(self, name):

@@ -8,6 +8,7 @@ import numpy as np
 
 from utils import UserError
 
+from models import FAMILIES
 from formats.gguf.header import brief, is_int
 from formats.gguf.names import ROPE_FREQS
 from formats.gguf.vocabulary import LLAMA3_PRES
@@ -17,14 +18,18 @@ LLAMA3_ROPE = (1.0, 4.0, 8192)    # Llama 3.1-3.3's low_freq_factor, high_freq_f
 
 
 def check_architecture(meta, path):
+    """(general.architecture, the model_type of its family): one llama.cpp writes for a family here."""
     arch = meta.get("general.architecture")
     if arch is None:
         raise UserError(f"{path}: no general.architecture in its metadata")
-    if arch != "llama":
-        raise UserError(f"{path}: architecture {brief(arch)} is not supported (supported: llama)")
-    experts = meta.get("llama.expert_count", 0)
+    kinds = {family.GGUF_ARCH: family.MODEL_TYPES[0] for family in FAMILIES.values()}
+    if arch not in kinds:
+        raise UserError(f"{path}: architecture {brief(arch)} is not supported (supported: {', '.join(kinds)})")
+    experts = meta.get(f"{arch}.expert_count", 0)
     if experts:
-        raise UserError(f"{path}: llama.expert_count {brief(experts)}: mixture-of-experts models are not supported")
+        raise UserError(f"{path}: {arch}.expert_count {brief(experts)}: mixture-of-experts models are not "
+                        "supported")
+    return arch, kinds[arch]
 
 
 def positive_int(meta, key, path, default=None):
@@ -45,65 +50,68 @@ def positive_number(meta, key, path, default=None):
     return float(value)
 
 
-def derive_config(meta, entries, path, rope_freqs):
-    """convert.py's config keys and the tokenizer's, from the llama.* and tokenizer.ggml.* keys."""
-    n_layers = positive_int(meta, "llama.block_count", path)
-    if n_layers > len(entries):  # bounds the weights NAMES.shapes will list
-        raise UserError(f"{path}: llama.block_count {n_layers} but the file holds only {len(entries)} tensors")
-    dim = positive_int(meta, "llama.embedding_length", path)
-    n_heads = positive_int(meta, "llama.attention.head_count", path)
-    n_kv_heads = positive_int(meta, "llama.attention.head_count_kv", path, n_heads)
+def derive_config(meta, entries, path, rope_freqs, arch="llama"):
+    """convert.py's config keys and the tokenizer's, from the ARCH.* and tokenizer.ggml.* keys."""
+    def key(name):
+        return f"{arch}.{name}"
+
+    n_layers = positive_int(meta, key("block_count"), path)
+    if n_layers > len(entries):  # bounds the weights the config's table will list
+        raise UserError(f"{path}: {key('block_count')} {n_layers} but the file holds only {len(entries)} tensors")
+    dim = positive_int(meta, key("embedding_length"), path)
+    n_heads = positive_int(meta, key("attention.head_count"), path)
+    n_kv_heads = positive_int(meta, key("attention.head_count_kv"), path, n_heads)
     if n_heads % n_kv_heads:
-        raise UserError(f"{path}: llama.attention.head_count {n_heads} is not a multiple of "
-                        f"llama.attention.head_count_kv {n_kv_heads}")
-    if "llama.attention.key_length" not in meta and dim % n_heads:
-        raise UserError(f"{path}: llama.embedding_length {dim} is not divisible by llama.attention.head_count "
-                        f"{n_heads} (and no llama.attention.key_length)")
-    head_dim = positive_int(meta, "llama.attention.key_length", path, dim // n_heads)
-    for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
-        if positive_int(meta, key, path, head_dim) != head_dim:
-            raise UserError(f"{path}: {key} {meta[key]} differs from the head size {head_dim} "
+        raise UserError(f"{path}: {key('attention.head_count')} {n_heads} is not a multiple of "
+                        f"{key('attention.head_count_kv')} {n_kv_heads}")
+    if key("attention.key_length") not in meta and dim % n_heads:
+        raise UserError(f"{path}: {key('embedding_length')} {dim} is not divisible by {key('attention.head_count')} "
+                        f"{n_heads} (and no {key('attention.key_length')})")
+    head_dim = positive_int(meta, key("attention.key_length"), path, dim // n_heads)
+    for name in (key("attention.value_length"), key("rope.dimension_count")):
+        if positive_int(meta, name, path, head_dim) != head_dim:
+            raise UserError(f"{path}: {name} {meta[name]} differs from the head size {head_dim} "
                             "(partial rotary and other value sizes are not supported)")
-    rope_theta = positive_number(meta, "llama.rope.freq_base", path, 10000.0)
+    rope_theta = positive_number(meta, key("rope.freq_base"), path, 10000.0)
     config = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
-              "head_dim": head_dim, "hidden_dim": positive_int(meta, "llama.feed_forward_length", path),
-              "norm_eps": positive_number(meta, "llama.attention.layer_norm_rms_epsilon", path),
-              "vocab_size": vocab_size(meta, entries, path), "rope_theta": rope_theta, "sliding_window": None,
+              "head_dim": head_dim, "hidden_dim": positive_int(meta, key("feed_forward_length"), path),
+              "norm_eps": positive_number(meta, key("attention.layer_norm_rms_epsilon"), path),
+              "vocab_size": vocab_size(meta, entries, path, arch), "rope_theta": rope_theta, "sliding_window": None,
               "tie_word_embeddings": "output.weight" not in entries}
-    if "llama.context_length" in meta:
-        config["context_length"] = positive_int(meta, "llama.context_length", path)
-    scaling = rope_scaling(meta, path, rope_freqs, rope_theta, head_dim)
+    if key("context_length") in meta:
+        config["context_length"] = positive_int(meta, key("context_length"), path)
+    scaling = rope_scaling(meta, path, rope_freqs, rope_theta, head_dim, arch)
     if scaling is not None:
         config["rope_scaling"] = scaling
     config.update(special_tokens(meta, config["vocab_size"], path))
     return config
 
 
-def vocab_size(meta, entries, path):
-    """llama.vocab_size, else the token list's length: the embedding's rows (checked with the shapes)."""
+def vocab_size(meta, entries, path, arch="llama"):
+    """ARCH.vocab_size, else the token list's length: the embedding's rows (checked with the shapes)."""
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise UserError(f"{path}: tokenizer.ggml.tokens must be a list of token strings, got "
                         f"{type(tokens).__name__ if tokens is not None else 'nothing'}")
-    size = positive_int(meta, "llama.vocab_size", path, len(tokens))
+    size = positive_int(meta, f"{arch}.vocab_size", path, len(tokens))
     if size != len(tokens):
-        raise UserError(f"{path}: llama.vocab_size {size} but tokenizer.ggml.tokens holds {len(tokens)} tokens")
+        raise UserError(f"{path}: {arch}.vocab_size {size} but tokenizer.ggml.tokens holds {len(tokens)} tokens")
     return size
 
 
-def rope_scaling(meta, path, rope_freqs, theta, head_dim):
-    """The config's rope_scaling: linear from llama.rope.scaling.*, llama3 recovered from rope_freqs."""
-    kind = meta.get("llama.rope.scaling.type", "none")
+def rope_scaling(meta, path, rope_freqs, theta, head_dim, arch="llama"):
+    """The config's rope_scaling: linear from ARCH.rope.scaling.*, llama3 recovered from rope_freqs."""
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if rope_freqs is not None:
         if kind != "none":
-            raise UserError(f"{path}: both llama.rope.scaling.type {brief(kind)} and {ROPE_FREQS}: not supported")
+            raise UserError(f"{path}: both {arch}.rope.scaling.type {brief(kind)} and {ROPE_FREQS}: not supported")
         if rope_freqs.shape != (head_dim // 2,):
             raise UserError(f"{path}: {ROPE_FREQS} has shape {rope_freqs.shape}, expected ({head_dim // 2},)")
         return llama3_rope_scaling(rope_freqs.astype(np.float64), theta, head_dim, path)
     if kind == "none":
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": positive_number(meta, "llama.rope.scaling.factor", path)}
+        return {"rope_type": "linear", "factor": positive_number(meta, f"{arch}.rope.scaling.factor", path)}
     raise UserError(f"{path}: RoPE scaling {brief(kind)} is not supported (supported: linear, and Llama 3's "
                     f"{ROPE_FREQS})")
 

@@ -11,6 +11,8 @@ import numpy as np
 
 from utils import UserError
 
+from models import family, names_of
+
 from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, tensor_chunks
 from formats.gguf.config import DEFAULT_CONTEXT, exported_rope_freqs
 from formats.gguf.names import ROPE_FREQS, gguf_name
@@ -63,11 +65,12 @@ def write(checkpoint, path, types):
     check_exportable(checkpoint, types)
     vocab = exported_vocabulary(checkpoint)
     rope_freqs = exported_rope_freqs(checkpoint.config)
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = gguf.GGUFWriter(path, family(checkpoint.config).GGUF_ARCH)
+    table = names_of(checkpoint.config)
     add_model_metadata(writer, checkpoint, types)
     add_vocabulary(writer, vocab)
     infos = ([(ROPE_FREQS, rope_freqs.shape, "F32")] if rope_freqs is not None else []) + \
-        [(gguf_name(name), shape, types[name]) for name, shape in checkpoint.shapes.items()]
+        [(gguf_name(table, name), shape, types[name]) for name, shape in checkpoint.shapes.items()]
     for name, shape, type_name in infos:
         qtype = gguf.GGMLQuantizationType[type_name]
         rows, cols = math.prod(shape[:-1]), shape[-1]
