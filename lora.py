@@ -300,6 +300,8 @@ def use_model(args, adapter_file, resume=None):
                                      generation_only=not (args.train or args.test))
 
     if args.train:
+        if args.fine_tune_type != "full":  # the targets are the family's: known now, before the data
+            model.names.resolve_targets(args.adapter_config().targets)
         data = {split: dataset.load_split(args.data, split, tokenizer, args.max_seq_length, args.mask_prompt,
                                           chat.load_template(args.model))
                 for split in ("train", "valid")}

@@ -7,6 +7,8 @@ build checkpoints), never from each other.
 import json
 import os
 import random
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -14,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 import generate
+import loading
 import lora
 from utils import read_jsonl
 
@@ -21,6 +24,8 @@ from utils import read_jsonl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LORA = os.path.join(ROOT, "lora.py")
+FUSE = os.path.join(ROOT, "fuse.py")
+TOKENS = np.random.default_rng(1).integers(3, 300, size=(2, 24))  # the rows fused models are compared on
 
 
 # ----------------------------------------------------------------------------------- generation
@@ -325,3 +330,53 @@ def hf_llama3_factors(theta, head_dim, factor, low, high, old):
             smooth = (old / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, np.float32)
+
+
+# ----------------------------------------------------------------------------------- fine-tunes and exports
+
+def logits(model, tokens=TOKENS):
+    return np.array(model(mx.array(tokens)).astype(mx.float32))
+
+
+def torch_logits(model, tokens=TOKENS):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def trained(root, flavour, quantize=False, *flags):
+    """A tiny transformers checkpoint with a byte-level tokenizer and a chat template, converted
+    (float32, or 4-bit in groups of 32), and LoRA adapters on every linear trained on it (more
+    lora.py `flags`: DoRA, say)."""
+    import convert
+    from hf_checkpoints import make_hf_model
+
+    reference = byte_level_tokenizer(root / "hf")
+    make_hf_model(root / "hf", flavour, vocab_size=len(reference))
+    model_dir = str(root / "mlx")
+    convert.convert(str(root / "hf"), model_dir, dtype="float32", quantize=quantize, q_bits=4, q_group_size=32)
+    data = write_dataset(root / "data", n_train=12, n_valid=4, n_test=4)
+    lora.main(["--model", model_dir, "--train", "--data", data, "--adapter-file", str(root / "ad" / "a.npz"),
+               "--iters", "12", "--batch-size", "4", "--learning-rate", "5e-3", "--lora-layers", "2",
+               "--lora-targets", "all", "--lora-rank", "4", "--steps-per-eval", "12", "--val-batches", "1", *flags])
+    return model_dir, str(root / "ad" / "a.npz")
+
+
+def adapted_logits(model_dir, adapter_file):
+    model, _, _ = loading.load_model(model_dir, adapter_file=adapter_file)
+    return logits(model)
+
+
+def run_fuse(*args):
+    return subprocess.run([sys.executable, FUSE, *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def gguf_model(path):
+    """transformers' own GGUF loader (the gguf package dequantizes): model and tokenizer."""
+    import torch
+    import transformers
+
+    where = dict(pretrained_model_name_or_path=os.path.dirname(path), gguf_file=os.path.basename(path))
+    return (transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval(),
+            transformers.AutoTokenizer.from_pretrained(**where))

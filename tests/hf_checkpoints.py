@@ -24,6 +24,13 @@ FLAVOURS = {
     # linear RoPE scaling, head_dim other than hidden / heads
     "linear": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4, head_dim=24,
                    rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    # Qwen2.5's small sizes: q/k/v biases, tied embeddings, a large RoPE base
+    "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                  rope_theta=1000000.0),
+    # Qwen3: q/k norms, a head size apart from hidden / heads (Qwen3's 128, the one transformers'
+    # GGUF loader assumes: it reads no key_length), its own output layer
+    "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                  rope_theta=1000000.0, tie_word_embeddings=False),
 }
 
 
@@ -31,17 +38,16 @@ def make_hf_model(folder, flavour="llama", vocab_size=320, hidden_size=64, inter
                   seed=0, max_shard_size="40KB", **overrides):
     """Write a tiny model of `flavour` with save_pretrained (sharded); return the transformers model."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     settings = dict(FLAVOURS[flavour], **overrides)
-    kind = settings.pop("model_type")
-    config_class, model_class = ((LlamaConfig, LlamaForCausalLM) if kind == "llama"
-                                 else (MistralConfig, MistralForCausalLM))
-    config = config_class(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                          num_hidden_layers=n_layers, max_position_embeddings=256, rms_norm_eps=1e-5,
-                          bos_token_id=1, eos_token_id=2, attn_implementation="eager", **settings)
+    config = AutoConfig.for_model(settings.pop("model_type"), vocab_size=vocab_size, hidden_size=hidden_size,
+                                  intermediate_size=intermediate_size, num_hidden_layers=n_layers,
+                                  max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                                  **settings)
+    config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = model_class(config).float().eval()
+    model = AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:

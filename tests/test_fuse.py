@@ -4,8 +4,6 @@ refuses an export that does not behave as the adapted model; bad input."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,38 +23,11 @@ from formats import hf  # noqa: E402
 from formats import mlx as mlx_folder  # noqa: E402
 from hf_checkpoints import make_hf_model  # noqa: E402
 from utils import UserError, read_jsonl  # noqa: E402
-from helpers import SAMPLES, byte_level_tokenizer, write_dataset  # noqa: E402
+from helpers import (SAMPLES, adapted_logits, byte_level_tokenizer, gguf_model, logits,  # noqa: E402
+                     run_fuse, torch_logits, trained)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FUSE = os.path.join(ROOT, "fuse.py")
 SMOLLM = loading.DEFAULT_MODEL
-TOKENS = np.random.default_rng(1).integers(3, 300, size=(2, 24))
-
-
-def logits(model, tokens=TOKENS):
-    return np.array(model(mx.array(tokens)).astype(mx.float32))
-
-
-def torch_logits(model, tokens=TOKENS):
-    import torch
-
-    with torch.no_grad():
-        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
-
-
-def trained(root, flavour, quantize=False, *flags):
-    """A tiny transformers checkpoint with a byte-level tokenizer and a chat template, converted
-    (float32, or 4-bit in groups of 32), and LoRA adapters on every linear trained on it (more
-    lora.py `flags`: DoRA, say)."""
-    reference = byte_level_tokenizer(root / "hf")
-    make_hf_model(root / "hf", flavour, vocab_size=len(reference))
-    model_dir = str(root / "mlx")
-    convert.convert(str(root / "hf"), model_dir, dtype="float32", quantize=quantize, q_bits=4, q_group_size=32)
-    data = write_dataset(root / "data", n_train=12, n_valid=4, n_test=4)
-    lora.main(["--model", model_dir, "--train", "--data", data, "--adapter-file", str(root / "ad" / "a.npz"),
-               "--iters", "12", "--batch-size", "4", "--learning-rate", "5e-3", "--lora-layers", "2",
-               "--lora-targets", "all", "--lora-rank", "4", "--steps-per-eval", "12", "--val-batches", "1", *flags])
-    return model_dir, str(root / "ad" / "a.npz")
 
 
 @pytest.fixture(scope="module")
@@ -74,27 +45,9 @@ def tuned_q4(tmp_path_factory):
     return trained(tmp_path_factory.mktemp("fuse-q4"), "llama", quantize=True)
 
 
-def adapted_logits(model_dir, adapter_file):
-    model, _, _ = loading.load_model(model_dir, adapter_file=adapter_file)
-    return logits(model)
-
-
-def run_fuse(*args):
-    return subprocess.run([sys.executable, FUSE, *map(str, args)], capture_output=True, text=True, timeout=600)
-
-
 def precision_cost(stderr):
     """The largest logit difference fuse.py's check says the export's precision costs."""
     return float(stderr.split("its precision alone costs ")[1].split(" ")[0])
-
-
-def gguf_model(path):
-    """transformers' own GGUF loader (the gguf package dequantizes): model and tokenizer."""
-    import torch
-
-    where = dict(pretrained_model_name_or_path=os.path.dirname(path), gguf_file=os.path.basename(path))
-    return (transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval(),
-            transformers.AutoTokenizer.from_pretrained(**where))
 
 
 def assert_same_tokenizer_and_template(tokenizer, model_dir):
