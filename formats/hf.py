@@ -17,7 +17,7 @@ import shutil
 
 from utils import UserError, read_json
 
-from models import FAMILIES, checked_shapes, family, names_of
+from models import FAMILIES, checked_shapes, family, hook, names_of
 from formats.safetensors import SafetensorsFile
 from formats.torch_files import dtype_name, load_state_dict, to_mx
 
@@ -121,12 +121,15 @@ def hf_rows(w_O_, weight, config):
 # ----------------------------------------------------------------------------- config.json
 
 def model_config(hf, path):
-    """This toolkit's config from a Hugging Face config.json."""
+    """This toolkit's config from a Hugging Face config.json: the keys every family has (under the
+    names its HF_ALIASES gives: GPT-2's n_embd, ...), then the family's own (its from_hf)."""
     kind = hf.get("model_type")
     if kind not in FAMILIES:
         shown = kind or (hf.get("architectures") or ["?"])[0]
         raise UserError(f"{path}: architecture {str(shown)[:100]!r} is not supported (supported: "
                         f"{', '.join(FAMILIES)})")
+    hf = {**{ours: hf[theirs] for ours, theirs in getattr(FAMILIES[kind], "HF_ALIASES", {}).items()
+             if theirs in hf}, **hf}
     for key, value in FAMILIES[kind].HF_CONSTANTS.items():
         if hf.get(key, value) != value:
             raise UserError(f"{path}: {key!r} is {str(hf[key])[:100]!r}: a {kind} model here has {value!r}")
@@ -144,6 +147,7 @@ def model_config(hf, path):
               "tie_word_embeddings": hf.get("tie_word_embeddings", False)}  # checked as a boolean
     if FAMILIES[kind] is not FAMILIES["llama"]:  # LLaMA's folders never said
         config["model_type"] = kind
+    config.update(hook(FAMILIES[kind], "from_hf")(hf, path))
     scaling = rope_scaling(hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None),
                            path)
     if scaling is not None:
@@ -349,7 +353,7 @@ def hf_config(config, dtype):
            "max_position_embeddings": config.get("context_length") or 4096,
            "tie_word_embeddings": bool(config.get("tie_word_embeddings")), **family(config).HF_CONSTANTS,
            "bos_token_id": config.get("bos_token_id"), "eos_token_id": ends[0] if len(ends) == 1 else ends,
-           "torch_dtype": dtype}
+           "torch_dtype": dtype, **hook(family(config), "to_hf")(config)}
     if kind == "mistral":
         out["sliding_window"] = config["sliding_window"]
     return out

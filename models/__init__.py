@@ -12,7 +12,7 @@
 
 from models.layers import (Attention, Decoder, FeedForward, KVCache, Linear, QuantizedLinear, RMSNorm, RoPE,
                            TransformerBlock, attention_mask, count_parameters, embedding_as_output)
-from models.config import FAMILIES, checked_shapes, family, model_args, names_of
+from models.config import FAMILIES, checked_shapes, family, hook, model_args, names_of
 from models.llama import NAMES, Model, ModelArgs
 from models.lora_layers import (ADAPTER_TYPES, AdapterConfig, DoRALinear, LoRALinear, apply_lora, dense_weight,
                                 folded, parse_targets, row_norms, wrap_linear)
@@ -25,6 +25,6 @@ def build(args):
 
 
 __all__ = ["build", "Attention", "Decoder", "FeedForward", "KVCache", "Linear", "QuantizedLinear", "RMSNorm", "RoPE",
-           "TransformerBlock", "attention_mask", "count_parameters", "embedding_as_output", "FAMILIES", "checked_shapes", "family", "model_args", "names_of", "NAMES", "Model", "ModelArgs",
+           "TransformerBlock", "attention_mask", "count_parameters", "embedding_as_output", "FAMILIES", "checked_shapes", "family", "hook", "model_args", "names_of", "NAMES", "Model", "ModelArgs",
            "ADAPTER_TYPES", "AdapterConfig", "DoRALinear", "LoRALinear", "apply_lora", "dense_weight", "folded",
            "parse_targets", "row_norms", "wrap_linear"]

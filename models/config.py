@@ -39,6 +39,16 @@ def family(config, source="config.json"):
     return FAMILIES[kind]
 
 
+def hook(of, name):
+    """A family's optional hook (from_hf, to_hf, from_gguf, to_gguf): what its formats' readers and
+    writers call for the config keys only that family has; none for LLaMA's and Qwen's."""
+    return getattr(of, name, _NO_KEYS)
+
+
+def _NO_KEYS(*args):
+    return {}
+
+
 def names_of(config):
     """The NameTable of the family of `config`."""
     return family(config).NAMES

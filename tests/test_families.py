@@ -17,7 +17,7 @@ import convert  # noqa: E402
 import loading  # noqa: E402
 from checkpoints import make_tokenizer  # noqa: E402
 from hf_checkpoints import hf_logits, make_hf_model  # noqa: E402
-from helpers import TOKENS, adapted_logits, gguf_model, logits, run_fuse, torch_logits, trained  # noqa: E402
+from helpers import adapted_logits, gguf_model, logits, run_fuse, torch_logits, trained  # noqa: E402
 from utils import UserError  # noqa: E402
 
 FAMILIES = ["qwen2", "qwen3"]

@@ -8,7 +8,7 @@ import numpy as np
 
 from utils import UserError
 
-from models import FAMILIES
+from models import FAMILIES, hook
 from formats.gguf.header import brief, is_int
 from formats.gguf.names import ROPE_FREQS
 from formats.gguf.vocabulary import LLAMA3_PRES
@@ -84,7 +84,13 @@ def derive_config(meta, entries, path, rope_freqs, arch="llama"):
     if scaling is not None:
         config["rope_scaling"] = scaling
     config.update(special_tokens(meta, config["vocab_size"], path))
+    config.update(hook(FAMILIES[kind_of(arch)], "from_gguf")(meta, arch, path))
     return config
+
+
+def kind_of(arch):
+    """The model_type of the family whose GGUF architecture is `arch`."""
+    return next(kind for kind, family in FAMILIES.items() if family.GGUF_ARCH == arch)
 
 
 def vocab_size(meta, entries, path, arch="llama"):

@@ -11,7 +11,7 @@ import numpy as np
 
 from utils import UserError
 
-from models import family, names_of
+from models import family, hook, names_of
 
 from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, tensor_chunks
 from formats.gguf.config import DEFAULT_CONTEXT, exported_rope_freqs
@@ -147,6 +147,7 @@ def add_model_metadata(writer, checkpoint, types):
     if scaling is not None and scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+    hook(family(c), "to_gguf")(writer, c)
 
 
 def model_name(path):
