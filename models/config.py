@@ -8,10 +8,10 @@ from dataclasses import MISSING, fields
 import utils
 from utils import UserError
 
-from models import llama, qwen2, qwen3
+from models import gemma, gemma2, gemma3, llama, qwen2, qwen3
 
 # Every family, by the model_type a config names (none: LLaMA, as folders before families were).
-FAMILIES = {kind: family for family in (llama, qwen2, qwen3) for kind in family.MODEL_TYPES}
+FAMILIES = {kind: family for family in (llama, qwen2, qwen3, gemma, gemma2, gemma3) for kind in family.MODEL_TYPES}
 
 
 # The numbers of config.json the model uses: (type, lowest, highest). The bounds keep a

@@ -84,7 +84,8 @@ class Attention(nn.Module):
     them, and an RMSNorm of each query and key head before RoPE where it has those (q_norm,
     k_norm). `scale` multiplies the scores (head_dim^-0.5 unless the family says)."""
 
-    def __init__(self, dim, n_heads, n_kv_heads, head_dim, rope, *, qkv_bias=False, qk_norm_eps=None, scale=None):
+    def __init__(self, dim, n_heads, n_kv_heads, head_dim, rope, *, qkv_bias=False, qk_norm_eps=None, scale=None,
+                 norm=None):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.scale = head_dim ** -0.5 if scale is None else scale
@@ -93,9 +94,9 @@ class Attention(nn.Module):
         self.wk = Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.wv = Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.wo = Linear(n_heads * head_dim, dim, bias=False)
-        if qk_norm_eps is not None:
-            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
-            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        if qk_norm_eps is not None:  # the family's norm class (RMSNorm unless it says)
+            self.q_norm = (norm or RMSNorm)(head_dim, qk_norm_eps)
+            self.k_norm = (norm or RMSNorm)(head_dim, qk_norm_eps)
 
     def __call__(self, x_BTD, mask, cache=None):
         B, T, _ = x_BTD.shape
@@ -110,8 +111,11 @@ class Attention(nn.Module):
         q_BNTH, k_BKTH = self.rope(q_BNTH, offset), self.rope(k_BKTH, offset)
         if cache is not None:
             k_BKTH, v_BKTH = cache.update(k_BKTH, v_BKTH)
-        o_BNTH = ops.attention(q_BNTH, k_BKTH, v_BKTH, self.scale, mask)
+        o_BNTH = self.attend(q_BNTH, k_BKTH, v_BKTH, mask)
         return self.wo(o_BNTH.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+    def attend(self, q_BNTH, k_BKSH, v_BKSH, mask):
+        return ops.attention(q_BNTH, k_BKSH, v_BKSH, self.scale, mask)
 
 
 class FeedForward(nn.Module):

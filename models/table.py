@@ -30,6 +30,8 @@ class Weight:
     absent_if: Optional[str] = None    # config key that, when true, means no such weight (a tied output)
     bias: bool = False                 # a `.bias` of shape[0] beside the `.weight`
     norm: bool = False                 # a norm inside a part (attention.q_norm): not a linear
+    gguf_plus: float = 0.0             # GGUF holds it plus this (Gemma's norms: llama.cpp stores 1 + w)
+    hf_transposed: bool = False        # Hugging Face holds the `.weight` [in, out] (GPT-2's Conv1D)
 
     @property
     def linear(self):
@@ -38,9 +40,11 @@ class Weight:
 
 
 class NameTable:
-    def __init__(self, top, block):
+    def __init__(self, top, block, hf_blocks=BLOCK_PREFIXES["hf"]):
+        """`hf_blocks`: where Hugging Face's checkpoints of the family keep block N (GPT-2: transformer.h.N.)."""
         self.top, self.block = tuple(top), tuple(block)
-        self._patterns = {naming: _name_pattern(naming) for naming in BLOCK_PREFIXES}
+        self.prefixes = dict(BLOCK_PREFIXES, hf=hf_blocks)
+        self._patterns = {naming: _name_pattern(prefix) for naming, prefix in self.prefixes.items()}
         self._by_name = {naming: ({getattr(w, naming): w for w in self.top},
                                   {getattr(w, naming): w for w in self.block}) for naming in BLOCK_PREFIXES}
 
@@ -48,6 +52,24 @@ class NameTable:
     def parts(self):
         """{linear: the part of a block it belongs to}: wq: attention, w1: feed_forward."""
         return {w.ours.split(".")[1]: w.ours.split(".")[0] for w in self.block if w.linear}
+
+    @property
+    def hf_linears(self):
+        """{Hugging Face's name of each linear of a block: ours}, each name the shortest end of its
+        module path that names it alone (q_proj; GPT-2's attn.c_proj and mlp.c_proj), as PEFT's
+        target_modules spell them."""
+        names = {}
+        for w in filter(lambda w: w.linear, self.block):
+            parts = w.hf.split(".")
+            ends = (".".join(parts[-n:]) for n in range(1, len(parts) + 1))
+            names[next(end for end in ends if self.matching(end) == [w.ours.split(".")[1]])] = w.ours.split(".")[1]
+        return names
+
+    def matching(self, name):
+        """Our names of the linears whose Hugging Face module path in a block is `name` or ends in
+        `.name`: the ones PEFT adapts for that target_modules entry (c_proj: both of GPT-2's)."""
+        return [w.ours.split(".")[1] for w in self.block
+                if w.linear and (w.hf == name or w.hf.endswith("." + name))]
 
     def target_path(self, layer_index, linear):
         """Where `linear` of block `layer_index` lives in the module tree: layers.N.attention.wq."""
@@ -72,12 +94,12 @@ class NameTable:
         a UserError starting with `where` and listing this family's for any other."""
         if tuple(targets) == ("all",):
             return tuple(self.parts)
-        hf = {w.hf.split(".")[-1]: w.ours.split(".")[1] for w in self.block if w.linear}
-        unknown = [t for t in targets if t not in self.parts and t not in hf]
+        resolved = {t: [t] if t in self.parts else self.matching(t) for t in targets}
+        unknown = [t for t, ours in resolved.items() if not ours]
         if unknown or not targets:
             raise UserError(f"{where}: this model has no {', '.join(unknown) or 'linears named'}; choose "
-                            f"from {', '.join(self.parts)} (or {', '.join(hf)}), or 'all'")
-        return tuple(dict.fromkeys(hf.get(t, t) for t in targets))
+                            f"from {', '.join(self.parts)} (or {', '.join(self.hf_linears)}), or 'all'")
+        return tuple(dict.fromkeys(name for t in targets for name in resolved[t]))
 
     def weight(self, name, naming="ours"):
         """The Weight `name` (in `naming`) is a tensor of, or None."""
@@ -91,7 +113,7 @@ class NameTable:
             return None
         index, w, suffix = found
         local = getattr(w, into)
-        return local + suffix if index is None else BLOCK_PREFIXES[into].format(index) + local + suffix
+        return local + suffix if index is None else self.prefixes[into].format(index) + local + suffix
 
     def _split(self, name, naming):
         """(block index or None, Weight, suffix) of a tensor name, or None."""
@@ -108,6 +130,5 @@ class NameTable:
         return None
 
 
-def _name_pattern(naming):
-    prefix = re.escape(BLOCK_PREFIXES[naming]).replace(re.escape("{}"), LAYER_INDEX)
-    return re.compile(prefix + r"(.+)")
+def _name_pattern(prefix):
+    return re.compile(re.escape(prefix).replace(re.escape("{}"), LAYER_INDEX) + r"(.+)")

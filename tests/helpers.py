@@ -345,7 +345,7 @@ def torch_logits(model, tokens=TOKENS):
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
-def trained(root, flavour, quantize=False, *flags):
+def trained(root, flavour, quantize=False, *flags, n_layers=2):
     """A tiny transformers checkpoint with a byte-level tokenizer and a chat template, converted
     (float32, or 4-bit in groups of 32), and LoRA adapters on every linear trained on it (more
     lora.py `flags`: DoRA, say)."""
@@ -353,7 +353,7 @@ def trained(root, flavour, quantize=False, *flags):
     from hf_checkpoints import make_hf_model
 
     reference = byte_level_tokenizer(root / "hf")
-    make_hf_model(root / "hf", flavour, vocab_size=len(reference))
+    make_hf_model(root / "hf", flavour, vocab_size=len(reference), n_layers=n_layers)
     model_dir = str(root / "mlx")
     convert.convert(str(root / "hf"), model_dir, dtype="float32", quantize=quantize, q_bits=4, q_group_size=32)
     data = write_dataset(root / "data", n_train=12, n_valid=4, n_test=4)

@@ -31,6 +31,22 @@ FLAVOURS = {
     # GGUF loader assumes: it reads no key_length), its own output layer
     "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=128,
                   rope_theta=1000000.0, tie_word_embeddings=False),
+    # Gemma: sqrt(dim)-scaled embeddings, (1 + w) norms, GeGLU, a head size of its own
+    "gemma": dict(model_type="gemma", num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+    # Gemma 2: soft caps (low, so they bite), post norms, windows of 8 on alternate blocks
+    "gemma2": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=8),
+    # Gemma 3: q/k norms, windows of 8 on five blocks of six, local and global RoPE bases, linear scaling
+    "gemma3_text": dict(model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        query_pre_attn_scalar=16, sliding_window=8,
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # Gemma 2 and 3 as llama.cpp computes them, and as transformers' GGUF loader reads them back (it
+    # reads neither the soft caps nor query_pre_attn_scalar: its defaults, 50, 30 and 256, here)
+    "gemma2_gguf": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2, head_dim=256,
+                        query_pre_attn_scalar=256, sliding_window=8),
+    "gemma3_gguf": dict(model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=2, head_dim=256,
+                        query_pre_attn_scalar=256, sliding_window=8),
 }
 
 
@@ -50,10 +66,12 @@ def make_hf_model(folder, flavour="llama", vocab_size=320, hidden_size=64, inter
     model = AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))  # norms: not all ones, so a dropped norm shows
-            elif "embed_tokens" in name:
-                p.normal_(0.0, 1.0)
+            if p.ndim == 1:  # norms (and biases): not all ones, so a dropped norm shows; Gemma's are
+                # stored as w of 1 + w
+                centre = 0.0 if "norm" in name and config.model_type.startswith("gemma") else 1.0
+                p.copy_(centre + 0.2 * torch.randn_like(p))
+            elif "embed_tokens" in name:  # Gemma scales its embeddings by sqrt(dim): O(1) after it
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]) if config.model_type.startswith("gemma") else 1.0)
             else:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
     os.makedirs(folder, exist_ok=True)

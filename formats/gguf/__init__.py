@@ -68,7 +68,7 @@ class Checkpoint:
         self._map = map_file(path)
         meta, infos, data_start = read_header(self._map, path)
         arch, kind = check_architecture(meta, path)
-        table = names_of({"model_type": kind})
+        self._table = table = names_of({"model_type": kind})
         entries = tensor_entries(infos, data_start, len(self._map), path)
         rope_freqs = entries.pop(ROPE_FREQS, None)
         if rope_freqs is not None:
@@ -114,6 +114,11 @@ class Checkpoint:
         return mx.float32 if wide_scales(d, entry.type) else mx.float16
 
     def tensor(self, name):
+        plus = self._table.weight(name).gguf_plus
+        return self._stored(name) - plus if plus else self._stored(name)
+
+    def _stored(self, name):
+        """The tensor's values as the file holds them."""
         entry = self._entries[name]
         raw = self._raw(entry)
         if entry.type == "BF16":

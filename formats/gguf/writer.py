@@ -85,14 +85,29 @@ def write(checkpoint, path, types):
         f = writer.fout[0]
         if rope_freqs is not None:
             write_tensor(writer, f, [rope_freqs.view(np.uint8)])
+        stored = AsStored(checkpoint, table)
         for name in checkpoint.shapes:
-            write_tensor(writer, f, tensor_chunks(checkpoint, name, types[name]))
+            write_tensor(writer, f, tensor_chunks(stored, name, types[name]))
         writer.close()
     except BaseException:
         writer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         raise
+
+
+class AsStored:
+    """A checkpoint whose tensors read as GGUF holds them: plus the table's gguf_plus (Gemma's norms)."""
+
+    def __init__(self, checkpoint, table):
+        self.checkpoint, self.table = checkpoint, table
+
+    def __getattr__(self, name):
+        return getattr(self.checkpoint, name)
+
+    def tensor(self, name):
+        plus = self.table.weight(name).gguf_plus
+        return self.checkpoint.tensor(name) + plus if plus else self.checkpoint.tensor(name)
 
 
 def write_tensor(writer, f, chunks):
@@ -108,7 +123,7 @@ def write_tensor(writer, f, chunks):
 def check_exportable(checkpoint, types):
     """What llama.cpp's llama architecture cannot hold is refused before anything is written."""
     config = checkpoint.config
-    if config.get("sliding_window") is not None:
+    if config.get("sliding_window") is not None and family(config).GGUF_ARCH == "llama":
         raise UserError(f"{checkpoint.path}: a sliding window of {config['sliding_window']} tokens (Mistral): "
                         "llama.cpp's llama architecture has none, so its GGUF would compute another model")
     scaling = config.get("rope_scaling")
