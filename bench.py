@@ -8,6 +8,7 @@
     python bench.py train [--size tiny|medium] [--qlora]    float32 and bfloat16 products, and PyTorch
     python bench.py generate [--size medium] [--kinds float32,float16,8-bit,4-bit] [--samples 16]
     python bench.py peft [--batches 12]     the default model's LoRA/QLoRA against PyTorch + PEFT
+    python bench.py families [--size medium] [--families qwen3,gemma2]   each family's LoRA against PEFT
     python bench.py qa [--model FOLDER] [--adapter-file adapters/adapters.npz] [--samples 30]
     python bench.py fuse [--size 7b] [--formats mlx hf gguf] [-q]    fuse and export: time, peak memory
     python bench.py llamacpp         the main job's GGUF exports through llama.cpp (llama-cpp-python)
@@ -33,7 +34,7 @@ import time
 import blas  # noqa: F401  (first: the fast BLAS before any section imports mlx.core)
 from utils import read_json, run_script, write_json
 
-from benchmarks import conversion, fusing, generation, machine, peft_compare, ranks, training
+from benchmarks import conversion, families, fusing, generation, machine, peft_compare, ranks, training
 from benchmarks.evaluations import llamacpp, qa
 from benchmarks.harness import ROOT, print_table, stamp
 
@@ -42,6 +43,8 @@ SECTIONS = {
     "convert": (conversion.add_args, conversion.run, "Convert a synthetic checkpoint; peak memory and time."),
     "train": (training.add_args, training.run, "LoRA / QLoRA training speed on a random model."),
     "generate": (generation.add_args, generation.run, "Prompt and decode tokens/s for float32/16, 8- and 4-bit."),
+    "families": (families.add_args, families.run,
+                 "A LoRA step of each family's architecture (~150M, random) against PyTorch + PEFT."),
     "peft": (peft_compare.add_args, peft_compare.run,
              "The default model's LoRA and QLoRA steps against PyTorch + PEFT."),
     "qa": (qa.add_args, qa.run, "Greedy chat answers to dataset questions, before and after fine-tuning."),

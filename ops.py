@@ -201,6 +201,13 @@ def swiglu(a, b):
     return nn.silu(a) * b
 
 
+@functools.partial(mx.compile, shapeless=True)
+def geglu(a, b):
+    """gelu(a) * b with the tanh GELU, Gemma's gated feed-forward: compiled, its dozen elementwise
+    operations (and their gradients) fused rather than each a pass over the activations."""
+    return nn.gelu_approx(a) * b
+
+
 def rms_norm(x, weight, eps):
     if _applies(x, weight, rows=_rows(x)):
         return kernels.rms_norm(x, weight, eps)

@@ -47,10 +47,11 @@ def mlx_lora_seconds(model_dir, batches, rank, alpha, targets, compute_dtype="au
     return time_steps(step, batches)
 
 
-def peft_step(base, rank, alpha, targets, autocast):
+def peft_step(base, rank, alpha, targets, autocast, table=NAMES):
     """One training step of PyTorch + PEFT over `base` (a transformers model): a LoRA of this
-    rank and alpha on `targets` (this toolkit's names), Adam, the cross-entropy of the targets
-    the mask counts; with `autocast`, the forward pass under bfloat16 autocast. Every core."""
+    rank and alpha on `targets` (this toolkit's names, of the family of NameTable `table`), Adam,
+    the cross-entropy of the targets the mask counts; with `autocast`, the forward pass under
+    bfloat16 autocast. Every core."""
     import contextlib
 
     import torch
@@ -58,7 +59,7 @@ def peft_step(base, rank, alpha, targets, autocast):
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                            target_modules=[hf_module(NAMES, t) for t in targets]))
+                                            target_modules=[hf_module(table, t) for t in targets]))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 

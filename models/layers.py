@@ -132,7 +132,7 @@ class FeedForward(nn.Module):
         a_BTC, b_BTC = ops.projections(x_BTD, (self.w1, self.w3))
         if self.activation == "silu":
             return self.w2(ops.swiglu(a_BTC, b_BTC))
-        return self.w2(nn.gelu_approx(a_BTC) * b_BTC)
+        return self.w2(ops.geglu(a_BTC, b_BTC))
 
 
 class TransformerBlock(nn.Module):
