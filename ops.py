@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-KERNELS_API_VERSION = 2  # what this ops.py calls: bindings.cpp's API_VERSION
+KERNELS_API_VERSION = 3  # what this ops.py calls: bindings.cpp's API_VERSION
 
 
 def _load_kernels():
@@ -197,14 +197,21 @@ def cross_entropy(logits, targets):
 def swiglu(a, b):
     """silu(a) * b, LLaMA's gated feed-forward."""
     if _applies(a, b):
-        return kernels.swiglu(a, b)
+        return kernels.gate(a, b, False)
     return nn.silu(a) * b
 
 
-@functools.partial(mx.compile, shapeless=True)
 def geglu(a, b):
-    """gelu(a) * b with the tanh GELU, Gemma's gated feed-forward: compiled, its dozen elementwise
-    operations (and their gradients) fused rather than each a pass over the activations."""
+    """gelu(a) * b with the tanh GELU, Gemma's gated feed-forward."""
+    if _applies(a, b):
+        return kernels.gate(a, b, True)
+    return _compiled_geglu(a, b)
+
+
+@functools.partial(mx.compile, shapeless=True)
+def _compiled_geglu(a, b):
+    """Without the kernels: compiled, the tanh GELU's dozen elementwise operations (and their
+    gradients) fused rather than each a pass over the activations."""
     return nn.gelu_approx(a) * b
 
 

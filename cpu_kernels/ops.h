@@ -29,7 +29,7 @@ mx::array bf16_matmul(const mx::array& a, const mx::array& b, bool transposed);
 mx::array cross_entropy(const mx::array& logits, const mx::array& targets);
 
 // swiglu.cpp
-mx::array swiglu(const mx::array& a, const mx::array& b);
+mx::array gate(const mx::array& a, const mx::array& b, bool gelu);
 
 // causal_softmax.cpp
 mx::array causal_softmax(const mx::array& x, float scale);

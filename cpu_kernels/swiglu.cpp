@@ -1,6 +1,7 @@
-// SwiGLU, silu(a) * b, the gate of the feed-forward, and its gradients: one threaded
-// pass each, where MLX's composition takes several single-threaded passes and an exp
-// at a time.
+// The gates of the feed-forward, and their gradients: SwiGLU, silu(a) * b (LLaMA, Qwen), and
+// GeGLU with the tanh GELU, gelu(a) * b (Gemma); one threaded pass each, where MLX's composition
+// takes several single-threaded passes and an exp at a time. tanh GELU is a sigmoid too:
+// gelu(a) = a * sigmoid(u), u = K (a + C a^3), since (1 + tanh(z)) / 2 = sigmoid(2 z).
 
 #include <memory>
 #include <stdexcept>
@@ -14,61 +15,89 @@
 namespace cpu_kernels {
 namespace {
 
-// out = silu(a) * b = a * sigmoid(a) * b
-void swiglu_values(const float* a, const float* b, float* out, size_t n) {
+constexpr float K = 1.5957691216057308f, C = 0.044715f;  // 2 sqrt(2 / pi), and GELU's cubic term
+
+// The sigmoid's argument u and du/da: a and 1 for silu, K (a + C a^3) and K (1 + 3 C a^2) for gelu.
+inline float gate_arg(float a, bool gelu) { return gelu ? K * a * (1.0f + C * a * a) : a; }
+inline float gate_slope(float a, bool gelu) { return gelu ? K * (1.0f + 3.0f * C * a * a) : 1.0f; }
+
+#if defined(__AVX512F__)
+inline __m512 gate_arg16(__m512 a, bool gelu) {
+  if (!gelu) return a;
+  const __m512 a2 = _mm512_mul_ps(a, a);
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(K), a), _mm512_fmadd_ps(_mm512_set1_ps(C), a2, _mm512_set1_ps(1.0f)));
+}
+inline __m512 gate_slope16(__m512 a, bool gelu) {
+  if (!gelu) return _mm512_set1_ps(1.0f);
+  const __m512 a2 = _mm512_mul_ps(a, a);
+  return _mm512_mul_ps(_mm512_set1_ps(K), _mm512_fmadd_ps(_mm512_set1_ps(3.0f * C), a2, _mm512_set1_ps(1.0f)));
+}
+#endif
+
+// out = a * sigmoid(u(a)) * b
+void gate_values(const float* a, const float* b, float* out, size_t n, bool gelu) {
   parallel_elements(n, [&](size_t start, size_t end) {
     size_t i = start;
 #if defined(__AVX512F__)
     for (; i + 16 <= end; i += 16) {
       const __m512 x = _mm512_loadu_ps(a + i);
-      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid16(x)), _mm512_loadu_ps(b + i)));
+      const __m512 s = sigmoid16(gate_arg16(x, gelu));
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(x, s), _mm512_loadu_ps(b + i)));
     }
 #endif
-    for (; i < end; i++) out[i] = a[i] * sigmoid(a[i]) * b[i];
+    for (; i < end; i++) out[i] = a[i] * sigmoid(gate_arg(a[i], gelu)) * b[i];
   });
 }
 
-// da = g * b * s * (1 + a * (1 - s)), db = g * a * s, with s = sigmoid(a)
-void swiglu_grads(const float* a, const float* b, const float* g, float* da, float* db, size_t n) {
+// da = g * b * s * (1 + a * (1 - s) * u'(a)), db = g * a * s, with s = sigmoid(u(a))
+void gate_grads(const float* a, const float* b, const float* g, float* da, float* db, size_t n, bool gelu) {
   parallel_elements(n, [&](size_t start, size_t end) {
     size_t i = start;
 #if defined(__AVX512F__)
     const __m512 one = _mm512_set1_ps(1.0f);
     for (; i + 16 <= end; i += 16) {
       const __m512 x = _mm512_loadu_ps(a + i), y = _mm512_loadu_ps(b + i), c = _mm512_loadu_ps(g + i);
-      const __m512 s = sigmoid16(x), gs = _mm512_mul_ps(c, s);
+      const __m512 s = sigmoid16(gate_arg16(x, gelu)), gs = _mm512_mul_ps(c, s);
       _mm512_storeu_ps(db + i, _mm512_mul_ps(gs, x));
-      const __m512 slope = _mm512_fmadd_ps(x, _mm512_sub_ps(one, s), one);
+      const __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(x, _mm512_sub_ps(one, s)), gate_slope16(x, gelu), one);
       _mm512_storeu_ps(da + i, _mm512_mul_ps(_mm512_mul_ps(gs, y), slope));
     }
 #endif
     for (; i < end; i++) {
-      const float s = sigmoid(a[i]);
+      const float s = sigmoid(gate_arg(a[i], gelu));
       db[i] = g[i] * s * a[i];
-      da[i] = g[i] * s * b[i] * (1.0f + a[i] * (1.0f - s));
+      da[i] = g[i] * s * b[i] * (1.0f + a[i] * (1.0f - s) * gate_slope(a[i], gelu));
     }
   });
 }
 
 // Both gradients from one pass: they share the sigmoid.
-class SwigluGrads : public CpuMultiPrimitive {
+class GateGrads : public CpuMultiPrimitive {
  public:
-  using CpuMultiPrimitive::CpuMultiPrimitive;
+  GateGrads(mx::Stream s, bool gelu) : CpuMultiPrimitive(s), gelu_(gelu) {}
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    dispatch(stream(), in, out, [](std::vector<mx::array>& in, std::vector<mx::array>& out) {
-      swiglu_grads(in[0].data<float>(), in[1].data<float>(), in[2].data<float>(), out[0].data<float>(),
-                   out[1].data<float>(), in[0].size());
+    const bool gelu = gelu_;
+    dispatch(stream(), in, out, [gelu](std::vector<mx::array>& in, std::vector<mx::array>& out) {
+      gate_grads(in[0].data<float>(), in[1].data<float>(), in[2].data<float>(), out[0].data<float>(),
+                 out[1].data<float>(), in[0].size(), gelu);
     });
   }
-  const char* name() const override { return "SwigluGrads"; }
+  const char* name() const override { return gelu_ ? "GegluGrads" : "SwigluGrads"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return gelu_ == static_cast<const GateGrads&>(other).gelu_;
+  }
+
+ private:
+  bool gelu_;
 };
 
-class Swiglu : public CpuPrimitive {
+class Gate : public CpuPrimitive {
  public:
-  using CpuPrimitive::CpuPrimitive;
+  Gate(mx::Stream s, bool gelu) : CpuPrimitive(s), gelu_(gelu) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    run(in, out, [](std::vector<mx::array>& in, mx::array& out) {
-      swiglu_values(in[0].data<float>(), in[1].data<float>(), out.data<float>(), out.size());
+    const bool gelu = gelu_;
+    run(in, out, [gelu](std::vector<mx::array>& in, mx::array& out) {
+      gate_values(in[0].data<float>(), in[1].data<float>(), out.data<float>(), out.size(), gelu);
     });
   }
   std::vector<mx::array> vjp(
@@ -76,22 +105,28 @@ class Swiglu : public CpuPrimitive {
       const std::vector<int>& argnums, const std::vector<mx::array>&) override {
     auto s = stream();
     auto grads = mx::array::make_arrays(
-        {primals[0].shape(), primals[0].shape()}, {mx::float32, mx::float32}, std::make_shared<SwigluGrads>(s),
+        {primals[0].shape(), primals[0].shape()}, {mx::float32, mx::float32}, std::make_shared<GateGrads>(s, gelu_),
         {primals[0], primals[1], mx::astype(cotangents[0], mx::float32, s)});
     return chosen(grads, argnums);
   }
-  const char* name() const override { return "Swiglu"; }
+  const char* name() const override { return gelu_ ? "Geglu" : "Swiglu"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return gelu_ == static_cast<const Gate&>(other).gelu_;  // compile must not merge the two gates
+  }
+
+ private:
+  bool gelu_;
 };
 
 }  // namespace
 
-// silu(a) * b, float32, same shapes
-mx::array swiglu(const mx::array& a, const mx::array& b) {
+// silu(a) * b, or with `gelu` the tanh GELU's gelu(a) * b; float32, same shapes
+mx::array gate(const mx::array& a, const mx::array& b, bool gelu) {
   check_float32(a, "a");
   check_float32(b, "b");
-  if (a.shape() != b.shape()) throw std::invalid_argument("swiglu: a and b must have the same shape");
+  if (a.shape() != b.shape()) throw std::invalid_argument("gate: a and b must have the same shape");
   auto s = cpu_stream();
-  return mx::array(a.shape(), mx::float32, std::make_shared<Swiglu>(s), {a, b});
+  return mx::array(a.shape(), mx::float32, std::make_shared<Gate>(s, gelu), {a, b});
 }
 
 }  // namespace cpu_kernels

@@ -380,3 +380,13 @@ def gguf_model(path):
     where = dict(pretrained_model_name_or_path=os.path.dirname(path), gguf_file=os.path.basename(path))
     return (transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval(),
             transformers.AutoTokenizer.from_pretrained(**where))
+
+
+def gate_float64(A, gelu):
+    """(act(A), d act(A) / dA) in float64 of the feed-forward's gate: silu, or the tanh GELU."""
+    if not gelu:
+        s = 1 / (1 + np.exp(-A))
+        return A * s, s * (1 + A * (1 - s))
+    k = np.sqrt(2 / np.pi)
+    t = np.tanh(k * (A + 0.044715 * A ** 3))
+    return 0.5 * A * (1 + t), 0.5 * (1 + t) + 0.5 * A * (1 - t * t) * k * (1 + 3 * 0.044715 * A ** 2)

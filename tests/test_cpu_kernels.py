@@ -18,7 +18,7 @@ import models
 import trainer
 import loading
 import ops
-from helpers import attention_float64, f64, rope_float64
+from helpers import attention_float64, f64, gate_float64, rope_float64
 
 kernels = ops.kernels
 pytestmark = pytest.mark.skipif(kernels is None or mx.default_device() != mx.cpu,
@@ -115,16 +115,20 @@ def test_cross_entropy_keeps_bad_values_visible():
     assert np.isnan(np.array(loss)).all()  # a NaN logit; a target outside the vocabulary
 
 
+@pytest.mark.parametrize("gelu", [False, True])  # SwiGLU (silu), GeGLU (tanh GELU)
 @pytest.mark.parametrize("shape", [(3, 7, 50), (3, 7, 1000)])  # one chunk; 6 chunks split between threads
-def test_swiglu_and_its_gradient_match_float64(shape):
+def test_gates_and_their_gradients_match_float64(shape, gelu):
     a, b, cot = 4 * mx.random.normal(shape), mx.random.normal(shape), mx.random.normal(shape)
     A, B, C = f64(a), f64(b), f64(cot)
-    s = 1 / (1 + np.exp(-A))
-    np.testing.assert_allclose(np.array(kernels.swiglu(a, b)), A * s * B, atol=1e-5)
-    da, db = mx.grad(lambda a, b: (kernels.swiglu(a, b) * cot).sum(), argnums=(0, 1))(a, b)
-    np.testing.assert_allclose(np.array(da), C * B * s * (1 + A * (1 - s)), atol=1e-5)
-    np.testing.assert_allclose(np.array(db), C * A * s, atol=1e-5)
-    assert np.isnan(np.array(kernels.swiglu(mx.array([float("nan")]), mx.array([1.0])))).all()
+    act, slope = gate_float64(A, gelu)
+    np.testing.assert_allclose(np.array(kernels.gate(a, b, gelu)), act * B, atol=1e-5)
+    da, db = mx.grad(lambda a, b: (kernels.gate(a, b, gelu) * cot).sum(), argnums=(0, 1))(a, b)
+    np.testing.assert_allclose(np.array(da), C * B * slope, atol=1e-5)
+    np.testing.assert_allclose(np.array(db), C * act, atol=1e-5)
+    assert np.isnan(np.array(kernels.gate(mx.array([float("nan")]), mx.array([1.0]), gelu))).all()
+    # GeGLU is the tanh GELU MLX and transformers compute, not its sigmoid approximation
+    if gelu:
+        np.testing.assert_allclose(np.array(kernels.gate(a, b, True)), np.array(nn.gelu_approx(a) * b), atol=1e-5)
 
 
 @pytest.mark.parametrize("T,S", [(5, 9), (40, 40), (3, 100)])  # queries the last T of S positions; square; rows past 64 keys
@@ -212,8 +216,8 @@ def test_strided_views_are_read_as_their_values():
     x, w = mx.random.normal((48, 3)), mx.random.normal((5, 48))
     np.testing.assert_allclose(np.array(kernels.matvec(x.T, w)), f64(x).T @ f64(w).T, atol=1e-4)
     a, b = mx.random.normal((6, 4)), mx.random.normal((4,))
-    np.testing.assert_allclose(np.array(kernels.swiglu(a.T, mx.broadcast_to(b[:, None], (4, 6)))),
-                               np.array(kernels.swiglu(mx.array(np.array(a.T)), mx.repeat(b[:, None], 6, 1))))
+    np.testing.assert_allclose(np.array(kernels.gate(a.T, mx.broadcast_to(b[:, None], (4, 6)), False)),
+                               np.array(kernels.gate(mx.array(np.array(a.T)), mx.repeat(b[:, None], 6, 1), False)))
     q = mx.random.normal((1, 3, 4, 16))  # [B, T, N, H] -> [B, N, T, H], as the model does
     np.testing.assert_allclose(np.array(kernels.rope(q.transpose(0, 2, 1, 3), 16, True, 10000.0, 1.0, 2)),
                                rope_float64(q.transpose(0, 2, 1, 3), 16, True, 10000.0, 2), atol=2e-6)
@@ -310,7 +314,7 @@ def test_model_logits_with_and_without_kernels(weights, kernel_calls, plain_mlx)
         assert kernel_calls["matvecs"] == 2 * ARGS.n_layers and kernel_calls["matvec"] == n_linear - 5 * ARGS.n_layers
         # prompt: MLX's matmul, float16 weights widened first
         assert kernel_calls["to_float32"] == (n_linear if weights == "float16" else 0)
-    assert kernel_calls["swiglu"] == 2 * ARGS.n_layers
+    assert kernel_calls["gate"] == 2 * ARGS.n_layers
     # decoding only: norms (two a layer and the last), RoPE of queries and keys, attention
     assert kernel_calls["rms_norm"] == 2 * ARGS.n_layers + 1
     assert kernel_calls["rope"] == 2 * ARGS.n_layers and kernel_calls["attention"] == ARGS.n_layers

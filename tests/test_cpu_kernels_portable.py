@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import mlx.core as mx
-from helpers import attention_float64, f64, rope_float64
+from helpers import attention_float64, f64, gate_float64, rope_float64
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,18 +188,19 @@ def test_cross_entropy_keeps_bad_values_visible(portable):
     assert np.isnan(np.array(loss)).all()  # a NaN logit; a target outside the vocabulary
 
 
+@pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("shape", [(3, 7, 51), (3, 7, 1001)])  # one chunk; several, split between threads
-def test_swiglu_and_its_gradients(portable, native, shape):
+def test_gates_and_their_gradients(portable, native, shape, gelu):
     a, b, cot = 4 * mx.random.normal(shape), mx.random.normal(shape), mx.random.normal(shape)
     A, B, C = f64(a), f64(b), f64(cot)
-    s = 1 / (1 + np.exp(-A))
-    got, ref = both(portable, native, lambda kernels: kernels.swiglu(a, b))
-    close(got, A * s * B, ref, atol=1e-5)
+    act, slope = gate_float64(A, gelu)
+    got, ref = both(portable, native, lambda kernels: kernels.gate(a, b, gelu))
+    close(got, act * B, ref, atol=1e-5)
     got, ref = both(portable, native,
-                    lambda kernels: mx.grad(lambda a, b: (kernels.swiglu(a, b) * cot).sum(), argnums=(0, 1))(a, b))
-    close(got[0], C * B * s * (1 + A * (1 - s)), None if ref is None else ref[0], atol=1e-5)
-    close(got[1], C * A * s, None if ref is None else ref[1], atol=1e-5)
-    assert np.isnan(np.array(portable.swiglu(mx.array([float("nan")]), mx.array([1.0])))).all()
+                    lambda kernels: mx.grad(lambda a, b: (kernels.gate(a, b, gelu) * cot).sum(), argnums=(0, 1))(a, b))
+    close(got[0], C * B * slope, None if ref is None else ref[0], atol=1e-5)
+    close(got[1], C * act, None if ref is None else ref[1], atol=1e-5)
+    assert np.isnan(np.array(portable.gate(mx.array([float("nan")]), mx.array([1.0]), gelu))).all()
 
 
 @pytest.mark.parametrize("T,S", [(5, 9), (40, 40), (3, 100), (17, 301)])
