@@ -23,6 +23,7 @@ Shapes: B batch, T queries, S keys, N query heads, K key/value heads, H head dim
 import functools
 import os
 import sys
+from dataclasses import dataclass
 
 import utils  # noqa: F401  (fast BLAS before mlx.core)
 
@@ -30,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-KERNELS_API_VERSION = 3  # what this ops.py calls: bindings.cpp's API_VERSION
+KERNELS_API_VERSION = 4  # what this ops.py calls: bindings.cpp's API_VERSION
 
 
 def _load_kernels():
@@ -234,22 +235,70 @@ def rope(x_BNTH, theta, offset, scale=1.0, periods=None, traditional=True, dims=
                         scale=scale, offset=offset, freqs=periods)
 
 
+@dataclass(frozen=True)
+class Window:
+    """An attention mask: causal (the queries the last T of the S keys), each query seeing only
+    the last `size` keys up to its own (Mistral's and Gemma's windowed blocks)."""
+    size: int
+
+
+def dense_mask(mask, T, S):
+    """A mask as mx.fast's attention takes it: None, "causal", or a boolean (T, S) array for a Window."""
+    if not isinstance(mask, Window):
+        return mask
+    q_T1 = mx.arange(S - T, S)[:, None]
+    k_1S = mx.arange(S)[None]
+    return (k_1S <= q_T1) & (k_1S > q_T1 - mask.size)
+
+
 def attention(q_BNTH, k_BKSH, v_BKSH, scale, mask):
     """softmax(scale * q k^T + mask) v; grouped-query attention (K < N) included.
-    mask: None (every query sees every key), "causal", or a boolean (T, S) array."""
+    mask: None (every query sees every key), "causal", or a Window."""
     if mask is None and _applies(q_BNTH, k_BKSH, v_BKSH, rows=q_BNTH.shape[2]):
         return kernels.attention(q_BNTH, k_BKSH, v_BKSH, scale)
-    if isinstance(mask, str) and mask == "causal" and _applies(q_BNTH, k_BKSH, v_BKSH):
-        return _causal_attention(q_BNTH, k_BKSH, v_BKSH, scale)
-    return mx.fast.scaled_dot_product_attention(q_BNTH, k_BKSH, v_BKSH, scale=scale, mask=mask)
+    if mask is not None and _applies(q_BNTH, k_BKSH, v_BKSH):
+        return _causal_attention(q_BNTH, k_BKSH, v_BKSH, scale, _window(mask))
+    T, S = q_BNTH.shape[2], k_BKSH.shape[2]
+    return mx.fast.scaled_dot_product_attention(q_BNTH, k_BKSH, v_BKSH, scale=scale, mask=dense_mask(mask, T, S))
 
 
-def _causal_attention(q_BNTH, k_BKSH, v_BKSH, scale):
-    """Many queries (training, prompts): both products in BLAS, the masked softmax one
-    multi-threaded kernel each way."""
+def _window(mask):
+    return mask.size if isinstance(mask, Window) else 0  # the kernel's 0: no window
+
+
+def softcapped_attention(q_BNTH, k_BKSH, v_BKSH, scale, cap, mask):
+    """softmax(cap tanh(scale q k^T / cap) + mask) v (Gemma 2's scores): the products in BLAS,
+    the cap one fused pass, and for a causal mask the masked softmax on the kernel."""
+    B, N, T, H = q_BNTH.shape
+    K, S = k_BKSH.shape[1:3]
+    s_BKGTS = (q_BNTH.reshape(B, K, N // K, T, H) @ k_BKSH[:, :, None].swapaxes(-1, -2))
+    s_BKGTS = soft_cap(s_BKGTS, cap, scale)
+    if mask is not None and _applies(s_BKGTS):
+        p_BKGTS = kernels.causal_softmax(s_BKGTS, 1.0, _window(mask))
+    else:
+        if mask is not None:
+            allowed_TS = dense_mask(Window(S) if mask == "causal" else mask, T, S)
+            s_BKGTS = mx.where(allowed_TS, s_BKGTS, -mx.inf)
+        p_BKGTS = mx.softmax(s_BKGTS.astype(mx.float32), axis=-1).astype(v_BKSH.dtype)
+    return (p_BKGTS @ v_BKSH[:, :, None]).reshape(B, N, T, H)
+
+
+def soft_cap(x, cap, scale=1.0):
+    """cap * tanh(scale * x / cap), Gemma 2's soft cap of scores and logits: one fused pass."""
+    return _soft_cap(x, mx.array(scale / cap, x.dtype), mx.array(cap, x.dtype))
+
+
+@functools.partial(mx.compile, shapeless=True)
+def _soft_cap(x, inner, cap):
+    return cap * mx.tanh(x * inner)
+
+
+def _causal_attention(q_BNTH, k_BKSH, v_BKSH, scale, window=0):
+    """Many queries (training, prompts): both products in BLAS, the masked softmax (causal,
+    within `window` keys if > 0) one multi-threaded kernel each way."""
     B, N, T, H = q_BNTH.shape
     K, S = k_BKSH.shape[1:3]
     q_BKQH = q_BNTH.reshape(B, K, -1, H)  # Q = N // K * T: the query heads of one KV head, stacked
     s_BKQS = q_BKQH @ k_BKSH.swapaxes(-1, -2)
-    p_BKQS = kernels.causal_softmax(s_BKQS.reshape(B, K, N // K, T, S), scale).reshape(B, K, -1, S)
+    p_BKQS = kernels.causal_softmax(s_BKQS.reshape(B, K, N // K, T, S), scale, window).reshape(B, K, -1, S)
     return (p_BKQS @ v_BKSH).reshape(B, N, T, H)

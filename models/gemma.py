@@ -84,16 +84,7 @@ class SoftCappedAttention(Attention):
         self.softcap = softcap
 
     def attend(self, q_BNTH, k_BKSH, v_BKSH, mask):
-        B, N, T, H = q_BNTH.shape
-        K, S = k_BKSH.shape[1:3]
-        q_BKGTH = q_BNTH.reshape(B, K, N // K, T, H)
-        s_BKGTS = (q_BKGTH * self.scale) @ k_BKSH[:, :, None].swapaxes(-1, -2)
-        s_BKGTS = self.softcap * mx.tanh(s_BKGTS / self.softcap)
-        if mask is not None:
-            allowed_TS = mx.tril(mx.ones((T, S), mx.bool_), k=S - T) if isinstance(mask, str) else mask
-            s_BKGTS = mx.where(allowed_TS, s_BKGTS, -mx.inf)
-        p_BKGTS = mx.softmax(s_BKGTS.astype(mx.float32), axis=-1).astype(v_BKSH.dtype)
-        return (p_BKGTS @ v_BKSH[:, :, None]).reshape(B, N, T, H)
+        return ops.softcapped_attention(q_BNTH, k_BKSH, v_BKSH, self.scale, self.softcap, mask)
 
 
 class PostNormBlock(nn.Module):
@@ -138,7 +129,7 @@ class GemmaDecoder(Decoder):
 
     def final_logits(self, logits_BTV):
         cap = self.args.final_logit_softcapping
-        return logits_BTV if not cap else cap * mx.tanh(logits_BTV / cap)
+        return logits_BTV if not cap else ops.soft_cap(logits_BTV, cap)
 
 
 class Model(GemmaDecoder):

@@ -131,15 +131,17 @@ def test_gates_and_their_gradients_match_float64(shape, gelu):
         np.testing.assert_allclose(np.array(kernels.gate(a, b, True)), np.array(nn.gelu_approx(a) * b), atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [0, 1, 7])  # none; each query itself alone; a window of 7 keys
 @pytest.mark.parametrize("T,S", [(5, 9), (40, 40), (3, 100)])  # queries the last T of S positions; square; rows past 64 keys
-def test_causal_softmax_and_its_gradient_match_float64(T, S):
+def test_causal_softmax_and_its_gradient_match_float64(T, S, window):
     x, cot = 3 * mx.random.normal((2, 3, T, S)), mx.random.normal((2, 3, T, S))
     X, C = 0.7 * f64(x), f64(cot)
-    seen = np.arange(S)[None] <= np.arange(T)[:, None] + S - T  # [T, S]
-    e = np.where(seen, np.exp(X - X.max(-1, keepdims=True)), 0.0)
+    last = np.arange(T)[:, None] + S - T  # [T, 1]: the last key each query sees
+    seen = (np.arange(S)[None] <= last) & ((np.arange(S)[None] > last - window) if window else True)  # [T, S]
+    e = np.where(seen, np.exp(np.where(seen, X, -np.inf) - np.where(seen, X, -np.inf).max(-1, keepdims=True)), 0.0)
     P = e / e.sum(-1, keepdims=True)
-    np.testing.assert_allclose(np.array(kernels.causal_softmax(x, 0.7)), P, atol=1e-6)
-    grad = mx.grad(lambda x: (kernels.causal_softmax(x, 0.7) * cot).sum())(x)
+    np.testing.assert_allclose(np.array(kernels.causal_softmax(x, 0.7, window)), P, atol=1e-6)
+    grad = mx.grad(lambda x: (kernels.causal_softmax(x, 0.7, window) * cot).sum())(x)
     np.testing.assert_allclose(np.array(grad), 0.7 * P * (C - (P * C).sum(-1, keepdims=True)), atol=1e-6)
 
 
