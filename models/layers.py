@@ -206,16 +206,13 @@ def attention_mask(T, offset, window):
     Returns None when every query sees every key; "causal" when the keys are all
     positions up to the last query's, none out of the window (MLX's causal mask takes
     the queries as the last T of the S keys: a prompt, or its continuation after
-    earlier tokens); else a boolean (T, S) array.
+    earlier tokens); else ops.Window(W): causal, within the last W keys.
     """
-    start = 0 if window is None else max(0, offset - window + 1)
     if T == 1:
         return None
     if window is None or offset + T <= window:
         return "causal"
-    q_T1 = mx.arange(offset, offset + T)[:, None]
-    k_1S = mx.arange(start, offset + T)[None]
-    return (k_1S <= q_T1) & (k_1S > q_T1 - window)
+    return ops.Window(window)
 
 
 class Decoder(nn.Module):
@@ -298,3 +295,9 @@ def count_parameters(model):
             total += unpacked - module.weight.size - module.scales.size - module.biases.size
     trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
     return total, trainable
+
+
+def rope_dims(config):
+    """How many of each head's dims RoPE turns (of a config dict): the first partial_rotary_factor
+    of them where the config says (Phi-3's 0.75), else all; transformers rounds down the same way."""
+    return int(config["head_dim"] * (config.get("partial_rotary_factor") or 1.0))
