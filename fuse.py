@@ -195,7 +195,10 @@ def probe_logits(source, config, tokens_BT, adapted=None):
     # The family's model, its own methods run one block at a time; its random initial weights
     # are never evaluated (MLX is lazy), each block's come from `source` just before it runs.
     model = models.build(args)
-    model.tok_embeddings.weight = source.tensor("tok_embeddings.weight").astype(mx.float32)
+    # The weights outside the blocks but the output layer (read in slices below): the embeddings
+    # (GPT-2's positions' too) and the final norm
+    model.update(tree_unflatten([(key, source.tensor(key).astype(mx.float32)) for key, _ in tree_flatten(
+        model.parameters()) if not key.startswith(("layers.", "output."))]))
     h_BTD = model.embed(mx.array(tokens_BT))
     masks = model.masks(h_BTD.shape[1], 0)
     for i, block in enumerate(model.layers):
@@ -206,8 +209,6 @@ def probe_logits(source, config, tokens_BT, adapted=None):
         h_BTD = model.run_block(i, block, h_BTD, masks)
         mx.eval(h_BTD)
         model.layers[i] = None  # its weights go before the next block's come
-    model.norm.update(tree_unflatten([(name, source.tensor(f"norm.{name}").astype(mx.float32))
-                                      for name, _ in tree_flatten(model.norm.parameters())]))
     h_BTD = model.norm(h_BTD)
     output_VD = source.tensor("tok_embeddings.weight" if args.tie_word_embeddings else "output.weight")
     # In slices of the vocabulary: a large one's float32 copy is never whole

@@ -2,13 +2,15 @@
 model.safetensors.index.json) or pytorch_model*.bin; the tokenizer's files beside them.
 
 Supported: the model_types of models.FAMILIES (LLaMA 1/2/3.x, Code Llama, TinyLlama,
-SmolLM/SmolLM2, Mistral, Qwen2/2.5, Qwen3). config.json is read in both the classic
-layout (rope_theta, rope_scaling) and transformers 5's (rope_parameters); each family's
-names come from its table (models/).
+SmolLM/SmolLM2, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3, Phi-3/3.5/4-mini, GPT-2). config.json is
+read in both the classic layout (rope_theta, rope_scaling) and transformers 5's
+(rope_parameters); each family's names come from its table (models/).
 
 Hugging Face stores each head's query and key rows with the two halves of every
 RoPE pair apart (its rotate_half RoPE); for LLaMA this toolkit keeps Meta's interleaved
 order, so those rows are put back as they are read (the table's rope_heads says which).
+GPT-2's checkpoints hold its linears' weights as Conv1D, [in, out]: transposed as they are read
+and written (the table's hf_transposed).
 """
 
 import math
@@ -50,10 +52,14 @@ class Checkpoint:
 
     def _our_names(self):
         names = {}
+        of = family(self.config)
+        base = getattr(of, "HF_BASE_PREFIX", None)  # GPT-2's checkpoints saved without it
         for hf_name, file in self.files.items():
             ours = self.table.rename(hf_name, "hf", "ours")
+            if ours is None and base is not None:
+                ours = self.table.rename(base + hf_name, "hf", "ours")
             if ours is None:
-                if not hf_name.endswith(IGNORED_SUFFIXES):
+                if not hf_name.endswith(IGNORED_SUFFIXES + getattr(of, "HF_IGNORED", ())):
                     raise UserError(f"{file.path}: unexpected tensor '{hf_name}' (not a weight of a "
                                     f"{self.config.get('model_type', 'llama')} model)")
                 continue
@@ -71,8 +77,9 @@ class Checkpoint:
             hf_name = self.names[key]
             file = self.files[hf_name]
             got, dtype = file.shape_and_dtype(hf_name)
-            if tuple(got) != tuple(shape):
-                raise UserError(f"{file.path}: {hf_name} has shape {tuple(got)}, expected {tuple(shape)} from "
+            shape = hf_shape(key, self.table.weight(key), shape)
+            if tuple(got) != shape:
+                raise UserError(f"{file.path}: {hf_name} has shape {tuple(got)}, expected {shape} from "
                                 "config.json")
             if dtype is None:
                 raise UserError(f"{file.path}: {hf_name} is not a float tensor")
@@ -81,8 +88,9 @@ class Checkpoint:
         return self.files[self.names[key]].shape_and_dtype(self.names[key])[1]
 
     def tensor(self, key):
-        hf_name = self.names[key]
-        return our_rows(self.files[hf_name].array(hf_name), self.table.weight(key), self.config)
+        hf_name, weight = self.names[key], self.table.weight(key)
+        w = self.files[hf_name].array(hf_name)
+        return our_rows(w.T if transposed(key, weight) else w, weight, self.config)
 
     def quantization(self, key):
         return None  # Hugging Face folders hold floats here
@@ -98,6 +106,17 @@ class Checkpoint:
         if template is not None:
             with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
                 f.write(template)
+
+
+def transposed(key, weight):
+    """Whether Hugging Face holds tensor `key` of `weight` transposed: GPT-2's Conv1D weights, [in, out]
+    (not their biases)."""
+    return weight.hf_transposed and key.endswith(".weight")
+
+
+def hf_shape(key, weight, shape):
+    """Tensor `key`'s shape (ours) as Hugging Face holds it."""
+    return tuple(shape)[::-1] if transposed(key, weight) else tuple(shape)
 
 
 def our_rows(w_O_, weight, config):
@@ -138,7 +157,7 @@ def model_config(hf, path):
     config = {"dim": dim, "n_layers": _number(hf, "num_hidden_layers", path), "n_heads": n_heads,
               "n_kv_heads": _number(hf, "num_key_value_heads", path, default=n_heads),
               "head_dim": _number(hf, "head_dim", path, default=dim // n_heads),
-              "hidden_dim": _number(hf, "intermediate_size", path),
+              "hidden_dim": _number(hf, "intermediate_size", path, default=None),  # GPT-2's from_hf defaults it
               "norm_eps": _number(hf, "rms_norm_eps", path, float, default=1e-6),
               "vocab_size": _number(hf, "vocab_size", path),
               "rope_theta": _number(rope if "rope_theta" in rope else hf, "rope_theta", path, float, default=10000.0),
@@ -148,15 +167,18 @@ def model_config(hf, path):
     if FAMILIES[kind] is not FAMILIES["llama"]:  # LLaMA's folders never said
         config["model_type"] = kind
     config.update(hook(FAMILIES[kind], "from_hf")(hf, path))
+    if config["hidden_dim"] is None:
+        raise UserError(f"{path}: missing 'intermediate_size'")
     scaling = rope_scaling(hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None),
-                           path)
+                           path, hf)
     if scaling is not None:
         config["rope_scaling"] = scaling
     return config
 
 
-def rope_scaling(scaling, path):
-    """Hugging Face's RoPE scaling as this toolkit's, or None for none; others refused by name."""
+def rope_scaling(scaling, path, hf):
+    """Hugging Face's RoPE scaling (of config.json `hf`) as this toolkit's, or None for none; others
+    refused by name."""
     if scaling is None:
         return None
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -167,7 +189,31 @@ def rope_scaling(scaling, path):
     if kind == "llama3":
         return {"rope_type": "llama3", **{k: scaling.get(k) for k in (
             "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
-    raise UserError(f"{path}: rope scaling '{kind}' is not supported (supported: llama3, linear)")
+    if kind in ("longrope", "su"):  # su: Phi-3's first configs' name for it
+        return longrope_scaling(scaling, path, hf)
+    raise UserError(f"{path}: rope scaling '{kind}' is not supported (supported: llama3, linear, longrope)")
+
+
+def longrope_scaling(scaling, path, hf):
+    """LongRoPE as transformers reads it: Phi-3's original_max_position_embeddings at the top (else
+    the scaling's), and the turned dims' scale the scaling gives, else the one of the factor it
+    gives, else of max_position_embeddings / original (all Phi-3's configs say)."""
+    original = (_number(hf, "original_max_position_embeddings", path, default=None)
+                or _number(scaling, "original_max_position_embeddings", path))
+    attention = _number(scaling, "attention_factor", path, float, default=None)
+    if attention is None:
+        factor = (_number(scaling, "factor", path, float, default=None)
+                  or _number(hf, "max_position_embeddings", path) / original)
+        attention = longrope_attention(factor, original)
+    return {"rope_type": "longrope", "short_factor": scaling.get("short_factor"),
+            "long_factor": scaling.get("long_factor"), "original_max_position_embeddings": original,
+            "attention_factor": attention}
+
+
+def longrope_attention(factor, original):
+    """LongRoPE's scale of the turned dims for a context `factor` times the original (transformers',
+    llama.cpp's converter's); 1 where the original context is a single position."""
+    return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 and original > 1 else 1.0
 
 
 def _number(config, key, path, kind=int, default=...):
@@ -322,12 +368,14 @@ def write(checkpoint, folder, dtype):
     names = {key: table.rename(key, "ours", "hf") for key in checkpoint.shapes}
 
     def hf_tensor(key):
-        return hf_rows(checkpoint.tensor(key), table.weight(key), config).astype(out_dtype)
+        w = hf_rows(checkpoint.tensor(key), table.weight(key), config)
+        return (w.T if transposed(key, table.weight(key)) else w).astype(out_dtype)
 
     weight_map = {}
     sizes = {key: math.prod(shape) * out_dtype.size for key, shape in checkpoint.shapes.items()}
     for shard, keys in shard_plan(sizes).items():
-        write_file(os.path.join(folder, shard), [(names[k], out_dtype, checkpoint.shapes[k]) for k in keys],
+        write_file(os.path.join(folder, shard),
+                   [(names[k], out_dtype, hf_shape(k, table.weight(k), checkpoint.shapes[k])) for k in keys],
                    (hf_tensor(k) for k in keys))
         weight_map.update({names[k]: shard for k in keys})
     total = sum(math.prod(s) * out_dtype.size for s in checkpoint.shapes.values())
@@ -349,7 +397,8 @@ def hf_config(config, dtype):
            "num_attention_heads": config["n_heads"], "num_key_value_heads": config["n_kv_heads"],
            "head_dim": config["head_dim"], "intermediate_size": config["hidden_dim"],
            "rms_norm_eps": config["norm_eps"], "vocab_size": config["vocab_size"],
-           "rope_theta": config["rope_theta"], "rope_scaling": _hf_rope_scaling(config.get("rope_scaling")),
+           "rope_theta": config["rope_theta"],
+           "rope_scaling": _hf_rope_scaling(config.get("rope_scaling"), config.get("context_length") or 4096),
            "max_position_embeddings": config.get("context_length") or 4096,
            "tie_word_embeddings": bool(config.get("tie_word_embeddings")), **family(config).HF_CONSTANTS,
            "bos_token_id": config.get("bos_token_id"), "eos_token_id": ends[0] if len(ends) == 1 else ends,
@@ -359,9 +408,15 @@ def hf_config(config, dtype):
     return out
 
 
-def _hf_rope_scaling(scaling):
+def _hf_rope_scaling(scaling, context):
     if scaling is None:
         return None
+    if scaling["rope_type"] == "longrope":
+        # Phi-3's three keys, all transformers 4 takes; the scale only where the context does not imply it
+        original = scaling["original_max_position_embeddings"]
+        implied = math.isclose(longrope_attention(context / original, original), scaling["attention_factor"])
+        return {"type": "longrope", "short_factor": scaling["short_factor"], "long_factor": scaling["long_factor"],
+                **({} if implied else {"attention_factor": scaling["attention_factor"]})}
     return dict(scaling, type=scaling["rope_type"])  # older transformers read "type"
 
 

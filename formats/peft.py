@@ -8,7 +8,8 @@ lora_B is [out, r] (our B is [r, out]); the update is (lora_alpha / r) B A, ours
 (alpha / rank) (A B)^T: the same. The query and key rows of lora_B are in Hugging
 Face's order, which keeps the two halves of every RoPE pair apart; ours are Meta's.
 DoRA adds a magnitude per output row (`...q_proj.lora_magnitude_vector`, [out]), in the
-same row order as lora_B.
+same row order as lora_B. On GPT-2's Conv1D modules, whose weights are [in, out], PEFT's
+matrices are the same; its config says fan_in_fan_out.
 """
 
 import dataclasses
@@ -29,8 +30,9 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # before the Hugging Face name of the module adapted
 # PEFT's names of the arrays of an adapted module, and ours.
 PEFT_MATRICES = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b", "lora_magnitude_vector": "magnitude"}
-# PEFT's keys whose other values change what the adapters compute, and the one value supported here.
-ONLY = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False}
+# PEFT's keys whose other values change what the adapters compute, and the one value supported here
+# (fan_in_fan_out: that of the family, fan_in_fan_out()).
+ONLY = {"peft_type": "LORA", "bias": "none"}
 # PEFT's keys for per-module ranks and alphas and for whole modules saved beside the adapters: empty here.
 EMPTY = ("rank_pattern", "alpha_pattern", "modules_to_save")
 # Our AdapterConfig's keys as PEFT spells them, so that its checks name the key of the file.
@@ -44,8 +46,13 @@ def is_peft_folder(path):
 
 def hf_module(table, linear):
     """The Hugging Face module name of one of a block's linears (of a family's NameTable), as
-    PEFT's target_modules spell it: q_proj."""
-    return table.rename(table.target_path(0, linear) + ".weight", "ours", "hf").split(".")[-2]
+    PEFT's target_modules spell it: q_proj (GPT-2's attn.c_proj: c_proj alone names two)."""
+    return next(name for name, ours in table.hf_linears.items() if ours == linear)
+
+
+def fan_in_fan_out(table):
+    """PEFT's flag for modules whose weights are [in, out] (GPT-2's Conv1D): it sets it for them itself."""
+    return any(w.hf_transposed for w in table.block if w.linear)
 
 
 def peft_module(table, module):
@@ -74,8 +81,8 @@ def write(folder, config: AdapterConfig, arrays, model_config, base_model_name):
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
                    "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
                    "target_modules": [hf_module(table, t) for t in config.targets], "layers_to_transform": layers,
-                   "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": config.type == "dora",
-                   "inference_mode": True, "modules_to_save": None}
+                   "bias": "none", "fan_in_fan_out": fan_in_fan_out(table), "use_rslora": False,
+                   "use_dora": config.type == "dora", "inference_mode": True, "modules_to_save": None}
     write_json(os.path.join(folder, CONFIG), peft_config)
 
 
@@ -125,7 +132,7 @@ def _expected_tensors(config, model_config, table):
 
 def _adapter_config(peft, path, n_layers, table):
     """The AdapterConfig of a PEFT configuration, every key it reads checked: a UserError naming the key."""
-    for key, value in ONLY.items():
+    for key, value in dict(ONLY, fan_in_fan_out=fan_in_fan_out(table)).items():
         if key in peft and (type(peft[key]) is not type(value) or peft[key] != value):
             raise UserError(f"{path}: '{key}': {peft[key]!r} is not supported (only {json.dumps(value)})")
     for key in EMPTY:
@@ -150,17 +157,18 @@ def _flag(peft, key, path):
 
 
 def _targets(modules, path, table):
-    """Our names of PEFT's target_modules (q_proj: wq), each a module we adapt, named once."""
-    ours = {hf_module(table, t): t for t in table.parts}  # q_proj: wq
+    """Our names of PEFT's target_modules (q_proj: wq), each named once: each the end of a module path,
+    adapting every linear it ends, as PEFT matches them (GPT-2's c_proj: both)."""
     if not isinstance(modules, list) or not modules:
         raise UserError(f"{path}: 'target_modules' must be a list of module names, got {modules!r}")
-    unknown = [m for m in modules if not isinstance(m, str) or m not in ours]
+    unknown = [m for m in modules if not isinstance(m, str) or not table.matching(m)]
     if unknown:
         raise UserError(f"{path}: 'target_modules': cannot map the modules {', '.join(map(repr, unknown))} "
-                        f"(supported: {', '.join(ours)})")
+                        f"(supported: {', '.join(table.hf_linears)})")
     if (twice := repeated(modules)) is not None:
         raise UserError(f"{path}: 'target_modules' names {twice!r} twice")
-    return [t for t in table.parts if hf_module(table, t) in modules]
+    adapted = {linear for m in modules for linear in table.matching(m)}
+    return [t for t in table.parts if t in adapted]
 
 
 def _n_layers_adapted(layers, path, n_layers):

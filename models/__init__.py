@@ -6,6 +6,9 @@
     llama.py        LLaMA / Mistral: ModelArgs, Model, and its NAMES table
     qwen2.py        Qwen2 / Qwen2.5: q, k, v biases
     qwen3.py        Qwen3: q and k norms
+    fused.py        the attention whose q, k, v projections are one linear (Phi-3's, GPT-2's)
+    phi3.py         Phi-3 / 3.5 / 4-mini: fused projections, partial rotary, LongRoPE
+    gpt2.py         GPT-2: position embeddings, LayerNorm, biases, Conv1D weights in Hugging Face's
     config.py       a model configuration checked (model_args, checked_shapes), for every reader
     lora_layers.py  LoRA and DoRA, their AdapterConfig, and apply_lora
 """

@@ -8,10 +8,12 @@ from dataclasses import MISSING, fields
 import utils
 from utils import UserError
 
-from models import gemma, gemma2, gemma3, llama, qwen2, qwen3
+from models import gemma, gemma2, gemma3, gpt2, llama, phi3, qwen2, qwen3
+from models.layers import rope_dims
 
 # Every family, by the model_type a config names (none: LLaMA, as folders before families were).
-FAMILIES = {kind: family for family in (llama, qwen2, qwen3, gemma, gemma2, gemma3) for kind in family.MODEL_TYPES}
+FAMILIES = {kind: family for family in (llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3, gpt2)
+            for kind in family.MODEL_TYPES}
 
 
 # The numbers of config.json the model uses: (type, lowest, highest). The bounds keep a
@@ -22,7 +24,8 @@ CONFIG_KEYS = {
     "vocab_size": (int, 1, 2**22), "rope_theta": (float, 1.0, 1e12), "sliding_window": (int, 1, 2**31),
     "context_length": (int, 1, 2**31),
 }
-# What each supported RoPE scaling needs: (key, type, lowest, highest).
+# What each RoPE scaling every family's RoPE computes needs: (key, type, lowest, highest); a family
+# adds those only its own computes (its ROPE_SCALINGS). A type `list`: one number a turned pair.
 ROPE_SCALINGS = {
     "linear": [("factor", float, 1e-3, 1e6)],
     "llama3": [("factor", float, 1.0, 1e6), ("low_freq_factor", float, 1e-6, 1e6),
@@ -40,8 +43,9 @@ def family(config, source="config.json"):
 
 
 def hook(of, name):
-    """A family's optional hook (from_hf, to_hf, from_gguf, to_gguf): what its formats' readers and
-    writers call for the config keys only that family has; none for LLaMA's and Qwen's."""
+    """A family's optional hook (from_hf, to_hf, from_gguf, to_gguf, gguf_tensors): what its formats'
+    readers and writers call for the config keys (and GGUF tensors) only that family has; none for
+    LLaMA's and Qwen's."""
     return getattr(of, name, _NO_KEYS)
 
 
@@ -59,7 +63,7 @@ def model_args(config, source="config.json"):
     of = family(config, source)
     ModelArgs = of.ModelArgs
     names = {f.name: f for f in fields(ModelArgs)}
-    missing = [name for name, f in names.items() if f.default is MISSING and name not in config]
+    missing = [name for name, f in names.items() if f.default is MISSING and config.get(name) is None]
     if missing:
         raise UserError(f"{source}: missing key(s) {', '.join(missing)}")
     keys = {**CONFIG_KEYS, **getattr(of, "CONFIG_KEYS", {})}
@@ -67,7 +71,6 @@ def model_args(config, source="config.json"):
               for name in keys if config.get(name) is not None}
     if "model_type" in config:
         values["model_type"] = config["model_type"]
-    values["rope_scaling"] = rope_scaling(config.get("rope_scaling"), source)
     tie = config.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise UserError(f"{source}: 'tie_word_embeddings' must be true or false, got {tie!r}")
@@ -76,20 +79,36 @@ def model_args(config, source="config.json"):
         raise UserError(f"{source}: n_heads {args.n_heads} is not a multiple of n_kv_heads {args.n_kv_heads}")
     if args.head_dim % 2:
         raise UserError(f"{source}: head_dim {args.head_dim} is odd: RoPE turns pairs")
+    turned = rope_dims(vars(args))
+    if turned % 2 or not turned:
+        raise UserError(f"{source}: partial_rotary_factor {args.partial_rotary_factor} turns {turned} of each "
+                        f"head's {args.head_dim} dims: RoPE turns pairs")
+    scalings = {**ROPE_SCALINGS, **getattr(of, "ROPE_SCALINGS", {})}
+    args.rope_scaling = rope_scaling(config.get("rope_scaling"), source, scalings, turned // 2)
     return args
 
 
-def rope_scaling(scaling, source):
-    """A RoPE scaling block checked ({"rope_type": ..., its numbers}), or None."""
+def rope_scaling(scaling, source, scalings, pairs):
+    """A RoPE scaling block checked ({"rope_type": ..., its numbers}), or None: one of `scalings`, its
+    lists of `pairs` numbers."""
     if scaling is None:
         return None
     kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
-    if kind not in ROPE_SCALINGS:
-        raise UserError(f"{source}: 'rope_scaling' must be {' or '.join(ROPE_SCALINGS)} with its numbers, "
-                        f"got {scaling!r}")
-    return {"rope_type": kind, **{key: utils.checked_number(scaling.get(key), kind_, low, high,
-                                                            f"{source}: 'rope_scaling.{key}'")
-                                  for key, kind_, low, high in ROPE_SCALINGS[kind]}}
+    if kind not in scalings:
+        raise UserError(f"{source}: 'rope_scaling' must be {' or '.join(scalings)} with its numbers, "
+                        f"got {str(scaling)[:200]}")
+    return {"rope_type": kind, **{key: _checked(scaling.get(key), kind_, low, high, f"{source}: 'rope_scaling.{key}'",
+                                                pairs) for key, kind_, low, high in scalings[kind]}}
+
+
+def _checked(value, kind, low, high, where, pairs):
+    """A number of a RoPE scaling, or, for a `list`, its number for each of `pairs` turned pairs."""
+    if kind is not list:
+        return utils.checked_number(value, kind, low, high, where)
+    if not isinstance(value, list) or len(value) != pairs:
+        raise UserError(f"{where} must be a list of {pairs} numbers (one a turned pair of a head), got "
+                        f"{str(value)[:100]}")
+    return [utils.checked_number(x, float, low, high, f"{where}[{i}]") for i, x in enumerate(value)]
 
 
 def checked_shapes(config, source):

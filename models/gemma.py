@@ -119,7 +119,7 @@ class GemmaDecoder(Decoder):
     """Embeddings scaled by sqrt(dim) (rounded to the weights' type, as transformers does), windows
     by the config's pattern, the final logits soft-capped where it says."""
 
-    def embed(self, tokens_BT):
+    def embed(self, tokens_BT, offset=0):
         h_BTD = self.tok_embeddings(tokens_BT)
         return h_BTD * mx.array(self.args.dim ** 0.5, dtype=h_BTD.dtype)
 

@@ -233,13 +233,14 @@ class Decoder(nn.Module):
     def window(self, index):
         return self.args.sliding_window
 
-    def embed(self, tokens_BT):
+    def embed(self, tokens_BT, offset=0):
+        """The tokens' vectors; `offset`, the position of the first (GPT-2 embeds positions too)."""
         return self.tok_embeddings(tokens_BT)
 
     def __call__(self, tokens_BT, cache=None):
         offset = 0 if cache is None else cache[0].offset
         masks = self.masks(tokens_BT.shape[1], offset)
-        h_BTD = self.embed(tokens_BT)
+        h_BTD = self.embed(tokens_BT, offset)
         for i, layer in enumerate(self.layers):
             h_BTD = self.run_block(i, layer, h_BTD, masks, cache)
         return self.logits(self.norm(h_BTD))

@@ -146,6 +146,8 @@ class DoRALinear(LoRALinear):
         y = self.linear(x)
         dropped = self.dropout(x)  # x itself when not training
         base = y if dropped is x else self.linear(dropped)
+        if "bias" in self.linear:  # as PEFT: the product is rescaled, the bias is not (what the fold keeps)
+            base = base - self.linear.bias
         z = (dropped @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
         return y + ((rescale_O - 1) * base + rescale_O * (self.scale * z)).astype(y.dtype)
 

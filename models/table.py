@@ -59,17 +59,17 @@ class NameTable:
         module path that names it alone (q_proj; GPT-2's attn.c_proj and mlp.c_proj), as PEFT's
         target_modules spell them."""
         names = {}
-        for w in filter(lambda w: w.linear, self.block):
-            parts = w.hf.split(".")
-            ends = (".".join(parts[-n:]) for n in range(1, len(parts) + 1))
-            names[next(end for end in ends if self.matching(end) == [w.ours.split(".")[1]])] = w.ours.split(".")[1]
+        for w in self.block:
+            if w.linear:
+                parts = w.hf.split(".")
+                ends = (".".join(parts[-n:]) for n in range(1, len(parts) + 1))
+                names[next(end for end in ends if self.matching(end) == [_linear_name(w)])] = _linear_name(w)
         return names
 
     def matching(self, name):
         """Our names of the linears whose Hugging Face module path in a block is `name` or ends in
         `.name`: the ones PEFT adapts for that target_modules entry (c_proj: both of GPT-2's)."""
-        return [w.ours.split(".")[1] for w in self.block
-                if w.linear and (w.hf == name or w.hf.endswith("." + name))]
+        return [_linear_name(w) for w in self.block if w.linear and (w.hf == name or w.hf.endswith("." + name))]
 
     def target_path(self, layer_index, linear):
         """Where `linear` of block `layer_index` lives in the module tree: layers.N.attention.wq."""
@@ -128,6 +128,11 @@ class NameTable:
         if match and match[2] in block:
             return int(match[1]), block[match[2]], suffix
         return None
+
+
+def _linear_name(weight):
+    """A linear's name in its part: wq of attention.wq."""
+    return weight.ours.split(".")[1]
 
 
 def _name_pattern(prefix):

@@ -47,6 +47,18 @@ FLAVOURS = {
                         query_pre_attn_scalar=256, sliding_window=8),
     "gemma3_gguf": dict(model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=2, head_dim=256,
                         query_pre_attn_scalar=256, sliding_window=8),
+    # Phi-3: fused q/k/v and gate/up, RoPE on half of each head, LongRoPE (factors drawn from 1 to 4, an
+    # original context of 16 that the test sequences pass), a window shorter than them; no padding id
+    # (Phi3Config's 32000 lies outside the tiny vocabulary)
+    "phi3": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5,
+                 original_max_position_embeddings=16, sliding_window=24, pad_token_id=None,
+                 rope_scaling={"rope_type": "longrope", "short_factor": [1.26, 1.71, 3.4, 2.75],
+                               "long_factor": [1.28, 2.3, 2.44, 1.48]}),
+    # Phi-3 as transformers' GGUF loader reads it: whole heads turned, no LongRoPE, no window
+    "phi3_gguf": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=2, pad_token_id=None),
+    # GPT-2: position embeddings, LayerNorm, biases, Conv1D; its config's own keys (make_hf_model), the
+    # n_positions (1024) and n_inner (4 n_embd) transformers' GGUF loader assumes
+    "gpt2": dict(model_type="gpt2", num_attention_heads=4),
 }
 
 
@@ -57,10 +69,12 @@ def make_hf_model(folder, flavour="llama", vocab_size=320, hidden_size=64, inter
     from transformers import AutoConfig, AutoModelForCausalLM
 
     settings = dict(FLAVOURS[flavour], **overrides)
-    config = AutoConfig.for_model(settings.pop("model_type"), vocab_size=vocab_size, hidden_size=hidden_size,
-                                  intermediate_size=intermediate_size, num_hidden_layers=n_layers,
-                                  max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                                  **settings)
+    kind = settings.pop("model_type")
+    # GPT-2's config has none of these (a key it does not know would be saved, and read before its own)
+    llama_keys = {} if kind == "gpt2" else dict(intermediate_size=intermediate_size, max_position_embeddings=256,
+                                                rms_norm_eps=1e-5)
+    config = AutoConfig.for_model(kind, vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=n_layers,
+                                  bos_token_id=1, eos_token_id=2, **llama_keys, **settings)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float().eval()

@@ -53,7 +53,7 @@ def drop_qk_norms(model):
 
 
 def unscaled_embeddings(model):
-    object.__setattr__(model, "embed", model.tok_embeddings)
+    object.__setattr__(model, "embed", lambda tokens, offset=0: model.tok_embeddings(tokens))
 
 
 def norms_as_w(model):

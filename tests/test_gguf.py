@@ -327,7 +327,7 @@ BAD_BYTES = [
      "tensor type Q8_1 (blk.0.attn_q.weight) is not supported"),
     ("type 99", patched(b"blk.0.attn_q.weight", 20, I(99)), "tensor type 99 (blk.0.attn_q.weight) is not supported"),
     ("bloom", patched(b"general.architecture", 12, b"bloom"),
-     "architecture 'bloom' is not supported (supported: llama, qwen2, qwen3)"),
+     "architecture 'bloom' is not supported (supported: llama, qwen2, qwen3, "),
     ("wrong shape", patched(b"blk.0.attn_q.weight", 12, Q(32)),
      "blk.0.attn_q.weight (layers.0.attention.wq.weight) has shape (32, 64), expected (64, 64)"),
     ("duplicate tensor", patched(b"blk.1.ffn_up.weight", -15, b"0"), "tensor blk.0.ffn_up.weight appears twice"),

@@ -34,7 +34,7 @@ from utils import UserError, atomic_write
 
 import mlx.core as mx
 
-from models import checked_shapes, names_of
+from models import checked_shapes, family, names_of
 from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, MLX_BITS, block_scales, mlx_affine, wide_scales
 from formats.gguf.config import check_architecture, derive_config
 from formats.gguf.header import MAGIC, gguf_package, map_file, read_header, shown, tensor_entries
@@ -73,6 +73,10 @@ class Checkpoint:
         rope_freqs = entries.pop(ROPE_FREQS, None)
         if rope_freqs is not None:
             rope_freqs = self._floats(rope_freqs)
+        # Tensors the family reads as configuration (Phi-3's LongRoPE factors): metadata for its from_gguf
+        meta = {**meta, **{name: self._floats(entries.pop(name)) for name in getattr(family({"model_type": kind}),
+                                                                                     "GGUF_TENSORS", ())
+                           if name in entries}}
         self._entries = {}
         for gguf_name, entry in entries.items():
             name = our_name(table, gguf_name)

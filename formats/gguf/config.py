@@ -9,6 +9,7 @@ import numpy as np
 from utils import UserError
 
 from models import FAMILIES, hook
+from models.layers import rope_dims
 from formats.gguf.header import brief, is_int
 from formats.gguf.names import ROPE_FREQS
 from formats.gguf.vocabulary import LLAMA3_PRES
@@ -68,14 +69,14 @@ def derive_config(meta, entries, path, rope_freqs, arch="llama"):
         raise UserError(f"{path}: {key('embedding_length')} {dim} is not divisible by {key('attention.head_count')} "
                         f"{n_heads} (and no {key('attention.key_length')})")
     head_dim = positive_int(meta, key("attention.key_length"), path, dim // n_heads)
-    for name in (key("attention.value_length"), key("rope.dimension_count")):
-        if positive_int(meta, name, path, head_dim) != head_dim:
-            raise UserError(f"{path}: {name} {meta[name]} differs from the head size {head_dim} "
-                            "(partial rotary and other value sizes are not supported)")
+    if positive_int(meta, key("attention.value_length"), path, head_dim) != head_dim:
+        raise UserError(f"{path}: {key('attention.value_length')} {meta[key('attention.value_length')]} differs "
+                        f"from the head size {head_dim} (other value sizes are not supported)")
+    turned = positive_int(meta, key("rope.dimension_count"), path, head_dim)
     rope_theta = positive_number(meta, key("rope.freq_base"), path, 10000.0)
     config = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
               "head_dim": head_dim, "hidden_dim": positive_int(meta, key("feed_forward_length"), path),
-              "norm_eps": positive_number(meta, key("attention.layer_norm_rms_epsilon"), path),
+              "norm_eps": positive_number(meta, key(norm_eps_key(FAMILIES[kind_of(arch)])), path),
               "vocab_size": vocab_size(meta, entries, path, arch), "rope_theta": rope_theta, "sliding_window": None,
               "tie_word_embeddings": "output.weight" not in entries}
     if key("context_length") in meta:
@@ -85,7 +86,15 @@ def derive_config(meta, entries, path, rope_freqs, arch="llama"):
         config["rope_scaling"] = scaling
     config.update(special_tokens(meta, config["vocab_size"], path))
     config.update(hook(FAMILIES[kind_of(arch)], "from_gguf")(meta, arch, path))
+    if turned != rope_dims(config):  # Phi-3's from_gguf reads it into partial_rotary_factor
+        raise UserError(f"{path}: {key('rope.dimension_count')} {turned} differs from the head size {head_dim} "
+                        f"(partial rotary is not supported for {arch})")
     return config
+
+
+def norm_eps_key(family):
+    """The GGUF key (after ARCH.) of the family's norms' epsilon: RMSNorm's, unless it says (GPT-2's LayerNorm)."""
+    return getattr(family, "GGUF_NORM_EPS", "attention.layer_norm_rms_epsilon")
 
 
 def kind_of(arch):

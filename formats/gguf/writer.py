@@ -12,9 +12,10 @@ import numpy as np
 from utils import UserError
 
 from models import family, hook, names_of
+from models.layers import rope_dims
 
 from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, tensor_chunks
-from formats.gguf.config import DEFAULT_CONTEXT, exported_rope_freqs
+from formats.gguf.config import DEFAULT_CONTEXT, exported_rope_freqs, norm_eps_key
 from formats.gguf.names import ROPE_FREQS, gguf_name
 from formats.gguf.vocabulary import add_vocabulary, exported_vocabulary
 
@@ -65,11 +66,14 @@ def write(checkpoint, path, types):
     check_exportable(checkpoint, types)
     vocab = exported_vocabulary(checkpoint)
     rope_freqs = exported_rope_freqs(checkpoint.config)
+    # Float32 tensors that are configuration, not weights: Llama 3.1's rope_freqs, the family's own
+    extra = {**({ROPE_FREQS: rope_freqs} if rope_freqs is not None else {}),
+             **hook(family(checkpoint.config), "gguf_tensors")(checkpoint.config)}
     writer = gguf.GGUFWriter(path, family(checkpoint.config).GGUF_ARCH)
     table = names_of(checkpoint.config)
     add_model_metadata(writer, checkpoint, types)
     add_vocabulary(writer, vocab)
-    infos = ([(ROPE_FREQS, rope_freqs.shape, "F32")] if rope_freqs is not None else []) + \
+    infos = [(name, values.shape, "F32") for name, values in extra.items()] + \
         [(gguf_name(table, name), shape, types[name]) for name, shape in checkpoint.shapes.items()]
     for name, shape, type_name in infos:
         qtype = gguf.GGMLQuantizationType[type_name]
@@ -83,8 +87,8 @@ def write(checkpoint, path, types):
         writer.write_ti_data_to_file()
         # Tensor data written straight to the writer's file: its write_tensor_data takes a whole tensor
         f = writer.fout[0]
-        if rope_freqs is not None:
-            write_tensor(writer, f, [rope_freqs.view(np.uint8)])
+        for values in extra.values():
+            write_tensor(writer, f, [values.view(np.uint8)])
         stored = AsStored(checkpoint, table)
         for name in checkpoint.shapes:
             write_tensor(writer, f, tensor_chunks(stored, name, types[name]))
@@ -127,9 +131,11 @@ def check_exportable(checkpoint, types):
         raise UserError(f"{checkpoint.path}: a sliding window of {config['sliding_window']} tokens (Mistral): "
                         "llama.cpp's llama architecture has none, so its GGUF would compute another model")
     scaling = config.get("rope_scaling")
-    if scaling is not None and scaling.get("rope_type") not in ("linear", "llama3"):
+    # A family's own scalings, its to_gguf writes
+    writable = ("linear", "llama3", *getattr(family(config), "ROPE_SCALINGS", {}))
+    if scaling is not None and scaling.get("rope_type") not in writable:
         raise UserError(f"{checkpoint.path}: RoPE scaling {scaling.get('rope_type')!r} cannot be written to GGUF "
-                        "(supported: linear, llama3)")
+                        f"(supported: {', '.join(writable)})")
     assert types.keys() == checkpoint.shapes.keys(), "a type for every weight"
     for name, shape in checkpoint.shapes.items():
         assert types[name] in WRITTEN_TYPES, (name, types[name])
@@ -154,9 +160,9 @@ def add_model_metadata(writer, checkpoint, types):
     writer.add_head_count_kv(c["n_kv_heads"])
     writer.add_key_length(c["head_dim"])
     writer.add_value_length(c["head_dim"])
-    writer.add_rope_dimension_count(c["head_dim"])
+    writer.add_rope_dimension_count(rope_dims(c))
     writer.add_rope_freq_base(c["rope_theta"])
-    writer.add_layer_norm_rms_eps(c["norm_eps"])
+    writer.add_float32(f"{writer.arch}.{norm_eps_key(family(c))}", c["norm_eps"])
     writer.add_vocab_size(c["vocab_size"])
     scaling = c.get("rope_scaling")
     if scaling is not None and scaling["rope_type"] == "linear":
