@@ -147,8 +147,9 @@ def model_config(hf, path):
         shown = kind or (hf.get("architectures") or ["?"])[0]
         raise UserError(f"{path}: architecture {str(shown)[:100]!r} is not supported (supported: "
                         f"{', '.join(FAMILIES)})")
-    hf = {**{ours: hf[theirs] for ours, theirs in getattr(FAMILIES[kind], "HF_ALIASES", {}).items()
-             if theirs in hf}, **hf}
+    # The family's own names win over stray shared ones (GPT-2 reads n_inner, never intermediate_size)
+    hf = {**hf, **{ours: hf[theirs] for ours, theirs in getattr(FAMILIES[kind], "HF_ALIASES", {}).items()
+                   if theirs in hf}}
     for key, value in FAMILIES[kind].HF_CONSTANTS.items():
         if hf.get(key, value) != value:
             raise UserError(f"{path}: {key!r} is {str(hf[key])[:100]!r}: a {kind} model here has {value!r}")

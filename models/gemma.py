@@ -180,3 +180,13 @@ def check_gguf_writable(config, pattern, big_layers, local_base=None):
     for key, have, want in problems:
         raise UserError(f"a GGUF file cannot hold {key} {have}: llama.cpp computes {config['model_type']} models "
                         f"with {want}")
+
+
+def llama_cpp_config(meta, arch, big_layers):
+    """The keys of llama.cpp's Gemma 2 and 3 files both read: the window, the final soft cap, and
+    the query scale it derives."""
+    return {"sliding_window": meta.get(f"{arch}.attention.sliding_window"),
+            "final_logit_softcapping": meta.get(f"{arch}.final_logit_softcapping"),
+            "query_pre_attn_scalar": llama_cpp_scalar(meta[f"{arch}.block_count"], meta[f"{arch}.embedding_length"],
+                                                      meta[f"{arch}.attention.head_count"], head_dim_of(meta, arch),
+                                                      big_layers)}

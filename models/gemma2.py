@@ -82,13 +82,8 @@ BIG_LAYERS = 46  # Gemma 2 27B, whose query scale llama.cpp takes from dim / hea
 def from_gguf(meta, arch, path):
     """llama.cpp's Gemma 2: windows of ARCH.attention.sliding_window on every other block, the soft
     caps as stored, the query scale it derives."""
-    return {"sliding_window": meta.get(f"{arch}.attention.sliding_window"), "sliding_window_pattern": 2,
-            "attn_logit_softcapping": meta.get(f"{arch}.attn_logit_softcapping"),
-            "final_logit_softcapping": meta.get(f"{arch}.final_logit_softcapping"),
-            "query_pre_attn_scalar": gemma.llama_cpp_scalar(meta[f"{arch}.block_count"],
-                                                            meta[f"{arch}.embedding_length"],
-                                                            meta[f"{arch}.attention.head_count"],
-                                                            gemma.head_dim_of(meta, arch), BIG_LAYERS)}
+    return {**gemma.llama_cpp_config(meta, arch, BIG_LAYERS), "sliding_window_pattern": 2,
+            "attn_logit_softcapping": meta.get(f"{arch}.attn_logit_softcapping")}
 
 
 def to_gguf(writer, config):

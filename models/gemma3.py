@@ -53,13 +53,8 @@ LLAMA_CPP_PATTERN, LLAMA_CPP_LOCAL_BASE = 6, 10000.0  # what llama.cpp assumes o
 
 def from_gguf(meta, arch, path):
     """llama.cpp's Gemma 3: five windowed blocks to one global, the windowed ones on base 10000."""
-    return {"sliding_window": meta.get(f"{arch}.attention.sliding_window"),
-            "sliding_window_pattern": LLAMA_CPP_PATTERN, "rope_local_base_freq": LLAMA_CPP_LOCAL_BASE,
-            "final_logit_softcapping": meta.get(f"{arch}.final_logit_softcapping"),
-            "query_pre_attn_scalar": gemma.llama_cpp_scalar(meta[f"{arch}.block_count"],
-                                                            meta[f"{arch}.embedding_length"],
-                                                            meta[f"{arch}.attention.head_count"],
-                                                            gemma.head_dim_of(meta, arch), BIG_LAYERS)}
+    return {**gemma.llama_cpp_config(meta, arch, BIG_LAYERS), "sliding_window_pattern": LLAMA_CPP_PATTERN,
+            "rope_local_base_freq": LLAMA_CPP_LOCAL_BASE}
 
 
 def to_gguf(writer, config):

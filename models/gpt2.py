@@ -100,6 +100,8 @@ def from_hf(hf, path):
     """What GPT-2's configs leave to transformers' defaults: n_inner (4 n_embd), tied embeddings,
     n_positions. Called with `hf` under the shared names, those read already checked."""
     return {"hidden_dim": hf.get("intermediate_size") or 4 * hf["hidden_size"],
+            # no grouped-query attention, no head size of its own: a stray key in config.json counts for nothing
+            "n_kv_heads": hf["num_attention_heads"], "head_dim": hf["hidden_size"] // hf["num_attention_heads"],
             "tie_word_embeddings": hf.get("tie_word_embeddings", True),
             "context_length": hf.get("max_position_embeddings") or N_POSITIONS}
 

@@ -390,3 +390,31 @@ def gate_float64(A, gelu):
     k = np.sqrt(2 / np.pi)
     t = np.tanh(k * (A + 0.044715 * A ** 3))
     return 0.5 * A * (1 + t), 0.5 * (1 + t) + 0.5 * A * (1 - t * t) * k * (1 + 3 * 0.044715 * A ** 2)
+
+
+def assert_hugging_face_export_is_the_adapted_model(flavour, model_dir, adapter_file, out):
+    """fuse.py --format hf over a fine-tune, read by transformers: the adapted model's logits."""
+    import transformers
+
+    run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--save-path", out, "--format", "hf",
+                   "--dtype", "float32")
+    assert run.returncode == 0, run.stderr
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert exported.config.model_type == flavour
+    expected = adapted_logits(model_dir, adapter_file)
+    assert np.abs(torch_logits(exported.float().eval()) - expected).max() <= 1e-4
+    assert np.abs(logits(loading.load_model(model_dir)[0]) - expected).max() > 1e-2  # the adapters matter
+
+
+def assert_peft_export_is_the_adapted_model(model_dir, adapter_file, out):
+    """fuse.py --peft-path over a fine-tune of a transformers checkpoint (beside the model folder,
+    in hf/), read by peft over that checkpoint: the adapted model's logits."""
+    import peft
+    import transformers
+
+    run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--peft-path", out)
+    assert run.returncode == 0, run.stderr
+    base_dir = os.path.join(os.path.dirname(model_dir), "hf")
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").float()
+    adapted = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    assert np.abs(torch_logits(adapted) - adapted_logits(model_dir, adapter_file)).max() <= 1e-4

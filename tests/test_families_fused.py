@@ -20,7 +20,8 @@ import loading  # noqa: E402
 import models  # noqa: E402
 from checkpoints import make_tokenizer  # noqa: E402
 from hf_checkpoints import hf_logits, make_hf_model  # noqa: E402
-from helpers import adapted_logits, gguf_model, logits, run_fuse, torch_logits, trained  # noqa: E402
+from helpers import (adapted_logits, assert_hugging_face_export_is_the_adapted_model,  # noqa: E402
+                     assert_peft_export_is_the_adapted_model, gguf_model, logits, run_fuse, torch_logits, trained)
 from utils import UserError, read_json  # noqa: E402
 
 FAMILIES = ["phi3", "gpt2"]
@@ -124,25 +125,13 @@ def test_lora_on_the_fused_linears_trains(tuned):
 
 def test_lora_fused_to_hugging_face_loads_in_transformers(tuned, tmp_path):
     flavour, (model_dir, adapter_file) = tuned
-    run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--save-path", tmp_path / "hf",
-                   "--format", "hf", "--dtype", "float32")
-    assert run.returncode == 0, run.stderr
-    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
-    assert exported.config.model_type == flavour
-    expected = adapted_logits(model_dir, adapter_file)
-    assert np.abs(torch_logits(exported.float().eval()) - expected).max() <= 1e-4
-    assert np.abs(logits(loading.load_model(model_dir)[0]) - expected).max() > 1e-2  # the adapters matter
+    assert_hugging_face_export_is_the_adapted_model(flavour, model_dir, adapter_file, tmp_path / "hf")
 
 
 def test_peft_export_loads_in_peft_over_the_transformers_base(tuned, tmp_path):
-    peft = pytest.importorskip("peft")
-    flavour, (model_dir, adapter_file) = tuned
-    base_dir = os.path.join(os.path.dirname(model_dir), "hf")
-    run = run_fuse("--model", model_dir, "--adapter-file", adapter_file, "--peft-path", tmp_path / "peft")
-    assert run.returncode == 0, run.stderr
-    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").float()
-    adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
-    assert np.abs(torch_logits(adapted) - adapted_logits(model_dir, adapter_file)).max() <= 1e-4
+    pytest.importorskip("peft")
+    _, (model_dir, adapter_file) = tuned
+    assert_peft_export_is_the_adapted_model(model_dir, adapter_file, tmp_path / "peft")
 
 
 def fused_to_gguf(model_dir, adapter_file, path):
