@@ -42,7 +42,7 @@ def all_finite_bits(bits, dtype_name):
     return not np.any((bits & mask) == mask)
 
 # MLX's affine quantization: the bit widths and group sizes a model folder may hold.
-QUANT_BITS, QUANT_GROUP_SIZES = (2, 3, 4, 6, 8), (32, 64, 128)
+QUANT_BITS, QUANT_GROUP_SIZES = (2, 3, 4, 5, 6, 8), (32, 64, 128)
 # Where a checkpoint's module is detected first: a .gguf file, then the folder layouts.
 FORMATS = ("gguf", "meta", "mlx", "hf")
 

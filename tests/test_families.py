@@ -161,10 +161,11 @@ def test_hugging_face_target_names_adapt_the_same_linears(tuned):
     assert applied.targets == ("wq", "w2")
 
 
+@pytest.mark.parametrize("flavour", ["qwen3", "gemma3_text"])
 @pytest.mark.parametrize("quantize, flags", [(True, ()), (False, ("--fine-tune-type", "dora")),
                                              (True, ("--fine-tune-type", "dora"))])
-def test_qlora_and_dora_on_qwen3_train_and_fuse(tmp_path, quantize, flags):
-    model_dir, adapter_file = trained(tmp_path, "qwen3", quantize, *flags)
+def test_qlora_and_dora_train_and_fuse(tmp_path, flavour, quantize, flags):
+    model_dir, adapter_file = trained(tmp_path, flavour, quantize, *flags, n_layers=LAYERS.get(flavour, 2))
     metrics = [json.loads(line) for line in open(adapter_file.replace(".npz", ".metrics.jsonl"))]
     losses = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert losses[-1] < losses[0]

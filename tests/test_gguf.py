@@ -29,7 +29,7 @@ from helpers import CHATML, hf_llama3_factors  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-MLX_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}
+MLX_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5}
 # Text a tokenizer must get right: accents, emoji, CJK, runs of spaces and tabs, newlines,
 # special and added tokens written in text.
 TEXTS = ["Hello world!", "Café déjà vu, naïve façade — Ærøskøbing, Straße", "日本語のテキスト、中文字符 한국어 문장",
@@ -75,7 +75,7 @@ def refuses(path, *fragments):
 
 # ----------------------------------------------------------------------------- weights and config
 
-@pytest.mark.parametrize("tensor_type", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("tensor_type", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_config_shapes_and_weights(folder, tensor_type):
     w = written(folder, tensor_type, vocab="llama" if tensor_type in ("F16", "Q4_0") else "gpt2")
     ckpt = gguf_format.Checkpoint(w.path)

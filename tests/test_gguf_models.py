@@ -45,14 +45,14 @@ def logits(model, tokens):
 
 
 @pytest.mark.parametrize("tensor_type, tied", [("F32", False), ("F16", True), ("Q8_0", False), ("Q4_0", True),
-                                               ("Q4_1", False)])
+                                               ("Q4_1", False), ("Q5_0", True), ("Q5_1", False)])
 def test_logits_match_transformers_gguf_loader(tmp_path, tensor_type, tied):
     written = write_gguf(tmp_path / "model.gguf", tensor_type=tensor_type, tied=tied, weight_std=0.3)
     config = convert.convert(written.path, str(tmp_path / "mlx"))
     model, _, _ = loading.load_model(str(tmp_path / "mlx"))
     if tensor_type.startswith("Q"):  # stays quantized: MLX's affine form, groups of 32
         assert config["quantization"]["group_size"] == 32
-        assert config["quantization"]["bits"] == (8 if tensor_type == "Q8_0" else 4)
+        assert config["quantization"]["bits"] == {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5}.get(tensor_type, 4)
     expected = reference_logits(transformers_model(written.path), TOKENS)
     got = logits(model, TOKENS)
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())

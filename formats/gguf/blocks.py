@@ -1,6 +1,6 @@
-"""Quantized blocks both ways, each codec beside its inverse: GGUF's Q8_0, Q4_0 and Q4_1 blocks as
-MLX's affine quantization in groups of 32 (reading), and MLX's back into those blocks or floats
-(writing), a few rows at a time.
+"""Quantized blocks both ways, each codec beside its inverse: GGUF's Q8_0, Q5_0, Q5_1, Q4_0 and Q4_1
+blocks as MLX's affine quantization in groups of 32 (reading), and MLX's back into Q8_0 and Q4_1
+blocks or floats (writing), a few rows at a time.
 """
 
 import numpy as np
@@ -13,8 +13,8 @@ from formats import all_finite_bits
 
 
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-MLX_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # exactly MLX's affine quantization, groups of 32
-BIAS_OFFSETS = {"Q4_0": 8, "Q8_0": 128}      # their values are d (q - offset): bias -offset d
+MLX_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8}  # exactly MLX's affine quantization, groups of 32
+BIAS_OFFSETS = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}  # their values are d (q - offset): bias -offset d
 GROUP_SIZE, F16_MAX = 32, 65504.0
 
 
@@ -23,11 +23,14 @@ def mlx_affine(blocks_RGB, type_name):
     """GGUF blocks of 32 values as MLX's affine quantization: (weight uint32 [R, G*32*bits/32],
     scales [R, G], biases [R, G]), so that d q + b is each value."""
     d_RG = block_scales(blocks_RGB)
-    if type_name == "Q4_1":
+    if type_name in ("Q4_1", "Q5_1"):  # d, m, then the codes: d q + m
         m_RG = np.ascontiguousarray(blocks_RGB[..., 2:4]).view(np.float16)[..., 0]
-        return mlx_nibbles(blocks_RGB[..., 4:]), d_RG, m_RG
+        codes = mlx_nibbles(blocks_RGB[..., 4:]) if type_name == "Q4_1" else mlx_fives(blocks_RGB[..., 4:])
+        return codes, d_RG, m_RG
     if type_name == "Q4_0":
         q = mlx_nibbles(blocks_RGB[..., 2:])
+    elif type_name == "Q5_0":
+        q = mlx_fives(blocks_RGB[..., 2:])
     else:  # Q8_0: int8 q; q + 128 as unsigned is its bits with the top one flipped
         q = (blocks_RGB[..., 2:] ^ np.uint8(0x80)).reshape(len(blocks_RGB), -1).view(np.uint32)
     bias_RG = -BIAS_OFFSETS[type_name] * d_RG.astype(np.float32)  # exact: the offset is a power of two
@@ -55,6 +58,20 @@ def mlx_nibbles(qs_RG16):
     values_RG32 = np.concatenate([qs_RG16 & 0x0F, qs_RG16 >> 4], axis=-1)
     packed_RG16 = values_RG32[..., 0::2] | (values_RG32[..., 1::2] << 4)
     return packed_RG16.reshape(len(qs_RG16), -1).view(np.uint32)
+
+
+def mlx_fives(qh_qs_RG20):
+    """Q5 blocks' 5-bit values (after d, or d and m) in MLX's 5-bit packing, as uint32 words
+    [R, G*5]. GGUF keeps the low four bits as Q4's nibbles do, and bit j of the little-endian
+    word qh is value j's fifth; MLX packs the values as one little-endian stream of 5 bits each."""
+    qh_RG = np.ascontiguousarray(qh_qs_RG20[..., :4]).view("<u4")[..., 0]
+    qs_RG16 = qh_qs_RG20[..., 4:]
+    low_RG32 = np.concatenate([qs_RG16 & 0x0F, qs_RG16 >> 4], axis=-1)
+    high_RG32 = ((qh_RG[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    values_RGE8 = (low_RG32 | (high_RG32 << 4)).reshape(*qs_RG16.shape[:-1], 4, 8).astype(np.uint64)
+    stream_RGE = np.bitwise_or.reduce(values_RGE8 << (5 * np.arange(8, dtype=np.uint64)), axis=-1)  # 40 bits
+    bytes_RGE5 = stream_RGE[..., None].astype("<u8").view(np.uint8)[..., :5]  # 8 values in 5 bytes
+    return np.ascontiguousarray(bytes_RGE5).reshape(len(qh_qs_RG20), -1).view(np.uint32)
 
 
 def gguf_nibbles(packed_RG16):
