@@ -266,7 +266,7 @@ def test_malicious_pickle_never_runs(case, bad_runs):
 
 
 def test_parser_rejects_unsupported_bits_group_size_and_dtype():
-    for flags in (["-q", "--q-bits", "5"], ["-q", "--q-group-size", "48"], ["--dtype", "float64"]):
+    for flags in (["-q", "--q-bits", "7"], ["-q", "--q-group-size", "48"], ["--dtype", "float64"]):
         with pytest.raises(utils.UserError, match="invalid choice"):
             settings.parse(convert.ConvertSettings, ["--torch-path", "x", *flags], "")
 

@@ -121,7 +121,7 @@ def test_non_finite_or_negative_training_flags_are_refused(tiny_llama, data, tmp
     ({"norm_eps": float("nan")}, "'norm_eps' must be from"),
     ({"vocab_size": 2**40}, "'vocab_size' must be from 1 to 4194304"),
     ({"quantization": {"group_size": 64}}, "'quantization' has no 'bits'"),
-    ({"quantization": {"group_size": 64, "bits": 5}}, "'quantization.bits' must be one of 2, 3, 4, 6, 8"),
+    ({"quantization": {"group_size": 64, "bits": 7}}, "'quantization.bits' must be one of 2, 3, 4, 5, 6, 8"),
     ({"quantization": "4bit"}, "'quantization' must be an object"),
 ])
 def test_bad_model_config_values_are_one_line_errors(tiny_llama, tmp_path, change, message):
