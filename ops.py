@@ -267,20 +267,20 @@ def _window(mask):
 
 
 def softcapped_attention(q_BNTH, k_BKSH, v_BKSH, scale, cap, mask):
-    """softmax(cap tanh(scale q k^T / cap) + mask) v (Gemma 2's scores): the products in BLAS,
-    the cap one fused pass, and for a causal mask the masked softmax on the kernel."""
+    """softmax(cap tanh(scale q k^T / cap) + mask) v (Gemma 2's scores): the products in BLAS over
+    each KV head's stacked query heads (as _causal_attention), the cap one fused pass, and the
+    masked softmax on the kernel where it applies."""
     B, N, T, H = q_BNTH.shape
     K, S = k_BKSH.shape[1:3]
-    s_BKGTS = (q_BNTH.reshape(B, K, N // K, T, H) @ k_BKSH[:, :, None].swapaxes(-1, -2))
-    s_BKGTS = soft_cap(s_BKGTS, cap, scale)
+    s_BKQS = q_BNTH.reshape(B, K, -1, H) @ k_BKSH.swapaxes(-1, -2)  # Q = N // K * T
+    s_BKGTS = soft_cap(s_BKQS, cap, scale).reshape(B, K, N // K, T, S)
     if mask is not None and _applies(s_BKGTS):
         p_BKGTS = kernels.causal_softmax(s_BKGTS, 1.0, _window(mask))
     else:
         if mask is not None:
-            allowed_TS = dense_mask(Window(S) if mask == "causal" else mask, T, S)
-            s_BKGTS = mx.where(allowed_TS, s_BKGTS, -mx.inf)
+            s_BKGTS = mx.where(dense_mask(Window(S) if mask == "causal" else mask, T, S), s_BKGTS, -mx.inf)
         p_BKGTS = mx.softmax(s_BKGTS.astype(mx.float32), axis=-1).astype(v_BKSH.dtype)
-    return (p_BKGTS @ v_BKSH[:, :, None]).reshape(B, N, T, H)
+    return (p_BKGTS.reshape(B, K, -1, S) @ v_BKSH).reshape(B, N, T, H)
 
 
 def soft_cap(x, cap, scale=1.0):
