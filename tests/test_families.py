@@ -87,7 +87,7 @@ def test_each_family_feature_matters(tmp_path, flavour, turn_off):
     assert np.abs(logits(model, LONG) - hf_logits(reference, LONG)).max() > 1e-2
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES + ["phi3", "gpt2"])  # the fused families' exports too
 def tuned(request, tmp_path_factory):
     flavour = request.param
     return flavour, trained(tmp_path_factory.mktemp(flavour), flavour, n_layers=LAYERS.get(flavour, 2))
@@ -141,8 +141,10 @@ def test_a_gemma_gguf_export_reads_back_as_the_same_model(tmp_path):
     assert np.abs(back - adapted_logits(model_dir, adapter_file)).max() <= 1e-4
 
 
-def test_a_target_the_family_lacks_is_one_line(tuned, tmp_path):
-    flavour, (model_dir, _) = tuned
+@pytest.mark.parametrize("flavour", FAMILIES)
+def test_a_target_the_family_lacks_is_one_line(tmp_path, flavour):
+    converted(tmp_path, flavour)
+    model_dir = str(tmp_path / "mlx")
     with pytest.raises(UserError, match="this model has no c_attn; choose from wq, wk, wv, wo, w1, w2, w3 "
                                         r"\(or q_proj, k_proj, v_proj, o_proj, gate_proj, down_proj, up_proj\)"):
         import lora
@@ -150,9 +152,9 @@ def test_a_target_the_family_lacks_is_one_line(tuned, tmp_path):
                    "--adapter-file", str(tmp_path / "a.npz"), "--iters", "1"])
 
 
-def test_hugging_face_target_names_adapt_the_same_linears(tuned):
-    flavour, (model_dir, _) = tuned
-    model = loading.load_model(model_dir)[0]
+@pytest.mark.parametrize("flavour", FAMILIES)
+def test_hugging_face_target_names_adapt_the_same_linears(tmp_path, flavour):
+    _, model = converted(tmp_path, flavour)
     import models
 
     applied = models.apply_lora(model, models.AdapterConfig(layers=1, targets=("q_proj", "down_proj")))
