@@ -244,7 +244,7 @@ def check_resumed_adapters(args, start, model):
                                 targets=model.names.resolve_targets(args.adapter_config().targets))
     for field, name in ADAPTER_FLAGS.items():
         ours, theirs = getattr(asked, field), getattr(start.adapter_config, field)
-        if name in getattr(args, "given", ()) and ours != theirs:
+        if name in args.given and ours != theirs:
             shown = ",".join(theirs) if field == "targets" else theirs
             raise UserError(f"{start.path}: the checkpoint trains --{name.replace('_', '-')} {shown}, this run "
                             "asks otherwise: drop the flag to resume, or start a new run")

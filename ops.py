@@ -244,11 +244,15 @@ class Window:
 
 def dense_mask(mask, T, S):
     """A mask as mx.fast's attention takes it: None, "causal", or a boolean (T, S) array for a Window."""
-    if not isinstance(mask, Window):
-        return mask
+    return _window_array(T, S, mask.size) if isinstance(mask, Window) else mask
+
+
+@functools.lru_cache(maxsize=8)
+def _window_array(T, S, size):
+    """Made once per shape, not in every layer of every forward pass."""
     q_T1 = mx.arange(S - T, S)[:, None]
     k_1S = mx.arange(S)[None]
-    return (k_1S <= q_T1) & (k_1S > q_T1 - mask.size)
+    return (k_1S <= q_T1) & (k_1S > q_T1 - size)
 
 
 def attention(q_BNTH, k_BKSH, v_BKSH, scale, mask):

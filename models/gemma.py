@@ -102,11 +102,16 @@ class PostNormBlock(nn.Module):
         return h_BTD + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h_BTD)))
 
 
-def attention(args, theta, *, qk_norm=False):
-    """A Gemma attention: RoPE on halves with base `theta` (and the config's scaling on global
-    blocks), scores scaled by query_pre_attn_scalar^-1/2, soft-capped where the config says."""
-    rope = RoPE(args.head_dim, theta, traditional=False,
-                scaling=args.rope_scaling if theta == args.rope_theta else None)
+def windowed(pattern, index):
+    """Whether block `index` attends within the window: all but every `pattern`-th (none without one)."""
+    return bool(pattern) and (index + 1) % pattern != 0
+
+
+def attention(args, theta, *, scaled, qk_norm=False):
+    """A Gemma attention: RoPE on halves with base `theta` and, where `scaled` (the global blocks),
+    the config's RoPE scaling; scores scaled by query_pre_attn_scalar^-1/2, soft-capped where the
+    config says."""
+    rope = RoPE(args.head_dim, theta, traditional=False, scaling=args.rope_scaling if scaled else None)
     scale = (args.query_pre_attn_scalar or args.head_dim) ** -0.5
     kwargs = dict(scale=scale, qk_norm_eps=args.norm_eps if qk_norm else None, norm=RMSNorm)
     if args.attn_logit_softcapping:
@@ -124,8 +129,7 @@ class GemmaDecoder(Decoder):
         return h_BTD * mx.array(self.args.dim ** 0.5, dtype=h_BTD.dtype)
 
     def window(self, index):
-        pattern = self.args.sliding_window_pattern
-        return self.args.sliding_window if pattern and (index + 1) % pattern else None
+        return self.args.sliding_window if windowed(self.args.sliding_window_pattern, index) else None
 
     def final_logits(self, logits_BTV):
         cap = self.args.final_logit_softcapping
@@ -136,7 +140,7 @@ class Model(GemmaDecoder):
     names = NAMES
 
     def __init__(self, args):
-        blocks = [TransformerBlock(attention(args, args.rope_theta), FeedForward(args.dim, args.hidden_dim, "gelu_tanh"),
+        blocks = [TransformerBlock(attention(args, args.rope_theta, scaled=True), FeedForward(args.dim, args.hidden_dim, "gelu_tanh"),
                                    RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps))
                   for _ in range(args.n_layers)]
         super().__init__(args, blocks, RMSNorm(args.dim, args.norm_eps))

@@ -25,11 +25,12 @@ class ModelArgs(gemma.ModelArgs):
 
 def blocks(args, qk_norm=False, local_theta=None):
     """Gemma 2's (and 3's) blocks; windowed ones turn with `local_theta` where it is given."""
-    def theta(i):
-        windowed = args.sliding_window_pattern and (i + 1) % args.sliding_window_pattern
-        return local_theta if windowed and local_theta else args.rope_theta
+    def attention(i):
+        local = gemma.windowed(args.sliding_window_pattern, i)
+        theta = local_theta if local and local_theta else args.rope_theta
+        return gemma.attention(args, theta, scaled=not local, qk_norm=qk_norm)
 
-    return [gemma.PostNormBlock(gemma.attention(args, theta(i), qk_norm=qk_norm),
+    return [gemma.PostNormBlock(attention(i),
                                 FeedForward(args.dim, args.hidden_dim, "gelu_tanh"), args.dim, args.norm_eps)
             for i in range(args.n_layers)]
 
@@ -39,6 +40,11 @@ class Model(gemma.GemmaDecoder):
 
     def __init__(self, args):
         super().__init__(args, blocks(args), gemma.RMSNorm(args.dim, args.norm_eps))
+
+
+def layer_types(pattern, n_layers):
+    """transformers' layer_types of a window pattern."""
+    return ["sliding_attention" if gemma.windowed(pattern, i) else "full_attention" for i in range(n_layers)]
 
 
 def window_pattern(hf, path):
@@ -52,7 +58,7 @@ def window_pattern(hf, path):
         raise UserError(f"{path}: 'layer_types' must be a list of sliding_attention and full_attention")
     globals_ = [i for i, t in enumerate(types) if t == "full_attention"]
     pattern = globals_[0] + 1 if globals_ else len(types) + 1
-    if types != ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(len(types))]:
+    if types != layer_types(pattern, len(types)):
         raise UserError(f"{path}: 'layer_types' does not repeat one global block every N: not supported")
     return pattern
 
@@ -66,12 +72,9 @@ def from_hf(hf, path):
 
 
 def to_hf(config):
-    pattern = config.get("sliding_window_pattern")
-    layer_types = ["full_attention" if pattern and (i + 1) % pattern == 0 else "sliding_attention"
-                   for i in range(config["n_layers"])]
     scalar = config.get("query_pre_attn_scalar")
     return {**gemma.to_hf(config), "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
-            "sliding_window": config.get("sliding_window"), "layer_types": layer_types,
+            "sliding_window": config.get("sliding_window"), "layer_types": layer_types(config.get("sliding_window_pattern"), config["n_layers"]),
             "attn_logit_softcapping": config.get("attn_logit_softcapping"),
             "final_logit_softcapping": config.get("final_logit_softcapping")}
 

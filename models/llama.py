@@ -89,8 +89,8 @@ def table(meta_rows=True, qkv_bias=False, qk_norm=False):
 NAMES = table()
 
 
-def block(args: ModelArgs, index=0):
-    """Block `index` of a LLaMA/Mistral model: SwiGLU, RoPE on Meta's interleaved pairs."""
+def block(args: ModelArgs):
+    """A block of a LLaMA/Mistral model: SwiGLU, RoPE on Meta's interleaved pairs."""
     rope = RoPE(args.head_dim, args.rope_theta, traditional=True, scaling=args.rope_scaling)
     return TransformerBlock(Attention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim, rope),
                             FeedForward(args.dim, args.hidden_dim),
@@ -101,4 +101,4 @@ class Model(Decoder):
     names = NAMES  # the family's NameTable, for what knows only the model (apply_lora)
 
     def __init__(self, args: ModelArgs):
-        super().__init__(args, [block(args, i) for i in range(args.n_layers)], RMSNorm(args.dim, args.norm_eps))
+        super().__init__(args, [block(args) for _ in range(args.n_layers)], RMSNorm(args.dim, args.norm_eps))

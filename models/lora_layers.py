@@ -198,8 +198,6 @@ def apply_lora(model, config: AdapterConfig):
 
     Returns the configuration as applied (its layers at most the model's), to save beside the adapters.
     """
-    if config.rank < 1:
-        raise UserError(f"--lora-rank must be at least 1, got {config.rank}")
     model.freeze()
     n = len(model.layers)
     first = config.first_layer(n)

@@ -20,8 +20,8 @@ class ModelArgs(llama.ModelArgs):
     model_type: str = "qwen2"
 
 
-def block(args, index=0, qkv_bias=True, qk_norm=False):
-    """Block `index`: LLaMA's, rotating halves, with q/k/v biases (Qwen2) or q/k norms (Qwen3)."""
+def block(args, qkv_bias=True, qk_norm=False):
+    """A block: LLaMA's, rotating halves, with q/k/v biases (Qwen2) or q/k norms (Qwen3)."""
     rope = RoPE(args.head_dim, args.rope_theta, traditional=False, scaling=args.rope_scaling)
     attention = Attention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim, rope, qkv_bias=qkv_bias,
                           qk_norm_eps=args.norm_eps if qk_norm else None)
@@ -33,4 +33,4 @@ class Model(Decoder):
     names = NAMES
 
     def __init__(self, args):
-        super().__init__(args, [block(args, i) for i in range(args.n_layers)], RMSNorm(args.dim, args.norm_eps))
+        super().__init__(args, [block(args) for _ in range(args.n_layers)], RMSNorm(args.dim, args.norm_eps))

@@ -23,5 +23,5 @@ class Model(Decoder):
     names = NAMES
 
     def __init__(self, args):
-        blocks = [qwen2.block(args, i, qkv_bias=False, qk_norm=True) for i in range(args.n_layers)]
+        blocks = [qwen2.block(args, qkv_bias=False, qk_norm=True) for _ in range(args.n_layers)]
         super().__init__(args, blocks, RMSNorm(args.dim, args.norm_eps))

@@ -5,6 +5,7 @@ A family file declares one NameTable; every reader, writer and adapter mapping g
 through it, so a checkpoint's names are spelled in one place.
 """
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -48,12 +49,12 @@ class NameTable:
         self._by_name = {naming: ({getattr(w, naming): w for w in self.top},
                                   {getattr(w, naming): w for w in self.block}) for naming in BLOCK_PREFIXES}
 
-    @property
+    @functools.cached_property  # the table never changes; asked per layer and target
     def parts(self):
         """{linear: the part of a block it belongs to}: wq: attention, w1: feed_forward."""
         return {w.ours.split(".")[1]: w.ours.split(".")[0] for w in self.block if w.linear}
 
-    @property
+    @functools.cached_property
     def hf_linears(self):
         """{Hugging Face's name of each linear of a block: ours}, each name the shortest end of its
         module path that names it alone (q_proj; GPT-2's attn.c_proj and mlp.c_proj), as PEFT's
