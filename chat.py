@@ -71,8 +71,14 @@ def render(template, messages, tokenizer, add_generation_prompt=True, where=TEMP
 
 def check(template, tokenizer, where):
     """Render PROBE with and without the generation prompt, so that a broken or hostile
-    template fails once, when loaded, rather than on some line of the data."""
-    specials = _specials(tokenizer)
+    template fails once, when loaded, rather than on some line of the data (and once for the
+    splits of a run, which all ask)."""
+    _checked(template, tuple(_specials(tokenizer).items()), where)
+
+
+@functools.lru_cache(maxsize=8)
+def _checked(template, specials_items, where):
+    specials = dict(specials_items)
     with _one_line_errors(where):
         for add_generation_prompt in (True, False):
             try:

@@ -16,12 +16,14 @@ naming the flag (or the file and key) and what it must be.
 """
 
 import argparse
+import collections.abc
 import dataclasses
 import functools
 import math
 import os
 import typing
 
+import utils
 from utils import UserError
 
 
@@ -178,10 +180,12 @@ def _bounded_loader():
 
         def construct_mapping(self, node, deep=False):
             keys = [self.construct_object(key, deep=True) for key, _ in node.value]
-            repeated = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
-            if repeated is not None:
-                line = node.value[repeated][0].start_mark.line + 1
-                raise Refused(f"the key {str(keys[repeated])[:100]!r} appears twice (again on line {line})")
+            if all(isinstance(k, collections.abc.Hashable) for k in keys):  # others: PyYAML's own error
+                twice = utils.repeated(keys)
+                if twice is not None:
+                    again = [i for i, k in enumerate(keys) if k == twice][1]
+                    raise Refused(f"the key {str(twice)[:100]!r} appears twice (again on line "
+                                  f"{node.value[again][0].start_mark.line + 1})")
             return super().construct_mapping(node, deep)
 
     return BoundedLoader

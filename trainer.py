@@ -324,10 +324,11 @@ def resume(checkpoints, which, run_meta, iters):
     path = checkpoints.latest() if which == "latest" else which
     arrays, meta = load_checkpoint(path)
     for key, value in run_meta.items():
-        if key == BASE_KEY and meta.get(key) not in (None, value):  # None: a checkpoint from before it was kept
-            raise UserError(f"{path}: checkpoint was made on another base model (weights SHA-256 "
-                            f"{meta[key][:12]}..., this run's {value[:12]}...)")
-        if key != BASE_KEY and meta.get(key) != value:
+        if key == BASE_KEY:
+            if meta.get(key) not in (None, value):  # None: a checkpoint from before it was kept
+                raise UserError(f"{path}: checkpoint was made on another base model (weights SHA-256 "
+                                f"{meta[key][:12]}..., this run's {value[:12]}...)")
+        elif meta.get(key) != value:
             raise UserError(f"{path}: checkpoint was made with --{key.replace('_', '-')} {meta.get(key)}, "
                             f"this run has {value}")
     if meta.get("stopped_early"):

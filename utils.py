@@ -339,10 +339,18 @@ def _bounded_int(text):
 def _unique_keys(pairs):
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen = set()
-        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _BadJSON(f"the key {repeated[:100]!r} appears twice in one object")
+        raise _BadJSON(f"the key {repeated(k for k, _ in pairs)[:100]!r} appears twice in one object")
     return obj
+
+
+def repeated(items):
+    """The first of `items` (hashable) that comes twice, or None: names, keys, layers given once each."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 def parse_json(text, where, name_lines=True):

@@ -17,14 +17,13 @@ import json
 import os
 from types import SimpleNamespace
 
-from utils import UserError, atomic_save_arrays, check_fit, checked_number, read_json, write_json
+from utils import UserError, atomic_save_arrays, check_fit, checked_number, read_json, repeated, write_json
 
 import mlx.core as mx
 
 from formats.hf import hf_rows, our_rows
 from formats.safetensors import SafetensorsFile
 from models import AdapterConfig, names_of
-from models.lora_layers import repeated
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # before the Hugging Face name of the module adapted

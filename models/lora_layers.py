@@ -56,7 +56,7 @@ class AdapterConfig:
         targets = config["targets"]
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise UserError(f"{where}: {key('targets')} must be a list of linear names, got {str(targets)[:200]}")
-        if (twice := repeated(targets)) is not None:
+        if (twice := utils.repeated(targets)) is not None:
             raise UserError(f"{where}: {key('targets')} names {twice!r} twice")
         kind = config.get("fine_tune_type", "lora")
         if kind not in ADAPTER_TYPES:
@@ -69,16 +69,6 @@ class AdapterConfig:
         return cls(layers=number("lora_layers", int, 1, 2**16), targets=tuple(targets),
                    rank=number("rank", int, 1, 2**16), alpha=number("alpha", float, 1e-12, 1e12),
                    dropout=number("dropout", float, 0.0, 0.999), type=kind)
-
-
-def repeated(items):
-    """The first of `items` that comes twice, or None: a list of targets or layers names each once."""
-    seen = set()
-    for item in items:
-        if item in seen:
-            return item
-        seen.add(item)
-    return None
 
 
 def _linear_dims(linear):
@@ -186,7 +176,7 @@ def parse_targets(targets):
     names = tuple(t.strip() for t in targets.split(","))
     if not all(names):
         raise UserError(f"--lora-targets: {targets!r} has an empty name")
-    if (twice := repeated(names)) is not None:
+    if (twice := utils.repeated(names)) is not None:
         raise UserError(f"--lora-targets: {twice} is given twice")
     return names
 
