@@ -11,13 +11,9 @@ pytest.importorskip("tokenizers")
 import dataset  # noqa: E402
 from tokenizer import HFTokenizer  # noqa: E402
 from utils import UserError  # noqa: E402
-from helpers import CHATML, byte_level_tokenizer  # noqa: E402
+from helpers import CHATML, SMOLLM, byte_level_tokenizer  # noqa: E402
 
 # SmolLM2's template adds a system turn when the conversation has none.
-SMOLLM = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\nYou are a helpful AI assistant.<|im_end|>\\n' }}{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 CONVERSATION = [{"role": "system", "content": "Answer in one line."},
                 {"role": "user", "content": "What is ReLU in mlx?"},
                 {"role": "assistant", "content": "mlx.nn.ReLU Applies the Rectified Linear Unit."},

@@ -9,10 +9,9 @@ import time
 from unittest import mock
 
 import pytest
-from helpers import CHATML
+from helpers import CHATML, SMOLLM
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_chat_data import SMOLLM
 
 import chat
 import dataset

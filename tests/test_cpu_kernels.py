@@ -494,10 +494,10 @@ def test_bfloat16_products_read_a_float16_model_kept_for_generation(kernel_calls
     """lora.py --prompt --compute-dtype bfloat16 on a float16 model: its weights stay float16 and
     the prompt's products round them to bfloat16 as they pack."""
     model = random_model("float16")  # loading's compute dtype, auto: products back in float32
-    ops.use_bfloat16_products()
     tokens = mx.random.randint(0, 320, (1, 40), key=mx.random.key(1))
     logits = np.array(model(tokens))
     assert kernel_calls["bf16_matmul"] == 7 * ARGS.n_layers + 1
+    assert model.layers[0].attention.wq.weight.dtype == mx.float16  # kept, not widened
     ops.use_bfloat16_products(False)
     ref = np.array(model(tokens))
     assert np.abs(logits - ref).max() < 2e-2 * np.abs(ref).max()

@@ -62,7 +62,7 @@ def run_hostile(script, base, change, out, tmp, did_its_job, env=None):
     """Run `script` with `base` (a {flag: value or None} of a valid run) and one hostile change;
     check what a user sees and what is left in `out`. A run that accepts the value (exit 0) must
     have done what its settings, parsed here from the same arguments, ask: `did_its_job(settings,
-    stdout, tmp)` says what is missing, so a value silently ignored or misread fails."""
+    stdout, stderr, tmp)` says what is missing, so a value silently ignored or misread fails."""
     flag, how, value = change
     argv = dict(base)
     argv.pop(flag, None)
@@ -88,7 +88,7 @@ def run_hostile(script, base, change, out, tmp, did_its_job, env=None):
         assert not [name for name in left if name.startswith(".")], f"{where}\ntemporaries: {left}"
         with contextlib.chdir(tmp):
             parsed = cli_settings.parse(SETTINGS[script], args, "")
-        missing = did_its_job(parsed, proc.stdout.decode("utf-8", "replace"), tmp)
+        missing = did_its_job(parsed, proc.stdout.decode("utf-8", "replace"), stderr, tmp)
         assert not missing, f"{where}\nexit 0, but {missing}"
 
 
@@ -116,13 +116,13 @@ def test_lora_command_line(lora_inputs, tmp_path_factory, change):
     run_hostile("lora.py", base, change, out, tmp, lora_did_its_job)
 
 
-def lora_did_its_job(parsed, stdout, tmp):
+def lora_did_its_job(parsed, stdout, stderr, tmp):
     if parsed.train and not (tmp / parsed.adapter_file).is_file():
         return f"no adapters at {parsed.adapter_file}"
     if parsed.test and "Test loss" not in stdout:
         return "no test loss printed"
-    if parsed.prompt is not None and not stdout.strip():
-        return "nothing generated"
+    if parsed.prompt is not None and "generation:" not in stderr:  # the decode loop's report, after it ran
+        return "no generation reported"
     return None
 
 
@@ -138,7 +138,7 @@ def checkpoint(tmp_path_factory):
 def test_convert_command_line(checkpoint, tmp_path_factory, change):
     tmp, out = fresh(tmp_path_factory, "convert")
     base = {"--torch-path": checkpoint, "--mlx-path": str(out / "model"), "-q": None, "--q-group-size": "32"}
-    run_hostile("convert.py", base, change, out, tmp, lambda parsed, stdout, tmp: wrote(
+    run_hostile("convert.py", base, change, out, tmp, lambda parsed, stdout, stderr, tmp: wrote(
         tmp / parsed.mlx_path / "config.json"))
 
 
@@ -159,7 +159,7 @@ def test_pretrain_command_line(corpus, tmp_path_factory, change):
             "--dim": "32", "--n-layers": "1", "--n-heads": "2", "--n-kv-heads": "1", "--hidden-dim": "64",
             "--vocab-size": "300", "--steps-per-eval": "2", "--val-batches": "1", "--save-every": "2",
             "--warmup": "1"}
-    run_hostile("pretrain.py", base, change, out, tmp, lambda parsed, stdout, tmp: wrote(
+    run_hostile("pretrain.py", base, change, out, tmp, lambda parsed, stdout, stderr, tmp: wrote(
         tmp / parsed.out / "config.json"))
 
 
@@ -175,5 +175,5 @@ def site(tmp_path_factory):
 def test_dataset_command_line(site, tmp_path_factory, change):
     tmp, out = fresh(tmp_path_factory, "dataset")
     base = {"--packages": "fakepkg", "--out": str(out / "data"), "--workers": "1", "--import-timeout": "20"}
-    run_hostile("cwk_create_dataset.py", base, change, out, tmp, lambda parsed, stdout, tmp: wrote(
+    run_hostile("cwk_create_dataset.py", base, change, out, tmp, lambda parsed, stdout, stderr, tmp: wrote(
         tmp / parsed.out / "train.jsonl"), env=dict(os.environ, PYTHONPATH=str(site)))

@@ -371,7 +371,7 @@ def test_bad_files_are_one_line_errors(tmp_path, options, says):
     refuses(path, says)
 
 
-@pytest.mark.parametrize("tensor_type", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("tensor_type", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_a_block_with_a_nan_scale_is_refused_not_kept(tmp_path, tensor_type):
     path = str(tmp_path / "model.gguf")
     write_gguf(path, tensor_type=tensor_type)
