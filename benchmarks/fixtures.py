@@ -55,8 +55,7 @@ def write_synthetic_checkpoint(folder, params):
     torch.save(state, os.path.join(folder, "consolidated.00.pth"))
     del state
     os.remove(scratch)
-    with open(os.path.join(folder, "params.json"), "w") as f:
-        json.dump(params, f, indent=2)
+    write_json(os.path.join(folder, "params.json"), params)
     write_small_tokenizer(folder)
     return sum(math.prod(s) for s in shapes.values())
 
@@ -99,14 +98,12 @@ def write_synthetic_hf_checkpoint(folder, params, shard_bytes=5 * 10**9):
                 while left:
                     f.write(pattern[:min(left, len(pattern))])
                     left -= min(left, len(pattern))
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"weight_map": weight_map}, f)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"model_type": "mistral", "hidden_size": params["dim"], "num_hidden_layers": params["n_layers"],
-                   "num_attention_heads": params["n_heads"], "num_key_value_heads": params["n_kv_heads"],
-                   "head_dim": params["head_dim"], "intermediate_size": params["hidden_dim"],
-                   "rms_norm_eps": params["norm_eps"], "vocab_size": params["vocab_size"],
-                   "sliding_window": params.get("sliding_window"), "rope_theta": 10000.0}, f, indent=2)
+    write_json(os.path.join(folder, "model.safetensors.index.json"), {"weight_map": weight_map})
+    write_json(os.path.join(folder, "config.json"), {
+        "model_type": "mistral", "hidden_size": params["dim"], "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": params["n_heads"], "num_key_value_heads": params["n_kv_heads"],
+        "head_dim": params["head_dim"], "intermediate_size": params["hidden_dim"], "rms_norm_eps": params["norm_eps"],
+        "vocab_size": params["vocab_size"], "sliding_window": params.get("sliding_window"), "rope_theta": 10000.0})
     write_small_tokenizer(folder)
     return sum(math.prod(s) for s in shapes.values())
 

@@ -47,10 +47,10 @@ class SafetensorsFile:
         self._entries = {name: self._entry(name, info, data_bytes)
                          for name, info in header.items() if name != "__metadata__"}
         self._check_disjoint()
-        self.tensors = {name: (dtype, shape) for name, (dtype, shape, _) in self._entries.items()}
+        self.tensors = {name: (dtype, shape) for name, (dtype, shape, _, _) in self._entries.items()}
 
     def _entry(self, name, info, data_bytes):
-        """(dtype name, shape, begin) of one tensor, every field checked."""
+        """(dtype name, shape, begin, end) of one tensor, every field checked."""
         where = f"{self.path}: {name}"
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise UserError(f"{where}: header entry without dtype, shape and data_offsets")
@@ -63,25 +63,24 @@ class SafetensorsFile:
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
             raise UserError(f"{where}: data_offsets {offsets!r} are not two byte offsets")
         begin, end = offsets
-        name_of_dtype = DTYPES[info["dtype"]][1]
+        numpy_type, name_of_dtype = DTYPES[info["dtype"]]
         if not begin <= end <= data_bytes:
             raise UserError(f"{where}: its data [{begin}, {end}) lies outside the file's {data_bytes} data bytes "
                             "(truncated?)")
-        if end - begin != _nbytes(name_of_dtype, shape):
+        if end - begin != math.prod(shape) * np.dtype(numpy_type).itemsize:
             raise UserError(f"{where}: {end - begin} bytes of data for a {info['dtype']} tensor of shape {shape}")
-        return name_of_dtype, tuple(shape), begin
+        return name_of_dtype, tuple(shape), begin, end
 
     def _check_disjoint(self):
         """No two tensors share bytes: one range read as two weights is a forged file."""
-        spans = sorted((begin, begin + _nbytes(dtype, shape), name)
-                       for name, (dtype, shape, begin) in self._entries.items())
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in self._entries.items())
         for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
             if begin < end:
                 raise UserError(f"{self.path}: {second} overlaps the bytes of {first}")
 
     def array(self, name):
         """The tensor as an mx.array of its own float type."""
-        dtype_name, shape, begin = self._entries[name]
+        dtype_name, shape, begin, _ = self._entries[name]
         numpy_type = DTYPES[next(k for k, v in DTYPES.items() if v[1] == dtype_name)][0]
         if math.prod(shape) == 0:
             data = np.zeros(shape, numpy_type)
@@ -89,12 +88,6 @@ class SafetensorsFile:
             data = np.memmap(self.path, dtype=numpy_type, mode="r", offset=self.data_start + begin, shape=shape)
         out = mx.array(data)
         return out.view(mx.bfloat16) if dtype_name == "bfloat16" else out
-
-
-def _nbytes(dtype_name, shape):
-    """Bytes of a tensor of one of DTYPES (by its name) and `shape`."""
-    numpy_type = next(numpy for numpy, name in DTYPES.values() if name == dtype_name)
-    return math.prod(shape) * np.dtype(numpy_type).itemsize
 
 
 def _count(value):
