@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-KERNELS_API_VERSION = 4  # what this ops.py calls: bindings.cpp's API_VERSION
+KERNELS_API_VERSION = 5  # what this ops.py calls: bindings.cpp's API_VERSION
 
 
 def _load_kernels():
@@ -272,15 +272,15 @@ def _window(mask):
 
 def softcapped_attention(q_BNTH, k_BKSH, v_BKSH, scale, cap, mask):
     """softmax(cap tanh(scale q k^T / cap) + mask) v (Gemma 2's scores): the products in BLAS over
-    each KV head's stacked query heads (as _causal_attention), the cap one fused pass, and the
-    masked softmax on the kernel where it applies."""
+    each KV head's stacked query heads (as _causal_attention), the cap and the masked softmax one
+    kernel pass each way where it applies."""
     B, N, T, H = q_BNTH.shape
     K, S = k_BKSH.shape[1:3]
     s_BKQS = q_BNTH.reshape(B, K, -1, H) @ k_BKSH.swapaxes(-1, -2)  # Q = N // K * T
-    s_BKGTS = soft_cap(s_BKQS, cap, scale).reshape(B, K, N // K, T, S)
-    if mask is not None and _applies(s_BKGTS):
-        p_BKGTS = kernels.causal_softmax(s_BKGTS, 1.0, _window(mask))
+    if mask is not None and _applies(s_BKQS):
+        p_BKGTS = kernels.causal_softmax(s_BKQS.reshape(B, K, N // K, T, S), scale, _window(mask), cap)
     else:
+        s_BKGTS = soft_cap(s_BKQS, cap, scale).reshape(B, K, N // K, T, S)
         if mask is not None:
             s_BKGTS = mx.where(dense_mask(Window(S) if mask == "causal" else mask, T, S), s_BKGTS, -mx.inf)
         p_BKGTS = mx.softmax(s_BKGTS.astype(mx.float32), axis=-1).astype(v_BKSH.dtype)

@@ -34,7 +34,7 @@ using namespace cpu_kernels;
 NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   // ops.py refuses a build of another version (one left over from before a git pull, say):
   // raise it whenever a function's signature or meaning changes.
-  m.attr("API_VERSION") = 4;
+  m.attr("API_VERSION") = 5;
   m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, float16 widening, bfloat16 products on AMX, cross-entropy, SwiGLU, causal softmax, and the norm, RoPE and attention of decoding.";
   m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32; w float32 or float16).");
   m.def("matvecs", &matvecs, "x"_a, "w"_a,
@@ -52,9 +52,9 @@ NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   m.def("cross_entropy", &cross_entropy, "logits"_a, "targets"_a,
         "logsumexp(logits) - logits[target] along the last axis (float32 logits).");
   m.def("gate", &gate, "a"_a, "b"_a, "gelu"_a, "silu(a) * b, or gelu(a) * b with the tanh GELU (float32).");
-  m.def("causal_softmax", &causal_softmax, "x"_a, "scale"_a, "window"_a = 0,
+  m.def("causal_softmax", &causal_softmax, "x"_a, "scale"_a, "window"_a = 0, "cap"_a = 0.0f,
         "softmax(scale * x) along the last axis of x [..., T, S] under MLX's causal mask, within the last "
-        "`window` keys if window > 0 (float32).");
+        "`window` keys if window > 0, of cap * tanh(scale * x / cap) if cap > 0 (float32).");
   m.def("rms_norm", &rms_norm, "x"_a, "w"_a, "eps"_a, "mx.fast.rms_norm for a few rows (float32).");
   m.def("rope", &rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a,
         "mx.fast.rope for a few positions (float32, integer offset).");

@@ -32,7 +32,7 @@ mx::array cross_entropy(const mx::array& logits, const mx::array& targets);
 mx::array gate(const mx::array& a, const mx::array& b, bool gelu);
 
 // causal_softmax.cpp
-mx::array causal_softmax(const mx::array& x, float scale, int window = 0);
+mx::array causal_softmax(const mx::array& x, float scale, int window = 0, float cap = 0);
 
 // decoding.cpp: the norm, RoPE and attention of a few rows
 mx::array rms_norm(const mx::array& x, const mx::array& w, float eps);

@@ -132,18 +132,22 @@ def test_gates_and_their_gradients_match_float64(shape, gelu):
         np.testing.assert_allclose(np.array(kernels.gate(a, b, True)), np.array(nn.gelu_approx(a) * b), atol=1e-5)
 
 
+@pytest.mark.parametrize("cap", [0.0, 2.0])  # none; Gemma 2's soft cap of the scores, tight enough to bite
 @pytest.mark.parametrize("window", [0, 1, 7])  # none; each query itself alone; a window of 7 keys
 @pytest.mark.parametrize("T,S", [(5, 9), (40, 40), (3, 100)])  # queries the last T of S positions; square; rows past 64 keys
-def test_causal_softmax_and_its_gradient_match_float64(T, S, window):
+def test_causal_softmax_and_its_gradient_match_float64(T, S, window, cap):
     x, cot = 3 * mx.random.normal((2, 3, T, S)), mx.random.normal((2, 3, T, S))
     X, C = 0.7 * f64(x), f64(cot)
+    slope = 1.0  # d(capped score) / d(0.7 x)
+    if cap:
+        X, slope = cap * np.tanh(X / cap), 1 - np.tanh(X / cap) ** 2
     last = np.arange(T)[:, None] + S - T  # [T, 1]: the last key each query sees
     seen = (np.arange(S)[None] <= last) & ((np.arange(S)[None] > last - window) if window else True)  # [T, S]
     e = np.where(seen, np.exp(np.where(seen, X, -np.inf) - np.where(seen, X, -np.inf).max(-1, keepdims=True)), 0.0)
     P = e / e.sum(-1, keepdims=True)
-    np.testing.assert_allclose(np.array(kernels.causal_softmax(x, 0.7, window)), P, atol=1e-6)
-    grad = mx.grad(lambda x: (kernels.causal_softmax(x, 0.7, window) * cot).sum())(x)
-    np.testing.assert_allclose(np.array(grad), 0.7 * P * (C - (P * C).sum(-1, keepdims=True)), atol=1e-6)
+    np.testing.assert_allclose(np.array(kernels.causal_softmax(x, 0.7, window, cap)), P, atol=1e-6)
+    grad = mx.grad(lambda x: (kernels.causal_softmax(x, 0.7, window, cap) * cot).sum())(x)
+    np.testing.assert_allclose(np.array(grad), 0.7 * slope * P * (C - (P * C).sum(-1, keepdims=True)), atol=1e-6)
 
 
 def test_causal_attention_and_its_gradient_match_mlx():
@@ -252,6 +256,8 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
         kernels.rms_norm(mx.zeros((1, 8)), mx.zeros((7,)), 1e-5)
     with pytest.raises(ValueError):
         kernels.causal_softmax(mx.zeros((1, 6, 5)), 1.0)  # more queries than keys
+    with pytest.raises(ValueError):
+        kernels.causal_softmax(mx.zeros((1, 5, 5)), 1.0, 0, float("nan"))  # a cap must be a number >= 0
 
 
 # --------------------------------------------------------------------------- in the model
