@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-KERNELS_API_VERSION = 5  # what this ops.py calls: bindings.cpp's API_VERSION
+KERNELS_API_VERSION = 6  # what this ops.py calls: bindings.cpp's API_VERSION
 
 
 def _load_kernels():
@@ -209,6 +209,18 @@ def geglu(a, b):
     return _compiled_geglu(a, b)
 
 
+def gelu(a):
+    """gelu(a) with the tanh GELU, GPT-2's ungated feed-forward."""
+    if _applies(a):
+        return kernels.gelu(a)
+    return _compiled_gelu(a)
+
+
+@functools.partial(mx.compile, shapeless=True)
+def _compiled_gelu(a):
+    return nn.gelu_approx(a)
+
+
 @functools.partial(mx.compile, shapeless=True)
 def _compiled_geglu(a, b):
     """Without the kernels: compiled, the tanh GELU's dozen elementwise operations (and their
@@ -289,6 +301,8 @@ def softcapped_attention(q_BNTH, k_BKSH, v_BKSH, scale, cap, mask):
 
 def soft_cap(x, cap, scale=1.0):
     """cap * tanh(scale * x / cap), Gemma 2's soft cap of scores and logits: one fused pass."""
+    if _applies(x):
+        return kernels.soft_cap(x, cap, scale)
     return _soft_cap(x, mx.array(scale / cap, x.dtype), mx.array(cap, x.dtype))
 
 

@@ -6,7 +6,7 @@
 // One file per kernel family, each with its loops, its MLX primitives and its
 // operations: matvec.cpp (float32 and float16 weights), quantized.cpp, bf16_matmul.cpp (AMX),
 // cross_entropy.cpp,
-// swiglu.cpp, causal_softmax.cpp, decoding.cpp (norm, RoPE, attention). Shared:
+// activations.cpp, causal_softmax.cpp, decoding.cpp (norm, RoPE, attention). Shared:
 // threads.h (the thread pool), simd.h (dot, exp, softmax rows), primitive.h (the MLX
 // plumbing), ops.h (what this file binds).
 
@@ -34,8 +34,8 @@ using namespace cpu_kernels;
 NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   // ops.py refuses a build of another version (one left over from before a git pull, say):
   // raise it whenever a function's signature or meaning changes.
-  m.attr("API_VERSION") = 5;
-  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, float16 widening, bfloat16 products on AMX, cross-entropy, SwiGLU, causal softmax, and the norm, RoPE and attention of decoding.";
+  m.attr("API_VERSION") = 6;
+  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, float16 widening, bfloat16 products on AMX, cross-entropy, the activations (gates, GELU, soft cap), causal softmax, and the norm, RoPE and attention of decoding.";
   m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32; w float32 or float16).");
   m.def("matvecs", &matvecs, "x"_a, "w"_a,
         "[x @ w.T for w in w] for a few rows of x, in one pass over all the weights (float32).");
@@ -52,6 +52,8 @@ NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   m.def("cross_entropy", &cross_entropy, "logits"_a, "targets"_a,
         "logsumexp(logits) - logits[target] along the last axis (float32 logits).");
   m.def("gate", &gate, "a"_a, "b"_a, "gelu"_a, "silu(a) * b, or gelu(a) * b with the tanh GELU (float32).");
+  m.def("gelu", &gelu, "a"_a, "gelu(a), the tanh GELU (float32).");
+  m.def("soft_cap", &soft_cap, "x"_a, "cap"_a, "scale"_a = 1.0f, "cap * tanh(scale * x / cap) (float32).");
   m.def("causal_softmax", &causal_softmax, "x"_a, "scale"_a, "window"_a = 0, "cap"_a = 0.0f,
         "softmax(scale * x) along the last axis of x [..., T, S] under MLX's causal mask, within the last "
         "`window` keys if window > 0, of cap * tanh(scale * x / cap) if cap > 0 (float32).");

@@ -36,23 +36,6 @@ struct SoftmaxParams {
   bool operator==(const SoftmaxParams&) const = default;
 };
 
-// out = tanh(a * x) over n values, a > 0 (out may be x). tanh(z) = sign(z) (1 - e) / (1 + e) with
-// e = exp(-2 |z|): no overflow, and near 0 an absolute error of about 1e-7.
-inline void row_tanh(const float* x, float a, float* out, int n) {
-  int i = 0;
-#if defined(__AVX512F__)
-  const __m512 one = _mm512_set1_ps(1.0f), minus_2a = _mm512_set1_ps(-2.0f * a);
-  const __m512i sign_bit = _mm512_set1_epi32(INT32_MIN);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    const __m512 e = exp16(_mm512_mul_ps(minus_2a, _mm512_abs_ps(v)));
-    const __m512i t = _mm512_castps_si512(_mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e)));
-    _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_or_si512(t, _mm512_and_si512(_mm512_castps_si512(v), sign_bit))));
-  }
-#endif
-  for (; i < n; i++) out[i] = std::tanh(a * x[i]);
-}
-
 // p = softmax(scale * x), or softmax(cap tanh(scale * x / cap)), over the keys row t sees, 0 elsewhere
 void causal_softmax_rows(const float* x, float* p, int64_t rows, int T, int S, SoftmaxParams params) {
   parallel_for(rows, [&](int64_t first, int64_t end) {

@@ -28,8 +28,10 @@ mx::array bf16_matmul(const mx::array& a, const mx::array& b, bool transposed);
 // cross_entropy.cpp
 mx::array cross_entropy(const mx::array& logits, const mx::array& targets);
 
-// swiglu.cpp
+// activations.cpp
 mx::array gate(const mx::array& a, const mx::array& b, bool gelu);
+mx::array gelu(const mx::array& a);
+mx::array soft_cap(const mx::array& x, float cap, float scale);
 
 // causal_softmax.cpp
 mx::array causal_softmax(const mx::array& x, float scale, int window = 0, float cap = 0);

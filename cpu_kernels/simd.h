@@ -1,5 +1,5 @@
 // Vector helpers shared by several kernel files: dot products over weight rows,
-// exp and the softmax pieces built on it. Each has an AVX-512 body and a portable
+// exp and the softmax pieces, sigmoid and tanh built on it. Each has an AVX-512 body and a portable
 // one (#else, or the scalar tail loop); a build with MLX_LORA_PORTABLE compiles and
 // tests the portable ones (see CMakeLists.txt).
 #pragma once
@@ -156,5 +156,23 @@ inline __m512 sigmoid16(__m512 a) {
 }
 #endif
 inline float sigmoid(float a) { return 1.0f / (1.0f + std::exp(-a)); }
+
+// out = tanh(a * x) over n values (out may be x). tanh(z) = sign(z) (1 - e) / (1 + e) with
+// e = exp(-2 |z|): no overflow, and near 0 an absolute error of about 1e-7.
+inline void row_tanh(const float* x, float a, float* out, size_t n) {
+  size_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.0f), alpha = _mm512_set1_ps(a);
+  const __m512i sign_bit = _mm512_set1_epi32(INT32_MIN);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 z = _mm512_mul_ps(alpha, _mm512_loadu_ps(x + i));
+    const __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_abs_ps(z)));
+    const __m512i t = _mm512_castps_si512(_mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e)));
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(z), sign_bit);
+    _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_or_si512(t, sign)));
+  }
+#endif
+  for (; i < n; i++) out[i] = std::tanh(a * x[i]);
+}
 
 }  // namespace cpu_kernels

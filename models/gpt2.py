@@ -16,6 +16,7 @@ from utils import UserError
 import mlx.core as mx
 import mlx.nn as nn
 
+import ops
 from models import llama
 from models.fused import FusedAttention, qkv_rows
 from models.layers import Decoder, Linear, TransformerBlock
@@ -73,7 +74,7 @@ class FeedForward(nn.Module):
         self.w2 = Linear(hidden_dim, dim, bias=True)
 
     def __call__(self, x_BTD):
-        return self.w2(nn.gelu_approx(self.w1(x_BTD)))
+        return self.w2(ops.gelu(self.w1(x_BTD)))
 
 
 class Model(Decoder):

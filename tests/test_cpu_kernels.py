@@ -132,6 +132,21 @@ def test_gates_and_their_gradients_match_float64(shape, gelu):
         np.testing.assert_allclose(np.array(kernels.gate(a, b, True)), np.array(nn.gelu_approx(a) * b), atol=1e-5)
 
 
+def test_gelu_and_soft_cap_and_their_gradients_match_float64():
+    """GPT-2's ungated tanh GELU and Gemma 2's soft cap of the logits, values and gradients."""
+    a, cot = 4 * mx.random.normal((3, 37, 41)), mx.random.normal((3, 37, 41))  # odd sizes: the scalar tails too
+    A, C = f64(a), f64(cot)
+    G = 0.5 * A * (1 + np.tanh(np.sqrt(2 / np.pi) * (A + 0.044715 * A ** 3)))
+    np.testing.assert_allclose(np.array(kernels.gelu(a)), G, atol=1e-5)
+    grad = mx.grad(lambda a: (kernels.gelu(a) * cot).sum())(a)
+    expected = mx.grad(lambda a: (nn.gelu_approx(a.astype(mx.float32)) * cot).sum())(a)
+    np.testing.assert_allclose(np.array(grad), np.array(expected), atol=1e-5)
+    T = np.tanh(0.5 * A / 3.0)  # cap 3, scale 0.5
+    np.testing.assert_allclose(np.array(kernels.soft_cap(a, 3.0, 0.5)), 3.0 * T, atol=1e-6)
+    grad = mx.grad(lambda a: (kernels.soft_cap(a, 3.0, 0.5) * cot).sum())(a)
+    np.testing.assert_allclose(np.array(grad), C * 0.5 * (1 - T ** 2), atol=1e-6)
+
+
 @pytest.mark.parametrize("cap", [0.0, 2.0])  # none; Gemma 2's soft cap of the scores, tight enough to bite
 @pytest.mark.parametrize("window", [0, 1, 7])  # none; each query itself alone; a window of 7 keys
 @pytest.mark.parametrize("T,S", [(5, 9), (40, 40), (3, 100)])  # queries the last T of S positions; square; rows past 64 keys
@@ -258,6 +273,8 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
         kernels.causal_softmax(mx.zeros((1, 6, 5)), 1.0)  # more queries than keys
     with pytest.raises(ValueError):
         kernels.causal_softmax(mx.zeros((1, 5, 5)), 1.0, 0, float("nan"))  # a cap must be a number >= 0
+    with pytest.raises(ValueError):
+        kernels.soft_cap(mx.zeros((2, 3)), 0.0)  # no cap
 
 
 # --------------------------------------------------------------------------- in the model
