@@ -121,7 +121,9 @@ def chat_example(messages, tokenizer, template, where):
     A turn's tokens run from the end of the conversation before it rendered with the
     assistant's header (add_generation_prompt) to the end of the conversation up to it:
     its reply and whatever closes the turn (<|im_end|>, <|eot_id|>), which teaches the
-    model to stop. The template writes BOS itself where the model has one.
+    model to stop. Where a turn reads otherwise as the last one (Qwen3 adds an empty
+    thinking block there, Phi-3 closes the conversation with EOS), it ends at its first
+    end token. The template writes BOS itself where the model has one.
     """
     def tokens_of(upto, prompt):
         return tokenizer.encode(chat.render(template, messages[:upto], tokenizer, prompt, where), bos=False)
@@ -132,11 +134,17 @@ def chat_example(messages, tokenizer, template, where):
         if message["role"] != "assistant":
             continue
         before, through = tokens_of(i, True), tokens_of(i + 1, False)
-        if full[:len(before)] != before or full[:len(through)] != through:
+        end = len(through) if full[:len(through)] == through else _first_end(full, len(before), tokenizer.eos_ids)
+        if full[:len(before)] != before or end is None:
             raise UserError(f"{where}: the chat template renders the start of this conversation differently "
                             "alone than within it: cannot tell which tokens are the replies")
-        spans.append((len(before), len(through)))
+        spans.append((len(before), end))
     return full, spans
+
+
+def _first_end(tokens, start, eos_ids):
+    """Just past the first end token from `start` on, or None."""
+    return next((i + 1 for i in range(start, len(tokens)) if tokens[i] in eos_ids), None)
 
 
 def batch_plan(dataset, batch_size):

@@ -243,11 +243,28 @@ def tokenizer_config(folder, hf):
         if isinstance(ends, int) or (isinstance(ends, list) and all(isinstance(e, int) for e in ends)):
             out["eos_token_ids"] = [ends] if isinstance(ends, int) else list(ends)
     tok_config = _optional_json(os.path.join(folder, "tokenizer_config.json"))
+    eos = _added_token_id(folder, tok_config.get("eos_token"))
+    if eos in out.get("eos_token_ids", []):
+        # the tokenizer's own eos_token first (Phi-3's <|endoftext|>, listed last in generation_config.json):
+        # the eos_id a chat template writes as eos_token, as transformers and llama.cpp take it
+        out["eos_token_ids"].remove(eos)
+        out["eos_token_ids"].insert(0, eos)
     if isinstance(tok_config.get("add_bos_token"), bool):
         out["add_bos_token"] = tok_config["add_bos_token"]
     elif "bos_token_id" in out:
         out["add_bos_token"] = _adds_bos(folder, out["bos_token_id"])
     return out
+
+
+def _added_token_id(folder, token):
+    """The id tokenizer.json's added tokens give `token` (tokenizer_config.json's text, or its
+    {"content": text}), or None."""
+    text = token.get("content") if isinstance(token, dict) else token
+    if not isinstance(text, str):
+        return None
+    added = _optional_json(os.path.join(folder, "tokenizer.json")).get("added_tokens")
+    return next((t.get("id") for t in added if isinstance(t, dict) and t.get("content") == text), None) \
+        if isinstance(added, list) else None
 
 
 def _adds_bos(folder, bos_id):
