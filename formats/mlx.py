@@ -19,6 +19,25 @@ import models
 # What a model folder holds besides its weights and config.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
+# config.json's {weight: ggml type} of the weights kept quantized as a GGUF file held them ("Q4_K"),
+# so that fuse.py --format gguf writes each back in its type
+GGUF_TYPES = "gguf_types"
+
+
+def gguf_types_entry(checkpoint, kept):
+    """config.json's GGUF_TYPES entry for the weights `kept` in the checkpoint's own quantization:
+    {} when the checkpoint does not say (formats other than GGUF and this one)."""
+    source = getattr(checkpoint, "gguf_type", None)
+    types = {key: source(key) for key in kept} if source else {}
+    types = {key: t for key, t in types.items() if t is not None}
+    return {GGUF_TYPES: types} if types else {}
+
+
+def checked_gguf_types(raw, config_path):
+    types = raw.get(GGUF_TYPES, {})
+    if not (isinstance(types, dict) and all(isinstance(t, str) for t in types.values())):
+        raise UserError(f"{config_path}: '{GGUF_TYPES}' must map weight names to ggml type names, got {types!r:.80}")
+    return types
 
 
 def detect(path):
@@ -39,6 +58,7 @@ class Checkpoint:
         self.config = {key: value for key, value in vars(args).items() if value is not None or key in raw}
         self.config.update(loading.tokenizer_settings(raw, config_path))
         self._quantization = loading.quantization(raw, config_path) or {}
+        self._gguf_types = checked_gguf_types(raw, config_path)
         self.shapes = models.names_of(self.config).shapes(self.config)
         self.weights_path = loading.weights_file(folder)
         self._unread = load_arrays(self.weights_path)  # lazy: nothing is read until asked for
@@ -87,6 +107,11 @@ class Checkpoint:
 
     def quantized_scales_dtype(self, key):
         return self._arrays[f"{self._base(key)}.scales"][1]
+
+    def gguf_type(self, key):
+        """The ggml type the GGUF file this folder was converted from held the weight in, while it is
+        held in that file's quantization; else None."""
+        return self._gguf_types.get(key) if self.quantization(key) is not None else None
 
     def write_tokenizer(self, folder):
         for name in TOKENIZER_FILES:

@@ -107,13 +107,14 @@ def test_config_shapes_and_weights(folder, tensor_type):
         assert np.abs(ref - w.weights[name]).max() < 0.05  # and the quantization is of the weights
 
 
-@pytest.mark.parametrize("tensor_type", ["Q6_K", "Q4_K"])
-def test_k_quants_are_dequantized(folder, tensor_type):
+@pytest.mark.parametrize("tensor_type, bits", [("Q6_K", 8), ("Q4_K", 4)])
+def test_k_quants_are_held_quantized_and_read_exactly(folder, tensor_type, bits):
+    """Q4_K in MLX's 4 bits exactly, Q6_K re-quantized to 8 (tests/test_kquants.py); tensor() exact."""
     w = written(folder, tensor_type, dim=256, hidden_dim=256)
     ckpt = gguf_format.Checkpoint(w.path)
     assert ckpt.config == dict(w.config, dim=256, hidden_dim=256, head_dim=64)
     for name in ("tok_embeddings.weight", "layers.1.feed_forward.w2.weight"):
-        assert ckpt.stored_dtype(name) is None and ckpt.quantization(name) is None
+        assert ckpt.stored_dtype(name) is None and ckpt.quantization(name) == (32, bits)
         got = ckpt.tensor(name)
         assert got.dtype == mx.float32 and got.shape == ckpt.shapes[name]
         assert np.array_equal(np.array(got), reference(w.stored[name]))

@@ -7,16 +7,21 @@ our own that bounds every count and length by the bytes left before it allocates
 every tensor's bytes must lie inside the file. The file stays memory-mapped; a tensor is read
 when asked for.
 
-Weights: F32, F16 and BF16 as stored; Q8_0, Q4_0 and Q4_1 are exactly MLX's affine quantization
-in groups of 32 (quantized() lays their blocks out as MLX does); the other types the gguf package
-can dequantize (K-quants, Q5_x, IQ) come as float32. GGUF llama files already hold the queries'
+Weights: F32, F16 and BF16 as stored; Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K are exactly MLX's
+affine quantization in groups of 32 (quantized() lays their blocks out as MLX does; K-quants with
+float32 scales, kquants.py); Q6_K, Q3_K and Q2_K are held as MLX's 8 bits in groups of 32,
+re-quantized from their exact values (their tensor() is exact); the other types the gguf package can
+dequantize (IQ) come as float32. held_as(name) says which, in words. GGUF llama files already hold the queries'
 and keys' rows in Meta's interleaved RoPE order (llama.cpp's converter permutes Hugging Face's),
 so every tensor maps to one of ours by name and nothing is permuted.
 
 Writing (writer.py: tensor_types, write): any checkpoint of this toolkit as a llama GGUF file, the reader's
 mapping inverted. MLX's 4- and 8-bit quantization in groups of 32 with scales float16 holds goes
-into Q4_1 and Q8_0 blocks exactly (so a GGUF file converted and written back keeps its bytes);
-every other quantized tensor is quantized from float32 by the gguf package. The tokenizer is
+into Q4_1 and Q8_0 blocks exactly, a weight read from Q4_K or Q5_K into its own superblocks again
+(so a GGUF file converted and written back keeps its bytes); a weight a GGUF file held in Q4_K, Q5_K
+or Q6_K (gguf_type(name), kept in a converted folder's config.json) is written back in that type,
+quantized by our own quantizer where its superblocks are not at hand; every other quantized tensor
+is quantized from float32 by the gguf package. The tokenizer is
 rewritten as llama.cpp reads one: tokenizer.json's byte-level BPE (its pre-tokenizer named),
 SentencePiece's pieces, or Llama 3's tiktoken ranks as byte-level BPE. Tensors are converted and
 written a few rows at a time, so memory stays around one tensor whatever the model size.
@@ -28,24 +33,42 @@ writer.py; the reader's Checkpoint is here.
 
 import os
 
+import mlx.core as mx
 import numpy as np
 
+from formats.gguf import kquants
+from formats.gguf.blocks import (
+    FLOAT_DTYPES,
+    GROUP_SIZE,
+    HELD_BITS,
+    block_scales,
+    kquant_affine,
+    mlx_affine,
+    requantized_affine,
+    wide_scales,
+    written_values,
+)
+from formats.gguf.config import check_architecture, derive_config
+from formats.gguf.header import (
+    MAGIC,
+    gguf_package,
+    map_file,
+    read_header,
+    shown,
+    tensor_entries,
+)
+from formats.gguf.names import ROPE_FREQS, check_tensors, our_name
+from formats.gguf.vocabulary import (
+    LLAMA3_PRES,
+    PRE_SPLITS,
+    byte_spelling,
+    tokenizer_files,
+)
+from formats.gguf.writer import tensor_types, write
+from models import checked_shapes, family, names_of
 from utils import UserError, atomic_write
 
-import mlx.core as mx
-
-from models import checked_shapes, family, names_of
-from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, MLX_BITS, block_scales, mlx_affine, wide_scales
-from formats.gguf.config import check_architecture, derive_config
-from formats.gguf.header import MAGIC, gguf_package, map_file, read_header, shown, tensor_entries
-from formats.gguf.names import ROPE_FREQS, check_tensors, our_name
-from formats.gguf.vocabulary import tokenizer_files
-
-from formats.gguf.blocks import written_values
-from formats.gguf.vocabulary import LLAMA3_PRES, PRE_SPLITS, byte_spelling
-from formats.gguf.writer import tensor_types, write
-
-__all__ = ['Checkpoint', 'detect', 'tensor_types', 'write', 'written_values', 'byte_spelling', 'PRE_SPLITS', 'LLAMA3_PRES', 'our_name', 'FLOAT_DTYPES']
+__all__ = ['FLOAT_DTYPES', 'LLAMA3_PRES', 'PRE_SPLITS', 'Checkpoint', 'byte_spelling', 'detect', 'our_name', 'tensor_types', 'write', 'written_values']
 
 
 def detect(path):
@@ -95,17 +118,23 @@ class Checkpoint:
 
     def quantization(self, name):
         entry = self._entries[name]
-        bits = MLX_BITS.get(entry.type)
+        bits = HELD_BITS.get(entry.type)
         return (GROUP_SIZE, bits) if bits and len(entry.shape) == 2 else None
 
     def quantized(self, name):
         """(weight uint32 [out, in * bits / 32], scales [out, in / 32], biases [out, in / 32]):
-        float16 scales and biases, or float32 where a bias (-8 d, -128 d) overflows float16."""
+        float16 scales and biases, or float32 where a bias (-8 d, -128 d) overflows float16, and
+        for K-quants (d sc_j is exact in float32 only; Q6_K's 8-bit form is re-quantized)."""
         entry = self._entries[name]
         assert self.quantization(name), f"{name} is not stored in MLX's affine quantization"
         rows, cols = entry.shape
-        blocks_RGB = self._raw(entry).reshape(rows, cols // GROUP_SIZE, entry.type_size)
-        w, scales, biases = mlx_affine(blocks_RGB, entry.type)
+        if entry.type in kquants.EXACT_BITS:
+            w, scales, biases = kquant_affine(self._raw(entry).reshape(rows, -1, entry.type_size), entry.type)
+        elif entry.type in kquants.REQUANTIZED:
+            w, scales, biases = requantized_affine(self._floats(entry))
+        else:
+            w, scales, biases = mlx_affine(self._raw(entry).reshape(rows, cols // GROUP_SIZE, entry.type_size),
+                                           entry.type)
         with np.errstate(invalid="ignore"):
             if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
                 raise UserError(f"{self.path}: {entry.gguf_name} has blocks whose scale is NaN or infinite")
@@ -114,8 +143,25 @@ class Checkpoint:
     def quantized_scales_dtype(self, name):
         """The dtype of quantized(name)'s scales and biases, read off the blocks' scales alone."""
         entry = self._entries[name]
+        if entry.type in kquants.EXACT_BITS or entry.type in kquants.REQUANTIZED:
+            return mx.float32
         d = block_scales(self._raw(entry).reshape(-1, entry.type_size))
         return mx.float32 if wide_scales(d, entry.type) else mx.float16
+
+    def gguf_type(self, name):
+        """The ggml type the file holds the weight in ("Q4_K", say)."""
+        return self._entries[name].type
+
+    def held_as(self, name):
+        """What quantized() or tensor() makes of the weight, in words: "4-bit groups of 32 (exact)",
+        "8-bit groups of 32 (re-quantized)", or a float type."""
+        entry = self._entries[name]
+        if entry.type in FLOAT_DTYPES:
+            return FLOAT_DTYPES[entry.type]
+        q = self.quantization(name)
+        if q is None:
+            return "float32"
+        return f"{q[1]}-bit groups of {q[0]} ({'re-quantized' if entry.type in kquants.REQUANTIZED else 'exact'})"
 
     def tensor(self, name):
         plus = self._table.weight(name).gguf_plus
@@ -129,11 +175,11 @@ class Checkpoint:
             return mx.array(raw.view(np.uint16).reshape(entry.shape)).view(mx.bfloat16)
         if entry.type in FLOAT_DTYPES:
             return mx.array(raw.view(FLOAT_DTYPES[entry.type]).reshape(entry.shape))
-        if self.quantization(name):
-            # d q + b in float32 is exactly GGUF's d (q - 8), d (q - 128), d q + m
+        if self.quantization(name) and entry.type not in kquants.REQUANTIZED:
+            # d q + b in float32 is exactly GGUF's d (q - 8), d (q - 128), d q + m, d sc q - dmin m
             w, scales, biases = self.quantized(name)
             return mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
-                                 group_size=GROUP_SIZE, bits=MLX_BITS[entry.type])
+                                 group_size=GROUP_SIZE, bits=HELD_BITS[entry.type])
         return mx.array(self._floats(entry))
 
     def write_tokenizer(self, folder):

@@ -1,21 +1,24 @@
 """Quantized blocks both ways, each codec beside its inverse: GGUF's Q8_0, Q5_0, Q5_1, Q4_0 and Q4_1
-blocks as MLX's affine quantization in groups of 32 (reading), and MLX's back into Q8_0 and Q4_1
-blocks or floats (writing), a few rows at a time.
+blocks, and K-quant superblocks (kquants.py), as MLX's affine quantization in groups of 32 (reading),
+and MLX's back into Q8_0, Q4_1 and K-quant blocks or floats (writing), a few rows at a time.
 """
 
+import mlx.core as mx
 import numpy as np
 
-from utils import UserError
-
-import mlx.core as mx
-
 from formats import all_finite_bits
-
+from formats.gguf import kquants
+from utils import UserError
 
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 MLX_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8}  # exactly MLX's affine quantization, groups of 32
 BIAS_OFFSETS = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}  # their values are d (q - offset): bias -offset d
 GROUP_SIZE, F16_MAX = 32, 65504.0
+# The bits each quantized type is held in as MLX's affine quantization, groups of 32
+HELD_BITS = {**MLX_BITS, **kquants.EXACT_BITS, **dict.fromkeys(kquants.REQUANTIZED, kquants.REQUANTIZED_BITS)}
+# Bytes a block, and where its float16 scales lie (checked finite when written)
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, **kquants.TYPE_SIZES}
+SCALE_BYTES = {"Q8_0": slice(0, 2), "Q4_0": slice(0, 2), "Q4_1": slice(0, 4), **kquants.HEAD_BYTES}
 
 
 @np.errstate(all="ignore")  # a stranger's NaN or infinity: no warnings printed
@@ -63,15 +66,51 @@ def mlx_nibbles(qs_RG16):
 def mlx_fives(qh_qs_RG20):
     """Q5 blocks' 5-bit values (after d, or d and m) in MLX's 5-bit packing, as uint32 words
     [R, G*5]. GGUF keeps the low four bits as Q4's nibbles do, and bit j of the little-endian
-    word qh is value j's fifth; MLX packs the values as one little-endian stream of 5 bits each."""
+    word qh is value j's fifth."""
     qh_RG = np.ascontiguousarray(qh_qs_RG20[..., :4]).view("<u4")[..., 0]
     qs_RG16 = qh_qs_RG20[..., 4:]
     low_RG32 = np.concatenate([qs_RG16 & 0x0F, qs_RG16 >> 4], axis=-1)
     high_RG32 = ((qh_RG[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-    values_RGE8 = (low_RG32 | (high_RG32 << 4)).reshape(*qs_RG16.shape[:-1], 4, 8).astype(np.uint64)
-    stream_RGE = np.bitwise_or.reduce(values_RGE8 << (5 * np.arange(8, dtype=np.uint64)), axis=-1)  # 40 bits
-    bytes_RGE5 = stream_RGE[..., None].astype("<u8").view(np.uint8)[..., :5]  # 8 values in 5 bytes
-    return np.ascontiguousarray(bytes_RGE5).reshape(len(qh_qs_RG20), -1).view(np.uint32)
+    return mlx_packed((low_RG32 | (high_RG32 << 4)).reshape(len(qh_qs_RG20), -1), 5)
+
+
+def mlx_packed(values_RN, bits):
+    """Codes of `bits` bits as MLX packs them, uint32 words [R, N*bits/32]: one little-endian stream
+    of bits, value i at bit bits*i (so 8 values fill `bits` bytes)."""
+    rows = len(values_RN)
+    if bits == 8:
+        return np.ascontiguousarray(values_RN, np.uint8).reshape(rows, -1).view(np.uint32)
+    values_RE8 = values_RN.reshape(rows, -1, 8).astype(np.uint64)
+    stream_RE = np.bitwise_or.reduce(values_RE8 << (bits * np.arange(8, dtype=np.uint64)), axis=-1)
+    bytes_REb = stream_RE[..., None].astype("<u8").view(np.uint8)[..., :bits]
+    return np.ascontiguousarray(bytes_REb).reshape(rows, -1).view(np.uint32)
+
+
+def mlx_unpacked(words_RW, bits):
+    """mlx_packed undone: the codes, uint8 [R, W*32/bits]."""
+    rows = len(words_RW)
+    bytes_REb = np.ascontiguousarray(words_RW).view(np.uint8).reshape(rows, -1, bits)
+    padded_RE8 = np.zeros(bytes_REb.shape[:-1] + (8,), np.uint8)
+    padded_RE8[..., :bits] = bytes_REb
+    stream_RE = padded_RE8.view("<u8")[..., 0]
+    values_RE8 = (stream_RE[..., None] >> (bits * np.arange(8, dtype=np.uint64))) & ((1 << bits) - 1)
+    return values_RE8.astype(np.uint8).reshape(rows, -1)
+
+
+def kquant_affine(blocks_RSB, type_name):
+    """Q4_K or Q5_K superblocks [R, S, B] as MLX's affine quantization in groups of 32, exactly:
+    (weight uint32 [R, S*256*bits/32], scales float32 [R, S*8], biases float32 [R, S*8])."""
+    rows = len(blocks_RSB)
+    codes, scales, biases = kquants.affine(blocks_RSB.reshape(-1, blocks_RSB.shape[-1]), type_name)
+    return mlx_packed(codes.reshape(rows, -1), kquants.EXACT_BITS[type_name]), *(
+        a.reshape(rows, -1) for a in (scales, biases))
+
+
+def requantized_affine(values_RC):
+    """Exact float32 values (Q6_K's, say) as MLX's 8-bit affine quantization in groups of 32:
+    (weight uint32 [R, C/4], scales float32 [R, C/32], biases float32 [R, C/32])."""
+    codes, scales, biases = kquants.requantized_8bit(values_RC)
+    return mlx_packed(codes, 8), scales, biases
 
 
 def gguf_nibbles(packed_RG16):
@@ -91,19 +130,65 @@ def tensor_chunks(checkpoint, name, type_name):
     if own is not None:
         yield from own
         return
+    chunks = kquant_chunks if type_name in kquants.QUANTIZED_TYPES else converted_chunks
+    for out in chunks(checkpoint, name, type_name):
+        if not finite_values(out, type_name):
+            raise UserError(f"{checkpoint.path}: {name} is not finite in {type_name}: NaN, infinity, or values "
+                            "beyond that type's range" + (" (try float32 or bfloat16)" if type_name == "F16" else ""))
+        yield out.view(np.uint8)
+
+
+def converted_chunks(checkpoint, name, type_name):
+    """The weight cast to a float type, or quantized from float32 by the gguf package."""
     import gguf
 
     for rows in weight_rows(checkpoint, name):
         if type_name in FLOAT_DTYPES:
             bits = {"F32": mx.uint32, "F16": mx.uint16, "BF16": mx.uint16}[type_name]
-            out = np.asarray(rows.astype(getattr(mx, FLOAT_DTYPES[type_name])).view(bits))
+            yield np.asarray(rows.astype(getattr(mx, FLOAT_DTYPES[type_name])).view(bits))
         else:
-            with np.errstate(all="ignore"):  # NaN or infinity is reported below, in the result
-                out = gguf.quants.quantize(np.asarray(rows.astype(mx.float32)), gguf.GGMLQuantizationType[type_name])
-        if not finite_values(out, type_name):
-            raise UserError(f"{checkpoint.path}: {name} is not finite in {type_name}: NaN, infinity, or values "
-                            "beyond that type's range" + (" (try float32 or bfloat16)" if type_name == "F16" else ""))
-        yield out.view(np.uint8)
+            with np.errstate(all="ignore"):  # NaN or infinity is reported by the caller, in the result
+                yield gguf.quants.quantize(np.asarray(rows.astype(mx.float32)), gguf.GGMLQuantizationType[type_name])
+
+
+def kquant_chunks(checkpoint, name, type_name):
+    """The weight as K-quant superblocks: its own, bit for bit, where it is held as that K-quant was
+    read (exact_superblock_chunks); else quantized from its float32 values (a fused weight's, or a
+    Q6_K's held in 8 bits) by our own quantizer."""
+    exact = exact_superblock_chunks(checkpoint, name, type_name)
+    if exact is not None:
+        yield from exact
+        return
+    values = checkpoint.tensor(name).astype(mx.float32)
+    mx.eval(values)  # read once, whole: slices of an unread array would each read it
+    step = max(1, CHUNK_VALUES // values.shape[-1])
+    for start in range(0, values.shape[0], step):
+        yield kquants.quantized_superblocks(np.asarray(values[start:start + step]), type_name)
+
+
+def exact_superblock_chunks(checkpoint, name, type_name):
+    """Chunks of the superblocks a weight held in MLX's 4- or 5-bit groups of 32 came from: None
+    unless every scale is d sc_j and every bias -dmin m_j (float16 d, dmin; 6-bit sc_j, m_j)."""
+    bits = kquants.EXACT_BITS.get(type_name)
+    if bits is None or checkpoint.quantization(name) != (GROUP_SIZE, bits):
+        return None
+    w, scales, biases = checkpoint.quantized(name)
+    heads_RSH = kquants.superblock_heads(*(np.asarray(a.astype(mx.float32)) for a in (scales, biases)), type_name)
+    if heads_RSH is None:
+        return None
+    mx.eval(w)  # read once, whole: slices of an unread array would each read it
+    return superblock_chunks(w, heads_RSH, bits, type_name)
+
+
+def superblock_chunks(w, heads_RSH, bits, type_name):
+    """Superblocks of a few rows at a time: each head, then its codes unpacked from MLX's words."""
+    rows, superblocks = heads_RSH.shape[:2]
+    step = max(1, CHUNK_VALUES // (superblocks * kquants.QK_K))
+    for start in range(0, rows, step):
+        codes_RC = mlx_unpacked(np.asarray(w[start:start + step]), bits)
+        heads_NH = heads_RSH[start:start + step].reshape(-1, heads_RSH.shape[-1])
+        blocks = kquants.superblocks(heads_NH, codes_RC.reshape(-1, kquants.QK_K), type_name)
+        yield blocks.reshape(len(codes_RC), -1)
 
 
 def written_values(checkpoint, name, type_name):
@@ -135,11 +220,11 @@ def weight_rows(checkpoint, name):
 
 
 def finite_values(out, type_name):
-    """Whether a float tensor's bits, or a quantized one's block scales (d, and Q4_1's m), are finite."""
+    """Whether a float tensor's bits, or a quantized one's block scales (d, and Q4_1's m, K-quants'
+    dmin), are finite."""
     if type_name in FLOAT_DTYPES:
         return all_finite_bits(out, FLOAT_DTYPES[type_name])
-    blocks = out.reshape(-1, {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[type_name])
-    scales = blocks[:, :4 if type_name == "Q4_1" else 2]
+    scales = out.reshape(-1, BLOCK_BYTES[type_name])[:, SCALE_BYTES[type_name]]
     return bool(np.all(np.isfinite(np.ascontiguousarray(scales).view(np.float16))))
 
 

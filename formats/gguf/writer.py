@@ -9,22 +9,21 @@ import os
 
 import numpy as np
 
-from utils import UserError
-
-from models import family, hook, names_of
-from models.layers import rope_dims
-
+from formats.gguf import kquants
 from formats.gguf.blocks import FLOAT_DTYPES, GROUP_SIZE, tensor_chunks
 from formats.gguf.config import DEFAULT_CONTEXT, exported_rope_freqs, norm_eps_key
 from formats.gguf.names import ROPE_FREQS, gguf_name
 from formats.gguf.vocabulary import add_vocabulary, exported_vocabulary
-
+from models import family, hook, names_of
+from models.layers import rope_dims
+from utils import UserError
 
 # The ggml types written, and what chooses them: a float dtype, or a bit width (quantizable rows).
-WRITTEN_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+WRITTEN_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", *kquants.QUANTIZED_TYPES)
 DTYPE_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 BITS_TYPES = {4: "Q4_1", 8: "Q8_0"}
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}  # general.file_type
+# general.file_type (llama.cpp's "mostly" types: K-quants as their _M mixes)
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32}
 
 
 def tensor_types(checkpoint, dtype=None, bits=None):
@@ -32,7 +31,8 @@ def tensor_types(checkpoint, dtype=None, bits=None):
     ("float32", "float16", "bfloat16"), or quantized to `bits` (4: Q4_1, 8: Q8_0; rows that are not
     whole blocks of 32 in `dtype`, else F16), or by default as the checkpoint holds them: MLX's 2-
     to 4-bit quantization as Q4_1, 6- and 8-bit as Q8_0 (the nearest type at least as precise),
-    floats in their stored type, and other quantizations (K-quants) in F16."""
+    but a weight a GGUF file held in Q4_K, Q5_K or Q6_K in that type again (the checkpoint's
+    gguf_type(name), where it has one), floats in their stored type."""
     if dtype is not None and dtype not in DTYPE_TYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPE_TYPES)}, got {dtype!r}")
     if bits is not None and bits not in BITS_TYPES:
@@ -48,6 +48,9 @@ def chosen_type(checkpoint, name, shape, dtype, bits):
     if dtype is not None:
         return DTYPE_TYPES[dtype]
     q = checkpoint.quantization(name)
+    source = getattr(checkpoint, "gguf_type", lambda name: None)(name)  # formats without one: None
+    if q is not None and source in kquants.QUANTIZED_TYPES:
+        return source
     if q is not None:
         return "Q4_1" if q[1] <= 4 else "Q8_0"
     return DTYPE_TYPES.get(checkpoint.stored_dtype(name), "F16")
@@ -140,7 +143,8 @@ def check_exportable(checkpoint, types):
     for name, shape in checkpoint.shapes.items():
         assert types[name] in WRITTEN_TYPES, (name, types[name])
         assert len(shape) == 2 or types[name] == "F32", f"{name}: llama.cpp keeps norms in F32"
-        assert types[name] in FLOAT_DTYPES or shape[-1] % GROUP_SIZE == 0, f"{name}: rows not whole blocks"
+        block = kquants.QK_K if types[name] in kquants.QUANTIZED_TYPES else GROUP_SIZE
+        assert types[name] in FLOAT_DTYPES or shape[-1] % block == 0, f"{name}: rows not whole blocks"
 
 
 def add_model_metadata(writer, checkpoint, types):
