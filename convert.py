@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import settings
 from formats import QUANT_BITS, QUANT_GROUP_SIZES, all_finite_bits, open_checkpoint
+from formats.mlx import gguf_types_entry
 from formats.safetensors import raw_bytes, write_file
 from settings import option
 
@@ -203,6 +204,7 @@ def write_folder(plan, folder, fmt="npz"):
     config["dtype"] = _commonest(plan.dtype.values())
     if plan.quantization_config():
         config["quantization"] = plan.quantization_config()
+    config.update(gguf_types_entry(checkpoint, [key for key, how in plan.how.items() if how == "keep"]))
     write_weights(os.path.join(folder, f"weights.{fmt}"), fmt, plan, plan.arrays())
     checkpoint.write_tokenizer(folder)
     write_json(os.path.join(folder, "config.json"), config)
@@ -214,14 +216,14 @@ def _commonest(values):
 
 
 def _say_what_changes(checkpoint, plan, q):
-    """One line for weights the file holds quantized in a form MLX cannot (K-quants), and one for
-    matrices -q leaves in floats because their rows do not split into its groups; none at all
-    quantized is an error rather than a float model called quantized."""
-    dequantized = [key for key in checkpoint.shapes
-                   if checkpoint.stored_dtype(key) is None and checkpoint.quantization(key) is None]
-    if dequantized:
-        print(f"note: {len(dequantized)} weights are quantized in a form MLX does not hold (K-quants); "
-              f"dequantized to {plan.dtype[dequantized[0]]}", file=sys.stderr)
+    """One line per GGUF type: its weights' count and what they became; one for matrices -q leaves in
+    floats because their rows do not split into its groups; none at all quantized is an error rather
+    than a float model called quantized."""
+    if hasattr(checkpoint, "held_as"):
+        became = collections.Counter((checkpoint.gguf_type(key), _became(checkpoint, plan, key))
+                                     for key in checkpoint.shapes)
+        for (gguf_type, what), count in sorted(became.items()):
+            print(f"note: {count} {gguf_type} weights: {what}", file=sys.stderr)
     if q is None:
         return
     matrices = [key for key, shape in checkpoint.shapes.items() if len(shape) == 2]
@@ -232,6 +234,15 @@ def _say_what_changes(checkpoint, plan, q):
     if floats:
         print(f"note: {len(floats)} matrices stay {plan.dtype[floats[0]]}: their rows of "
               f"{checkpoint.shapes[floats[0]][1]} values (say) do not split into groups of {q[0]}", file=sys.stderr)
+
+
+def _became(checkpoint, plan, key):
+    """What the plan makes of a GGUF file's weight, in words."""
+    if plan.how[key] == "keep":
+        return checkpoint.held_as(key)
+    if plan.how[key] == "quantize":
+        return f"{plan.q[key][1]}-bit groups of {plan.q[key][0]} (-q)"
+    return plan.dtype[key] + (" (dequantized)" if checkpoint.stored_dtype(key) is None else "")
 
 
 def write_weights(path, fmt, plan, arrays):

@@ -124,6 +124,9 @@ class Fused:
     def quantized_scales_dtype(self, key):
         return self.base.quantized_scales_dtype(key)
 
+    def gguf_type(self, key):
+        return self.base.gguf_type(key) if self.quantization(key) is not None else None
+
     def write_tokenizer(self, folder):
         self.base.write_tokenizer(folder)
 
