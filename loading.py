@@ -16,6 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 import adapters
+import downloads
 import models
 import ops
 from formats import QUANT_BITS, QUANT_GROUP_SIZES
@@ -23,8 +24,8 @@ from tokenizer import load_tokenizer
 
 # SmolLM2-135M-Instruct, which setup.sh fetches and converts (kept 4-bit): what the scripts use
 # without --model.
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "SmolLM2-135M-Instruct")
-DEFAULT_GGUF = DEFAULT_MODEL + ".Q4_1.gguf"  # the file it is converted from
+DEFAULT_MODEL = os.path.join(downloads.CHECKPOINTS, "SmolLM2-135M-Instruct")
+DEFAULT_GGUF = downloads.ARTEFACTS["smollm2"].path  # the file it is converted from
 
 
 def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=False):

