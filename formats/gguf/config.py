@@ -12,10 +12,13 @@ from models import FAMILIES, hook
 from models.layers import rope_dims
 from formats.gguf.header import brief, is_int
 from formats.gguf.names import ROPE_FREQS
-from formats.gguf.vocabulary import LLAMA3_PRES
+from formats.gguf.vocabulary import WHOLE_PIECE_PRES
 
 
 LLAMA3_ROPE = (1.0, 4.0, 8192)    # Llama 3.1-3.3's low_freq_factor, high_freq_factor, original context
+# The tokens llama.cpp's vocabulary loader takes for the end of generation by their text (llama-vocab.cpp)
+LLAMA_CPP_END_NAMES = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                                 "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>"})
 
 
 def check_architecture(meta, path):
@@ -182,10 +185,12 @@ def special_tokens(meta, n_tokens, path):
             raise UserError(f"{path}: tokenizer.ggml.{key} must be a token id below {n_tokens}, got {brief(value)}")
         ids[key] = value
     ends = [ids[key] for key in ("eos_token_id", "eot_token_id", "eom_token_id") if ids[key] is not None]
+    # llama.cpp also ends generation at the end-of-turn tokens it knows by name (Gemma's files set no eot)
+    ends += [i for i, text in enumerate(meta.get("tokenizer.ggml.tokens") or []) if text in LLAMA_CPP_END_NAMES]
     ends = sorted(set(ends), key=ends.index)
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-    # llama.cpp's convention when the file does not say: SentencePiece and Llama 3 vocabularies add BOS
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama" or pre in LLAMA3_PRES)
+    # llama.cpp's convention when the file does not say: SentencePiece, Llama 3 and tekken vocabularies add BOS
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama" or pre in WHOLE_PIECE_PRES)
     if not isinstance(add_bos, bool):
         raise UserError(f"{path}: tokenizer.ggml.add_bos_token must be true or false, got {brief(add_bos)}")
     return {"bos_token_id": ids["bos_token_id"], "eos_token_ids": ends, "add_bos_token": add_bos}

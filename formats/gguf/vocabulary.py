@@ -7,11 +7,10 @@ import os
 import struct
 import tempfile
 from collections import namedtuple
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
-from tokenizer import LLAMA3_PATTERN
 from utils import UserError, read_json
 
 from formats.gguf.header import brief, is_int, shown
@@ -19,19 +18,77 @@ from formats.protobuf import proto_field, proto_fields
 
 
 # Byte-level BPE: how llama.cpp splits text before the merges (src/llama-vocab.cpp), by
-# tokenizer.ggml.pre; its regexes run one after another, each on the pieces of the last.
+# tokenizer.ggml.pre; its regexes run one after another, each on the pieces of the last. Written
+# for Oniguruma (the `tokenizers` library's engine); (?i:...) spelled out, as llama.cpp does.
+def either(*alternatives):
+    return "|".join(alternatives)
+
+
+def code_points(ranges):
+    """A character class of code points listed in hex ("41-5A B5 ..."), for classes that name no
+    Unicode property."""
+    return "[" + "".join("-".join(chr(int(end, 16)) for end in span.split("-")) for span in ranges.split()) + "]"
+
+
+CONTRACTION = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+WORD = r"[^\r\n\p{L}\p{N}]?\p{L}+"  # letters, with the one character before them that is neither
+SYMBOLS = r" ?[^\s\p{L}\p{N}]+[\r\n]*"
+SPACES = (r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+")  # line breaks (and the spaces before), then runs of spaces
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-LLAMA3_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
+LLAMA3_SPLIT = either(CONTRACTION, WORD, r"\p{N}{1,3}", SYMBOLS, *SPACES)
+QWEN2_SPLIT = either(CONTRACTION, WORD, r"\p{N}", SYMBOLS, *SPACES)
+SEED_CODER_SPLIT = either(CONTRACTION, WORD, r"\p{N}", r" ?[^\s\p{L}\p{N}\r\n]+", *SPACES)
+# Mistral's tekken and GPT-4o: words cut where lower case turns upper. llama.cpp's engine has no
+# \p{Lu} or \p{Ll}: an upper-case letter is a letter outside a-z, a lower-case one outside A-Z.
+UPPER, LOWER = r"(?:(?=\p{L})[^a-z])", r"(?:(?=\p{L})[^A-Z])"
+CASED_WORDS = (rf"[^\r\n\p{{L}}\p{{N}}]?{UPPER}*{LOWER}+", rf"[^\r\n\p{{L}}\p{{N}}]?{UPPER}+{LOWER}*")
+SLASHED_SYMBOLS = r" ?[^\s\p{L}\p{N}]+[\r\n/]*"
+TEKKEN_SPLIT = either(*CASED_WORDS, r"\p{N}", SLASHED_SYMBOLS, *SPACES)
+GPT4O_SPLIT = either(*(word + CONTRACTION + "?" for word in CASED_WORDS), r"\p{N}{1,3}", SLASHED_SYMBOLS, *SPACES)
+# DeepSeek's: line breaks alone, then words (a space before them), punctuation, trailing spaces,
+# Chinese (LLM and Coder: with everything from U+0800 and Hangul) and numbers, each a split of its own
+DEEPSEEK_LETTERS = code_points(  # the cased letters (Latin, Greek, Cyrillic, ...) DeepSeek LLM lists
+    "41-5A 61-7A B5 C0-D6 D8-F6 F8-1BA 1BC-1BF 1C4-293 295-2AF 370-373 376 377 37B-37D 37F 386 388-38A 38C "
+    "38E-3A1 3A3-3F5 3F7-481 48A-52F 531-556 10A0-10C5 13A0-13F5 13F8-13FD 1C90-1CBA 1CBD-1CBF 1D00-1D2B "
+    "1D6B-1D77 1D79-1D9A 1E00-1F15 1F18-1F1D 1F20-1F45 1F48-1F4D 1F50-1F57 1F59 1F5B 1F5D 1F5F-1F7D 1F80-1FB4 "
+    "1FB6-1FBC 1FBE 1FC2-1FC4 1FC6-1FCC 1FD0-1FD3 1FD6-1FDB 1FE0-1FEC 1FF2-1FF4 1FF6-1FFC 2102 2107 210A-2113 "
+    "2115 2119-211D 2124 2126 2128 212A-212D 212F-2134 2139 213C-213F 2145-2149 214E 2183 2184 2C00-2C7B "
+    "2C7E-2CE4 2CEB-2CEE 2CF2 2CF3 A640-A66D A680-A69B A722-A76F A771-A787 A78B-A78E AB70-ABBF FB00-FB06 "
+    "FB13-FB17 FF21-FF3A FF41-FF5A 10400-1044F 104B0-104D3 104D8-104FB 10C80-10CB2 10CC0-10CF2 118A0-118DF "
+    "1E900-1E943")
+DEEPSEEK_CJK = code_points("4E00-9FA5 800-4E00 AC00-D7FF") + "+"
+DEEPSEEK_LLM_SPLITS = (r"[\r\n]", r"\s?" + DEEPSEEK_LETTERS + "+",
+                       r"\s?" + code_points("21-2F 3A-7E FF01-FF0F FF1A-FF5E 2018-201F 3000-3002") + "+",
+                       r"\s+$", DEEPSEEK_CJK, r"\p{N}+")
+DEEPSEEK_CODER_SPLITS = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}")
+# DeepSeek V3: numbers in threes, Chinese and kana, then words led by one ASCII punctuation mark
+DEEPSEEK_V3_SPLITS = (r"\p{N}{1,3}", code_points("4E00-9FA5 3040-309F 30A0-30FF") + "+",
+                      either(r"[!-/:-@\[-`{-~][A-Za-z]+", r"[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+",
+                             r" ?[\p{P}\p{S}]+[\r\n]*", *SPACES))
+# BLOOM's: anything but spaces and sentence punctuation (Latin, CJK, Devanagari, Arabic), a space before
+BLOOM_SPLIT = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+
+LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+               "jina-v5-nano")
+# where llama.cpp looks a whole piece up before merging it (BPE's ignore_merges) and adds BOS
+WHOLE_PIECE_PRES = LLAMA3_PRES + ("tekken",)
 PRE_SPLITS = {
     "default": (r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"),
     **dict.fromkeys(LLAMA3_PRES + ("dbrx", "smaug-bpe"), (LLAMA3_SPLIT,)),
-    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4"), (GPT2_SPLIT,)),
-    **dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"),
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "trillion", "a.x-4.0", "mellum",
+                     "gigachat", "granite-docling"), (GPT2_SPLIT,)),
+    **dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"),
                     (r"\p{N}", GPT2_SPLIT)),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2"), (QWEN2_SPLIT,)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan",
+                     "solar-open", "grok-2"), (QWEN2_SPLIT,)),
+    "seed-coder": (SEED_CODER_SPLIT,),
+    "tekken": (TEKKEN_SPLIT,),
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), (GPT4O_SPLIT,)),
+    "deepseek-llm": DEEPSEEK_LLM_SPLITS,
+    "deepseek-coder": DEEPSEEK_CODER_SPLITS,
+    **dict.fromkeys(("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"), DEEPSEEK_V3_SPLITS),
+    **dict.fromkeys(("bloom", "poro-chat", "gpt3-finnish"), (BLOOM_SPLIT,)),
+    "viking": (BLOOM_SPLIT, r"\p{N}"),
 }
 # GGUF token types, the same numbers as SentencePiece's piece types.
 UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(7)
@@ -75,24 +132,31 @@ def token_types(meta, n_tokens, path):
 def byte_level_bpe(meta, tokens, types, path):
     """tokenizer.json of a byte-level BPE vocabulary (GPT-2's alphabet, as GGUF stores it), split
     as llama.cpp splits for tokenizer.ggml.pre; control tokens special, user-defined ones added."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
     pre = meta.get("tokenizer.ggml.pre", "default")  # llama.cpp's choice when the file names none
     if pre not in PRE_SPLITS:
         raise UserError(f"{path}: tokenizer.ggml.pre {brief(pre)} is not supported (supported: "
                         f"{', '.join(sorted(PRE_SPLITS))})")
     ids = {token: i for i, token in enumerate(tokens)}
-    bpe = models.BPE(vocab=ids, merges=merge_pairs(meta, ids, path), ignore_merges=pre in LLAMA3_PRES)
+    bpe = models.BPE(vocab=ids, merges=merge_pairs(meta, ids, path), ignore_merges=pre in WHOLE_PIECE_PRES)
     tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in PRE_SPLITS[pre]]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.pre_tokenizer = split_by(PRE_SPLITS[pre])
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, kind in zip(tokens, types) if kind == CONTROL])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
                           for t, kind in zip(tokens, types) if kind == USER_DEFINED])
     return tokenizer.to_str().encode("utf-8")
+
+
+def split_by(regexes):
+    """The pre-tokenizer that splits by `regexes` in turn, each match a piece of its own, then
+    spells the pieces' bytes in GPT-2's alphabet."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in regexes]
+                                   + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def merge_pairs(meta, ids, path):
@@ -151,10 +215,17 @@ def sentencepiece_model(meta, tokens, types, path):
     return model
 
 
-# Pre-tokenizers by the regexes they split by: the reader's names first, then Hugging Face's spellings.
-PRE_NAMES = {PRE_SPLITS[name]: name for name in ("default", "llama-bpe", "gpt-2", "smollm", "qwen2")}
-PRE_NAMES[(LLAMA3_PATTERN,)] = "llama-bpe"  # Llama 3's tokenizer.json: (?i:'s|...) for the contractions
-PAD_SCORE = -1000.0  # llama.cpp's score for the [PADn] tokens that fill a vocabulary up to the model's rows
+# Text that every pre-tokenizer of PRE_SPLITS splits its own way (checked in tests): runs of
+# digits, spaces and line breaks, contractions in both cases, case changes, punctuation, scripts.
+PRE_PROBE = ("\n \n\n \t\t x  \n   y\r\n 3 33 333 4444 55555 3.14 1,000,000 ١٢٣ \u00bd I'm here, 'RE you?\n"
+             "We'Ve a'lL DON'T iPhone McDonald's HTTPServer fooBar ÉCOLE Straße \u0391\u03b8\u03ae\u03bd\u03b1 "
+             "Привет мир! 你好世界 こんにちは カタカナ 한국어 नमस्ते। السلام، ٹیسٹ۔ ...!!!??? -----===== "
+             "<|im_start|> a/b//c\n/path/to ~$+<=>^|` \"quoted\" (brackets) [x] {y} @home #tag 🚀😀 \u2026 "
+             "\u3002\uff0c\u3001 \uff01\uff1f\u300c\u300d \u2018single\u2019 \u3000ideographic "
+             "e\u0301 trailing   ")
+# Names first chosen for a folder's tokenizer.json; any other name that splits the same way after them.
+PREFERRED_PRES = ("default", "llama-bpe", "smaug-bpe", "gpt-2", "smollm", "qwen2")
+PAD_SCORE = -1000.0  # llama.cpp's score for added tokens, and the [PADn] tokens that fill a vocabulary up to the model's rows
 EOM_TOKEN = "<|eom_id|>"   # Llama 3.1's end of a message that awaits a tool's answer
 SPM_BPE = 2          # SentencePiece's TrainerSpec.model_type for BPE (1, the default, is unigram)
 
@@ -257,29 +328,34 @@ def is_byte_level(data):
 
 
 def pre_tokenizer_name(pre, ignore_merges):
-    """llama.cpp's tokenizer.ggml.pre for a tokenizer.json's pre-tokenizer: Splits (or Digits) then a
-    ByteLevel, named by the regexes they split by; None when it is anything else."""
+    """llama.cpp's tokenizer.ggml.pre for a tokenizer.json's pre-tokenizer: the name whose regexes
+    split PRE_PROBE into the same pieces (however the file spells them: llama.cpp's converter too
+    tells them apart by their output), merging as the file does where names differ only in that;
+    None when the pre-tokenizer is not Splits (or Digits) then a ByteLevel, or splits otherwise."""
     steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
     if not steps or not all(isinstance(step, dict) for step in steps):
         return None
     *splits, last = steps
-    if last.get("type") != "ByteLevel" or last.get("add_prefix_space"):
+    if last.get("type") != "ByteLevel" or last.get("add_prefix_space") or \
+            not all(step.get("type") in ("Split", "Digits") for step in splits):
         return None
-    regexes = []
-    for step in splits:
-        pattern = step.get("pattern")
-        if step.get("type") == "Digits" and step.get("individual_digits"):
-            regexes.append(r"\p{N}")
-        elif (step.get("type") == "Split" and isinstance(pattern, dict) and "Regex" in pattern
-              and step.get("behavior") == "Isolated" and not step.get("invert")):
-            regexes.append(pattern["Regex"])
-        else:
-            return None
-    if last.get("use_regex", True):  # ByteLevel's own split is GPT-2's
-        regexes.append(GPT2_SPLIT)
-    name = PRE_NAMES.get(tuple(regexes))
-    # llama-bpe looks a whole piece up before merging (BPE's ignore_merges); smaug-bpe, split the same, merges
-    return "smaug-bpe" if name == "llama-bpe" and not ignore_merges else name
+    from tokenizers import Tokenizer
+
+    try:  # the library reads a pre-tokenizer only as part of a whole tokenizer
+        tokenizer = Tokenizer.from_str(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []},
+                                                   "pre_tokenizer": pre}))
+    except Exception:  # the library's own exception types (a bad regex, a field missing): no name
+        return None
+    pieces = tuple(piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(PRE_PROBE))
+    names = [name for name in PREFERRED_PRES + tuple(PRE_SPLITS) if probe_pieces(PRE_SPLITS[name]) == pieces]
+    merging_alike = [name for name in names if (name in WHOLE_PIECE_PRES) == bool(ignore_merges)]
+    return (merging_alike or names or [None])[0]
+
+
+@cache
+def probe_pieces(splits):
+    """The pieces PRE_PROBE splits into by `splits`, regexes in turn."""
+    return tuple(piece for piece, _ in split_by(splits).pre_tokenize_str(PRE_PROBE))
 
 
 def byte_level_vocabulary(data, n_vocab, where):
