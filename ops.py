@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-KERNELS_API_VERSION = 6  # what this ops.py calls: bindings.cpp's API_VERSION
+KERNELS_API_VERSION = 7  # what this ops.py calls: bindings.cpp's API_VERSION
 
 
 def _load_kernels():
@@ -124,8 +124,8 @@ def linear(x, weight):
 
 
 def quantized_linear(x, weight, scales, biases, group_size, bits):
-    """x @ dequantize(weight).T for MLX's affine quantization."""
-    if bits in (2, 4, 8) and _applies(x, scales, biases):
+    """x @ dequantize(weight).T for MLX's affine quantization, at each of its widths (2, 3, 4, 5, 6, 8 bits)."""
+    if _applies(x, scales, biases):
         if _rows(x) <= FEW_ROWS:
             return kernels.quantized_matvec(x, weight, scales, biases, group_size, bits)
         return _dequantized_matmul(group_size, bits, _bfloat16_products)(x, weight, scales, biases)

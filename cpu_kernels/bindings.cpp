@@ -34,7 +34,7 @@ using namespace cpu_kernels;
 NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   // ops.py refuses a build of another version (one left over from before a git pull, say):
   // raise it whenever a function's signature or meaning changes.
-  m.attr("API_VERSION") = 6;
+  m.attr("API_VERSION") = 7;
   m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, float16 widening, bfloat16 products on AMX, cross-entropy, the activations (gates, GELU, soft cap), causal softmax, and the norm, RoPE and attention of decoding.";
   m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32; w float32 or float16).");
   m.def("matvecs", &matvecs, "x"_a, "w"_a,

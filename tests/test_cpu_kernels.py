@@ -18,6 +18,7 @@ import models
 import trainer
 import loading
 import ops
+from formats import QUANT_BITS
 from helpers import attention_float64, f64, gate_float64, rope_float64
 
 kernels = ops.kernels
@@ -33,7 +34,7 @@ def test_matvec_matches_float64(rows, n, k):
     assert kernels.matvec(x3, w).shape == (1, rows, n)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", QUANT_BITS)  # 3, 5 and 6 bits: values that cross words
 @pytest.mark.parametrize("group_size,K", [(32, 256), (64, 256), (128, 256), (32, 96)])  # 96: words not 16s
 def test_dequantize_and_quantized_matvec_match_mlx(bits, group_size, K):
     w = mx.random.normal((97, K))  # 97 rows: blocks of 4 (or 2) and 1 left
@@ -49,10 +50,28 @@ def test_dequantize_and_quantized_matvec_match_mlx(bits, group_size, K):
     as_bf16 = kernels.dequantize(wq, scales, biases, group_size, bits, mx.bfloat16)
     assert as_bf16.dtype == mx.bfloat16
     assert mx.array_equal(as_bf16, kernels.dequantize(wq, scales, biases, group_size, bits).astype(mx.bfloat16))
-    if group_size == 32:  # the same weights in groups of 16: the word-by-word loop, not the byte one
+    if group_size == 32 and bits not in (3, 5):  # the same weights in groups of 16 (3 and 5 bits' packs
+        # of 32 values do not fit them): the pack-by-pack loop, not the byte one
         halves = [mx.repeat(a, 2, axis=1) for a in (scales, biases)]
         np.testing.assert_allclose(np.array(kernels.quantized_matvec(x, wq, *halves, 16, bits)),
                                    f64(x) @ f64(dense).T, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_quantized_linear_and_its_gradient_match_mlx(bits, kernel_calls):
+    """At every width MLX quantizes to, ops.quantized_linear runs the kernels (a few rows: the
+    quantized matvec; many: the dequantized weight in the frozen matmul), and its value and
+    gradient are MLX's quantized matmul's."""
+    wq, scales, biases = mx.quantize(mx.random.normal((75, 320)), group_size=64, bits=bits)
+    # decoding: the quantized matvec, its gradient MLX's; many rows: dequantized in forward and in backward
+    for rows, kernel, calls in [(3, "quantized_matvec", 1), (2 * ops.FEW_ROWS + 1, "dequantize", 2)]:
+        x, cot = mx.random.normal((rows, 320)), mx.random.normal((rows, 75))
+        (y,), (dx,) = mx.vjp(lambda x: ops.quantized_linear(x, wq, scales, biases, 64, bits), [x], [cot])
+        (y_ref,), (dx_ref,) = mx.vjp(lambda x: mx.quantized_matmul(x, wq, scales, biases, group_size=64, bits=bits),
+                                     [x], [cot])
+        np.testing.assert_allclose(np.array(y), np.array(y_ref), atol=1e-4, rtol=1e-5)
+        np.testing.assert_allclose(np.array(dx), np.array(dx_ref), atol=1e-4, rtol=1e-5)
+        assert kernel_calls[kernel] == calls, kernel
 
 
 @pytest.mark.parametrize("dtype,rtol", [(mx.float32, 1e-5), (mx.float16, 1e-3)])  # float16: a float16 model generating
@@ -263,6 +282,13 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     with pytest.raises(ValueError):
         # 96 values in 2 groups of 48: groups must be powers of two
         kernels.dequantize(mx.zeros((8, 12), mx.uint32), mx.zeros((8, 2)), mx.zeros((8, 2)), 48, 4)
+    # 64 5-bit values in 4 groups of 16: a pack of 32 values crosses them; 12 words of 5 bits:
+    # 76.8 values; no 7-bit layout
+    for words, group_size, bits, groups, why in [(10, 16, 5, 4, "group_size"), (12, 32, 5, 2, "packs"),
+                                                 (14, 32, 7, 2, "bits")]:
+        with pytest.raises(ValueError, match=why):
+            kernels.dequantize(mx.zeros((8, words), mx.uint32), mx.zeros((8, groups)), mx.zeros((8, groups)),
+                               group_size, bits)
     with pytest.raises(ValueError):
         kernels.rope(mx.zeros((1, 2, 1, 8)), 7, True, 10000.0, 1.0, 0)  # odd number of dims
     with pytest.raises(ValueError):
@@ -284,10 +310,10 @@ ARGS = models.ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=3
 
 
 def random_model(weights="float32"):
-    """float32, 4 or 8 (bits), or float16: stored so, kept so for generation (set_compute_dtype)."""
+    """float32, bits (an int), or float16: stored so, kept so for generation (set_compute_dtype)."""
     mx.random.seed(3)
     model = models.Model(ARGS)
-    if weights in (4, 8):
+    if isinstance(weights, int):
         nn.quantize(model, 64, weights)
     elif weights == "float16":
         loading.cast_floats(model, mx.float16)
@@ -321,7 +347,7 @@ def plain_mlx(monkeypatch):
     return off
 
 
-@pytest.mark.parametrize("weights", ["float32", "float16", 4, 8])
+@pytest.mark.parametrize("weights", ["float32", "float16", 4, 5, 8])
 def test_model_logits_with_and_without_kernels(weights, kernel_calls, plain_mlx):
     """Prompt (many rows) and decoding (one row) both take the kernel paths; the norm,
     RoPE and attention kernels serve decoding only, the causal softmax the prompt."""
@@ -334,7 +360,7 @@ def test_model_logits_with_and_without_kernels(weights, kernel_calls, plain_mlx)
 
     with_kernels = run()
     n_linear = 7 * ARGS.n_layers + 1
-    if weights in (4, 8):  # prompt: dequantize into BLAS; decoding: quantized matvec
+    if isinstance(weights, int):  # prompt: dequantize into BLAS; decoding: quantized matvec
         assert kernel_calls["dequantize"] == kernel_calls["quantized_matvec"] == n_linear
     else:  # decoding: matvecs for q, k, v and w1, w3, matvec for the rest
         assert kernel_calls["matvecs"] == 2 * ARGS.n_layers and kernel_calls["matvec"] == n_linear - 5 * ARGS.n_layers
@@ -476,7 +502,7 @@ def bfloat16_products():
 
 
 @needs_amx
-@pytest.mark.parametrize("weights", ["float32", 4])
+@pytest.mark.parametrize("weights", ["float32", 4, 5])
 def test_bfloat16_products_in_the_model(weights, kernel_calls, bfloat16_products):
     """Every frozen product of a prompt and of a LoRA step's backward runs on AMX; logits and
     adapter gradients stay within bfloat16's rounding of the float32 ones."""
@@ -495,7 +521,7 @@ def test_bfloat16_products_in_the_model(weights, kernel_calls, bfloat16_products
     # forward twice (the logits, then the loss), each frozen linear; a quantized one's backward
     # calls it from Python too (a float one's, from the primitive's vjp: tested above), but for
     # the first block's q, k and v, whose input's gradient would reach only the frozen embedding
-    backward = n_linear - 3 if weights == 4 else 0
+    backward = n_linear - 3 if isinstance(weights, int) else 0
     assert kernel_calls["bf16_matmul"] == 2 * n_linear + backward
     ops.use_bfloat16_products(False)
     ref_logits, ref_loss, ref_grads = run()

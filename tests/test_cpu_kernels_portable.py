@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import mlx.core as mx
+from formats import QUANT_BITS
 from helpers import attention_float64, f64, gate_float64, rope_float64
 
 
@@ -128,32 +129,37 @@ def test_to_float32(portable, native):
 
 def random_quantized(N, K, group_size, bits, seed):
     """Every bit pattern in the words, scales and biases that vary by group, and the
-    float64 matrix they stand for by the definition of MLX's affine layout: value i of
-    a word in bits [bits * i, bits * (i + 1)), w = scale * q + bias per group."""
+    float64 matrix they stand for by the definition of MLX's affine layout: each row a
+    little-endian bit stream, value k in bits [bits * k, bits * (k + 1)), w = scale * q +
+    bias per group."""
     rng = np.random.default_rng(seed)
-    per_word = 32 // bits
-    words = rng.integers(0, 2 ** 32, (N, K // per_word), dtype=np.uint64).astype(np.uint32)
+    words = rng.integers(0, 2 ** 32, (N, K * bits // 32), dtype=np.uint64).astype(np.uint32)
     top = 2 ** bits - 1
     scales = (rng.uniform(0.5, 1.5, (N, K // group_size)) * 4 / top).astype(np.float32)
     biases = (-scales * top / 2 + rng.normal(0, 0.1, scales.shape)).astype(np.float32)
-    shifts = bits * np.arange(per_word, dtype=np.uint32)
-    q = ((words[:, :, None] >> shifts) & top).reshape(N, K).astype(np.float64)
+    stream = np.unpackbits(words.astype("<u4").view(np.uint8), axis=1, bitorder="little")  # [N, K * bits]
+    q = (stream.reshape(N, K, bits).astype(np.float64) * 2.0 ** np.arange(bits)).sum(-1)
     dense = (np.repeat(scales, group_size, axis=1).astype(np.float64) * q
              + np.repeat(biases, group_size, axis=1).astype(np.float64))
     return mx.array(words), mx.array(scales), mx.array(biases), dense
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("group_size,K", [(16, 208), (32, 96), (32, 384), (64, 384), (128, 384)])
+@pytest.mark.parametrize("bits,group_size,K", [
+    (bits, group_size, K) for bits in QUANT_BITS
+    for group_size, K in [(16, 208), (32, 96), (32, 384), (64, 384), (128, 384)]
+    if group_size % 32 == 0 or bits not in (3, 5)])  # 3 and 5 bits pack 32 values: no groups of 16
 def test_dequantize_and_quantized_matvec(portable, native, bits, group_size, K):
-    """Groups of 16 take the word-by-word loop even with AVX-512; 96 values: 3 words
-    of 8 bits, not whole 16s; 101 rows: blocks of 4 (or 2) and 1 left."""
+    """Groups of 16 take the pack-by-pack loop even with AVX-512; 96 values: 3 words of 8
+    bits, not whole 16s; 101 rows: blocks of 4 (or 2) and 1 left."""
     wq, scales, biases, dense = random_quantized(101, K, group_size, bits, seed=bits * K + group_size)
     got, ref = both(portable, native, lambda kernels: kernels.dequantize(wq, scales, biases, group_size, bits))
     close(got, dense, ref, atol=1e-6, rtol=1e-6)  # a fused multiply-add or two roundings
     if group_size >= 32:  # the layout of the float64 reference is MLX's
         np.testing.assert_allclose(np.array(got), np.array(mx.dequantize(wq, scales, biases, group_size=group_size,
                                                                          bits=bits)), atol=1e-6, rtol=1e-6)
+    # bfloat16: the float32 values rounded once (to nearest even)
+    as_bf16 = portable.dequantize(wq, scales, biases, group_size, bits, mx.bfloat16)
+    assert as_bf16.dtype == mx.bfloat16 and mx.array_equal(as_bf16, got.astype(mx.bfloat16))
     for shape in [(K,), (2, 3, K), (7, K)]:
         x = mx.random.normal(shape)
         got, ref = both(portable, native,
