@@ -1,0 +1,266 @@
+"""K-quants (formats/gguf/kquants.py): the codecs against the gguf package's dequantizer, our quantizers'
+error, a tiny K-quant model converted, trained and fused back in its own types, and hostile files."""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+import mlx.core as mx
+from gguf_files import write_gguf
+from helpers import logits, write_dataset
+
+import convert
+import fuse
+import loading
+import lora
+from formats import gguf as gguf_format
+from formats import mlx as mlx_format
+from formats.gguf import kquants
+from formats.gguf.blocks import kquant_affine, requantized_affine
+from utils import UserError
+
+RNG = np.random.default_rng(0)
+TOKENS = np.random.default_rng(1).integers(3, 300, size=(2, 16))
+# float16 super-scales from the extremes to the ordinary: zero, the smallest subnormal, tiny, huge, negative
+EXTREME_D = np.array([0.0, 6e-8, 1e-5, 3e-3, 1.0, 65504.0, -2e-3], np.float16)
+
+
+def dequantized(blocks, type_name):
+    return gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[type_name])
+
+
+def random_blocks(type_name, n=600):
+    """Random bytes with finite super-scales drawn from EXTREME_D and ordinary values."""
+    blocks = RNG.integers(0, 256, (n, kquants.TYPE_SIZES[type_name]), dtype=np.uint8)
+    where = kquants.HEAD_BYTES[type_name]
+    count = (where.stop - where.start) // 2
+    d = np.where(RNG.random((n, count)) < 0.3, RNG.choice(EXTREME_D, (n, count)),
+                 RNG.uniform(1e-4, 1e-2, (n, count))).astype(np.float16)
+    blocks[:, where] = d.view(np.uint8)
+    return blocks
+
+
+def held_values(w, scales, biases, bits):
+    return np.array(mx.dequantize(mx.array(w), mx.array(scales), mx.array(biases), group_size=32, bits=bits))
+
+
+def rows_of(scale, shape=(64, 512)):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- codecs
+
+@pytest.mark.parametrize("type_name, bits", [("Q4_K", 4), ("Q5_K", 5)])
+def test_q4_k_and_q5_k_are_mlx_affine_exactly(type_name, bits):
+    """MLX's dequantize of what the reader makes of random superblocks is the gguf package's
+    dequantization bit for bit, in float32 (the codes' packing order included)."""
+    blocks = random_blocks(type_name)
+    w, scales, biases = kquant_affine(blocks.reshape(30, 20, -1), type_name)
+    assert w.shape == (30, 20 * 256 * bits // 32) and scales.dtype == biases.dtype == np.float32
+    assert np.array_equal(held_values(w, scales, biases, bits), dequantized(blocks, type_name).reshape(30, -1))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_codes_and_scales_pack_back_to_the_same_bytes(type_name):
+    blocks = random_blocks(type_name)
+    codes = kquants.unpacked_codes(blocks, type_name)
+    body = slice(0, 192) if type_name == "Q6_K" else slice(16, None)
+    assert np.array_equal(kquants.packed_codes(codes, type_name), blocks[:, body])
+    if type_name == "Q6_K":  # the codes read in value order: d sc (q - 32) is the package's value
+        d = np.ascontiguousarray(blocks[:, 208:]).view(np.float16).astype(np.float32)
+        sc = np.repeat(blocks[:, 192:208].view(np.int8).astype(np.float32), 16, axis=1)
+        assert np.array_equal((d * sc) * (codes.astype(np.float32) - 32), dequantized(blocks, "Q6_K"))
+    else:
+        assert np.array_equal(kquants.packed_scales(*kquants.unpacked_scales(blocks[:, 4:16])), blocks[:, 4:16])
+
+
+def test_q6_k_is_held_within_half_an_8_bit_step():
+    """Q6_K's exact values in MLX's 8 bits, groups of 32: every value within half the group's 8-bit
+    step, which on realistic blocks is under half a Q6_K step (measured: at most 0.44, RMS 0.07)."""
+    x = rows_of(1.0, (256, 256)) * RNG.uniform(0.005, 0.05, (256, 1)).astype(np.float32)
+    blocks = kquants.quantized_superblocks(x, "Q6_K").reshape(-1, 210)
+    exact = dequantized(blocks, "Q6_K").reshape(256, 256)
+    w, scales, biases = requantized_affine(exact)
+    error = np.abs(held_values(w, scales, biases, 8) - exact)
+    assert np.all(error <= np.repeat(scales, 32, axis=1) * (0.5 + 1e-4))  # float32 rounding: 255 codes
+    q6_step = np.repeat(np.abs(np.ascontiguousarray(blocks[:, 208:]).view(np.float16).astype(np.float32)
+                               * blocks[:, 192:208].view(np.int8)), 16, axis=1).reshape(256, 256)
+    assert np.all(error[q6_step > 0] <= 0.5 * q6_step[q6_step > 0])
+
+
+@pytest.mark.parametrize("type_name, bits", [("Q4_K", 4), ("Q5_K", 5)])
+def test_superblocks_come_back_bit_for_bit(type_name, bits):
+    """Read into MLX's form and recovered: the same bytes (d, dmin, the 6-bit scales and mins, the
+    codes), zero superblocks included; MLX's own quantization is no K-quant's and gives None."""
+    x = rows_of(0.02)
+    x[3] = 0.0
+    blocks = kquants.quantized_superblocks(x, type_name)
+    _, scales, biases = kquant_affine(blocks.reshape(64, 2, -1), type_name)
+    heads = kquants.superblock_heads(scales, biases, type_name)
+    codes = kquants.unpacked_codes(blocks.reshape(-1, kquants.TYPE_SIZES[type_name]), type_name)
+    assert np.array_equal(kquants.superblocks(heads.reshape(-1, 16), codes, type_name), blocks.reshape(128, -1))
+    _, mlx_scales, mlx_biases = mx.quantize(mx.array(x), group_size=32, bits=bits)
+    assert kquants.superblock_heads(np.array(mlx_scales), np.array(mlx_biases), type_name) is None
+
+
+def sub_block_steps(blocks, type_name):
+    """Each value's step: d sc_j (Q4_K, Q5_K) or d |sc_j| (Q6_K)."""
+    if type_name == "Q6_K":
+        d = np.ascontiguousarray(blocks[:, 208:]).view(np.float16).astype(np.float32)
+        return np.repeat(np.abs(d * blocks[:, 192:208].view(np.int8)), 16, axis=1)
+    d = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)
+    return np.repeat(d * kquants.unpacked_scales(blocks[:, 4:16])[0], 32, axis=1)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("scale", [0.02, 3000.0])
+def test_quantizers_error_is_a_rounding_quantizers(type_name, scale):
+    """llama.cpp's searches: RMS error at most a uniform rounding's (step / sqrt 12); the least-squares
+    fits may clip a sub-block's outlier, by at most a step and a half (Q6_K: one)."""
+    x = rows_of(scale)
+    blocks = kquants.quantized_superblocks(x, type_name).reshape(-1, kquants.TYPE_SIZES[type_name])
+    error = np.abs(dequantized(blocks, type_name) - x.reshape(-1, 256))
+    step = sub_block_steps(blocks, type_name)
+    assert np.sqrt(np.mean(np.square(error / step))) <= 1 / np.sqrt(12)
+    assert np.all(error <= (1.0 if type_name == "Q6_K" else 1.5) * step)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_quantizers_on_extreme_rows(type_name):
+    rows = np.stack([np.zeros(256), np.full(256, 0.75), np.full(256, -3.0),
+                     np.linspace(-60000, 65504, 256), RNG.standard_normal(256) * 1e-7]).astype(np.float32)
+    blocks = kquants.quantized_superblocks(rows, type_name)
+    assert gguf_format.blocks.finite_values(blocks, type_name)
+    back = dequantized(blocks, type_name)
+    assert np.array_equal(back[0], rows[0])  # zeros stay zeros
+    assert np.abs(back[1:3] - rows[1:3]).max() <= 0.02 * 3.0  # a constant row, within a step of its 6-bit scale
+    assert np.abs(back[3] - rows[3]).max() <= 65504 / 15 * 1.5  # finite, about a 4-bit step at float16's top
+    assert np.all(np.abs(back[4] - rows[4]) <= np.abs(rows[4]))  # below float16's range: never worse than zero
+
+
+# ----------------------------------------------------------------------------- a tiny K-quant model
+
+def kquant_file(folder, name, types):
+    """A tiny llama GGUF whose matrices our writer quantized: {GGUF-free name fragment: type}."""
+    floats = write_gguf(str(folder / f"{name}-f32.gguf"), "F32", dim=256, hidden_dim=512, weight_std=0.3)
+    checkpoint = gguf_format.Checkpoint(floats.path)
+    chosen = {key: next((t for part, t in types.items() if part in key), "F32") if len(shape) == 2 else "F32"
+              for key, shape in checkpoint.shapes.items()}
+    path = str(folder / f"{name}.gguf")
+    gguf_format.write(checkpoint, path, chosen)
+    return path
+
+
+EXACT_TYPES = {"attention.wo": "Q5_K", "w2": "Q5_K", "": "Q4_K"}
+MIXED_TYPES = {"output": "Q6_K", "attention.wo": "Q5_K", "w2": "Q5_K", "": "Q4_K"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kquants")
+    return root, kquant_file(root, "exact", EXACT_TYPES), kquant_file(root, "mixed", MIXED_TYPES)
+
+
+def tensors(path):
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+def test_convert_keeps_q4_k_and_q5_k_exactly(files, capfd):
+    """The folder's logits are the float reading's of the same file within 1e-5; convert.py says
+    what each type became, and config.json records every kept weight's type."""
+    root, exact, _ = files
+    config = convert.convert(exact, str(root / "q"))
+    said = capfd.readouterr().err
+    assert "note: 12 Q4_K weights: 4-bit groups of 32 (exact)" in said
+    assert "note: 4 Q5_K weights: 5-bit groups of 32 (exact)" in said
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["layers.0.attention.wo"]["bits"] == 5
+    recorded = json.loads((root / "q" / "config.json").read_text())[mlx_format.GGUF_TYPES]
+    assert recorded["layers.1.feed_forward.w2.weight"] == "Q5_K" and recorded["output.weight"] == "Q4_K"
+    assert mlx_format.Checkpoint(str(root / "q")).quantized_scales_dtype("output.weight") == mx.float32
+    convert.convert(exact, str(root / "f"), dtype="float32")
+    quantized, floats = (logits(loading.load_model(str(root / f))[0], TOKENS) for f in ("q", "f"))
+    assert np.abs(quantized - floats).max() <= 1e-5 * max(1.0, np.abs(floats).max())
+
+
+def test_qlora_trains_and_fuse_writes_the_original_types(files, tmp_path):
+    """QLoRA on the converted mixed file (Q4_K, Q5_K, Q6_K), then fuse.py --format gguf: every tensor
+    in its original type, the untouched Q4_K/Q5_K ones the original bytes, the adapted ones not."""
+    _, _, mixed = files
+    folder = str(tmp_path / "mlx")
+    convert.convert(mixed, folder)
+    data = write_dataset(tmp_path / "data", n_train=8, n_valid=4, n_test=4)
+    adapters = str(tmp_path / "a.npz")
+    lora.main(["--model", folder, "--train", "--data", data, "--adapter-file", adapters, "--iters", "4",
+               "--batch-size", "2", "--learning-rate", "1e-2", "--lora-layers", "1", "--lora-targets", "wq,w2",
+               "--steps-per-eval", "4", "--val-batches", "1"])
+    losses = [json.loads(line).get("train_loss") for line in (tmp_path / "a.metrics.jsonl").read_text().splitlines()]
+    assert any(loss is not None for loss in losses) and all(np.isfinite(x) for x in losses if x is not None)
+    out = str(tmp_path / "fused.gguf")
+    fuse.main(["--model", folder, "--adapter-file", adapters, "--save-path", out, "--format", "gguf"])
+    original, written = tensors(mixed), tensors(out)
+    assert {n: t for n, (t, _) in written.items()} == {n: t for n, (t, _) in original.items()}
+    adapted = {"blk.1.attn_q.weight", "blk.1.ffn_down.weight"}
+    for name, (type_name, data) in original.items():
+        if type_name in ("Q4_K", "Q5_K"):
+            assert (written[name][1] == data) == (name not in adapted), name
+    assert written["output.weight"][0] == "Q6_K"
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+def info_offset(raw, name):
+    """Where a tensor's info (n_dims, dims, type, offset) starts in the header."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    return raw.index(key) + len(key)
+
+
+def forged(files, tmp_path, edit):
+    """The exact file with `edit(raw bytearray, checkpoint)` applied, written beside."""
+    raw = bytearray(Path(files[1]).read_bytes())
+    edit(raw, gguf_format.Checkpoint(files[1]))
+    path = tmp_path / "forged.gguf"
+    path.write_bytes(bytes(raw))
+    return str(path)
+
+
+def set_row_length(raw, _):
+    at = info_offset(raw, "blk.0.attn_q.weight")
+    struct.pack_into("<Q", raw, at + 4, 128)
+
+
+def truncate(raw, _):
+    del raw[-100:]
+
+
+def first_superblock(field, value):
+    def edit(raw, checkpoint):
+        entry = checkpoint._entries["layers.0.attention.wq.weight"]
+        raw[entry.start + field:entry.start + field + 2] = np.float16(value).tobytes()
+    return edit
+
+
+def unknown_type(raw, _):
+    at = info_offset(raw, "blk.0.attn_q.weight")
+    (n_dims,) = struct.unpack_from("<I", raw, at)
+    struct.pack_into("<I", raw, at + 4 + 8 * n_dims, 99)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (set_row_length, "rows of 128 values are not whole Q4_K blocks of 256"),
+    (truncate, "runs past the end of the file (truncated?)"),
+    (first_superblock(0, np.inf), "blk.0.attn_q.weight has blocks whose scale is NaN or infinite"),
+    (first_superblock(2, np.nan), "blk.0.attn_q.weight has blocks whose scale is NaN or infinite"),
+    (unknown_type, "tensor type 99 (blk.0.attn_q.weight) is not supported"),
+])
+def test_hostile_k_quant_files_are_one_line_errors(files, tmp_path, edit, message):
+    path = forged(files, tmp_path, edit)
+    with pytest.raises(UserError) as caught:
+        convert.convert(path, str(tmp_path / "out"))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert not os.path.exists(tmp_path / "out")
