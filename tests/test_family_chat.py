@@ -181,3 +181,23 @@ def test_each_familys_end_tokens_are_read_and_stop_generation(family_model, name
 def _template(name):
     with open(os.path.join(TEMPLATES, FAMILIES[name].template), encoding="utf-8") as f:
         return f.read()
+
+
+# A GGUF's end tokens, as llama.cpp's converter writes them for each family: the tokenizer's eos (and an
+# eot where it sets one); llama.cpp ends generation at the other end-of-turn tokens it knows by name too.
+GGUF_ENDS = {
+    "qwen2.5": (QWEN_SPECIALS, {"eos": "<|im_end|>"}, ["<|im_end|>", "<|endoftext|>"]),
+    "gemma3": (GEMMA_SPECIALS, {"eos": "<eos>"}, ["<eos>", "<end_of_turn>"]),
+    "phi3.5": (FAMILIES["phi3.5"].specials, {"eos": "<|endoftext|>", "eot": "<|end|>"}, ["<|endoftext|>", "<|end|>"]),
+}
+
+
+@pytest.mark.parametrize("name", GGUF_ENDS)
+def test_a_ggufs_end_tokens_are_its_eos_eot_and_those_llama_cpp_knows_by_name(name):
+    from formats.gguf.config import special_tokens
+
+    specials, written, ends = GGUF_ENDS[name]
+    tokens = specials + ["mlx", ".nn", "end"]
+    meta = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+            **{f"tokenizer.ggml.{key}_token_id": tokens.index(text) for key, text in written.items()}}
+    assert special_tokens(meta, len(tokens), "x.gguf")["eos_token_ids"] == [tokens.index(e) for e in ends]
