@@ -5,9 +5,12 @@ shipped scripts and `bench.py qa` on a converted family model."""
 
 import json
 import os
+import subprocess
+import sys
 from typing import NamedTuple
 
 import pytest
+from helpers import ROOT, write_split
 from hf_checkpoints import make_hf_model
 
 import chat
@@ -201,3 +204,39 @@ def test_a_ggufs_end_tokens_are_its_eos_eot_and_those_llama_cpp_knows_by_name(na
     meta = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
             **{f"tokenizer.ggml.{key}_token_id": tokens.index(text) for key, text in written.items()}}
     assert special_tokens(meta, len(tokens), "x.gguf")["eos_token_ids"] == [tokens.index(e) for e in ends]
+
+
+def write_chat_data(folder):
+    """Conversations in the shipped data's form, a few of each split."""
+    for split in ("train", "valid", "test"):
+        write_split(folder, split, [{"messages": [EXCHANGES[0], EXCHANGES[1]]}, {"messages": EXCHANGES[2:]}] * 2)
+    return str(folder)
+
+
+def run_script(script, env, *args):
+    """A shipped script, run with this interpreter and `env` on top of ours."""
+    return subprocess.run(["bash", os.path.join(ROOT, script), *args], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHON=sys.executable, **env), check=False)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_the_shipped_scripts_train_and_answer_with_a_family_model(family_model, name, tmp_path):
+    env = {"MODEL": family_model(name)[0], "DATA": write_chat_data(tmp_path / "data"),
+           "ADAPTER_FILE": str(tmp_path / "adapters.npz"), "ITERS": "2", "BATCH_SIZE": "2"}
+    trained = run_script("run-training.sh", env, "--warmup", "1", "--val-batches", "1", "--test-batches", "1")
+    assert trained.returncode == 0, trained.stderr
+    assert os.path.exists(env["ADAPTER_FILE"]) and "Test loss" in trained.stdout + trained.stderr
+    answered = run_script("run-inference.sh", dict(env, MAX_TOKENS="4"))
+    assert answered.returncode == 0, answered.stderr
+    assert "tokens)" in answered.stderr
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "gemma3"])
+def test_bench_qa_asks_a_family_model_through_its_template(family_model, name, tmp_path):
+    results = tmp_path / "results.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--results", str(results), "qa",
+                          "--model", family_model(name)[0], "--data", write_chat_data(tmp_path / "data"),
+                          "--samples", "2"], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    qa = json.loads(results.read_text())["qa"]
+    assert qa["train_name_before"].endswith("/2") and len(qa["test_answers_before"]) == 2
