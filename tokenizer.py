@@ -16,7 +16,7 @@ import base64
 import os
 import re
 
-from utils import UserError
+from utils import UserError, read_json
 
 # Llama 3's split of text into pieces before BPE (Meta's tokenizer.py).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -77,16 +77,19 @@ class SentencePieceTokenizer(Tokenizer):
         self._specials = controls
         self._split = re.compile("(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")") \
             if controls else None
+        self._stripping = stripping_tokens(os.path.dirname(model_path))
 
     def _encode(self, text):
         if self._split is None:
             return self._sp.encode(text)
-        ids = []
+        ids, after = [], None
         for i, part in enumerate(self._split.split(text)):
             if i % 2:
                 ids.append(self._specials[part])
-            elif part:
-                ids += self._sp.encode(part)
+                after = part
+            else:
+                part = part.lstrip() if after in self._stripping else part
+                ids += self._sp.encode(part) if part else []
         return ids
 
     def _decode(self, ids):
@@ -143,6 +146,18 @@ class TiktokenTokenizer(Tokenizer):
 
     def piece(self, token):
         return self._enc.decode_single_token_bytes(token).decode("utf-8", "replace")
+
+
+def stripping_tokens(folder):
+    """The special tokens that drop the whitespace after them (rstrip in tokenizer_config.json's
+    added_tokens_decoder: Phi-3's <|user|>, <|end|>, ...)."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return frozenset()
+    decoder = read_json(path, "tokenizer config").get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict) or not all(isinstance(entry, dict) for entry in decoder.values()):
+        raise UserError(f"{path}: added_tokens_decoder must map ids to tokens")
+    return frozenset(entry.get("content") for entry in decoder.values() if entry.get("rstrip") is True)
 
 
 def is_tiktoken_file(path):

@@ -154,3 +154,145 @@ def test_hugging_face_spellings_are_named_for_llama_cpp(name, digits):
     families' Splits as their files spell them, get llama.cpp's name on the way out to GGUF."""
     ignore_merges = name == "tekken"
     assert vocabulary.pre_tokenizer_name(hugging_face_pre_tokenizer(UPSTREAM[name], digits), ignore_merges) == name
+
+
+# ----------------------------------------------------------------------------- Phi-3's vocabulary
+
+# Phi-3's added tokens, in its order after the SentencePiece pieces (32000-32010 in Phi-3 itself)
+PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
+PHI3_VOCAB = 352  # the model's rows past the tokenizer's, as Phi-3's 32064
+CHATS = ["<|user|>\nHi there<|end|>\n<|assistant|>\n",
+         "<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 12345 + 3.14?<|end|>\n<|assistant|>\nAbout 12348.<|end|>\n"
+         "<|endoftext|> after the end"]
+
+
+def phi3_gguf_meta(folder):
+    """A Phi-3 vocabulary as llama.cpp's converter writes it: the SentencePiece pieces, the added
+    tokens (control, score -1000), then [PADn] tokens (unused, score -10000) up to the model's rows."""
+    from gguf_files import sentencepiece_vocab
+
+    pieces, scores, types, path = sentencepiece_vocab(folder)
+    n_pads = PHI3_VOCAB - len(pieces) - len(PHI3_ADDED)
+    tokens = pieces + PHI3_ADDED + [f"[PAD{i}]" for i in range(PHI3_VOCAB - n_pads, PHI3_VOCAB)]
+    meta = {"general.architecture": "phi3", "tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": np.array(scores + [-1000.0] * len(PHI3_ADDED) + [-10000.0] * n_pads, np.float32),
+            "tokenizer.ggml.token_type": np.array(types + [3] * len(PHI3_ADDED) + [5] * n_pads, np.int32),
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": len(pieces)}
+    return meta, path
+
+
+def test_a_phi3_gguf_vocabulary_encodes_as_phi3(tmp_path):
+    """Its chat tokens are single ids and drop the line break after them (Phi-3's rstrip, which
+    llama.cpp applies too); the text between encodes as the SentencePiece model does."""
+    import sentencepiece as spm
+
+    from tokenizer import load_tokenizer
+
+    meta, original = phi3_gguf_meta(tmp_path / "spm")
+    (tmp_path / "out").mkdir()
+    for name, content in vocabulary.tokenizer_files(meta, "phi3.gguf").items():
+        (tmp_path / "out" / name).write_bytes(content)
+    ours, sp = load_tokenizer(str(tmp_path / "out")), spm.SentencePieceProcessor(model_file=original)
+    user, end, assistant = (len(sp) + PHI3_ADDED.index(t) for t in ("<|user|>", "<|end|>", "<|assistant|>"))
+    ids = ours.encode(CHATS[0], bos=False)
+    assert ids == [user] + sp.encode("Hi there") + [end, assistant]
+    assert [ours.piece(i) for i in (user, end, assistant)] == ["<|user|>", "<|end|>", "<|assistant|>"]
+    assert ours.decode(ids) == "Hi there"  # control tokens decode to nothing, as SentencePiece's do
+    assert ours.vocab_size == PHI3_VOCAB
+    # <|endoftext|> keeps the space after it; another architecture's vocabulary strips nothing
+    assert ours.encode("<|endoftext|> x", bos=False) == [len(sp)] + sp.encode(" x")
+    (tmp_path / "llama").mkdir()
+    for name, content in vocabulary.tokenizer_files(dict(meta, **{"general.architecture": "llama"}),
+                                                    "llama.gguf").items():
+        (tmp_path / "llama" / name).write_bytes(content)
+    assert load_tokenizer(str(tmp_path / "llama")).encode("<|user|>\nHi", bos=False) == [user] + sp.encode("\nHi")
+
+
+def phi3_hugging_face_folder(folder):
+    """A tiny Phi-3 as transformers writes it: the model, and a LlamaTokenizer over a SentencePiece
+    model with Phi-3's added tokens (special; all but <|endoftext|> strip the whitespace after them),
+    <|endoftext|> its EOS, <|endoftext|>, <|assistant|> and <|end|> ending generation."""
+    import sentencepiece as spm
+    from tokenizers import normalizers
+    from transformers import AddedToken, LlamaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    from checkpoints import make_tokenizer
+    from hf_checkpoints import make_hf_model
+
+    make_hf_model(folder, "phi3_gguf", vocab_size=PHI3_VOCAB)
+    sp = spm.SentencePieceProcessor(model_file=make_tokenizer(folder))
+    pieces = {sp.id_to_piece(i): i for i in range(len(sp))}
+    merges = generate_merges(pieces, {piece: sp.get_score(i) for piece, i in pieces.items()})
+    tokenizer = LlamaTokenizer(vocab=pieces, merges=merges, legacy=True, add_bos_token=False)
+    # Phi-3's tokenizer.json: a "▁" before every stretch of text between added tokens, as SentencePiece
+    # encodes each (transformers 5 writes a Metaspace instead, which adds none before a space)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                                   normalizers.Replace(" ", "\u2581")])
+    tokenizer.backend_tokenizer.pre_tokenizer = None
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        AddedToken(t, rstrip=t != "<|endoftext|>", normalized=False, special=True) for t in PHI3_ADDED]})
+    tokenizer.save_pretrained(folder)
+    ends = [len(sp) + PHI3_ADDED.index(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    for name, key, value in (("config.json", "eos_token_id", ends[0]), ("generation_config.json", "eos_token_id", ends)):
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps(dict(config, **{key: value})))
+    return len(sp)
+
+
+def test_a_phi3_folder_exports_its_added_tokens_to_gguf(tmp_path):
+    """Phi-3's tokenizer.model holds no chat tokens: they come from tokenizer.json's added_tokens,
+    at their ids (control, score -1000, as llama.cpp's converter writes them), EOS and EOT on
+    <|endoftext|> and <|end|>; the GGUF read back encodes chats as transformers does."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    import convert
+    import loading
+    from formats import gguf as gguf_format
+    from formats import mlx as mlx_format
+
+    n_pieces = phi3_hugging_face_folder(tmp_path / "hf")
+    convert.convert(str(tmp_path / "hf"), str(tmp_path / "mlx"), dtype="float32")
+    checkpoint = mlx_format.Checkpoint(str(tmp_path / "mlx"))
+    path = str(tmp_path / "phi3.gguf")
+    gguf_format.write(checkpoint, path, gguf_format.tensor_types(checkpoint))
+    fields = gguf.GGUFReader(path).fields
+    tokens, types, scores = (fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "token_type", "scores"))
+    added = slice(n_pieces, n_pieces + len(PHI3_ADDED))
+    assert tokens[added] == PHI3_ADDED and types[added] == [3] * len(PHI3_ADDED)
+    assert scores[added] == [-1000.0] * len(PHI3_ADDED)
+    assert tokens[added.stop:] == [f"[PAD{i}]" for i in range(added.stop, PHI3_VOCAB)]
+    assert set(types[added.stop:]) == {5} and len(tokens) == PHI3_VOCAB
+    assert tokens[fields["tokenizer.ggml.eos_token_id"].contents()] == "<|endoftext|>"
+    assert tokens[fields["tokenizer.ggml.eot_token_id"].contents()] == "<|end|>"
+    convert.convert(path, str(tmp_path / "back"))
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for folder in ("mlx", "back"):
+        ours = loading.load_model(str(tmp_path / folder))[1]
+        for text in CHATS:
+            assert ours.encode(text, bos=False) == theirs.encode(text, add_special_tokens=False), (folder, text)
+
+
+@pytest.mark.parametrize("added, message", [
+    ([(5, "<|user|>", True)], "added token 5 '<|user|>' is not its tokenizer.model's piece"),
+    ([(PHI3_VOCAB, "<|user|>", True)], f"has id {PHI3_VOCAB}, past the model's {PHI3_VOCAB} rows"),
+    ([(330, "<|user|>", True), (331, "<|user|>", True)], "holds a token twice")])
+def test_added_tokens_that_do_not_fit_are_refused(tmp_path, added, message):
+    from checkpoints import make_tokenizer
+    from utils import UserError
+
+    with pytest.raises(UserError, match=regex.escape(message)) as caught:
+        vocabulary.sentencepiece_vocabulary(make_tokenizer(tmp_path), added, PHI3_VOCAB, "phi3")
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("phi3: ")
+
+
+@pytest.mark.parametrize("entry", [{"id": -1, "content": "<|x|>"}, {"id": 3}, {"id": "7", "content": "<|x|>"},
+                                   "<|x|>"])
+def test_an_added_token_that_is_not_an_id_and_a_text_is_refused(entry):
+    from utils import UserError
+
+    with pytest.raises(UserError, match="an added token is not an id and a text"):
+        vocabulary.added_tokens({"added_tokens": [entry]}, "unused", "phi3")

@@ -108,6 +108,8 @@ def tokenizer_files(meta, path):
         files = {"tokenizer.json": byte_level_bpe(meta, tokens, types, path)}
     elif model == "llama":
         files = {"tokenizer.model": sentencepiece_model(meta, tokens, types, path)}
+        if meta.get("general.architecture") == "phi3":
+            files["tokenizer_config.json"] = phi3_stripping(tokens, types)
     else:
         raise UserError(f"{path}: tokenizer model {brief(model)} is not supported (supported: gpt2, llama)")
     template = meta.get("tokenizer.chat_template")
@@ -116,6 +118,17 @@ def tokenizer_files(meta, path):
             raise UserError(f"{path}: tokenizer.chat_template must be text, got {brief(template)}")
         files["chat_template.jinja"] = template.encode("utf-8")
     return files
+
+
+def phi3_stripping(tokens, types):
+    """tokenizer_config.json saying which of Phi-3's special tokens drop the whitespace after them
+    (rstrip): all but <unk>, <s> and <|endoftext|>, as Phi-3's tokenizer.json has it and llama.cpp
+    assumes for a Phi-3 (<|user|>\nHi is <|user|> Hi)."""
+    kept = {"<unk>", "<s>", "<|endoftext|>"}
+    decoder = {str(i): {"content": token, "special": bool(kind == CONTROL), "rstrip": True}
+               for i, (token, kind) in enumerate(zip(tokens, types))
+               if kind in (CONTROL, USER_DEFINED, UNKNOWN) and token not in kept}
+    return json.dumps({"added_tokens_decoder": decoder}, indent=2).encode("utf-8")
 
 
 def token_types(meta, n_tokens, path):
@@ -225,8 +238,11 @@ PRE_PROBE = ("\n \n\n \t\t x  \n   y\r\n 3 33 333 4444 55555 3.14 1,000,000 ١٢
              "e\u0301 trailing   ")
 # Names first chosen for a folder's tokenizer.json; any other name that splits the same way after them.
 PREFERRED_PRES = ("default", "llama-bpe", "smaug-bpe", "gpt-2", "smollm", "qwen2")
-PAD_SCORE = -1000.0  # llama.cpp's score for added tokens, and the [PADn] tokens that fill a vocabulary up to the model's rows
+PAD_SCORE = -1000.0  # llama.cpp's score for added tokens and the [PADn] tokens filling a vocabulary to the model's rows
 EOM_TOKEN = "<|eom_id|>"   # Llama 3.1's end of a message that awaits a tool's answer
+# ends of a turn by their text (llama.cpp guesses its eot so): Phi-3's generation_config.json lists
+# <|assistant|> among its ends before <|end|>
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
 SPM_BPE = 2          # SentencePiece's TrainerSpec.model_type for BPE (1, the default, is unigram)
 
 Vocabulary = namedtuple("Vocabulary", "model pre tokens types merges scores add_space_prefix")
@@ -249,7 +265,8 @@ def exported_vocabulary(checkpoint):
         elif os.path.isfile(model_path) and is_tiktoken_file(model_path):
             vocab = tiktoken_vocabulary(model_path, n_vocab, checkpoint.path)
         elif os.path.isfile(model_path):
-            vocab = sentencepiece_vocabulary(model_path, n_vocab, checkpoint.path)
+            added = added_tokens(data, os.path.join(folder, "tokenizer_config.json"), checkpoint.path)
+            vocab = sentencepiece_vocabulary(model_path, added, n_vocab, checkpoint.path)
         elif data is not None:
             raise UserError(f"{checkpoint.path}: its tokenizer.json is not a byte-level BPE, and there is no "
                             "tokenizer.model: llama.cpp holds neither")
@@ -288,7 +305,8 @@ def add_vocabulary(writer, exported):
     # llama.cpp has one more end of a turn (eot) and of a message (eom, Llama 3.1's tool calls)
     rest = specials["ends"][1:]
     eom = next((token for token in rest if vocab.tokens[token] == EOM_TOKEN), None)
-    eot = next((token for token in rest if token != eom), None)
+    turns = [token for token in rest if token != eom]
+    eot = next((token for token in turns if vocab.tokens[token] in END_OF_TURN), turns[0] if turns else None)
     if eot is not None:
         writer.add_eot_token_id(eot)
     if eom is not None:
@@ -418,9 +436,29 @@ def byte_spelling():
     return [spelled[b] for b in range(256)]
 
 
-def sentencepiece_vocabulary(path, n_vocab, where):
+def added_tokens(data, config_path, where):
+    """[(id, text, special)] of the tokens a folder adds to its tokenizer.model's pieces (Phi-3's
+    chat tokens): tokenizer.json's added_tokens, else tokenizer_config.json's added_tokens_decoder."""
+    if data is not None:
+        entries = data.get("added_tokens") or []
+    else:
+        decoder = read_json(config_path, "tokenizer config").get("added_tokens_decoder") \
+            if os.path.isfile(config_path) else None
+        entries = [dict(entry, id=int(i)) if isinstance(entry, dict) and i.isdigit() else None
+                   for i, entry in (decoder or {}).items()]
+    added = []
+    for entry in entries:
+        if not (isinstance(entry, dict) and is_int(entry.get("id")) and entry["id"] >= 0
+                and isinstance(entry.get("content"), str) and entry["content"]):
+            raise UserError(f"{where}: an added token is not an id and a text: {brief(json.dumps(entry), 120)}")
+        added.append((entry["id"], entry["content"], bool(entry.get("special"))))
+    return added
+
+
+def sentencepiece_vocabulary(path, added, n_vocab, where):
     """llama: SentencePiece's pieces, scores and types (the same numbers as GGUF's), read off the
-    model's protobuf, and add_space_prefix from its normalizer."""
+    model's protobuf, add_space_prefix from its normalizer, and the folder's `added` tokens at their
+    ids (special ones control, others user-defined, as llama.cpp's converter types them)."""
     import sentencepiece as spm
 
     with open(path, "rb") as f:
@@ -442,6 +480,17 @@ def sentencepiece_vocabulary(path, n_vocab, where):
         raise UserError(f"{where}: its tokenizer.model is a SentencePiece unigram model; llama.cpp's llama "
                         "vocabulary merges pieces as BPE does")
     n_pieces = len(tokens)
+    for token, text, special in added:
+        if token < n_pieces:  # the model's own <s>, </s>, listed again
+            if tokens[token] != text:
+                raise UserError(f"{where}: added token {token} {brief(text)} is not its tokenizer.model's piece "
+                                f"{brief(tokens[token])}")
+            continue
+        if token >= n_vocab:
+            raise UserError(f"{where}: added token {brief(text)} has id {token}, past the model's {n_vocab} rows")
+        missing = token + 1 - len(tokens)
+        tokens, types, scores = tokens + [None] * missing, types + [None] * missing, scores + [None] * missing
+        tokens[token], types[token], scores[token] = text, CONTROL if special else USER_DEFINED, PAD_SCORE
     tokens, types = padded(tokens, types, n_vocab, where)
-    scores += [PAD_SCORE] * (len(tokens) - n_pieces)
+    scores = [PAD_SCORE if s is None else s for s in scores] + [PAD_SCORE] * (len(tokens) - len(scores))
     return Vocabulary("llama", None, tokens, types, None, scores, bool(normalizer.get(3, True)))
