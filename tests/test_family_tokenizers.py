@@ -146,14 +146,28 @@ def hugging_face_pre_tokenizer(patterns, digits=None):
     return json.loads(pre_tokenizers.Sequence(steps).__getstate__())
 
 
-@pytest.mark.parametrize("name, digits", [("deepseek-llm", None), ("deepseek-llm", False),
-                                          ("deepseek-coder", True), ("deepseek-v3", None), ("tekken", None),
-                                          ("gpt-4o", None), ("seed-coder", None), ("viking", None)])
-def test_hugging_face_spellings_are_named_for_llama_cpp(name, digits):
-    """DeepSeek's tokenizer.json (a Sequence of Splits, digits by Digits or a Split), and the other
-    families' Splits as their files spell them, get llama.cpp's name on the way out to GGUF."""
+# Mistral Nemo's and Phi-4-mini's own tokenizer.json regexes (llama.cpp's comments quote them)
+LETTER_CASES = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+CONTRACTION|"
+                r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*CONTRACTION|")
+HUGGING_FACE = {
+    "tekken": [LETTER_CASES.replace("CONTRACTION", "") + r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "gpt-4o": [LETTER_CASES.replace("CONTRACTION", "(?i:'s|'t|'re|'ve|'m|'ll|'d)?")
+               + r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+}
+
+
+@pytest.mark.parametrize("name, patterns, digits", [
+    ("deepseek-llm", UPSTREAM["deepseek-llm"], None), ("deepseek-llm", UPSTREAM["deepseek-llm"], False),
+    ("deepseek-coder", UPSTREAM["deepseek-coder"], True), ("deepseek-v3", UPSTREAM["deepseek-v3"], None),
+    ("tekken", HUGGING_FACE["tekken"], None), ("gpt-4o", HUGGING_FACE["gpt-4o"], None),
+    ("tekken", UPSTREAM["tekken"], None), ("seed-coder", UPSTREAM["seed-coder"], None),
+    ("viking", UPSTREAM["viking"], None)])
+def test_hugging_face_spellings_are_named_for_llama_cpp(name, patterns, digits):
+    """DeepSeek's tokenizer.json (a Sequence of Splits, digits by Digits or a Split), Mistral Nemo's
+    and Phi-4-mini's (letter cases by Unicode category, which llama.cpp approximates), and the
+    other families' Splits get llama.cpp's name on the way out to GGUF."""
     ignore_merges = name == "tekken"
-    assert vocabulary.pre_tokenizer_name(hugging_face_pre_tokenizer(UPSTREAM[name], digits), ignore_merges) == name
+    assert vocabulary.pre_tokenizer_name(hugging_face_pre_tokenizer(patterns, digits), ignore_merges) == name
 
 
 # ----------------------------------------------------------------------------- Phi-3's vocabulary
@@ -163,8 +177,8 @@ PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placehold
               "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
 PHI3_VOCAB = 352  # the model's rows past the tokenizer's, as Phi-3's 32064
 CHATS = ["<|user|>\nHi there<|end|>\n<|assistant|>\n",
-         "<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 12345 + 3.14?<|end|>\n<|assistant|>\nAbout 12348.<|end|>\n"
-         "<|endoftext|> after the end"]
+         ("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 12345 + 3.14?<|end|>\n<|assistant|>\nAbout 12348.<|end|>\n"
+          "<|endoftext|> after the end")]
 
 
 def phi3_gguf_meta(folder):
@@ -215,12 +229,12 @@ def phi3_hugging_face_folder(folder):
     model with Phi-3's added tokens (special; all but <|endoftext|> strip the whitespace after them),
     <|endoftext|> its EOS, <|endoftext|>, <|assistant|> and <|end|> ending generation."""
     import sentencepiece as spm
+    from hf_checkpoints import make_hf_model
     from tokenizers import normalizers
     from transformers import AddedToken, LlamaTokenizer
     from transformers.convert_slow_tokenizer import generate_merges
 
     from checkpoints import make_tokenizer
-    from hf_checkpoints import make_hf_model
 
     make_hf_model(folder, "phi3_gguf", vocab_size=PHI3_VOCAB)
     sp = spm.SentencePieceProcessor(model_file=make_tokenizer(folder))

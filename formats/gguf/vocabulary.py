@@ -230,12 +230,14 @@ def sentencepiece_model(meta, tokens, types, path):
 
 # Text that every pre-tokenizer of PRE_SPLITS splits its own way (checked in tests): runs of
 # digits, spaces and line breaks, contractions in both cases, case changes, punctuation, scripts.
+# No combining marks and no words in capitals outside A-Z: there llama.cpp's tekken and gpt-4o
+# regexes part from Hugging Face's.
 PRE_PROBE = ("\n \n\n \t\t x  \n   y\r\n 3 33 333 4444 55555 3.14 1,000,000 ١٢٣ \u00bd I'm here, 'RE you?\n"
-             "We'Ve a'lL DON'T iPhone McDonald's HTTPServer fooBar ÉCOLE Straße \u0391\u03b8\u03ae\u03bd\u03b1 "
-             "Привет мир! 你好世界 こんにちは カタカナ 한국어 नमस्ते। السلام، ٹیسٹ۔ ...!!!??? -----===== "
+             "We'Ve a'lL DON'T iPhone McDonald's HTTPServer fooBar Straße \u0391\u03b8\u03ae\u03bd\u03b1 "
+             "Привет мир! 你好世界 こんにちは カタカナ 한국어 नमन। السلام، ٹیسٹ۔ ...!!!??? -----===== "
              "<|im_start|> a/b//c\n/path/to ~$+<=>^|` \"quoted\" (brackets) [x] {y} @home #tag 🚀😀 \u2026 "
              "\u3002\uff0c\u3001 \uff01\uff1f\u300c\u300d \u2018single\u2019 \u3000ideographic "
-             "e\u0301 trailing   ")
+             "trailing   ")
 # Names first chosen for a folder's tokenizer.json; any other name that splits the same way after them.
 PREFERRED_PRES = ("default", "llama-bpe", "smaug-bpe", "gpt-2", "smollm", "qwen2")
 PAD_SCORE = -1000.0  # llama.cpp's score for added tokens and the [PADn] tokens filling a vocabulary to the model's rows
