@@ -212,6 +212,18 @@ def test_qlora_trains_and_fuse_writes_the_original_types(files, tmp_path):
     assert written["output.weight"][0] == "Q6_K"
 
 
+@pytest.mark.parametrize("tensor_type", ["Q5_0", "Q5_1"])
+def test_q5_0_and_q5_1_come_back_with_the_same_bytes(tmp_path, tensor_type):
+    """Llama.cpp's Q4_K_M falls back to Q5_0 where rows are not whole superblocks: such a file
+    converted and written back keeps every tensor's type and bytes too."""
+    original = write_gguf(str(tmp_path / "original.gguf"), tensor_type).path
+    convert.convert(original, str(tmp_path / "mlx"))
+    checkpoint = mlx_format.Checkpoint(str(tmp_path / "mlx"))
+    path = str(tmp_path / "back.gguf")
+    gguf_format.write(checkpoint, path, gguf_format.tensor_types(checkpoint))
+    assert tensors(path) == tensors(original)
+
+
 # ----------------------------------------------------------------------------- hostile files
 
 def info_offset(raw, name):

@@ -1,6 +1,6 @@
 """Quantized blocks both ways, each codec beside its inverse: GGUF's Q8_0, Q5_0, Q5_1, Q4_0 and Q4_1
 blocks, and K-quant superblocks (kquants.py), as MLX's affine quantization in groups of 32 (reading),
-and MLX's back into Q8_0, Q4_1 and K-quant blocks or floats (writing), a few rows at a time.
+and MLX's back into Q8_0, Q5_0, Q5_1, Q4_1 and K-quant blocks or floats (writing), a few rows at a time.
 """
 
 import mlx.core as mx
@@ -17,8 +17,9 @@ GROUP_SIZE, F16_MAX = 32, 65504.0
 # The bits each quantized type is held in as MLX's affine quantization, groups of 32
 HELD_BITS = {**MLX_BITS, **kquants.EXACT_BITS, **dict.fromkeys(kquants.REQUANTIZED, kquants.REQUANTIZED_BITS)}
 # Bytes a block, and where its float16 scales lie (checked finite when written)
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, **kquants.TYPE_SIZES}
-SCALE_BYTES = {"Q8_0": slice(0, 2), "Q4_0": slice(0, 2), "Q4_1": slice(0, 4), **kquants.HEAD_BYTES}
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, **kquants.TYPE_SIZES}
+SCALE_BYTES = {"Q8_0": slice(0, 2), "Q4_0": slice(0, 2), "Q4_1": slice(0, 4), "Q5_0": slice(0, 2),
+               "Q5_1": slice(0, 4), **kquants.HEAD_BYTES}
 
 
 @np.errstate(all="ignore")  # a stranger's NaN or infinity: no warnings printed
@@ -228,27 +229,30 @@ def finite_values(out, type_name):
     return bool(np.all(np.isfinite(np.ascontiguousarray(scales).view(np.float16))))
 
 
+OWN_CODE_BITS = {"Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8}  # the 32-blocks written from MLX's own codes
+
+
 def own_code_blocks(checkpoint, name, type_name):
-    """The weight's own codes as Q4_1 or Q8_0 blocks, chunks of rows, when it is held in MLX's
-    affine quantization in groups of 32 (Q8_0: biases -128 scale, as the reader makes of Q8_0);
-    else None, and it is quantized from float32. Scales float16 holds are copied exactly; others
-    are rounded to float16, which moves a value far less than re-quantizing would (a step's
-    2^-11 against half a step)."""
-    q = {"Q4_1": (GROUP_SIZE, 4), "Q8_0": (GROUP_SIZE, 8)}.get(type_name)
-    if q is None or checkpoint.quantization(name) != q:
+    """The weight's own codes as Q4_1, Q5_0, Q5_1 or Q8_0 blocks, chunks of rows, when it is held in
+    MLX's affine quantization in groups of 32 (Q5_0, Q8_0: biases -16 and -128 scale, as the reader
+    makes of them); else None, and it is quantized from float32. Scales float16 holds are copied
+    exactly; others are rounded to float16, which moves a value far less than re-quantizing would
+    (a step's 2^-11 against half a step)."""
+    bits = OWN_CODE_BITS.get(type_name)
+    if bits is None or checkpoint.quantization(name) != (GROUP_SIZE, bits):
         return None
     w, scales, biases = checkpoint.quantized(name)
     s_RG, b_RG = (np.asarray(a.astype(mx.float32)) for a in (scales, biases))
     d_RG = finite_float16(s_RG)
     if d_RG is None:
         return None
-    if type_name == "Q4_1":
+    if type_name in ("Q4_1", "Q5_1"):
         m_RG = finite_float16(b_RG)
         if m_RG is None:
             return None
         heads_RGB = np.stack([d_RG, m_RG], axis=-1).view(np.uint8)  # d, m: two float16 each block
     else:
-        if not np.array_equal(b_RG, -128 * s_RG):  # exact in float32: 128 is a power of two
+        if not np.array_equal(b_RG, -BIAS_OFFSETS[type_name] * s_RG):  # exact in float32: a power of two
             return None
         heads_RGB = d_RG[..., None].view(np.uint8)
     mx.eval(w)  # read once, whole: slices of an unread array would each read it
@@ -264,9 +268,19 @@ def own_code_chunks(w, heads_RGB, type_name):
         n, groups = heads.shape[:2]
         if type_name == "Q4_1":
             codes_RGB = gguf_nibbles(words.view(np.uint8).reshape(n, groups, 16))
-        else:  # MLX's q + 128, unsigned: Q8_0's signed q is the same bits with the top one flipped
+        elif type_name == "Q8_0":  # MLX's q + 128, unsigned: Q8_0's signed q is the same bits, top one flipped
             codes_RGB = words.view(np.uint8).reshape(n, groups, 32) ^ np.uint8(0x80)
+        else:
+            codes_RGB = gguf_fives(mlx_unpacked(words, 5).reshape(n, groups, 32))
         yield np.concatenate([heads, codes_RGB], axis=-1).reshape(n, -1)
+
+
+def gguf_fives(values_RG32):
+    """5-bit values as a Q5 block's qh (bit j of a little-endian word: value j's fifth bit) and qs
+    (Q4's nibbles): mlx_fives undone."""
+    qh_RG = np.bitwise_or.reduce((values_RG32 >> 4).astype("<u4") << np.arange(32, dtype="<u4"), axis=-1)
+    qs_RG16 = (values_RG32[..., :16] & 0x0F) | ((values_RG32[..., 16:] & 0x0F) << 4)
+    return np.concatenate([qh_RG[..., None].view(np.uint8), qs_RG16], axis=-1)
 
 
 def finite_float16(a):

@@ -19,11 +19,14 @@ from models.layers import rope_dims
 from utils import UserError
 
 # The ggml types written, and what chooses them: a float dtype, or a bit width (quantizable rows).
-WRITTEN_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", *kquants.QUANTIZED_TYPES)
+WRITTEN_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", *kquants.QUANTIZED_TYPES)
+# A GGUF file's types a weight held as that file quantized it is written back in (gguf_type(name))
+SOURCE_TYPES_KEPT = ("Q5_0", "Q5_1", *kquants.QUANTIZED_TYPES)
 DTYPE_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 BITS_TYPES = {4: "Q4_1", 8: "Q8_0"}
 # general.file_type (llama.cpp's "mostly" types: K-quants as their _M mixes)
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q5_K": 17,
+              "Q6_K": 18, "BF16": 32}
 
 
 def tensor_types(checkpoint, dtype=None, bits=None):
@@ -31,8 +34,8 @@ def tensor_types(checkpoint, dtype=None, bits=None):
     ("float32", "float16", "bfloat16"), or quantized to `bits` (4: Q4_1, 8: Q8_0; rows that are not
     whole blocks of 32 in `dtype`, else F16), or by default as the checkpoint holds them: MLX's 2-
     to 4-bit quantization as Q4_1, 6- and 8-bit as Q8_0 (the nearest type at least as precise),
-    but a weight a GGUF file held in Q4_K, Q5_K or Q6_K in that type again (the checkpoint's
-    gguf_type(name), where it has one), floats in their stored type."""
+    but a weight a GGUF file held in Q5_0, Q5_1, Q4_K, Q5_K or Q6_K in that type again (the
+    checkpoint's gguf_type(name), where it has one), floats in their stored type."""
     if dtype is not None and dtype not in DTYPE_TYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPE_TYPES)}, got {dtype!r}")
     if bits is not None and bits not in BITS_TYPES:
@@ -49,7 +52,7 @@ def chosen_type(checkpoint, name, shape, dtype, bits):
         return DTYPE_TYPES[dtype]
     q = checkpoint.quantization(name)
     source = getattr(checkpoint, "gguf_type", lambda name: None)(name)  # formats without one: None
-    if q is not None and source in kquants.QUANTIZED_TYPES:
+    if q is not None and source in SOURCE_TYPES_KEPT:
         return source
     if q is not None:
         return "Q4_1" if q[1] <= 4 else "Q8_0"
