@@ -6,12 +6,14 @@ spells them and run with the `regex` module, one after another as llama.cpp runs
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
 import regex
 from gguf_files import byte_level_vocab
 
+from checkpoints import ASSETS
 from formats.gguf import vocabulary
 
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -181,14 +183,14 @@ CHATS = ["<|user|>\nHi there<|end|>\n<|assistant|>\n",
           "<|endoftext|> after the end")]
 
 
-def phi3_gguf_meta(folder):
+def phi3_gguf_meta(folder, original=None, n_vocab=PHI3_VOCAB):
     """A Phi-3 vocabulary as llama.cpp's converter writes it: the SentencePiece pieces, the added
     tokens (control, score -1000), then [PADn] tokens (unused, score -10000) up to the model's rows."""
     from gguf_files import sentencepiece_vocab
 
-    pieces, scores, types, path = sentencepiece_vocab(folder)
-    n_pads = PHI3_VOCAB - len(pieces) - len(PHI3_ADDED)
-    tokens = pieces + PHI3_ADDED + [f"[PAD{i}]" for i in range(PHI3_VOCAB - n_pads, PHI3_VOCAB)]
+    pieces, scores, types, path = sentencepiece_vocab(folder, original)
+    n_pads = n_vocab - len(pieces) - len(PHI3_ADDED)
+    tokens = pieces + PHI3_ADDED + [f"[PAD{i}]" for i in range(n_vocab - n_pads, n_vocab)]
     meta = {"general.architecture": "phi3", "tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
             "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.scores": np.array(scores + [-1000.0] * len(PHI3_ADDED) + [-10000.0] * n_pads, np.float32),
@@ -197,14 +199,19 @@ def phi3_gguf_meta(folder):
     return meta, path
 
 
-def test_a_phi3_gguf_vocabulary_encodes_as_phi3(tmp_path):
+@pytest.mark.parametrize("real", [False, True])
+def test_a_phi3_gguf_vocabulary_encodes_as_phi3(tmp_path, real):
     """Its chat tokens are single ids and drop the line break after them (Phi-3's rstrip, which
-    llama.cpp applies too); the text between encodes as the SentencePiece model does."""
+    llama.cpp applies too); the text between encodes as the SentencePiece model does. Also with a
+    real 32,000-piece model (Mistral's, the size of Phi-3's own), its chat tokens at 32000-32010."""
     import sentencepiece as spm
 
     from tokenizer import load_tokenizer
 
-    meta, original = phi3_gguf_meta(tmp_path / "spm")
+    real_model = os.path.join(ASSETS, "tokenizers", "mistral-7b-v0.1.model")
+    if real and not os.path.exists(real_model):
+        pytest.skip("../shared/assets/tokenizers is not available")
+    meta, original = phi3_gguf_meta(tmp_path / "spm", *((real_model, 32064) if real else ()))
     (tmp_path / "out").mkdir()
     for name, content in vocabulary.tokenizer_files(meta, "phi3.gguf").items():
         (tmp_path / "out" / name).write_bytes(content)
@@ -214,7 +221,7 @@ def test_a_phi3_gguf_vocabulary_encodes_as_phi3(tmp_path):
     assert ids == [user] + sp.encode("Hi there") + [end, assistant]
     assert [ours.piece(i) for i in (user, end, assistant)] == ["<|user|>", "<|end|>", "<|assistant|>"]
     assert ours.decode(ids) == "Hi there"  # control tokens decode to nothing, as SentencePiece's do
-    assert ours.vocab_size == PHI3_VOCAB
+    assert ours.vocab_size == len(meta["tokenizer.ggml.tokens"]) and (user == 32010) == real
     # <|endoftext|> keeps the space after it; another architecture's vocabulary strips nothing
     assert ours.encode("<|endoftext|> x", bos=False) == [len(sp)] + sp.encode(" x")
     (tmp_path / "llama").mkdir()
