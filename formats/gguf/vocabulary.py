@@ -59,7 +59,7 @@ DEEPSEEK_LETTERS = code_points(  # the cased letters (Latin, Greek, Cyrillic, ..
 DEEPSEEK_CJK = code_points("4E00-9FA5 800-4E00 AC00-D7FF") + "+"
 DEEPSEEK_LLM_SPLITS = (r"[\r\n]", r"\s?" + DEEPSEEK_LETTERS + "+",
                        r"\s?" + code_points("21-2F 3A-7E FF01-FF0F FF1A-FF5E 2018-201F 3000-3002") + "+",
-                       r"\s+$", DEEPSEEK_CJK, r"\p{N}+")
+                       r"\s+$", DEEPSEEK_CJK, r"\p{N}+")  # $: a piece's end (no line break is left in one)
 DEEPSEEK_CODER_SPLITS = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}")
 # DeepSeek V3: numbers in threes, Chinese and kana, then words led by one ASCII punctuation mark
 DEEPSEEK_V3_SPLITS = (r"\p{N}{1,3}", code_points("4E00-9FA5 3040-309F 30A0-30FF") + "+",
