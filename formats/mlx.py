@@ -10,11 +10,10 @@ memory-mapped by MLX and read one at a time.
 import os
 import shutil
 
-from utils import UserError, load_arrays, read_json
-
 import mlx.core as mx
 
 import models
+from utils import UserError, load_arrays, read_json
 
 # What a model folder holds besides its weights and config.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",

@@ -82,11 +82,13 @@ def test_codes_and_scales_pack_back_to_the_same_bytes(type_name):
 
 def test_q6_k_is_held_within_half_an_8_bit_step():
     """Q6_K's exact values in MLX's 8 bits, groups of 32: every value within half the group's 8-bit
-    step, which on realistic blocks is under half a Q6_K step (measured: at most 0.44, RMS 0.07)."""
+    step, which on Gaussian rows' blocks is under half a Q6_K step (measured: at most 0.44, RMS
+    0.07; Gemma 3 270M's Q6_K tensors, whose neighbouring scales differ more: 1.6, RMS 0.075)."""
     x = rows_of(1.0, (256, 256)) * RNG.uniform(0.005, 0.05, (256, 1)).astype(np.float32)
-    blocks = kquants.quantized_superblocks(x, "Q6_K").reshape(-1, 210)
+    rows = kquants.quantized_superblocks(x, "Q6_K")
+    blocks = rows.reshape(-1, 210)
     exact = dequantized(blocks, "Q6_K").reshape(256, 256)
-    w, scales, biases = requantized_affine(exact)
+    w, scales, biases = requantized_affine(rows, "Q6_K")
     error = np.abs(held_values(w, scales, biases, 8) - exact)
     assert np.all(error <= np.repeat(scales, 32, axis=1) * (0.5 + 1e-4))  # float32 rounding: 255 codes
     q6_step = np.repeat(np.abs(np.ascontiguousarray(blocks[:, 208:]).view(np.float16).astype(np.float32)

@@ -131,7 +131,7 @@ class Checkpoint:
         if entry.type in kquants.EXACT_BITS:
             w, scales, biases = kquant_affine(self._raw(entry).reshape(rows, -1, entry.type_size), entry.type)
         elif entry.type in kquants.REQUANTIZED:
-            w, scales, biases = requantized_affine(self._floats(entry))
+            w, scales, biases = requantized_affine(self._raw(entry).reshape(rows, -1), entry.type)
         else:
             w, scales, biases = mlx_affine(self._raw(entry).reshape(rows, cols // GROUP_SIZE, entry.type_size),
                                            entry.type)

@@ -107,10 +107,19 @@ def kquant_affine(blocks_RSB, type_name):
         a.reshape(rows, -1) for a in (scales, biases))
 
 
-def requantized_affine(values_RC):
-    """Exact float32 values (Q6_K's, say) as MLX's 8-bit affine quantization in groups of 32:
-    (weight uint32 [R, C/4], scales float32 [R, C/32], biases float32 [R, C/32])."""
-    codes, scales, biases = kquants.requantized_8bit(values_RC)
+@np.errstate(all="ignore")  # a stranger's NaN or infinity is reported by the caller, in the scales
+def requantized_affine(rows_RB, type_name):
+    """Rows of Q6_K (or Q3_K, Q2_K) superblocks as MLX's 8-bit affine quantization in groups of 32,
+    re-quantized from their exact values a few rows at a time: (weight uint32 [R, C/4], scales
+    float32 [R, C/32], biases float32 [R, C/32])."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    values_per_row = rows_RB.shape[1] // gguf.GGML_QUANT_SIZES[qtype][1] * kquants.QK_K
+    step = max(1, CHUNK_VALUES // values_per_row)
+    parts = [kquants.requantized_8bit(gguf.quants.dequantize(rows_RB[start:start + step], qtype))
+             for start in range(0, len(rows_RB), step)]
+    codes, scales, biases = (np.concatenate(arrays) for arrays in zip(*parts))
     return mlx_packed(codes, 8), scales, biases
 
 
