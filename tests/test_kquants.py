@@ -226,6 +226,19 @@ def test_q5_0_and_q5_1_come_back_with_the_same_bytes(tmp_path, tensor_type):
     assert tensors(path) == tensors(original)
 
 
+def test_iq_types_are_dequantized_and_said_so(tmp_path, monkeypatch, capfd):
+    import gguf_files
+
+    monkeypatch.setitem(gguf_files.K_QUANT_SCALES, "IQ4_NL", slice(0, 2))  # random blocks, finite d
+    path = write_gguf(str(tmp_path / "iq.gguf"), "IQ4_NL").path
+    checkpoint = gguf_format.Checkpoint(path)
+    assert checkpoint.held_as("layers.0.attention.wq.weight") == "float32"
+    assert checkpoint.held_as("norm.weight") == "float32" and checkpoint.gguf_type("norm.weight") == "F32"
+    convert.convert(path, str(tmp_path / "mlx"))
+    assert "note: 16 IQ4_NL weights: float16 (dequantized)" in capfd.readouterr().err
+    assert mlx_format.GGUF_TYPES not in json.loads((tmp_path / "mlx" / "config.json").read_text())
+
+
 # ----------------------------------------------------------------------------- hostile files
 
 def info_offset(raw, name):
@@ -278,3 +291,14 @@ def test_hostile_k_quant_files_are_one_line_errors(files, tmp_path, edit, messag
         convert.convert(path, str(tmp_path / "out"))
     assert message in str(caught.value) and "\n" not in str(caught.value)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_malformed_gguf_types_record_is_one_line(files, tmp_path):
+    _, exact, _ = files
+    convert.convert(exact, str(tmp_path / "q"))
+    config_path = tmp_path / "q" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, **{mlx_format.GGUF_TYPES: ["Q4_K"]})))
+    with pytest.raises(UserError, match="'gguf_types' must map weight names to ggml type names") as caught:
+        mlx_format.Checkpoint(str(tmp_path / "q"))
+    assert "\n" not in str(caught.value)
