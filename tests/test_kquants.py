@@ -190,6 +190,22 @@ def test_convert_keeps_q4_k_and_q5_k_exactly(files, capfd):
     assert np.abs(quantized - floats).max() <= 1e-5 * max(1.0, np.abs(floats).max())
 
 
+def test_transformers_reads_our_k_quant_file_as_the_toolkit_does(files, tmp_path):
+    """Our Q4_K/Q5_K/Q6_K blocks read by transformers' GGUF loader (the gguf package dequantizes):
+    the logits of the toolkit's float32 reading of the same file."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    _, _, mixed = files
+    convert.convert(mixed, str(tmp_path / "f"), dtype="float32")
+    ours = logits(loading.load_model(str(tmp_path / "f"))[0], TOKENS)
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(mixed), gguf_file=os.path.basename(mixed),
+                                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(TOKENS)).logits.numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+
+
 def test_qlora_trains_and_fuse_writes_the_original_types(files, tmp_path):
     """QLoRA on the converted mixed file (Q4_K, Q5_K, Q6_K), then fuse.py --format gguf: every tensor
     in its original type, the untouched Q4_K/Q5_K ones the original bytes, the adapted ones not."""
