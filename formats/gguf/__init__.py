@@ -84,7 +84,8 @@ def detect(path):
 
 class Checkpoint:
     """An opened, fully checked GGUF llama file (see formats/__init__.py for the interface); also
-    quantized_scales_dtype(name), the dtype quantized() gives the scales, for convert.py's plan."""
+    quantized_scales_dtype(name), the dtype quantized() gives the scales, for convert.py's plan, and
+    gguf_type(name) and held_as(name), what the file holds a weight in and what it becomes here."""
 
     def __init__(self, path):
         self.path = path

@@ -149,8 +149,12 @@ def superblock_heads(scales_RG, biases_RG, type_name):
     if scales is None or mins is None:
         return None
     (d_N, sc_N8), (dmin_N, m_N8) = scales, mins
-    ds = np.stack([d_N, dmin_N], axis=1).view(np.uint8)
-    return np.concatenate([ds, packed_scales(sc_N8, m_N8)], axis=1).reshape(rows, -1, 16)
+    return packed_heads(d_N, dmin_N, sc_N8, m_N8).reshape(rows, -1, 16)
+
+
+def packed_heads(d_N, dmin_N, sc_N8, m_N8):
+    """Q4_K/Q5_K heads, uint8 [N, 16]: float16 d and dmin, then the packed 6-bit scales and mins."""
+    return np.concatenate([np.stack([d_N, dmin_N], axis=1).view(np.uint8), packed_scales(sc_N8, m_N8)], axis=1)
 
 
 def superblocks(heads_NH, q_N256, type_name):
@@ -192,8 +196,7 @@ def quantized_with_mins(x_NV, type_name):
     offset_B = (dmin_N.astype(np.float32)[:, None] * m_N8).reshape(-1)
     again = np.clip(np.rint((x_BS + offset_B[:, None]) / step_B[:, None]), 0, nmax)
     q_BS = np.where(step_B[:, None] != 0, again, q_BS)  # a zero scale keeps the search's codes, as llama.cpp
-    heads = np.concatenate([np.stack([d_N, dmin_N], axis=1).view(np.uint8), packed_scales(sc_N8, m_N8)], axis=1)
-    return superblocks(heads, q_BS.astype(np.uint8).reshape(n, QK_K), type_name)
+    return superblocks(packed_heads(d_N, dmin_N, sc_N8, m_N8), q_BS.astype(np.uint8).reshape(n, QK_K), type_name)
 
 
 def six_bit_scales(v_N8):
