@@ -18,7 +18,8 @@ Every format's module offers detect(path) and a Checkpoint(path) class with:
   tensor(name)         the weight as an mx.array, in its stored float type (float32
                        when the file holds it quantized);
   quantization(name)   (group_size, bits) when the file holds the weight in a form that
-                       is exactly MLX's affine quantization, else None;
+                       is exactly MLX's affine quantization (or, GGUF's Q6_K, Q3_K and Q2_K,
+                       is held re-quantized to 8 bits: gguf.Checkpoint.held_as), else None;
   quantized(name)      then, (packed uint32 weight, scales, biases) as MLX lays them out;
   quantized_scales_dtype(name)  the mx dtype of those scales and biases (for the plan);
   write_tokenizer(folder)  the tokenizer's files and chat template into the new folder.
