@@ -96,6 +96,17 @@ def test_q6_k_is_held_within_half_an_8_bit_step():
     assert np.all(error[q6_step > 0] <= 0.5 * q6_step[q6_step > 0])
 
 
+@pytest.mark.parametrize("type_name, scales", [("Q3_K", slice(108, 110)), ("Q2_K", slice(80, 84))])
+def test_q3_k_and_q2_k_are_held_in_8_bits_too(type_name, scales):
+    qtype = gguf.GGMLQuantizationType[type_name]
+    rows = RNG.integers(0, 256, (16, 2 * gguf.GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    blocks = rows.reshape(32, -1)
+    blocks[:, scales] = RNG.uniform(1e-4, 1e-2, (32, (scales.stop - scales.start) // 2)).astype(np.float16).view(np.uint8)
+    exact = dequantized(blocks, type_name).reshape(16, 512)
+    w, scale, bias = requantized_affine(rows, type_name)
+    assert np.all(np.abs(held_values(w, scale, bias, 8) - exact) <= np.repeat(scale, 32, axis=1) * (0.5 + 1e-4))
+
+
 @pytest.mark.parametrize("type_name, bits", [("Q4_K", 4), ("Q5_K", 5)])
 def test_superblocks_come_back_bit_for_bit(type_name, bits):
     """Read into MLX's form and recovered: the same bytes (d, dmin, the 6-bit scales and mins, the
