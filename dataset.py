@@ -9,6 +9,12 @@ A split is `folder/train.jsonl` (or valid, test): one JSON object a line, one of
   {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}
                                       through the chat template, loss on every
                                       assistant turn and nothing else.
+Preference pairs (lora.py --train-mode dpo or orpo) are TRL's format, one of
+  {"prompt": "...", "chosen": "...", "rejected": "..."}
+                                      the prompt and each answer joined (loss on the answer);
+  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+                                      the prompt's turns and each answer's through the chat
+                                      template, loss on the answer's assistant turns.
 Every defect is a UserError naming the file and line.
 """
 
@@ -38,6 +44,34 @@ class Dataset:
     def __len__(self):
         return len(self.tokens)
 
+    @property
+    def lengths(self):
+        return [len(t) for t in self.tokens]
+
+    def batch(self, indices):
+        return make_batch(self, indices)
+
+
+class Pairs:
+    """Tokenized preference pairs of one split: sequence 2i of `sequences` (a Dataset) is pair i's
+    prompt with its chosen answer, sequence 2i + 1 the prompt with its rejected one."""
+
+    def __init__(self, path, sequences):
+        self.path = path
+        self.sequences = sequences
+
+    def __len__(self):
+        return len(self.sequences) // 2
+
+    @property
+    def lengths(self):
+        """Each pair's longer sequence: what its batch is padded to."""
+        lengths = self.sequences.lengths
+        return [max(lengths[i], lengths[i + 1]) for i in range(0, len(lengths), 2)]
+
+    def batch(self, indices):
+        return make_pair_batch(self, indices)
+
 
 def load_split(data_dir, split, tokenizer, max_seq_length, mask_prompt, template=None):
     """Read and tokenize `data_dir/split.jsonl`; every defect is a UserError naming file and line.
@@ -45,26 +79,91 @@ def load_split(data_dir, split, tokenizer, max_seq_length, mask_prompt, template
     path = os.path.join(data_dir, f"{split}.jsonl")
     if template is not None:  # a broken template fails here, not on some line of the data
         chat.check(template, tokenizer, f"the model's {chat.TEMPLATE_FILE}, on a short conversation")
-    tokens, spans, truncated = [], [], []
+    dataset, too_long = Dataset(path, [], []), []
     for lineno, obj in read_jsonl(path):
         where = f"{path}: line {lineno}"
-        toks, loss = tokenize_example(obj, tokenizer, mask_prompt, where, template)
-        if len(toks) > max_seq_length:
-            truncated.append(len(toks))
-            toks = toks[:max_seq_length]
-            loss = [(s, min(e, max_seq_length)) for s, e in loss if s < max_seq_length]
-            if not loss:
-                raise UserError(f"{where}: no reply left within --max-seq-length {max_seq_length}")
-        tokens.append(toks)
-        spans.append(loss)
-    if truncated:
-        print(f"warning: {path}: {len(truncated)} example(s) longer than --max-seq-length "
-              f"{max_seq_length} were truncated (longest {max(truncated)} tokens)", file=sys.stderr)
-    return Dataset(path, tokens, spans)
+        if not add_truncated(dataset, *tokenize_example(obj, tokenizer, mask_prompt, where, template),
+                             max_seq_length, too_long):
+            raise UserError(f"{where}: no reply left within --max-seq-length {max_seq_length}")
+    warn_truncated(path, too_long, max_seq_length)
+    return dataset
+
+
+def load_pairs(data_dir, split, tokenizer, max_seq_length, template=None, mode="dpo"):
+    """Read and tokenize the preference pairs of `data_dir/split.jsonl` (for --train-mode `mode`);
+    every defect is a UserError naming file and line."""
+    path = os.path.join(data_dir, f"{split}.jsonl")
+    if template is not None:
+        chat.check(template, tokenizer, f"the model's {chat.TEMPLATE_FILE}, on a short conversation")
+    sequences, too_long = Dataset(path, [], []), []
+    for lineno, obj in read_jsonl(path):
+        where = f"{path}: line {lineno}"
+        for key, (toks, loss) in zip(ANSWERS, tokenize_pair(obj, tokenizer, where, template, mode)):
+            if not add_truncated(sequences, toks, loss, max_seq_length, too_long):
+                raise UserError(f"{where}: the '{key}' answer is empty after truncation to --max-seq-length "
+                                f"{max_seq_length}")
+    warn_truncated(path, too_long, max_seq_length)
+    return Pairs(path, sequences)
+
+
+def add_truncated(dataset, toks, loss, max_seq_length, too_long):
+    """Append an example to `dataset`, cut to `max_seq_length` tokens (its length before then noted
+    in `too_long`); False, and nothing appended, if no token of its loss spans is left."""
+    if len(toks) > max_seq_length:
+        too_long.append(len(toks))
+        toks = toks[:max_seq_length]
+        loss = [(s, min(e, max_seq_length)) for s, e in loss if s < max_seq_length]
+        if not loss:
+            return False
+    dataset.tokens.append(toks)
+    dataset.spans.append(loss)
+    return True
+
+
+def warn_truncated(path, too_long, max_seq_length):
+    if too_long:
+        print(f"warning: {path}: {len(too_long)} example(s) longer than --max-seq-length "
+              f"{max_seq_length} were truncated (longest {max(too_long)} tokens)", file=sys.stderr)
+
+
+ANSWERS = ("chosen", "rejected")
+PAIR_KEYS = ("prompt",) + ANSWERS
+SFT_FORMATS = "'messages', 'text', or 'prompt' and 'completion'"
+
+
+def tokenize_pair(obj, tokenizer, where, template, mode):
+    """One preference line -> [(tokens, loss spans) of the prompt and chosen answer, of the prompt
+    and rejected answer]."""
+    if not any(k in obj for k in ANSWERS) and any(k in obj for k in ("messages", "text", "completion")):
+        raise UserError(f"{where}: a supervised example ({SFT_FORMATS}); --train-mode {mode} needs preference "
+                        "pairs: 'prompt', 'chosen' and 'rejected'")
+    if (missing := next((k for k in PAIR_KEYS if k not in obj), None)) is not None:
+        raise UserError(f"{where}: missing '{missing}' (a preference pair has 'prompt', 'chosen' and 'rejected')")
+    prompt, answers = obj["prompt"], [obj[k] for k in ANSWERS]
+    if answers[0] == answers[1]:
+        raise UserError(f"{where}: 'chosen' and 'rejected' are the same: nothing to prefer")
+    if isinstance(prompt, str) and all(isinstance(a, str) for a in answers):
+        for key, answer in zip(ANSWERS, answers):
+            if not answer.strip():
+                raise UserError(f"{where}: '{key}' must be a non-empty string")
+        return [joined(tokenizer, prompt, answer) for answer in answers]
+    if isinstance(prompt, list) and all(isinstance(a, list) for a in answers):
+        if template is None:
+            raise UserError(f"{where}: conversational pairs need a model with a chat template, and this one has none")
+        for key, answer in zip(ANSWERS, answers):
+            checked_messages(prompt + answer, where)
+            if not any(m["role"] == "assistant" for m in answer):
+                raise UserError(f"{where}: '{key}' has no assistant turn: nothing to learn from")
+        return [chat_example(prompt + answer, tokenizer, template, where, first_turn=len(prompt))
+                for answer in answers]
+    raise UserError(f"{where}: 'prompt', 'chosen' and 'rejected' must be all strings or all lists of messages")
 
 
 def tokenize_example(obj, tokenizer, mask_prompt, where, template=None):
     """One JSON object -> (tokens, [(start, end) of the tokens that carry loss])."""
+    if any(k in obj for k in ANSWERS):
+        raise UserError(f"{where}: a preference pair ('prompt', 'chosen', 'rejected'); --train-mode sft needs "
+                        f"{SFT_FORMATS} (pairs are for --train-mode dpo or orpo)")
     if "messages" in obj:
         if template is None:
             raise UserError(f"{where}: 'messages' need a model with a chat template, and this one has none")
@@ -84,17 +183,25 @@ def tokenize_example(obj, tokenizer, mask_prompt, where, template=None):
         if template is not None:
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
             return chat_example(messages, tokenizer, template, where)
-        full = tokenizer.encode(prompt + completion, bos=True, eos=True)
         if not mask_prompt:
+            full = tokenizer.encode(prompt + completion, bos=True, eos=True)
             return full, [(1, len(full))]
-        # Tokenize the joined text (as the model will see it) and mask the tokens it
-        # shares with the prompt alone: robust to merges across the boundary.
-        alone = tokenizer.encode(prompt, bos=True)
-        n_prompt = 0
-        while n_prompt < min(len(alone), len(full) - 1) and alone[n_prompt] == full[n_prompt]:
-            n_prompt += 1
-        return full, [(max(n_prompt, 1), len(full))]
+        return joined(tokenizer, prompt, completion)
     raise UserError(f"{where}: expected key 'messages', 'text', or 'prompt' and 'completion'")
+
+
+def joined(tokenizer, prompt, completion):
+    """The tokens of prompt + completion (with BOS and EOS), and the span of the completion's.
+
+    The joined text is tokenized as the model will see it, and the tokens it shares with the
+    prompt alone are the prompt's: robust to merges across the boundary.
+    """
+    full = tokenizer.encode(prompt + completion, bos=True, eos=True)
+    alone = tokenizer.encode(prompt, bos=True)
+    n_prompt = 0
+    while n_prompt < min(len(alone), len(full) - 1) and alone[n_prompt] == full[n_prompt]:
+        n_prompt += 1
+    return full, [(max(n_prompt, 1), len(full))]
 
 
 def checked_messages(messages, where):
@@ -115,8 +222,9 @@ def checked_messages(messages, where):
     return messages
 
 
-def chat_example(messages, tokenizer, template, where):
-    """The conversation through the chat template, and the spans of its assistant turns.
+def chat_example(messages, tokenizer, template, where, first_turn=0):
+    """The conversation through the chat template, and the spans of its assistant turns (those
+    from message `first_turn` on: a preference pair's answer, not the turns of its prompt).
 
     A turn's tokens run from the end of the conversation before it rendered with the
     assistant's header (add_generation_prompt) to the end of the conversation up to it:
@@ -131,7 +239,7 @@ def chat_example(messages, tokenizer, template, where):
     full = tokens_of(len(messages), False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_turn:
             continue
         before, through = tokens_of(i, True), tokens_of(i + 1, False)
         end = len(through) if full[:len(through)] == through else _first_end(full, len(before), tokenizer.eos_ids)
@@ -149,7 +257,8 @@ def _first_end(tokens, start, eos_ids):
 
 def batch_plan(dataset, batch_size):
     """Indices grouped into batches of similar length (little padding); the last may be smaller."""
-    order = sorted(range(len(dataset)), key=lambda i: (len(dataset.tokens[i]), i))
+    lengths = dataset.lengths
+    order = sorted(range(len(dataset)), key=lambda i: (lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -183,3 +292,11 @@ def make_batch(dataset, indices):
             mask[row, start - 1:end - 1] = 1.0  # target index j predicts token j+1
     batch = mx.array(batch)
     return batch[:, :-1], batch[:, 1:], mx.array(mask)
+
+
+def make_pair_batch(pairs, indices):
+    """A batch of preference pairs: inputs_P2T, targets_P2T and mask_P2T, row 0 of each pair its
+    chosen sequence and row 1 its rejected one (make_batch's arrays, a pair's rows kept together so
+    that micro-batches and ranks split between pairs, never within one)."""
+    arrays = make_batch(pairs.sequences, [j for i in indices for j in (2 * i, 2 * i + 1)])
+    return tuple(a.reshape(len(indices), 2, a.shape[-1]) for a in arrays)

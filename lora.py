@@ -19,6 +19,7 @@ import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError, read_jsonl
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 import adapters
 import chat
@@ -26,6 +27,7 @@ import dataset
 import distributed
 import generate
 import models
+import preference
 import settings
 import trainer
 from loading import DEFAULT_MODEL, explain_non_finite, load_model, weights_file
@@ -83,6 +85,18 @@ class LoraSettings(trainer.TrainingSettings):
                                                "adapter folder)")
     epochs: Optional[int] = option(None, "train for this many passes over the training set (ceil(examples / "
                                          "batch size) steps each) instead of --iters", at_least=1)
+    # Preference tuning
+    train_mode: str = option("sft", "sft: supervised; dpo: direct preference optimization, against a reference "
+                                    "model; orpo: odds-ratio preference optimization, no reference (dpo and orpo "
+                                    "train on pairs: 'prompt', 'chosen', 'rejected')", choices=["sft", "dpo", "orpo"])
+    beta: float = option(0.1, "dpo: how far the model may move from the reference (DPO's beta, IPO's tau); "
+                              "orpo: the weight (lambda) of the odds-ratio term", above=0)
+    dpo_loss: str = option("sigmoid", "dpo: the loss of the reward margin, as TRL's loss_type",
+                           choices=list(preference.DPO_LOSSES))
+    label_smoothing: float = option(0.0, "dpo with the sigmoid loss: the chance that a pair's preference is wrong "
+                                         "(conservative DPO)", at_least=0, below=0.5)
+    reference_model: Optional[str] = option(None, "dpo: another converted model folder as the reference (default: "
+                                                  "this model as training starts, its new adapters adding nothing)")
     # Test
     test: bool = option(False, "report test loss and perplexity")
     test_batches: int = option(500, "test batches", at_least=1, special={-1: "the whole set"})
@@ -101,6 +115,20 @@ class LoraSettings(trainer.TrainingSettings):
             raise UserError("--system goes with --chat")
         if self.weight_decay and self.optimizer == "adam":
             raise UserError("--weight-decay needs an optimizer that decays: adam has none, adamw is adam with it")
+        self.check_train_mode()
+
+    def check_train_mode(self):
+        """A flag of one training mode given with another is an error, not silently unused."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, modes in MODE_FLAGS.items():
+            if getattr(self, name) != defaults[name] and self.train_mode not in modes:
+                raise UserError(f"--{name.replace('_', '-')} goes with --train-mode {' or '.join(modes)}, "
+                                f"not {self.train_mode}")
+        if self.label_smoothing and self.dpo_loss != "sigmoid":
+            raise UserError(f"--label-smoothing goes with --dpo-loss sigmoid, not {self.dpo_loss}")
+        if self.test and not self.train and self.train_mode == "dpo" and self.reference_model is None:
+            raise UserError("--test with --train-mode dpo needs --train (its reference is the model as training "
+                            "starts) or --reference-model")
 
     def adapter_config(self):
         return models.AdapterConfig(layers=self.lora_layers, targets=models.parse_targets(self.lora_targets),
@@ -112,17 +140,66 @@ class LoraSettings(trainer.TrainingSettings):
         return settings.subset(trainer.TrainingSettings, self)
 
 
+# The flags that only some training modes use.
+MODE_FLAGS = {"beta": ("dpo", "orpo"), "dpo_loss": ("dpo",), "label_smoothing": ("dpo",),
+              "reference_model": ("dpo",), "mask_prompt": ("sft",)}
+
+
 def parse_args(argv=None):
     """Settings from the command line over a --config YAML file over the defaults."""
     return settings.parse(LoraSettings, argv, DESCRIPTION)
 
 
 def evaluate(model, data, batch_size, num_batches):
-    """Token-weighted mean loss over the first `num_batches` batches of a split (-1: all)."""
+    """The mean loss over the first `num_batches` batches of a split (-1: all)."""
+    return evaluate_with_metrics(model, data, batch_size, num_batches, trainer.SFT)[0]
+
+
+def evaluate_with_metrics(model, data, batch_size, num_batches, objective):
+    """(mean loss, metrics) of `objective` over the first `num_batches` batches of a split (-1: all)."""
     plan = dataset.batch_plan(data, batch_size)
     if num_batches >= 0:
         plan = plan[:num_batches]
-    return trainer.evaluate(model, (dataset.make_batch(data, indices) for indices in plan))
+    return trainer.evaluate_with_metrics(model, (data.batch(indices) for indices in plan), objective)
+
+
+def load_data(args, split, tokenizer):
+    """A split as --train-mode reads it: examples for sft, preference pairs for dpo and orpo."""
+    template = chat.load_template(args.model)
+    if args.train_mode == "sft":
+        return dataset.load_split(args.data, split, tokenizer, args.max_seq_length, args.mask_prompt, template)
+    return dataset.load_pairs(args.data, split, tokenizer, args.max_seq_length, template, args.train_mode)
+
+
+def objective_of(args, model, reference_model=None):
+    """What --train-mode minimizes. DPO's reference is `reference_model`, or else `model` with its
+    trainable weights as they are now (call this before training moves them)."""
+    if args.train_mode == "sft":
+        return trainer.SFT
+    if args.train_mode == "orpo":
+        return trainer.orpo_objective(args.beta)
+    reference = (trainer.model_reference(reference_model) if reference_model is not None
+                 else trainer.start_reference(model))
+    return trainer.dpo_objective(reference, args.beta, args.dpo_loss, args.label_smoothing)
+
+
+def load_reference(args, model, tokenizer):
+    """--reference-model, refused unless it has this model's vocabulary and parameter shapes."""
+    reference, ref_tokenizer, _ = load_model(args.reference_model, None, args.compute_dtype)
+    where = f"--reference-model {args.reference_model}"
+    if ref_tokenizer.vocab_size != tokenizer.vocab_size or any(
+            ref_tokenizer.encode(text) != tokenizer.encode(text) for text in VOCABULARY_PROBES):
+        raise UserError(f"{where}: another vocabulary than {args.model}'s ({ref_tokenizer.vocab_size} tokens, "
+                        f"this model {tokenizer.vocab_size}, or other tokens for the same text)")
+    ours, theirs = dict(tree_flatten(model.parameters())), dict(tree_flatten(reference.parameters()))
+    for name in sorted(ours.keys() | theirs.keys()):
+        shapes = [tuple(p[name].shape) if name in p else None for p in (ours, theirs)]
+        if shapes[0] != shapes[1]:
+            raise UserError(f"{where}: not the shape of {args.model}: {name} is {shapes[1]} there, {shapes[0]} here")
+    return reference
+
+
+VOCABULARY_PROBES = ("The quick brown fox jumps over the lazy dog.", "naïve café, 日本語 🙂 <|im_start|> 1234")
 
 
 def training_outputs(adapter_file):
@@ -171,7 +248,8 @@ class ResumePoint:
 
 
 def resume_point(args):
-    """The ResumePoint of this run, read before anything loads."""
+    """The ResumePoint of this run, read before anything loads; a checkpoint of another
+    --train-mode is refused."""
     checkpoints = trainer.Checkpoints(os.path.splitext(args.adapter_file)[0] + "-checkpoints", args.keep_checkpoints)
     base = trainer.sha256_file(weights_file(args.model))
     point = ResumePoint(checkpoints, {"seed": args.seed, "batch_size": args.batch_size, trainer.BASE_KEY: base})
@@ -179,13 +257,16 @@ def resume_point(args):
         resumed = trainer.resume(checkpoints, args.resume, point.run_meta, args.iters)
         if resumed:
             point.path, point.arrays, point.meta = resumed
+            if (mode := point.meta.get("train_mode", "sft")) != args.train_mode:
+                raise UserError(f"{point.path}: checkpoint was made with --train-mode {mode}, this run has "
+                                f"{args.train_mode}")
             point.adapter_config = models.AdapterConfig.from_json(point.meta.get("lora"), point.path)
     return point
 
 
-def run_training(model, data, args, start: ResumePoint):
-    """Adapt, train (or resume), save; returns an exit code (non-zero when interrupted)."""
-    stem = os.path.splitext(args.adapter_file)[0]
+def adapt(model, args, start: ResumePoint):
+    """Apply the adapters (or unfreeze the blocks) to train, from --resume-adapter-file's weights if
+    given; returns their configuration."""
     if start.adapter_config is not None:
         check_resumed_adapters(args, start, model)
     adapter_config = models.apply_lora(model, start.adapter_config or args.adapter_config())
@@ -195,10 +276,16 @@ def run_training(model, data, args, start: ResumePoint):
     total, trainable = models.count_parameters(model)
     print(f"Parameters: {total / 1e6:.3f}M total, {trainable / 1e6:.3f}M trainable "
           f"({100 * trainable / total:.3f}%)", file=sys.stderr)
+    return adapter_config
 
+
+def run_training(model, data, args, start: ResumePoint, adapter_config, objective):
+    """Train the adapted model on `objective` (or resume), save; returns an exit code (non-zero
+    when interrupted)."""
+    stem = os.path.splitext(args.adapter_file)[0]
     optimizer = trainer.make_optimizer(args.optimizer, trainer.learning_rate_schedule(
         args.learning_rate, args.iters, args.warmup, cosine=args.lr_schedule == "cosine"), args.weight_decay)
-    step_fn = trainer.make_train_step(model, optimizer, accumulation=args.grad_accumulation_steps)
+    step_fn = trainer.make_train_step(model, optimizer, objective, accumulation=args.grad_accumulation_steps)
     if start.arrays is not None:
         trainer.restore(start.path, start.arrays, model, optimizer)
     trainer.write_manifest(stem + ".manifest.json",
@@ -211,12 +298,13 @@ def run_training(model, data, args, start: ResumePoint):
     try:
         trainer.train(
             model, optimizer, step_fn,
-            batch_for_step=lambda step: dataset.make_batch(
-                data["train"], plan[dataset.training_batch_order(len(plan), args.seed, step - 1)]),
-            evaluate=lambda: evaluate(model, data["valid"], args.batch_size, args.val_batches),
+            batch_for_step=lambda step: data["train"].batch(
+                plan[dataset.training_batch_order(len(plan), args.seed, step - 1)]),
+            evaluate=lambda: evaluate_with_metrics(model, data["valid"], args.batch_size, args.val_batches, objective),
             settings=args.training_settings(), checkpoints=start.checkpoints, log=log,
             save_outputs=lambda: adapters.save(model, args.adapter_file, adapter_config),
-            checkpoint_meta=dict(start.run_meta, lora=adapter_config.to_json()), resumed=resumed)
+            checkpoint_meta=dict(start.run_meta, lora=adapter_config.to_json(), train_mode=args.train_mode),
+            resumed=resumed, objective=objective)
     except trainer.Interrupted as stop:
         return stop.report("lora.py")
     finally:
@@ -299,33 +387,39 @@ def use_model(args, adapter_file, resume=None):
     model, tokenizer, _ = load_model(args.model, adapter_file, args.compute_dtype,
                                      generation_only=not (args.train or args.test))
 
+    reference_model = load_reference(args, model, tokenizer) if args.reference_model else None
+    rows = 1 if args.train_mode == "sft" else 2  # a pair is two sequences
+    objective = None
     if args.train:
         if args.fine_tune_type != "full":  # the targets are the family's: known now, before the data
             model.names.resolve_targets(args.adapter_config().targets)
-        data = {split: dataset.load_split(args.data, split, tokenizer, args.max_seq_length, args.mask_prompt,
-                                          chat.load_template(args.model))
-                for split in ("train", "valid")}
+        data = {split: load_data(args, split, tokenizer) for split in ("train", "valid")}
         if len(data["train"]) == 0:
             raise UserError(f"{data['train'].path}: no training examples")
         if len(data["valid"]) == 0:
             raise UserError(f"{data['valid'].path}: no validation examples")
-        trainer.check_memory(model.args, args.micro_batch_size(distributed.current()),
-                             max(map(len, data["train"].tokens)), args.grad_checkpoint)
+        trainer.check_memory(model.args, rows * args.micro_batch_size(distributed.current()),
+                             max(data["train"].lengths), args.grad_checkpoint)
         distributed.current().check_agreement(run_digests(args, data))
-        code = run_training(model, data, args, resume)
+        adapter_config = adapt(model, args, resume)
+        objective = objective_of(args, model, reference_model)  # before training: DPO's reference is the start
+        code = run_training(model, data, args, resume, adapter_config, objective)
         if code:
             return code
 
     if args.test:
-        test_set = dataset.load_split(args.data, "test", tokenizer, args.max_seq_length, args.mask_prompt,
-                                      chat.load_template(args.model))
+        test_set = load_data(args, "test", tokenizer)
         if len(test_set) == 0:
             raise UserError(f"{test_set.path}: no test examples")
-        trainer.check_memory(model.args, args.batch_size, max(map(len, test_set.tokens)))
-        test_loss = evaluate(model, test_set, args.batch_size, args.test_batches)
+        trainer.check_memory(model.args, rows * args.batch_size, max(test_set.lengths))
+        test_loss, metrics = evaluate_with_metrics(model, test_set, args.batch_size, args.test_batches,
+                                      objective or objective_of(args, model, reference_model))
         if not math.isfinite(test_loss):
             explain_non_finite(model, "the test loss")
-        print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(min(test_loss, 700)):.3f}.")
+        if args.train_mode == "sft":
+            print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(min(test_loss, 700)):.3f}.")
+        else:
+            print(f"Test loss {test_loss:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + ".")
 
     if args.prompt is not None:
         mx.random.seed(args.seed)

@@ -20,7 +20,8 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import blas
 import utils
@@ -29,6 +30,7 @@ from utils import UserError
 import distributed
 import loading
 import ops
+import preference
 import settings
 from settings import option
 
@@ -112,25 +114,155 @@ def loss_fn(model, inputs_BT, targets_BT, mask_BT):
     return ce_BT.sum() / mx.maximum(ntoks, 1), ntoks
 
 
-def evaluate(model, batches):
-    """Token-weighted mean loss over an iterable of (inputs, targets, mask) batches,
-    without dropout (the model's training mode is restored after). Distributed, each
+# ----------------------------------------------------------------------------- objectives
+
+@dataclass(frozen=True)
+class Objective:
+    """What training minimizes, over batches of one layout.
+
+    loss(model, norm, *batch) -> (loss, n, sums): with norm None, the batch's mean loss over its
+    n units (tokens, pairs); when the batch is a part (a micro-batch, a rank's rows) of a whole
+    of which norm(*whole) is `norm`, its share of the whole's mean loss, so that the shares add up
+    to it. sums: {name: sum over the batch} for each name in `sums`, which report(totals) turns
+    into the metrics to log. unit: what n counts (the speed is logged as {unit}_per_s). state:
+    the arrays, beyond the model's, that the loss reads (a compiled step must be told of them).
+    """
+    loss: Callable
+    norm: Callable
+    sums: tuple = ()
+    report: Callable = lambda totals: {}
+    unit: str = "tokens"
+    state: tuple = ()
+
+    def zero_sums(self):
+        return {name: mx.array(0.0) for name in self.sums}
+
+
+def _sft_loss(model, norm, inputs_BT, targets_BT, mask_BT):
+    loss, ntoks = loss_fn(model, inputs_BT, targets_BT, mask_BT)
+    return (loss if norm is None else loss * ntoks / norm), ntoks, {}
+
+
+SFT = Objective(_sft_loss, norm=lambda inputs_BT, targets_BT, mask_BT: mx.maximum(mask_BT.sum(), 1))
+
+
+def sequence_logps(model, inputs_NT, targets_NT, mask_NT):
+    """Each row's log-probability of its counted targets (mask 1), summed (N), and their count (N)."""
+    logits_NTV = model(inputs_NT).astype(mx.float32)
+    logp_NT = -ops.cross_entropy(logits_NTV, targets_NT) * mask_NT
+    return logp_NT.sum(axis=1), mask_NT.sum(axis=1)
+
+
+def pair_logps(model, inputs_P2T, targets_P2T, mask_P2T):
+    """(log-probabilities, token counts) of the answers of P pairs (row 0 chosen, 1 rejected):
+    one forward over their 2P sequences."""
+    T = inputs_P2T.shape[-1]
+    logps_N, ntoks_N = sequence_logps(model, inputs_P2T.reshape(-1, T), targets_P2T.reshape(-1, T),
+                                      mask_P2T.reshape(-1, T))
+    logps_P2, ntoks_P2 = logps_N.reshape(-1, 2), ntoks_N.reshape(-1, 2)
+    return preference.Pair(logps_P2[:, 0], logps_P2[:, 1]), preference.Pair(ntoks_P2[:, 0], ntoks_P2[:, 1])
+
+
+def _pairs(inputs_P2T, targets_P2T, mask_P2T):
+    return mx.array(inputs_P2T.shape[0], mx.float32)
+
+
+def dpo_objective(reference, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """DPO's `loss_type` against a Reference."""
+    def loss(model, norm, *batch):
+        logps, ntoks = pair_logps(model, *batch)
+        loss, sums = preference.dpo(logps, reference.logps(model, *batch), ntoks, beta, loss_type, label_smoothing,
+                                    norm)
+        return loss, _pairs(*batch), sums
+
+    return Objective(loss, norm=_pairs, sums=preference.DPO_SUMS, report=preference.report, unit="pairs",
+                     state=(reference.state,))
+
+
+def orpo_objective(beta):
+    """ORPO: the chosen answers' NLL and the odds-ratio term, no reference."""
+    def loss(model, norm, *batch):
+        logps, ntoks = pair_logps(model, *batch)
+        loss, sums = preference.orpo(logps, ntoks, beta, *([] if norm is None else [norm[0], norm[1]]))
+        return loss, _pairs(*batch), sums
+
+    return Objective(loss, norm=_orpo_norm, sums=preference.ORPO_SUMS, report=preference.report, unit="pairs")
+
+
+def _orpo_norm(inputs_P2T, targets_P2T, mask_P2T):
+    """The pairs and the chosen answers' tokens of a whole batch: ORPO's two means are over these."""
+    return mx.stack([_pairs(inputs_P2T, targets_P2T, mask_P2T), mx.maximum(mask_P2T[:, 0].sum(), 1)])
+
+
+class Reference(NamedTuple):
+    """DPO's reference: logps(model, *batch) -> its log-probabilities of the batch's answers (a
+    Pair, no gradient), and the arrays it reads beyond `model`'s."""
+    logps: Callable
+    state: object
+
+
+def start_reference(model):
+    """DPO's reference when no other model is named: `model` itself with its trainable weights as
+    training found them, in eval mode. New LoRA/DoRA adapters make it the base model (their B is 0:
+    the adapters add nothing); adapters resumed from a file, the model they made (as TRL's "ref"
+    adapter). No second copy of the base: the start weights are held, since updates make new arrays."""
+    start = model.trainable_parameters()
+
+    def logps(model, *batch):
+        now, was_training = model.trainable_parameters(), model.training
+        model.update(start)
+        model.eval()
+        try:
+            ref_logps, _ = pair_logps(model, *batch)
+        finally:
+            model.update(now)
+            model.train(was_training)
+        return preference.Pair(*map(mx.stop_gradient, ref_logps))
+
+    return Reference(logps, start)
+
+
+def model_reference(reference_model):
+    """DPO's reference when --reference-model names one: that model, frozen, in eval mode."""
+    reference_model.freeze()
+    reference_model.eval()
+
+    def logps(model, *batch):
+        return preference.Pair(*map(mx.stop_gradient, pair_logps(reference_model, *batch)[0]))
+
+    return Reference(logps, reference_model.state)
+
+
+def evaluate(model, batches, objective=None):
+    """The mean loss over an iterable of batches (see evaluate_with_metrics)."""
+    return evaluate_with_metrics(model, batches, objective or SFT)[0]
+
+
+def evaluate_with_metrics(model, batches, objective):
+    """(mean loss weighted by each batch's units, the objective's metrics) over an iterable of
+    batches, without dropout (the model's training mode is restored after). Distributed, each
     rank takes every world-size-th batch and the sums are added across ranks."""
     world = distributed.current()
     was_training = model.training
     model.eval()
     try:
-        total, ntoks = mx.array(0.0), mx.array(0.0)
+        totals = dict(loss=mx.array(0.0), n=mx.array(0.0), **objective.zero_sums())
         for i, batch in enumerate(batches):
             if i % world.size != world.rank:
                 continue
-            loss, n = loss_fn(model, *batch)
-            total, ntoks = total + loss * n, ntoks + n
-            mx.eval(total, ntoks)
-        total, ntoks = world.all_sum(mx.stack([total, ntoks]))
-        return (total / mx.maximum(ntoks, 1)).item()
+            loss, n, sums = objective.loss(model, None, *batch)
+            totals = added(totals, dict(loss=loss * n, n=n, **sums))
+            mx.eval(totals)
+        totals = summed_across_ranks(world, totals) if world.size > 1 else totals
+        loss, n = totals.pop("loss"), totals.pop("n")
+        return (loss / mx.maximum(n, 1)).item(), objective.report(totals)
     finally:
         model.train(was_training)
+
+
+def added(a, b):
+    """Two dicts of arrays with the same keys, added key by key."""
+    return {k: a[k] + b[k] for k in a}
 
 
 def learning_rate_schedule(peak, iters, warmup=0, cosine=True, end=0.0):
@@ -172,18 +304,19 @@ def assign_in_place(tree, values):
             tree[key] = values[key]
 
 
-def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None, accumulation=1):
-    """One training step on a global batch (inputs_BT, targets_BT, mask_BT): loss, gradients
+def make_train_step(model, optimizer, objective=None, clip_norm=None, accumulation=1):
+    """One training step of `objective` (SFT by default) on a global batch: loss, gradients
     (optionally clipped), and an update applied only if the loss, every gradient and everything
     the update makes are finite. A bad step leaves weights and optimizer as they were.
-    Returns (loss, ntoks, finite).
+    Returns (loss, n, finite, sums): n the units the loss is a mean over, sums the objective's.
 
     One process and one micro-batch: one compiled function. Otherwise each rank (distributed.py)
     takes its rows of the batch in `accumulation` micro-batches, evaluated one after another
     so that one micro-batch's activations are alive at a time; each contributes the gradient
-    of its summed loss over the batch's token count, and one all_sum adds the ranks' shares:
+    of its share of the whole batch's mean loss, and one all_sum adds the ranks' shares:
     the gradient of the whole batch's mean loss, float summation order aside."""
     world = distributed.current()
+    objective = objective or SFT
 
     def update(loss, ntoks, grads):
         if clip_norm is not None:
@@ -205,35 +338,32 @@ def make_train_step(model, optimizer, loss_fn=loss_fn, clip_norm=None, accumulat
     # Create the optimizer state now so that compile sees its arrays from the start.
     optimizer.init(model.trainable_parameters())
     state = [model.state, optimizer.state, mx.random.state]
+    read = state + list(objective.state)
+    value_and_grad = nn.value_and_grad(model, objective.loss)
     if world.size == 1 and accumulation == 1:
-        value_and_grad = nn.value_and_grad(model, loss_fn)
-
         def whole_step(*batch):
-            (loss, ntoks), grads = value_and_grad(model, *batch)
-            return update(loss, ntoks, grads)
+            (loss, n, sums), grads = value_and_grad(model, None, *batch)
+            return (*update(loss, n, grads), sums)
 
-        return mx.compile(whole_step, inputs=state, outputs=state)
+        return mx.compile(whole_step, inputs=read, outputs=state)
 
-    def share(model, norm, *batch):
-        loss, ntoks = loss_fn(model, *batch)
-        return loss * ntoks / norm, ntoks
-
-    value_and_grad = nn.value_and_grad(model, share)
-    share_and_grad = mx.compile(lambda *args: value_and_grad(model, *args), inputs=state, outputs=state)
+    share_and_grad = mx.compile(lambda *args: value_and_grad(model, *args), inputs=read, outputs=state)
     compiled_update = mx.compile(update, inputs=state, outputs=state)
 
-    def step(inputs_BT, targets_BT, mask_BT):
-        norm = mx.maximum(mask_BT.sum(), 1)  # the counted tokens of the whole batch, every rank's
-        loss, ntoks, grads = mx.array(0.0), mx.array(0.0), None
-        for start, end in micro_batches(inputs_BT.shape[0], world, accumulation):
-            (part, n), g = share_and_grad(norm, inputs_BT[start:end], targets_BT[start:end], mask_BT[start:end])
-            loss, ntoks, grads = loss + part, ntoks + n, g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(loss, ntoks, grads)
+    def step(*batch):
+        norm = objective.norm(*batch)  # what the whole batch's mean is over, every rank's rows
+        totals, grads = dict(loss=mx.array(0.0), n=mx.array(0.0), **objective.zero_sums()), None
+        for start, end in micro_batches(batch[0].shape[0], world, accumulation):
+            (part, n, sums), g = share_and_grad(norm, *(rows[start:end] for rows in batch))
+            totals = added(totals, dict(loss=part, n=n, **sums))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(totals, grads)
         if grads is None:  # a short last batch left this rank no rows: it adds nothing
             grads = tree_map(mx.zeros_like, model.trainable_parameters())
         if world.size > 1:
-            loss, ntoks, grads = summed_across_ranks(world, loss, ntoks, grads)
-        return compiled_update(loss, ntoks, grads)
+            totals, grads = summed_across_ranks(world, totals, grads)
+        loss, n = totals.pop("loss"), totals.pop("n")
+        return (*compiled_update(loss, n, grads), totals)
 
     return step
 
@@ -248,16 +378,21 @@ def micro_batches(n_rows, world, accumulation):
     return [(bounds[i], bounds[i + 1]) for i in mine if bounds[i + 1] > bounds[i]]
 
 
-def summed_across_ranks(world, loss, ntoks, grads):
-    """(loss, ntoks, grads) added over every rank, in one all_sum of one float32 vector."""
-    flat = tree_flatten(grads)
-    vector = mx.concatenate([mx.stack([loss, ntoks])] + [g.astype(mx.float32).reshape(-1) for _, g in flat])
+def summed_across_ranks(world, totals, grads=None):
+    """(totals, grads) added over every rank, in one all_sum of one float32 vector: totals a dict
+    of scalars, grads a tree (or None, then totals alone are returned)."""
+    names, flat = list(totals), tree_flatten(grads) if grads is not None else []
+    vector = mx.concatenate([mx.stack([totals[k].astype(mx.float32) for k in names])]
+                            + [g.astype(mx.float32).reshape(-1) for _, g in flat])
     vector = world.all_sum(vector)
-    out, at = [], 2
+    totals = {k: vector[i] for i, k in enumerate(names)}
+    if grads is None:
+        return totals
+    out, at = [], len(names)
     for name, g in flat:
         out.append((name, vector[at:at + g.size].reshape(g.shape).astype(g.dtype)))
         at += g.size
-    return vector[0], vector[1], tree_unflatten(out)
+    return totals, tree_unflatten(out)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -575,11 +710,21 @@ def say_how_split(settings, world, resumed):
                   file=sys.stderr)
 
 
+SHOWN = {"rewards/accuracies": "reward accuracy", "rewards/margins": "reward margin"}  # on progress lines
+
+
+def described(metrics):
+    """The metrics a progress line shows, where an objective has them (the log keeps them all)."""
+    return "".join(f", {label} {metrics[key]:.3f}" for key, label in SHOWN.items() if key in metrics)
+
+
 def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: TrainingSettings, checkpoints, log,
-          save_outputs, checkpoint_meta, resumed=None):
+          save_outputs, checkpoint_meta, resumed=None, objective=None):
     """Run steps 1 .. settings.iters, or from after the step of the `resumed` checkpoint's meta.
 
-    batch_for_step(step) -> batch arrays; evaluate() -> validation loss or None;
+    batch_for_step(step) -> batch arrays; evaluate() -> validation loss, or (loss, {metric:
+    value}) whose metrics are logged with "val_" before their names, or None; `objective` (SFT
+    by default) is step_fn's, whose sums are logged by their names with the training loss;
     save_outputs() writes the user-facing result (adapters, weights) every
     save_every steps and at the end, beside a full-state checkpoint whose meta is
     `checkpoint_meta` plus the step and the bad-step counts. With --early-stop it writes
@@ -595,6 +740,7 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
     start_step = resumed.get("step", 0)
     bad_in_a_row, bad_total = resumed.get("bad_in_a_row", 0), resumed.get("bad_total", 0)
     early = EarlyStop(settings.early_stop, resumed) if settings.early_stop else None
+    objective = objective or SFT
 
     def checkpoint(step, **more):
         if step == bad_total:  # every step so far skipped: the result would be the untrained start
@@ -610,19 +756,24 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
         """Evaluate and log; with --early-stop, write the result at a new best. Whether the run
         should stop early."""
         t0 = time.perf_counter()
-        if (val := evaluate()) is None:
+        if (result := evaluate()) is None:
             return False
+        val, metrics = result if isinstance(result, tuple) else (result, {})
         best = early is not None and early.improved(step, val)
-        tqdm.write(f"Iter {step}: val loss {val:.3f}, val took {time.perf_counter() - t0:.2f}s"
+        tqdm.write(f"Iter {step}: val loss {val:.3f}{described(metrics)}, val took {time.perf_counter() - t0:.2f}s"
                    + (" (best so far)" if best else ""), file=sys.stderr)
-        log.log(step=step, val_loss=val, **({"best": True} if best else {}))
+        log.log(step=step, val_loss=val, **{f"val_{k}": v for k, v in metrics.items()},
+                **({"best": True} if best else {}))
         if best and world.is_writer:
             save_outputs()
         return early is not None and early.exhausted
 
     if start_step == 0:
         validate(0)
-    window = dict(loss=0.0, toks=0, steps=0)
+    def fresh_window():
+        return {"loss": 0.0, "n": 0, "steps": 0, "sums": objective.zero_sums()}
+
+    window = fresh_window()
     tic = time.perf_counter()
 
     bar = tqdm(range(start_step + 1, settings.iters + 1), desc="train", unit="step", file=sys.stderr,
@@ -631,13 +782,14 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
     with StopRequested() as stop:
         for step in bar:
             mx.random.seed(step_seed(settings.seed, step, world.rank))
-            loss, ntoks, finite = step_fn(*batch_for_step(step))
-            mx.eval(loss, ntoks, finite, model.trainable_parameters(), optimizer.state)
+            loss, n, finite, sums = step_fn(*batch_for_step(step))
+            mx.eval(loss, n, finite, sums, model.trainable_parameters(), optimizer.state)
             if finite.item():
-                bad_in_a_row, n = 0, int(ntoks.item())
+                bad_in_a_row, n = 0, int(n.item())
                 window["loss"] += loss.item() * n
-                window["toks"] += n
+                window["n"] += n
                 window["steps"] += 1
+                window["sums"] = added(window["sums"], sums)
             else:
                 # A parameter that is not finite spoils every step to come: say which, now.
                 loading.explain_non_finite(model, f"the loss of step {step}")
@@ -651,15 +803,18 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
                                     f"try a lower --learning-rate (now {settings.learning_rate})")
             if step % settings.steps_per_report == 0 or step == settings.iters:
                 elapsed = time.perf_counter() - tic
-                record = dict(step=step, train_loss=window["loss"] / max(window["toks"], 1),
+                speed = f"{objective.unit}_per_s"
+                metrics = objective.report(window["sums"]) if window["steps"] else {}
+                record = dict(step=step, train_loss=window["loss"] / max(window["n"], 1),
                               learning_rate=float(optimizer.learning_rate.item()),
-                              it_per_s=window["steps"] / elapsed, tokens_per_s=window["toks"] / elapsed,
-                              peak_memory_gb=peak_memory_gb(), skipped_steps=bad_total)
-                tqdm.write(f"Iter {step}: train loss {record['train_loss']:.3f}, lr {record['learning_rate']:.3e}, "
-                           f"{record['it_per_s']:.2f} it/s, {record['tokens_per_s']:.1f} tok/s, "
-                           f"peak mem {record['peak_memory_gb']:.2f} GB", file=sys.stderr)
+                              it_per_s=window["steps"] / elapsed, **{speed: window["n"] / elapsed},
+                              peak_memory_gb=peak_memory_gb(), skipped_steps=bad_total, **metrics)
+                tqdm.write(f"Iter {step}: train loss {record['train_loss']:.3f}{described(metrics)}, "
+                           f"lr {record['learning_rate']:.3e}, {record['it_per_s']:.2f} it/s, "
+                           f"{record[speed]:.1f} {objective.unit}/s, peak mem {record['peak_memory_gb']:.2f} GB",
+                           file=sys.stderr)
                 log.log(**record)
-                window, tic = dict(loss=0.0, toks=0, steps=0), time.perf_counter()
+                window, tic = fresh_window(), time.perf_counter()
             if step % settings.steps_per_eval == 0 or step == settings.iters:
                 t0 = time.perf_counter()
                 if validate(step):
