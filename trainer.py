@@ -608,8 +608,15 @@ class MetricsLog:
                 ax.plot(*zip(*points), marker="o" if label == "valid" else None, label=label)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.legend()
         ax.grid(alpha=0.3)
+        accuracy = [(r["step"], r["val_rewards/accuracies"]) for r in self.records if "val_rewards/accuracies" in r]
+        if accuracy:  # preference tuning: how often the chosen answer gets the higher reward
+            right = ax.twinx()
+            right.plot(*zip(*accuracy), color="tab:green", marker="s", label="valid reward accuracy")
+            right.set_ylabel("reward accuracy")
+            right.set_ylim(0, 1)
+            right.legend(loc="upper right")
+        ax.legend(loc="upper left" if accuracy else "best")
         with utils.atomic_write(self.plot_path) as f:
             fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
