@@ -5,6 +5,7 @@ shipped scripts and `bench.py qa` on a converted family model."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from typing import NamedTuple
@@ -240,3 +241,27 @@ def test_bench_qa_asks_a_family_model_through_its_template(family_model, name, t
     assert run.returncode == 0, run.stderr
     qa = json.loads(results.read_text())["qa"]
     assert qa["train_name_before"].endswith("/2") and len(qa["test_answers_before"]) == 2
+
+
+def test_bench_qa_asks_a_base_model_without_a_template_in_the_completions_form(family_model, tmp_path):
+    """A base model (Gemma 3 270M's kind) has no chat template: qa prompts it with the completions
+    data's plain "Q: ...\nA:" prompts, and refuses chat data in one line."""
+    base = tmp_path / "base"
+    shutil.copytree(family_model("gemma3")[0], base)
+    os.remove(base / chat.TEMPLATE_FILE)
+    completions = tmp_path / "completions"
+    for split in ("train", "test"):
+        write_split(completions, split, [{"prompt": "Q: What is mlx.nn?\nA:", "completion": " mlx.nn Layers."}] * 2)
+
+    def qa(data):
+        results = tmp_path / "results.json"
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--results", str(results), "qa",
+                              "--model", str(base), "--data", str(data), "--samples", "2"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        return run, (json.loads(results.read_text())["qa"] if run.returncode == 0 else None)
+
+    run, scores = qa(completions)
+    assert run.returncode == 0, run.stderr
+    assert scores["test_name_before"].endswith("/2") and scores["test_answers_before"][0].startswith("Q: What is")
+    run, _ = qa(write_chat_data(tmp_path / "chat"))
+    assert run.returncode == 2 and "has no chat template" in run.stderr and "Traceback" not in run.stderr

@@ -8,7 +8,7 @@ import tempfile
 import loading
 from utils import UserError
 
-from benchmarks.evaluations.qa import qa_pairs
+from benchmarks.evaluations.qa import prompt, qa_pairs
 from benchmarks.fusing import run_fuse
 from benchmarks.harness import ROOT, run_sampled
 
@@ -38,8 +38,8 @@ def run(args):
             same_file = greedy_replies(folder, None, template, questions, args.tokens)
             llm = llama_cpp.Llama(path, n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
             counts = {"same_prompt_tokens": 0, "same_greedy_as_this_file_here": 0, "same_greedy_as_adapted": 0}
-            for (tokens, text, ours), (_, _, reference) in zip(same_file, adapted):
-                counts["same_prompt_tokens"] += llm.tokenize(text.encode(), add_bos=False, special=True) == tokens
+            for (tokens, text, bos, ours), (*_, reference) in zip(same_file, adapted):
+                counts["same_prompt_tokens"] += llm.tokenize(text.encode(), add_bos=bos, special=True) == tokens
                 theirs = first_tokens(llm.generate(tokens, top_k=1, temp=0.0, reset=True), {llm.token_eos()}, args.tokens)
                 counts["same_greedy_as_this_file_here"] += theirs == ours
                 counts["same_greedy_as_adapted"] += theirs == reference
@@ -49,18 +49,16 @@ def run(args):
 
 
 def greedy_replies(model_dir, adapter_file, template, questions, limit):
-    """[(prompt tokens, prompt text, first greedy tokens)] of each question as one chat turn,
-    computed in float32."""
-    import chat
+    """[(prompt tokens, prompt text, whether BOS leads, first greedy tokens)] of each question (qa's
+    prompt), computed in float32."""
     import generate
     from loading import load_model
 
     model, tokenizer, _ = load_model(model_dir, adapter_file=adapter_file, compute_dtype="float32")
     out = []
     for question in questions:
-        text = chat.render(template, [{"role": "user", "content": question}], tokenizer)
-        tokens = tokenizer.encode(text, bos=False)
-        out.append((tokens, text, first_tokens(generate.generate_tokens(model, tokens), tokenizer.eos_ids, limit)))
+        tokens, text, bos = prompt(question, tokenizer, template)
+        out.append((tokens, text, bos, first_tokens(generate.generate_tokens(model, tokens), tokenizer.eos_ids, limit)))
     return out
 
 

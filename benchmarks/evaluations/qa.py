@@ -1,5 +1,6 @@
-"""qa: greedy chat answers to the dataset's questions, scored against its answers, before and
-after fine-tuning."""
+"""qa: greedy answers to the dataset's questions, scored against its answers, before and after
+fine-tuning: chat data through the model's chat template, or completions data ({"prompt", "completion"},
+cwk_create_dataset.py --format completions) as plain text, for a base model without a template."""
 
 import os
 
@@ -18,23 +19,40 @@ def answer_metrics(generated, reference):
 
 
 def qa_pairs(path, n):
-    """(question, reference answer) of the first `n` conversations of a chat split."""
+    """(question, reference answer) of the first `n` lines of a split: a conversation's user and
+    assistant turns (the question a list of messages), or a completion's prompt (text) and answer."""
     from utils import read_jsonl
 
     pairs = []
-    for _, obj in read_jsonl(path):
-        turns = {m["role"]: m["content"] for m in obj["messages"]}
-        pairs.append((turns["user"], turns["assistant"]))
+    for line, obj in read_jsonl(path):
+        if "messages" in obj:
+            turns = {m["role"]: m["content"] for m in obj["messages"]}
+            pairs.append(([{"role": "user", "content": turns["user"]}], turns["assistant"]))
+        elif "prompt" in obj and "completion" in obj:
+            pairs.append((obj["prompt"], obj["completion"].strip()))
+        else:
+            raise UserError(f"{path}:{line}: qa needs chat messages or a prompt and completion")
     return pairs[:n]
 
 
-def ask(model, tokenizer, template, question, limit):
-    """The greedy reply to one user turn through the chat template, at most `limit` tokens."""
+def prompt(question, tokenizer, template):
+    """(tokens, text, whether BOS leads the tokens) of a question: a user turn through the chat
+    template (which writes BOS where the model wants one), or a prompt as it is (BOS added where the
+    model adds one)."""
     import chat
+
+    if isinstance(question, str):
+        return tokenizer.encode(question), question, tokenizer.add_bos
+    text = chat.render(template, question, tokenizer)
+    return tokenizer.encode(text, bos=False), text, False
+
+
+def ask(model, tokenizer, template, question, limit):
+    """The greedy reply to one question, at most `limit` tokens."""
     import generate
 
-    prompt = tokenizer.encode(chat.render(template, [{"role": "user", "content": question}], tokenizer), bos=False)
-    return "".join(generate.stream_text(model, tokenizer, prompt, limit))
+    tokens, _, _ = prompt(question, tokenizer, template)
+    return "".join(generate.stream_text(model, tokenizer, tokens, limit))
 
 
 def score(model_dir, adapter_file, data, samples):
@@ -44,14 +62,15 @@ def score(model_dir, adapter_file, data, samples):
 
     model, tokenizer, _ = load_model(model_dir, adapter_file=adapter_file, generation_only=True)
     template = chat.load_template(model_dir)
-    if template is None:
-        raise UserError(f"{model_dir}: qa asks through the chat template, and this model has none")
     out = {}
     for split in ("train", "test"):
         scores, answers = {"name": 0, "first_line": 0, "exact": 0}, []
         for question, reference in qa_pairs(os.path.join(data, f"{split}.jsonl"), samples):
+            if template is None and not isinstance(question, str):
+                raise UserError(f"{model_dir}: has no chat template to ask {data}'s chat questions through; "
+                                "give completions data (cwk_create_dataset.py --format completions)")
             answer = ask(model, tokenizer, template, question, len(tokenizer.encode(reference, bos=False)) + 8)
-            answers.append((question, answer))
+            answers.append((question if isinstance(question, str) else question[0]["content"], answer))
             for metric, ok in answer_metrics(answer.strip(), reference).items():
                 scores[metric] += ok
         out[split] = (scores, answers)
@@ -59,8 +78,8 @@ def score(model_dir, adapter_file, data, samples):
 
 
 def run(args):
-    """Greedy answers to the dataset's questions through the chat template, scored against its
-    answers: the base model, and with --adapter-file the adapted one (before and after)."""
+    """Greedy answers to the dataset's questions, scored against its answers: the base model, and
+    with --adapter-file the adapted one (before and after)."""
     results = {"key": "qa", "model": args.model, "adapter_file": args.adapter_file, "samples": args.samples}
     runs = [("before", None)] + ([("after", args.adapter_file)] if args.adapter_file else [])
     for when, adapter_file in runs:
@@ -74,6 +93,7 @@ def run(args):
 def add_args(p):
     p.add_argument("--model", default=loading.DEFAULT_MODEL, help="Model folder (default: the default model).")
     p.add_argument("--adapter-file", default=None, help="Adapters to score beside the base model.")
-    p.add_argument("--data", default=os.path.join(ROOT, "data"), help="Folder with chat train.jsonl and test.jsonl.")
+    p.add_argument("--data", default=os.path.join(ROOT, "data"),
+                   help="Folder with train.jsonl and test.jsonl, chat or completions.")
     p.add_argument("--samples", type=int, default=30, help="Questions per split (the first N).")
     p.add_argument("--show", type=int, default=4, help="Answers per split to print.")
