@@ -64,8 +64,11 @@ class DatasetSettings(settings.Settings):
                          '{"role": "assistant", "content": ...}]}, rendered by the model\'s chat template; '
                          '"text" writes {"text": "Q: ...\\nA: ..."}; "completions" writes '
                          '{"prompt": "Q: ...\\nA:", "completion": " ..."} for training on answers only; '
-                         '"plain" writes {"text": "<path><signature> <docstring>"}, a pretraining corpus (pretrain.py)',
-                         choices=["chat", "text", "completions", "plain"])
+                         '"plain" writes {"text": "<path><signature> <docstring>"}, a pretraining corpus (pretrain.py); '
+                         '"preference" writes pairs for lora.py --train-mode dpo|orpo: {"prompt": [user turn], '
+                         '"chosen": [the right answer], "rejected": [another object of the same module\'s answer, '
+                         'never a test object\'s]}',
+                         choices=["chat", "text", "completions", "plain", "preference"])
     seq_limit: int = option(2048, "longest docstring kept, in characters; a longer one is cut at its last "
                                   "paragraph break within the limit, else at its last sentence end; one with "
                                   "neither is dropped", at_least=1)
@@ -706,6 +709,10 @@ def format_example(example, fmt):
         return {"text": f"{question}\n{answer}"}
     if fmt == "plain":
         return {"text": answer[len("A: ") :]}
+    if fmt == "preference":  # TRL's conversational preference pair
+        return {"prompt": [{"role": "user", "content": question[len("Q: "):]}],
+                "chosen": [{"role": "assistant", "content": answer[len("A: "):]}],
+                "rejected": [{"role": "assistant", "content": question_and_answer(example["rejected"])[1][len("A: "):]}]}
     if fmt == "chat":  # rendered by the model's own chat template when training
         return {"messages": [{"role": "user", "content": question[len("Q: ") :]},
                              {"role": "assistant", "content": answer[len("A: ") :]}]}
@@ -727,6 +734,30 @@ def split_examples(examples, test_size, valid_size, seed):
         name = "test" if i < n_test else "valid" if i < n_test + n_valid else "train"
         splits[name].append(example)
     return splits
+
+
+def with_rejected(splits, seed):
+    """Each example paired with a wrong answer to reject: the answer of another object of its
+    module (its path's parent), drawn by a seeded hash from the train and valid splits alone, so
+    that no test object's answer is ever trained on. An example whose module has no such other
+    object is left out."""
+    by_module = collections.defaultdict(list)
+    for name in ("train", "valid"):
+        for example in splits[name]:
+            by_module[_module_of(example)].append(example)
+    paired = {}
+    for name, examples in splits.items():
+        paired[name] = []
+        for example in examples:
+            others = [o for o in by_module[_module_of(example)] if o["group"] != example["group"]]
+            if others:
+                rejected = min(others, key=lambda o: _stable_hash(seed, example["path"] + "\0" + o["path"]))
+                paired[name].append(dict(example, rejected=rejected))
+    return paired
+
+
+def _module_of(example):
+    return example["group"].rpartition(".")[0]
 
 
 def _stable_hash(seed, text):
@@ -814,6 +845,8 @@ def make_dataset(args, paths):
     if not examples:
         raise UserError(f"no usable docstrings found in {' '.join(args.packages)}")
     splits = split_examples(examples, args.test_size, args.valid_size, args.seed)
+    if args.format == "preference":
+        splits = with_rejected(splits, args.seed)
     write_splits(paths, splits, args.format)
     report(args, modules, test_modules, skipped, cleaned, objects, examples, splits, time.perf_counter() - start)
 

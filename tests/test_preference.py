@@ -365,3 +365,24 @@ def test_sft_data_given_to_dpo_says_which_format_is_which(tiny_llama, tmp_path):
     code, err = preference_run(tiny_llama[0], write_dataset(tmp_path / "sft"), tmp_path / "a.npz")
     assert code == 2 and "a supervised example" in err and "--train-mode dpo needs preference pairs" in err
     assert not os.path.exists(tmp_path / "a.npz")
+
+
+# ---------------------------------------------------------------- cwk_create_dataset.py --format preference
+
+def test_created_pairs_reject_another_answer_of_the_module_never_a_test_one():
+    import cwk_create_dataset as cwk
+
+    examples = [dict(package="pkg", group=f"pkg.{module}.{name}", path=f"pkg.{module}.{name}", signature="()",
+                     text=f"{name} does {module} things.", short=name)
+                for module in ("a", "b") for name in ("f", "g", "h", "k", "m", "n")]
+    splits = cwk.with_rejected(cwk.split_examples(examples, 0.3, 0.2, 0), 0)
+    test_paths = {e["path"] for e in splits["test"]}
+    assert splits["test"] and all(splits.values())
+    for name, pairs_of_split in splits.items():
+        for example in pairs_of_split:
+            line = cwk.format_example(example, "preference")
+            rejected = example["rejected"]
+            assert rejected["path"] not in test_paths and rejected["group"] != example["group"]
+            assert rejected["path"].rpartition(".")[0] == example["path"].rpartition(".")[0]
+            assert line["chosen"][0]["content"] != line["rejected"][0]["content"]
+            assert line["rejected"][0]["content"].startswith(rejected["path"])
