@@ -7,6 +7,7 @@ build checkpoints), never from each other.
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import textwrap
@@ -69,6 +70,36 @@ def run_training(model_dir, data, adapter_file, *flags):
             "--steps-per-report", "5", "--steps-per-eval", "20", "--save-every", "10", *flags]
     lora.main(argv)
     return [record for _, record in read_jsonl(os.path.splitext(adapter_file)[0] + ".metrics.jsonl")]
+
+
+# ------------------------------------------------------- data-parallel runs: two ranks on this machine
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_ranks(args, tmp_path, ranks=(0, 1), world=2, env=None, script=LORA):
+    """`script` (lora.py) on each of `ranks` of a `world`-rank ring over loopback, as mlx.launch starts it:
+    MLX_RANK and MLX_HOSTFILE. One thread each, as two ranks share this machine's two cores."""
+    hostfile = tmp_path / "hosts.json"
+    if not hostfile.exists():
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(world)]))
+    base = dict(os.environ, MLX_HOSTFILE=str(hostfile), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **(env or {}))
+    return [subprocess.Popen([sys.executable, script, *args], env=dict(base, MLX_RANK=str(rank)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in ranks]
+
+
+def finish(procs, timeout=300):
+    """[(returncode, stderr)] of every rank."""
+    return [(p.wait(timeout=timeout), p.communicate()[1]) for p in procs]
+
 
 
 # ---------------------------------------------------------------- pretraining corpora and settings

@@ -2,10 +2,8 @@
 with the host-file environment mlx.launch sets) and gradient accumulation: the same adapters
 and losses as one process on the same global batch; a lost or missing peer ends the run."""
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,8 @@ import pytest
 import lora
 import pretrain
 from utils import read_jsonl
-from helpers import LORA, TINY, assert_same_bits, read_adapters, wait_for_step, write_corpus, write_dataset
+from helpers import (LORA, TINY, assert_same_bits, finish, free_ports, read_adapters, start_ranks, wait_for_step,
+                     write_corpus, write_dataset)
 
 ITERS = 8
 
@@ -27,32 +26,6 @@ def train_args(model_dir, data, adapter_file, *extra):
             "--iters", str(ITERS), "--batch-size", "4", "--learning-rate", "2e-3", "--lora-layers", "2",
             "--lora-targets", "all", "--steps-per-report", "2", "--steps-per-eval", "4", "--save-every", "4",
             "--val-batches", "-1", *extra]
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def start_ranks(args, tmp_path, ranks=(0, 1), world=2, env=None, script=LORA):
-    """`script` (lora.py) on each of `ranks` of a `world`-rank ring over loopback, as mlx.launch starts it:
-    MLX_RANK and MLX_HOSTFILE. One thread each, as two ranks share this machine's two cores."""
-    hostfile = tmp_path / "hosts.json"
-    if not hostfile.exists():
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(world)]))
-    base = dict(os.environ, MLX_HOSTFILE=str(hostfile), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **(env or {}))
-    return [subprocess.Popen([sys.executable, script, *args], env=dict(base, MLX_RANK=str(rank)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in ranks]
-
-
-def finish(procs, timeout=300):
-    """[(returncode, stderr)] of every rank."""
-    return [(p.wait(timeout=timeout), p.communicate()[1]) for p in procs]
 
 
 def val_losses(adapter_file):

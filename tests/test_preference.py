@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import cwk_create_dataset as cwk
 import dataset
 import lora
 import loading
@@ -24,7 +25,8 @@ import trainer
 from checkpoints import make_checkpoint, make_tokenizer
 from conftest import convert_checkpoint
 from hf_checkpoints import make_hf_model
-from helpers import CHATML, LORA, assert_same_bits, read_adapters, write_dataset, write_split
+from helpers import (CHATML, LORA, assert_same_bits, finish, read_adapters, start_ranks, write_dataset,
+                     write_split)
 from utils import UserError, read_jsonl
 
 trl = pytest.importorskip("trl")
@@ -300,6 +302,70 @@ def test_short_run_learns_the_preference(tiny_llama, pair_data, tmp_path, mode):
     assert os.path.exists(tmp_path / "a.loss.png")
 
 
+@pytest.mark.parametrize("kind", ["dora", "full", "qlora"])
+def test_dpo_trains_every_kind_of_adapter(tiny_llama, pair_data, tmp_path, kind):
+    """DoRA, full fine-tuning (whose reference holds the trained blocks' start weights) and LoRA
+    over a 4-bit base: the first evaluation is the reference itself, and training moves away."""
+    model_dir = tiny_llama[0]
+    if kind == "qlora":
+        model_dir = convert_checkpoint(os.path.dirname(tiny_llama[0]) + "/torch", tmp_path / "q4", quantize=True,
+                                       q_group_size=32)
+    flags = () if kind == "qlora" else ("--fine-tune-type", kind)
+    adapter_file = tmp_path / "a.npz"
+    lora.main(split_run_args(model_dir, pair_data, adapter_file, "dpo", "--learning-rate", "1e-2", "--optimizer",
+                             "adam", *flags))
+    val = [r for r in metrics(adapter_file) if "val_loss" in r]
+    assert val[0]["val_rewards/margins"] == 0 and val[0]["val_loss"] == pytest.approx(np.log(2))
+    assert val[-1]["val_rewards/margins"] > 0.1 and val[-1]["val_loss"] < val[0]["val_loss"]
+
+
+def test_a_reference_model_of_the_same_shape_is_the_reference(tiny_llama, pair_data, tmp_path):
+    """--reference-model: the first evaluation's rewards are beta times the log-ratios to that
+    model (another draw of the same shapes and vocabulary), not zero."""
+    make_checkpoint(tmp_path / "torch", "llama2", n_layers=2, seed=2)
+    other = convert_checkpoint(tmp_path / "torch", tmp_path / "other")
+    adapter_file = tmp_path / "a.npz"
+    lora.main(split_run_args(tiny_llama[0], pair_data, adapter_file, "dpo", "--reference-model", other,
+                             "--beta", "0.2"))
+    first = next(r for r in metrics(adapter_file) if "val_loss" in r)
+    policy, tokenizer, _ = loading.load_model(tiny_llama[0])
+    reference, _, _ = loading.load_model(other)
+    valid = dataset.load_pairs(pair_data, "valid", tokenizer, 2048)
+    batch = valid.batch(list(range(len(valid))))
+    ratio = np.array(trainer.pair_logps(policy, *batch)[0].chosen - trainer.pair_logps(reference, *batch)[0].chosen)
+    assert abs(ratio.mean()) > 0.1
+    assert first["val_rewards/chosen"] == pytest.approx(0.2 * ratio.mean(), rel=1e-4)
+
+
+def split_run_args(model_dir, data, adapter_file, mode, *extra):
+    return ["--model", model_dir, "--train", "--data", data, "--adapter-file", str(adapter_file), "--iters", "6",
+            "--batch-size", "4", "--optimizer", "sgd", "--learning-rate", "0.5", "--lora-layers", "2", "--lora-targets", "all",
+            "--steps-per-eval", "3", "--steps-per-report", "3", "--val-batches", "-1", "--train-mode", mode, *extra]
+
+
+@pytest.mark.parametrize("mode", ["dpo", "orpo"])
+def test_micro_batches_and_ranks_train_as_one_process(tiny_llama, pair_data, tmp_path, mode):
+    """A batch of 4 pairs whole, in 2 micro-batches, and over 2 ranks x 2 micro-batches of 1 pair:
+    the same adapters and the same metrics (ORPO's two means, over pairs and over chosen tokens,
+    each taken over the whole batch). SGD, whose steps scale with the gradient: Adam's would hide
+    a share of the loss taken over the wrong count."""
+    runs = {"whole": (), "accumulated": ("--grad-accumulation-steps", "2")}
+    for name, extra in runs.items():
+        lora.main(split_run_args(tiny_llama[0], pair_data, tmp_path / name / "a.npz", mode, *extra))
+    results = finish(start_ranks(split_run_args(tiny_llama[0], pair_data, tmp_path / "ranks" / "a.npz", mode,
+                                                "--grad-accumulation-steps", "2"), tmp_path))
+    assert [code for code, _ in results] == [0, 0], results[0][1] + results[1][1]
+    expected, expected_log = read_adapters(tmp_path / "whole" / "a.npz"), metrics(tmp_path / "whole" / "a.npz")
+    scale = max(np.abs(v).max() for v in expected.values())
+    for name in ("accumulated", "ranks"):
+        got = read_adapters(tmp_path / name / "a.npz")
+        assert max(np.abs(got[k] - expected[k]).max() for k in expected) <= 1e-4 * scale, name
+        for ours, theirs in zip(metrics(tmp_path / name / "a.npz"), expected_log):
+            for key, value in theirs.items():
+                if key.startswith(("val_", "rewards/", "logps/", "log_odds", "nll", "train_loss")):
+                    assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, key)
+
+
 def test_reference_is_the_base_model_with_adapters_off(tiny_llama, pair_data):
     """After training moved the adapters, the default reference still gives the base model's
     log-probabilities, bit for bit (the adapters' start adds exactly nothing)."""
@@ -370,15 +436,13 @@ def test_sft_data_given_to_dpo_says_which_format_is_which(tiny_llama, tmp_path):
 # ---------------------------------------------------------------- cwk_create_dataset.py --format preference
 
 def test_created_pairs_reject_another_answer_of_the_module_never_a_test_one():
-    import cwk_create_dataset as cwk
-
-    examples = [dict(package="pkg", group=f"pkg.{module}.{name}", path=f"pkg.{module}.{name}", signature="()",
-                     text=f"{name} does {module} things.", short=name)
+    examples = [{"package": "pkg", "group": f"pkg.{module}.{name}", "path": f"pkg.{module}.{name}",
+                 "signature": "()", "text": f"{name} does {module} things.", "short": name}
                 for module in ("a", "b") for name in ("f", "g", "h", "k", "m", "n")]
     splits = cwk.with_rejected(cwk.split_examples(examples, 0.3, 0.2, 0), 0)
     test_paths = {e["path"] for e in splits["test"]}
     assert splits["test"] and all(splits.values())
-    for name, pairs_of_split in splits.items():
+    for pairs_of_split in splits.values():
         for example in pairs_of_split:
             line = cwk.format_example(example, "preference")
             rejected = example["rejected"]
