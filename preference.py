@@ -69,14 +69,13 @@ def dpo(logps: Pair, ref_logps: Pair, ntoks: Pair, beta, loss_type="sigmoid", la
     return losses_P.sum() / (losses_P.size if pairs is None else pairs), metric_sums(rewards, logps)
 
 
-def orpo(logps: Pair, ntoks: Pair, beta, pairs=None, chosen_tokens=None):
+def orpo(logps: Pair, ntoks: Pair, beta, whole=None):
     """(ORPO's loss, its metric sums) over these P pairs: the chosen answers' NLL per token less
-    beta times the mean log sigmoid of the log odds ratio; or, when they are part of a batch of
-    `pairs` whose chosen answers have `chosen_tokens`, their share of that batch's loss."""
+    beta times the mean log sigmoid of the log odds ratio; or, when they are part of a batch
+    whose `whole` is (its pairs, its chosen answers' tokens), their share of that batch's loss."""
     ratio_P, log_odds_P, rewards, mean = orpo_odds(logps, ntoks, beta)
     nll_sum, ratio_sum, answer_tokens = -logps.chosen.sum(), ratio_P.sum(), ntoks.chosen.sum()
-    if pairs is None:
-        pairs, chosen_tokens = ratio_P.size, mx.maximum(answer_tokens, 1)
+    pairs, chosen_tokens = (ratio_P.size, mx.maximum(answer_tokens, 1)) if whole is None else whole
     sums = dict(metric_sums(rewards, mean), log_odds_ratio=ratio_sum, log_odds_chosen=log_odds_P.sum(),
                 nll_sum=nll_sum, chosen_tokens=answer_tokens)
     return nll_sum / chosen_tokens - beta * ratio_sum / pairs, sums

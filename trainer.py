@@ -183,7 +183,7 @@ def orpo_objective(beta):
     """ORPO: the chosen answers' NLL and the odds-ratio term, no reference."""
     def loss(model, norm, *batch):
         logps, ntoks = pair_logps(model, *batch)
-        loss, sums = preference.orpo(logps, ntoks, beta, *([] if norm is None else [norm[0], norm[1]]))
+        loss, sums = preference.orpo(logps, ntoks, beta, norm)
         return loss, _pairs(*batch), sums
 
     return Objective(loss, norm=_orpo_norm, sums=preference.ORPO_SUMS, report=preference.report, unit="pairs")
@@ -233,9 +233,9 @@ def model_reference(reference_model):
     return Reference(logps, reference_model.state)
 
 
-def evaluate(model, batches, objective=None):
+def evaluate(model, batches, objective=SFT):
     """The mean loss over an iterable of batches (see evaluate_with_metrics)."""
-    return evaluate_with_metrics(model, batches, objective or SFT)[0]
+    return evaluate_with_metrics(model, batches, objective)[0]
 
 
 def evaluate_with_metrics(model, batches, objective):
@@ -304,7 +304,7 @@ def assign_in_place(tree, values):
             tree[key] = values[key]
 
 
-def make_train_step(model, optimizer, objective=None, clip_norm=None, accumulation=1):
+def make_train_step(model, optimizer, objective=SFT, clip_norm=None, accumulation=1):
     """One training step of `objective` (SFT by default) on a global batch: loss, gradients
     (optionally clipped), and an update applied only if the loss, every gradient and everything
     the update makes are finite. A bad step leaves weights and optimizer as they were.
@@ -316,7 +316,6 @@ def make_train_step(model, optimizer, objective=None, clip_norm=None, accumulati
     of its share of the whole batch's mean loss, and one all_sum adds the ranks' shares:
     the gradient of the whole batch's mean loss, float summation order aside."""
     world = distributed.current()
-    objective = objective or SFT
 
     def update(loss, ntoks, grads):
         if clip_norm is not None:
@@ -726,7 +725,7 @@ def described(metrics):
 
 
 def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: TrainingSettings, checkpoints, log,
-          save_outputs, checkpoint_meta, resumed=None, objective=None):
+          save_outputs, checkpoint_meta, resumed=None, objective=SFT):
     """Run steps 1 .. settings.iters, or from after the step of the `resumed` checkpoint's meta.
 
     batch_for_step(step) -> batch arrays; evaluate() -> validation loss, or (loss, {metric:
@@ -747,7 +746,6 @@ def train(model, optimizer, step_fn, batch_for_step, evaluate, settings: Trainin
     start_step = resumed.get("step", 0)
     bad_in_a_row, bad_total = resumed.get("bad_in_a_row", 0), resumed.get("bad_total", 0)
     early = EarlyStop(settings.early_stop, resumed) if settings.early_stop else None
-    objective = objective or SFT
 
     def checkpoint(step, **more):
         if step == bad_total:  # every step so far skipped: the result would be the untrained start
