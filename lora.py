@@ -19,7 +19,6 @@ import utils  # noqa: F401  (fast BLAS before mlx.core)
 from utils import UserError, read_jsonl
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 import adapters
 import chat
@@ -184,22 +183,23 @@ def objective_of(args, model, reference_model=None):
 
 
 def load_reference(args, model, tokenizer):
-    """--reference-model, refused unless it has this model's vocabulary and parameter shapes."""
+    """--reference-model, refused unless it has this model's vocabulary and shapes."""
     reference, ref_tokenizer, _ = load_model(args.reference_model, None, args.compute_dtype)
     where = f"--reference-model {args.reference_model}"
     if ref_tokenizer.vocab_size != tokenizer.vocab_size or any(
             ref_tokenizer.encode(text) != tokenizer.encode(text) for text in VOCABULARY_PROBES):
         raise UserError(f"{where}: another vocabulary than {args.model}'s ({ref_tokenizer.vocab_size} tokens, "
                         f"this model {tokenizer.vocab_size}, or other tokens for the same text)")
-    ours, theirs = dict(tree_flatten(model.parameters())), dict(tree_flatten(reference.parameters()))
-    for name in sorted(ours.keys() | theirs.keys()):
-        shapes = [tuple(p[name].shape) if name in p else None for p in (ours, theirs)]
-        if shapes[0] != shapes[1]:
-            raise UserError(f"{where}: not the shape of {args.model}: {name} is {shapes[1]} there, {shapes[0]} here")
+    for field in SHAPE_FIELDS:  # the model's own settings: its parameters may carry adapters already
+        ours, theirs = getattr(model.args, field), getattr(reference.args, field)
+        if ours != theirs:
+            raise UserError(f"{where}: not the shape of {args.model}: {field} is {theirs} there, {ours} here")
     return reference
 
 
 VOCABULARY_PROBES = ("The quick brown fox jumps over the lazy dog.", "naïve café, 日本語 🙂 <|im_start|> 1234")
+# What makes two models' parameters the same shapes (quantization aside: a reference may differ there).
+SHAPE_FIELDS = ("model_type", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim")
 
 
 def training_outputs(adapter_file):
@@ -387,7 +387,8 @@ def use_model(args, adapter_file, resume=None):
     model, tokenizer, _ = load_model(args.model, adapter_file, args.compute_dtype,
                                      generation_only=not (args.train or args.test))
 
-    reference_model = load_reference(args, model, tokenizer) if args.reference_model else None
+    wanted = args.reference_model is not None and (args.train or args.test)
+    reference_model = load_reference(args, model, tokenizer) if wanted else None
     rows = 1 if args.train_mode == "sft" else 2  # a pair is two sequences
     objective = None
     if args.train:

@@ -319,7 +319,7 @@ def test_dpo_trains_every_kind_of_adapter(tiny_llama, pair_data, tmp_path, kind)
     assert val[-1]["val_rewards/margins"] > 0.1 and val[-1]["val_loss"] < val[0]["val_loss"]
 
 
-def test_a_reference_model_of_the_same_shape_is_the_reference(tiny_llama, pair_data, tmp_path):
+def test_a_reference_model_of_the_same_shape_is_the_reference(tiny_llama, pair_data, tmp_path, capsys):
     """--reference-model: the first evaluation's rewards are beta times the log-ratios to that
     model (another draw of the same shapes and vocabulary), not zero."""
     make_checkpoint(tmp_path / "torch", "llama2", n_layers=2, seed=2)
@@ -335,6 +335,12 @@ def test_a_reference_model_of_the_same_shape_is_the_reference(tiny_llama, pair_d
     ratio = np.array(trainer.pair_logps(policy, *batch)[0].chosen - trainer.pair_logps(reference, *batch)[0].chosen)
     assert abs(ratio.mean()) > 0.1
     assert first["val_rewards/chosen"] == pytest.approx(0.2 * ratio.mean(), rel=1e-4)
+    # --test alone, over the adapters: the test pairs' loss and metrics against the same reference
+    capsys.readouterr()
+    lora.main(["--model", tiny_llama[0], "--data", pair_data, "--test", "--adapter-file", str(adapter_file),
+               "--train-mode", "dpo", "--reference-model", other, "--beta", "0.2"])
+    assert re.fullmatch(r"Test loss [0-9.]+, rewards/chosen .*, rewards/accuracies [0-9.]+, .*\.\n",
+                        capsys.readouterr().out)
 
 
 def split_run_args(model_dir, data, adapter_file, mode, *extra):
