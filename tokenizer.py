@@ -72,12 +72,13 @@ class SentencePieceTokenizer(Tokenizer):
         # SentencePiece says -1 for a special token the model lacks: then there is none to add.
         bos, eos = (i if i >= 0 else None for i in (self._sp.bos_id(), self._sp.eos_id()))
         self._init_specials(bos, [eos] if eos is not None else [], True, config or {})
-        # Control pieces written in text (a chat template's "<s>") are those tokens, not their letters.
+        # Control pieces written in text (a chat template's "<s>") are those tokens, not their letters;
+        # so are the added tokens, matched before the pieces merge (Gemma's runs of spaces).
+        added, self._stripping = added_tokens(os.path.dirname(model_path), self.vocab_size)
         controls = {self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)}
-        self._specials = controls
-        self._split = re.compile("(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")") \
-            if controls else None
-        self._stripping = stripping_tokens(os.path.dirname(model_path))
+        self._specials = {**added, **controls}
+        self._split = re.compile("(" + "|".join(map(re.escape, sorted(self._specials, key=len, reverse=True))) + ")") \
+            if self._specials else None
 
     def _encode(self, text):
         if self._split is None:
@@ -148,16 +149,20 @@ class TiktokenTokenizer(Tokenizer):
         return self._enc.decode_single_token_bytes(token).decode("utf-8", "replace")
 
 
-def stripping_tokens(folder):
-    """The special tokens that drop the whitespace after them (rstrip in tokenizer_config.json's
-    added_tokens_decoder: Phi-3's <|user|>, <|end|>, ...)."""
+def added_tokens(folder, vocab_size):
+    """({text: id} of the added tokens, the texts of those that drop the whitespace after them):
+    tokenizer_config.json's added_tokens_decoder (Gemma's runs of spaces; Phi-3's <|user|>, <|end|>,
+    ... with rstrip)."""
     path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(path):
-        return frozenset()
+        return {}, frozenset()
     decoder = read_json(path, "tokenizer config").get("added_tokens_decoder") or {}
-    if not isinstance(decoder, dict) or not all(isinstance(entry, dict) for entry in decoder.values()):
-        raise UserError(f"{path}: added_tokens_decoder must map ids to tokens")
-    return frozenset(entry.get("content") for entry in decoder.values() if entry.get("rstrip") is True)
+    if not isinstance(decoder, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("content"), str)
+                                                and entry["content"] and key.isdigit() and int(key) < vocab_size
+                                                for key, entry in decoder.items()):
+        raise UserError(f"{path}: added_tokens_decoder must map ids below {vocab_size} to tokens with content")
+    return ({entry["content"]: int(key) for key, entry in decoder.items()},
+            frozenset(entry["content"] for entry in decoder.values() if entry.get("rstrip") is True))
 
 
 def is_tiktoken_file(path):

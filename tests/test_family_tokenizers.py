@@ -231,6 +231,29 @@ def test_a_phi3_gguf_vocabulary_encodes_as_phi3(tmp_path, real):
     assert load_tokenizer(str(tmp_path / "llama")).encode("<|user|>\nHi", bos=False) == [user] + sp.encode("\nHi")
 
 
+def test_user_defined_tokens_are_matched_in_the_text_before_the_pieces(tmp_path):
+    """Gemma's vocabulary holds runs of spaces and newlines as user-defined tokens with real spaces,
+    which llama.cpp (and transformers) match in the text first: "a  b" is a, "  ", b."""
+    import sentencepiece as spm
+
+    from tokenizer import load_tokenizer
+
+    meta, original = phi3_gguf_meta(tmp_path / "spm")
+    runs = ["  ", "   ", "\n\n"]
+    meta["general.architecture"], meta["tokenizer.ggml.add_space_prefix"] = "gemma3", False  # as Gemma's
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"][:-len(runs)] + runs  # in place of pads
+    meta["tokenizer.ggml.token_type"][-len(runs):] = 4  # USER_DEFINED
+    (tmp_path / "out").mkdir()
+    for name, content in vocabulary.tokenizer_files(meta, "gemma3.gguf").items():
+        (tmp_path / "out" / name).write_bytes(content)
+    ours = load_tokenizer(str(tmp_path / "out"))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))  # pieces alone
+    two, three, lines = (PHI3_VOCAB - len(runs) + i for i in range(3))
+    assert ours.encode("a   b  c\n\nd", bos=False) == (sp.encode("a") + [three] + sp.encode("b") + [two]
+                                                      + sp.encode("c") + [lines] + sp.encode("d"))
+    assert ours.decode(ours.encode("a   b  c", bos=False)) == "a   b  c"
+
+
 def phi3_hugging_face_folder(folder):
     """A tiny Phi-3 as transformers writes it: the model, and a LlamaTokenizer over a SentencePiece
     model with Phi-3's added tokens (special; all but <|endoftext|> strip the whitespace after them),

@@ -108,8 +108,9 @@ def tokenizer_files(meta, path):
         files = {"tokenizer.json": byte_level_bpe(meta, tokens, types, path)}
     elif model == "llama":
         files = {"tokenizer.model": sentencepiece_model(meta, tokens, types, path)}
-        if meta.get("general.architecture") == "phi3":
-            files["tokenizer_config.json"] = phi3_stripping(tokens, types)
+        decoder = added_tokens_decoder(tokens, types, meta.get("general.architecture"))
+        if decoder:
+            files["tokenizer_config.json"] = json.dumps({"added_tokens_decoder": decoder}, indent=2).encode("utf-8")
     else:
         raise UserError(f"{path}: tokenizer model {brief(model)} is not supported (supported: gpt2, llama)")
     template = meta.get("tokenizer.chat_template")
@@ -120,15 +121,21 @@ def tokenizer_files(meta, path):
     return files
 
 
-def phi3_stripping(tokens, types):
-    """tokenizer_config.json saying which of Phi-3's special tokens drop the whitespace after them
-    (rstrip): all but <unk>, <s> and <|endoftext|>, as Phi-3's tokenizer.json has it and llama.cpp
-    assumes for a Phi-3 (<|user|>\nHi is <|user|> Hi)."""
-    kept = {"<unk>", "<s>", "<|endoftext|>"}
-    decoder = {str(i): {"content": token, "special": bool(kind == CONTROL), "rstrip": True}
-               for i, (token, kind) in enumerate(zip(tokens, types))
-               if kind in (CONTROL, USER_DEFINED, UNKNOWN) and token not in kept}
-    return json.dumps({"added_tokens_decoder": decoder}, indent=2).encode("utf-8")
+PHI3_KEPT_SPACES = ("<unk>", "<s>", "<|endoftext|>")  # Phi-3's special tokens that keep the whitespace after them
+
+
+def added_tokens_decoder(tokens, types, arch):
+    """tokenizer_config.json's added_tokens_decoder for a SentencePiece vocabulary: the tokens
+    llama.cpp matches in the text before the pieces are merged, as Hugging Face's added tokens are.
+    The user-defined ones (Gemma's runs of spaces and newlines) are not special; with Phi-3's, the
+    special tokens drop the whitespace after them (rstrip) but <unk>, <s> and <|endoftext|>, as
+    Phi-3's tokenizer.json has it and llama.cpp assumes for a Phi-3 (<|user|>\nHi is <|user|> Hi)."""
+    decoder = {}
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        rstrip = arch == "phi3" and kind in (CONTROL, USER_DEFINED, UNKNOWN) and token not in PHI3_KEPT_SPACES
+        if kind == USER_DEFINED or rstrip:
+            decoder[str(i)] = {"content": token, "special": bool(kind != USER_DEFINED), "rstrip": rstrip}
+    return decoder
 
 
 def token_types(meta, n_tokens, path):
