@@ -34,7 +34,7 @@ import time
 import blas  # noqa: F401  (first: the fast BLAS before any section imports mlx.core)
 from utils import read_json, run_script, write_json
 
-from benchmarks import conversion, families, fusing, generation, machine, peft_compare, ranks, training
+from benchmarks import conversion, families, fusing, generation, machine, peft_compare, preference, ranks, training
 from benchmarks.evaluations import llamacpp, qa
 from benchmarks.harness import ROOT, print_table, stamp
 
@@ -47,6 +47,8 @@ SECTIONS = {
                  "A LoRA step of each family's architecture (~150M, random) against PyTorch + PEFT."),
     "peft": (peft_compare.add_args, peft_compare.run,
              "The default model's LoRA and QLoRA steps against PyTorch + PEFT."),
+    "preference": (preference.add_args, preference.run,
+                   "A DPO and an ORPO step against supervised steps on the same pairs (random model)."),
     "qa": (qa.add_args, qa.run, "Greedy chat answers to dataset questions, before and after fine-tuning."),
     "fuse": (fusing.add_args, fusing.run, "Fuse and export a synthetic 7B-shaped model; peak memory and time."),
     "llamacpp": (llamacpp.add_args, llamacpp.run, "llama.cpp's greedy tokens from the fused GGUF against ours."),

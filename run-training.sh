@@ -17,7 +17,13 @@
 #                                                            (products in bfloat16, the rest float32),
 #                                                            else auto (float32 on the CPU)]
 # For a 7B model use the example's LEARNING_RATE=1e-5 and LORA_TARGETS=wq,wv.
+#   TRAIN_MODE      sft; or dpo / orpo, after the sft run   [sft]
 #   PYTHON          interpreter                             [python3]
+# TRAIN_MODE=dpo (or orpo) is the second step of the worked example (README): preference pairs in
+# data-preference/ (written by cwk_create_dataset.py --format preference when missing), starting
+# from the sft run's adapters (SFT_ADAPTER_FILE, [adapters/adapters.npz]; for dpo also the
+# reference), into adapters/adapters-dpo.npz; its
+# defaults: ITERS 120, LEARNING_RATE 1e-5, BATCH_SIZE 4 pairs, --beta 0.1.
 # Extra arguments go to lora.py and win over the variables, e.g.
 #   ./run-training.sh --lora-rank 8 --iters 400
 set -euo pipefail
@@ -26,6 +32,18 @@ PYTHON=${PYTHON:-python3}
 if [ -z "${COMPUTE_DTYPE:-}" ]; then
   COMPUTE_DTYPE=$("$PYTHON" -c "import ops; print('bfloat16' if ops.bfloat16_products_available() else 'auto')")
 fi
+MODE=${TRAIN_MODE:-sft}
+case $MODE in
+  sft) mode_args=() ;;
+  dpo|orpo)
+    DATA=${DATA:-data-preference}
+    [ -f "$DATA/train.jsonl" ] || "$PYTHON" cwk_create_dataset.py --format preference --out "$DATA"
+    ADAPTER_FILE=${ADAPTER_FILE:-adapters/adapters-$MODE.npz}
+    ITERS=${ITERS:-120}
+    LEARNING_RATE=${LEARNING_RATE:-1e-5}
+    mode_args=(--train-mode "$MODE" --beta 0.1 --resume-adapter-file "${SFT_ADAPTER_FILE:-adapters/adapters.npz}") ;;
+  *) echo "run-training.sh: TRAIN_MODE must be sft, dpo or orpo, not $MODE" >&2; exit 2 ;;
+esac
 exec "$PYTHON" lora.py --model "${MODEL:-checkpoints/SmolLM2-135M-Instruct}" --train --test \
   --data "${DATA:-data}" \
   --adapter-file "${ADAPTER_FILE:-adapters/adapters.npz}" \
@@ -39,4 +57,4 @@ exec "$PYTHON" lora.py --model "${MODEL:-checkpoints/SmolLM2-135M-Instruct}" --t
   --max-seq-length "${MAX_SEQ_LENGTH:-128}" \
   --compute-dtype "$COMPUTE_DTYPE" \
   --steps-per-report 20 --steps-per-eval 120 --val-batches 8 --test-batches -1 --save-every 60 \
-  "$@"
+  ${mode_args[@]+"${mode_args[@]}"} "$@"  # (bash 3.2, macOS's, calls an empty array unset)

@@ -8,6 +8,7 @@
     training.py         train: LoRA / QLoRA steps on random models, and the same step in PyTorch + PEFT
     generation.py       generate: prompt and decode tokens/s per weight kind, beside the bandwidth bound
     peft_compare.py     peft: the default model's LoRA and QLoRA against PyTorch + PEFT on the shipped data
+    preference.py       preference: a DPO and an ORPO step against supervised steps on the same pairs
     fusing.py           fuse: fuse.py's exports of a synthetic model, time and peak memory
     ranks.py            distributed and accumulation: the main job on two ranks, and in micro-batches
     evaluations/        qa.py (Q/A scores before and after fine-tuning) and llamacpp.py (the GGUF
