@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-KERNELS_API_VERSION = 7  # what this ops.py calls: bindings.cpp's API_VERSION
+KERNELS_API_VERSION = 8  # what this ops.py calls: bindings.cpp's API_VERSION
 
 
 def _load_kernels():
@@ -184,6 +184,55 @@ def _dequantized_matmul(group_size, bits, bfloat16):
 
 
 _widened_matmul = _frozen_matmul(lambda w: kernels.to_float32(w))
+
+
+# ----------------------------------------------------------------------------- GGUF's own blocks
+
+# The GGUF types a linear's weight is held in as the file's blocks, uint8 [N, K / values * bytes]:
+# (values, bytes) a block. Q6_K's 16-value sub-blocks have scales of their own, which no MLX
+# quantization holds exactly (formats/gguf/kquants.py).
+BLOCK_TYPES = {"Q6_K": (256, 210)}
+
+
+def dequantize_blocks(blocks, gguf_type, dtype=mx.float32):
+    """The dense matrix [N, K] of GGUF blocks uint8 [N, K / 256 * 210], exactly as llama.cpp reads
+    them: the kernel, or the same in MLX ops (every backend)."""
+    if active() and dtype in (mx.float32, mx.bfloat16):
+        return kernels.dequantize_blocks(blocks, gguf_type, dtype)
+    return _q6_k_values(blocks).astype(dtype)
+
+
+def _q6_k_values(blocks_NB):
+    """Q6_K in MLX ops, float32 [N, K]: value v of a superblock (d sc[v / 16]) (q - 32), q's low
+    nibbles in ql (bytes 0-127), its top two bits in qh (128-191), then 16 int8 sc and float16 d.
+    Per half of 128 values: ql's low nibbles, then its high ones, 64 values each, qh's bit pairs
+    0-1, 2-3, 4-5, 6-7 on top of values 0-31, 32-63, 64-95, 96-127 (as kquants.unpacked_codes)."""
+    n = blocks_NB.shape[0]
+    b_NSB = blocks_NB.reshape(n, -1, BLOCK_TYPES["Q6_K"][1])
+    s = b_NSB.shape[1]
+    ql_NS2P32 = b_NSB[..., :128].reshape(n, s, 2, 2, 32)
+    low_NS2K32 = mx.concatenate([ql_NS2P32 & 15, ql_NS2P32 >> 4], axis=3)  # K: nibble, then ql's part
+    qh_NS2132 = b_NSB[..., 128:192].reshape(n, s, 2, 1, 32)
+    high_NS2K32 = (qh_NS2132 >> mx.array([0, 2, 4, 6], mx.uint8)[:, None]) & 3
+    q_NS16 = (low_NS2K32 | (high_NS2K32 << 4)).reshape(n, s, 16, 16).astype(mx.float32) - 32
+    sc_NS = mx.contiguous(b_NSB[..., 192:208]).view(mx.int8).astype(mx.float32)
+    d_NS = mx.contiguous(b_NSB[..., 208:210]).view(mx.float16).astype(mx.float32)
+    step_NS = d_NS * sc_NS  # rounded once, as the references round it
+    return (step_NS[..., None] * q_NS16).reshape(n, -1)
+
+
+def block_linear(x, blocks, gguf_type):
+    """x @ dequantize_blocks(blocks).T for a frozen weight held in GGUF blocks: the dense weight
+    made for the product (in forward, and again in backward) and never kept."""
+    if _applies(x, rows=_rows(x)):  # decoding: the dense rows, read once by the matvec kernel
+        return kernels.matvec(x, dequantize_blocks(blocks, gguf_type))
+    return _block_matmul(gguf_type, x.dtype, _bfloat16_applies(x))(x, blocks)
+
+
+@functools.cache
+def _block_matmul(gguf_type, dtype, bfloat16):
+    dense_dtype = mx.bfloat16 if bfloat16 else dtype
+    return _frozen_matmul(lambda blocks: dequantize_blocks(blocks, gguf_type, dense_dtype), bfloat16)
 
 
 # ----------------------------------------------------------------------------- element-wise and the loss

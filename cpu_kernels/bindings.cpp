@@ -4,13 +4,13 @@
 // matrices; these run them threaded and vectorised.
 //
 // One file per kernel family, each with its loops, its MLX primitives and its
-// operations: matvec.cpp (float32 and float16 weights), quantized.cpp, bf16_matmul.cpp (AMX),
-// cross_entropy.cpp,
-// activations.cpp, causal_softmax.cpp, decoding.cpp (norm, RoPE, attention). Shared:
-// threads.h (the thread pool), simd.h (dot, exp, softmax rows), primitive.h (the MLX
-// plumbing), ops.h (what this file binds).
+// operations: matvec.cpp (float32 and float16 weights), quantized.cpp, kquants.cpp (GGUF's Q6_K),
+// bf16_matmul.cpp (AMX), cross_entropy.cpp, activations.cpp, causal_softmax.cpp, decoding.cpp
+// (norm, RoPE, attention). Shared: threads.h (the thread pool), simd.h (dot, exp, softmax rows),
+// primitive.h (the MLX plumbing), ops.h (what this file binds).
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include "ops.h"
@@ -34,8 +34,8 @@ using namespace cpu_kernels;
 NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   // ops.py refuses a build of another version (one left over from before a git pull, say):
   // raise it whenever a function's signature or meaning changes.
-  m.attr("API_VERSION") = 7;
-  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize, float16 widening, bfloat16 products on AMX, cross-entropy, the activations (gates, GELU, soft cap), causal softmax, and the norm, RoPE and attention of decoding.";
+  m.attr("API_VERSION") = 8;
+  m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize (GGUF's Q6_K blocks too), float16 widening, bfloat16 products on AMX, cross-entropy, the activations (gates, GELU, soft cap), causal softmax, and the norm, RoPE and attention of decoding.";
   m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32; w float32 or float16).");
   m.def("matvecs", &matvecs, "x"_a, "w"_a,
         "[x @ w.T for w in w] for a few rows of x, in one pass over all the weights (float32).");
@@ -44,6 +44,8 @@ NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
         "dtype"_a = mlx::core::float32,
         "The float32 (or bfloat16) matrix of MLX affine-quantized weights.");
+  m.def("dequantize_blocks", &dequantize_blocks, "blocks"_a, "type"_a, "dtype"_a = mlx::core::float32,
+        "The float32 (or bfloat16) matrix [N, K] of GGUF blocks uint8 [N, K / 256 * 210] (type \"Q6_K\"), exactly.");
   m.def("to_float32", &to_float32, "x"_a, "float16 x as float32 (exact), on every thread.");
   m.def("bf16_products", &bf16_products,
         "Whether bf16_matmul runs here: built with AMX, and the kernel lends this process its tiles.");

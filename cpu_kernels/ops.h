@@ -2,6 +2,7 @@
 // checks its arguments (std::invalid_argument: ValueError) and returns a lazy array.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "mlx/array.h"
@@ -20,6 +21,9 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& wq, const mx::ar
                            const mx::array& biases, int group_size, int bits);
 mx::array dequantize(const mx::array& wq, const mx::array& scales, const mx::array& biases,
                      int group_size, int bits, mx::Dtype dtype);
+
+// kquants.cpp: GGUF's Q6_K superblocks, held as they are
+mx::array dequantize_blocks(const mx::array& blocks, const std::string& type, mx::Dtype dtype);
 
 // bf16_matmul.cpp: bfloat16 products on AMX tiles, float32 sums
 bool bf16_products();

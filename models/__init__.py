@@ -13,8 +13,8 @@
     lora_layers.py  LoRA and DoRA, their AdapterConfig, and apply_lora
 """
 
-from models.layers import (Attention, Decoder, FeedForward, KVCache, Linear, QuantizedLinear, RMSNorm, RoPE,
-                           TransformerBlock, attention_mask, count_parameters, embedding_as_output)
+from models.layers import (Attention, BlockQuantizedLinear, Decoder, FeedForward, KVCache, Linear, QuantizedLinear,
+                           RMSNorm, RoPE, TransformerBlock, attention_mask, count_parameters, embedding_as_output)
 from models.config import FAMILIES, checked_shapes, family, hook, model_args, names_of
 from models.llama import NAMES, Model, ModelArgs
 from models.lora_layers import (ADAPTER_TYPES, AdapterConfig, DoRALinear, LoRALinear, apply_lora, dense_weight,
@@ -27,7 +27,8 @@ def build(args):
     return family(args).Model(args)
 
 
-__all__ = ["build", "Attention", "Decoder", "FeedForward", "KVCache", "Linear", "QuantizedLinear", "RMSNorm", "RoPE",
+__all__ = ["build", "Attention", "BlockQuantizedLinear", "Decoder", "FeedForward", "KVCache", "Linear", "QuantizedLinear",
+           "RMSNorm", "RoPE",
            "TransformerBlock", "attention_mask", "count_parameters", "embedding_as_output", "FAMILIES", "checked_shapes", "family", "hook", "model_args", "names_of", "NAMES", "Model", "ModelArgs",
            "ADAPTER_TYPES", "AdapterConfig", "DoRALinear", "LoRALinear", "apply_lora", "dense_weight", "folded",
            "parse_targets", "row_norms", "wrap_linear"]

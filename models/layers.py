@@ -69,6 +69,46 @@ class QuantizedLinear(nn.QuantizedLinear):
         return y + self.bias if "bias" in self else y
 
 
+class BlockQuantizedLinear(nn.Module):
+    """A linear whose frozen weight stays in a GGUF file's own blocks, uint8 [out, in / values *
+    bytes] (ops.BLOCK_TYPES: Q6_K, which no MLX quantization holds exactly); its product is
+    ops.block_linear, the dense weight made a layer at a time. Built from a Linear of the same
+    shape (loading.py), its blocks loaded after."""
+
+    def __init__(self, input_dims, output_dims, gguf_type, bias=False):
+        super().__init__()
+        values, nbytes = ops.BLOCK_TYPES[gguf_type]
+        self.gguf_type = gguf_type  # not an array: no parameter
+        self.blocks = mx.zeros((output_dims, input_dims // values * nbytes), mx.uint8)
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+        self.freeze()
+
+    @classmethod
+    def from_linear(cls, linear, gguf_type):
+        output_dims, input_dims = linear.weight.shape
+        return cls(input_dims, output_dims, gguf_type, "bias" in linear)
+
+    @property
+    def shape(self):
+        """(out, in) of the dense weight."""
+        values, nbytes = ops.BLOCK_TYPES[self.gguf_type]
+        return self.blocks.shape[0], self.blocks.shape[1] // nbytes * values
+
+    def unfreeze(self, *args, **kwargs):
+        """The blocks stay frozen (as nn.QuantizedLinear's weights): only a bias may train."""
+        super().unfreeze(*args, **kwargs)
+        self.freeze(recurse=False, keys=["blocks"])
+        return self
+
+    def dense_weight(self, dtype=mx.float32):
+        return ops.dequantize_blocks(self.blocks, self.gguf_type, dtype)
+
+    def __call__(self, x):
+        y = ops.block_linear(x, self.blocks, self.gguf_type)
+        return y + self.bias if "bias" in self else y
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dims, eps):
         super().__init__()
@@ -287,13 +327,16 @@ def checkpointed(layer, h_BTD, mask):
 
 
 def count_parameters(model):
-    """(total, trainable) parameter counts; a quantized layer counts its unpacked weights."""
+    """(total, trainable) parameter counts; a quantized layer counts its unpacked weights (GGUF
+    blocks their values, not their bytes)."""
     total = sum(p.size for _, p in tree_flatten(model.parameters()))
     for _, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             # Count the weights packed into the uint32 words, not the words, scales and biases.
             unpacked = module.weight.size * 32 // module.bits
             total += unpacked - module.weight.size - module.scales.size - module.biases.size
+        elif isinstance(module, BlockQuantizedLinear):
+            total += module.shape[0] * module.shape[1] - module.blocks.size
     trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
     return total, trainable
 

@@ -13,6 +13,8 @@ from utils import UserError
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.layers import BlockQuantizedLinear
+
 # What --fine-tune-type chooses: the layer that wraps each target, or, for full, none (the
 # blocks' own weights train).
 ADAPTER_TYPES = ("lora", "dora", "full")
@@ -73,6 +75,8 @@ class AdapterConfig:
 
 def _linear_dims(linear):
     """(out, in) of a plain or quantized linear layer."""
+    if isinstance(linear, BlockQuantizedLinear):
+        return linear.shape
     out_dims, in_dims = linear.weight.shape
     if isinstance(linear, nn.QuantizedLinear):
         in_dims = in_dims * 32 // linear.bits  # packed uint32 columns
@@ -82,7 +86,7 @@ def _linear_dims(linear):
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / rank) * dropout(x) A B, with the base frozen.
 
-    `base` is an nn.Linear or an nn.QuantizedLinear (QLoRA). B starts at zero, so
+    `base` is an nn.Linear, an nn.QuantizedLinear or a BlockQuantizedLinear (QLoRA). B starts at zero, so
     the adapted model equals the base model until training moves it.
     """
 
@@ -157,6 +161,8 @@ def row_norms(w_OI):
 
 def dense_weight(linear):
     """A plain or quantized linear layer's weight [out, in], float32."""
+    if isinstance(linear, BlockQuantizedLinear):
+        return linear.dense_weight()
     if isinstance(linear, nn.QuantizedLinear):
         return mx.dequantize(linear.weight, linear.scales, linear.biases, linear.group_size, linear.bits)
     return linear.weight.astype(mx.float32)
@@ -195,7 +201,7 @@ def apply_lora(model, config: AdapterConfig):
     config = applied = dataclasses.replace(config, layers=n - first, targets=targets)
     if config.type == "full":
         for i, layer in enumerate(model.layers[first:], start=first):
-            if any(isinstance(m, nn.QuantizedLinear) for _, m in layer.named_modules()):
+            if any(isinstance(m, (nn.QuantizedLinear, BlockQuantizedLinear)) for _, m in layer.named_modules()):
                 raise UserError(f"full fine-tuning trains every weight of layer {i}, which is quantized: use a "
                                 "float model (convert.py without -q, or fuse.py --de-quantize)")
             layer.unfreeze()
