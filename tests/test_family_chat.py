@@ -232,6 +232,26 @@ def test_the_shipped_scripts_train_and_answer_with_a_family_model(family_model, 
     assert "tokens)" in answered.stderr
 
 
+def test_the_training_script_runs_dpo_after_sft(family_model, tmp_path):
+    """The worked example's two steps: run-training.sh, then TRAIN_MODE=dpo from its adapters on
+    preference pairs; a mode it does not know is one line."""
+    pairs = [{"prompt": [EXCHANGES[0]], "chosen": [EXCHANGES[1]], "rejected": [EXCHANGES[3]]},
+             {"prompt": [EXCHANGES[2]], "chosen": [EXCHANGES[3]], "rejected": [EXCHANGES[1]]}] * 2
+    for split in ("train", "valid", "test"):
+        write_split(tmp_path / "pairs", split, pairs)
+    env = {"MODEL": family_model("qwen3")[0], "DATA": write_chat_data(tmp_path / "data"), "ITERS": "2",
+           "BATCH_SIZE": "2", "ADAPTER_FILE": str(tmp_path / "sft.npz")}
+    flags = ("--warmup", "1", "--val-batches", "1", "--test-batches", "1")
+    assert run_script("run-training.sh", env, *flags).returncode == 0
+    dpo = dict(env, TRAIN_MODE="dpo", DATA=str(tmp_path / "pairs"), SFT_ADAPTER_FILE=env["ADAPTER_FILE"],
+               ADAPTER_FILE=str(tmp_path / "dpo.npz"))
+    trained = run_script("run-training.sh", dpo, *flags)
+    assert trained.returncode == 0, trained.stderr
+    assert os.path.exists(dpo["ADAPTER_FILE"]) and "rewards/accuracies" in trained.stdout + trained.stderr
+    wrong = run_script("run-training.sh", dict(dpo, TRAIN_MODE="ppo"))
+    assert wrong.returncode == 2 and "TRAIN_MODE must be sft, dpo or orpo" in wrong.stderr
+
+
 @pytest.mark.parametrize("name", ["qwen2.5", "gemma3"])
 def test_bench_qa_asks_a_family_model_through_its_template(family_model, name, tmp_path):
     results = tmp_path / "results.json"
