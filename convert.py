@@ -14,7 +14,8 @@ written, and the output appears only when complete.
 
 Weights keep their stored type unless --dtype says otherwise; GGUF's Q8_0, Q4_0
 and Q4_1 stay quantized, as MLX's 8- and 4-bit affine quantization in groups of
-32 (exactly the same values), unless -q or --dtype re-decide.
+32 (exactly the same values), unless -q or --dtype re-decide; a linear's Q6_K
+stays in its own blocks (formats/gguf/kquants.py).
 """
 
 import collections
@@ -30,18 +31,21 @@ import utils  # (before mlx.core: loads a fast BLAS)
 from utils import UserError, folder_replaced_when_done, run_script, write_json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+import models
+import ops
 import settings
 from formats import QUANT_BITS, QUANT_GROUP_SIZES, all_finite_bits, open_checkpoint
-from formats.mlx import gguf_types_entry
+from formats.mlx import GGUF_TYPE, gguf_types_entry
 from formats.safetensors import raw_bytes, write_file
 from settings import option
 
 DTYPES = ("float32", "float16", "bfloat16")
 # .npy's descr of each array type (bfloat16 as "<V2", as mx.savez writes it).
-NPY_DESCR = {mx.float32: "<f4", mx.float16: "<f2", mx.bfloat16: "<V2", mx.uint32: "<u4"}
+NPY_DESCR = {mx.float32: "<f4", mx.float16: "<f2", mx.bfloat16: "<V2", mx.uint32: "<u4", mx.uint8: "|u1"}
 # The type of dequantized weights when --dtype leaves it open: exact for 4- and 8-bit codes
 # times float16 scales.
 DEQUANTIZED_DTYPE = "float16"
@@ -53,21 +57,38 @@ def quantized_names(key):
     return key, base + ".scales", base + ".biases"
 
 
+def blocks_name(key):
+    """The array a weight kept in GGUF blocks becomes (models.BlockQuantizedLinear's)."""
+    return key.removesuffix(".weight") + ".blocks"
+
+
+def linear_weights(config):
+    """The weight keys of the model's linear layers (its embeddings are not: a lookup needs rows).
+    The model is built without its weights (MLX is lazy: nothing is allocated)."""
+    model = models.build(models.model_args(config))
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
 class Plan:
     """What each weight becomes, decided before anything is written.
 
     how[key]: "copy" (a float in dtype[key]), "quantize" (MLX quantizes it, in groups
-    and bits q[key]) or "keep" (the file's own quantization, exactly MLX's, kept).
+    and bits q[key]), "keep" (the file's own quantization, exactly MLX's, kept) or "blocks"
+    (a linear's GGUF blocks kept as they are, of type blocks[key]: Q6_K, which MLX cannot hold).
     """
 
     def __init__(self, checkpoint, dtype, q):
-        self.checkpoint, self.how, self.dtype, self.q = checkpoint, {}, {}, {}
+        self.checkpoint, self.how, self.dtype, self.q, self.blocks = checkpoint, {}, {}, {}, {}
+        block_type = getattr(checkpoint, "block_type", None)  # formats without GGUF blocks: None
+        linears = linear_weights(checkpoint.config) if block_type else set()
         for key, shape in checkpoint.shapes.items():
             source_q = checkpoint.quantization(key)
             stored = checkpoint.stored_dtype(key) or DEQUANTIZED_DTYPE
             self.dtype[key] = dtype or stored
             if q is not None and len(shape) == 2 and shape[-1] % q[0] == 0:  # matrices, never the norms
                 self.how[key], self.q[key] = "quantize", q
+            elif q is None and dtype is None and key in linears and block_type(key):
+                self.how[key], self.blocks[key] = "blocks", block_type(key)
             elif q is None and dtype is None and source_q is not None:
                 self.how[key], self.q[key] = "keep", source_q
             else:
@@ -80,6 +101,10 @@ class Plan:
             dtype = getattr(mx, self.dtype[key])
             if self.how[key] == "copy":
                 out.append((key, dtype, shape))
+                continue
+            if self.how[key] == "blocks":
+                values, nbytes = ops.BLOCK_TYPES[self.blocks[key]]
+                out.append((blocks_name(key), mx.uint8, (shape[0], shape[1] // values * nbytes)))
                 continue
             group_size, bits = self.q[key]
             rows, cols = shape
@@ -97,20 +122,25 @@ class Plan:
 
     def quantization_config(self):
         """config.json's quantization block: the commonest (group_size, bits) as the default,
-        every module quantized otherwise under its own path."""
+        every module quantized otherwise under its own path, and every one kept in GGUF blocks
+        under its path with its type ({"gguf_type": "Q6_K"})."""
         chosen = {key.removesuffix(".weight"): q for key, q in self.q.items()}
-        if not chosen:
-            return None
-        default = collections.Counter(chosen.values()).most_common(1)[0][0]
-        block = {"group_size": default[0], "bits": default[1]}
-        block.update({path: {"group_size": q[0], "bits": q[1]} for path, q in chosen.items() if q != default})
-        return block
+        block = {}
+        if chosen:
+            default = collections.Counter(chosen.values()).most_common(1)[0][0]
+            block = {"group_size": default[0], "bits": default[1]}
+            block.update({path: {"group_size": q[0], "bits": q[1]} for path, q in chosen.items() if q != default})
+        block.update({key.removesuffix(".weight"): {GGUF_TYPE: t} for key, t in self.blocks.items()})
+        return block or None
 
     def converted(self, key):
         """Yield (name, mx.array) of what `key` becomes."""
         checkpoint = self.checkpoint
         if self.how[key] == "keep":
             yield from zip(quantized_names(key), checkpoint.quantized(key))
+            return
+        if self.how[key] == "blocks":
+            yield blocks_name(key), checkpoint.gguf_blocks(key)
             return
         dtype = getattr(mx, self.dtype[key])
         if self.how[key] == "copy":
@@ -242,6 +272,8 @@ def _became(checkpoint, plan, key):
         return checkpoint.held_as(key)
     if plan.how[key] == "quantize":
         return f"{plan.q[key][1]}-bit groups of {plan.q[key][0]} (-q)"
+    if plan.how[key] == "blocks":
+        return f"{plan.blocks[key]} blocks (exact)"
     return plan.dtype[key] + (" (dequantized)" if checkpoint.stored_dtype(key) is None else "")
 
 

@@ -38,6 +38,7 @@ import models
 import settings
 from formats import QUANT_BITS, QUANT_GROUP_SIZES, gguf, hf, peft
 from formats import mlx as mlx_folder
+from formats.gguf import kquants
 from settings import option
 
 FORMATS = ("mlx", "hf", "gguf")
@@ -85,7 +86,8 @@ class Fused:
     (formats/__init__.py): W + (alpha / rank) (A B)^T, summed in float32 (DoRA: its rows rescaled
     to the trained magnitudes, models.folded). With `requantize`,
     a quantized base layer that an adapter changes is held re-quantized to its own group size
-    and bits; without, in float32. One no adapter touches keeps its exact quantized values."""
+    and bits (or GGUF type, where held in GGUF blocks); without, in float32. One no adapter
+    touches keeps its exact quantized values."""
 
     def __init__(self, base, adapter_config, arrays, requantize=True):
         self.base, self.path, self.config, self.shapes = base, base.path, base.config, base.shapes
@@ -124,8 +126,20 @@ class Fused:
     def quantized_scales_dtype(self, key):
         return self.base.quantized_scales_dtype(key)
 
+    def block_type(self, key):
+        if key in self.deltas and not self.requantize:
+            return None
+        return self.base.block_type(key)
+
+    def gguf_blocks(self, key):
+        """A base's GGUF blocks as they are; an adapted one's quantized again by kquants' own quantizer."""
+        if key not in self.deltas:
+            return self.base.gguf_blocks(key)
+        return mx.array(kquants.quantized_superblocks(np.asarray(self.tensor(key)), self.block_type(key)))
+
     def gguf_type(self, key):
-        return self.base.gguf_type(key) if self.quantization(key) is not None else None
+        held = self.quantization(key) is not None or self.block_type(key) is not None
+        return self.base.gguf_type(key) if held else None
 
     def write_tokenizer(self, folder):
         self.base.write_tokenizer(folder)
@@ -277,6 +291,7 @@ class Distance:
 
 def precision_of_plan(plan):
     return {key: ("float", plan.dtype[key]) if plan.how[key] == "copy"
+            else ("gguf", plan.blocks[key]) if plan.how[key] == "blocks"
             else ("quantized", *plan.q[key], plan.scales_dtype(key)) for key in plan.checkpoint.shapes}
 
 
@@ -312,7 +327,7 @@ EXPORTS = {"mlx": export_mlx, "hf": export_hf, "gguf": export_gguf}
 
 
 def _quantized(checkpoint):
-    return any(checkpoint.quantization(key) is not None for key in checkpoint.shapes)
+    return any(checkpoint.quantization(key) is not None or checkpoint.block_type(key) for key in checkpoint.shapes)
 
 
 def fuse(args):

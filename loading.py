@@ -20,6 +20,7 @@ import downloads
 import models
 import ops
 from formats import QUANT_BITS, QUANT_GROUP_SIZES
+from formats.mlx import GGUF_TYPE
 from tokenizer import load_tokenizer
 
 # SmolLM2-135M-Instruct, which setup.sh fetches and converts (kept 4-bit): what the scripts use
@@ -50,6 +51,7 @@ def load_model(path, adapter_file=None, compute_dtype="auto", generation_only=Fa
     if q:
         nn.quantize(model, class_predicate=lambda name, module: f"{name}.scales" in weights
                     and dict(zip(("group_size", "bits"), q.get(name, q[None]))))
+    hold_blocks(model, block_types(config, config_path), config_path)
     utils.check_fit(weights_path, weights, dict(tree_flatten(model.parameters())), "weights")
     model.update(tree_unflatten(list(weights.items())))
     set_compute_dtype(model, compute_dtype, generation_only)
@@ -100,21 +102,58 @@ def tokenizer_settings(config, source="config.json"):
 
 def quantization(config, source="config.json"):
     """The quantization block of a model folder as {module path: (group_size, bits)} for the
-    modules that differ from the default, plus the default under None; or None.
+    modules that differ from the default, plus the default under None; or None (also when its
+    only modules hold GGUF blocks: block_types).
 
     {"group_size": 32, "bits": 4, "tok_embeddings": {"group_size": 32, "bits": 8}}: every
     quantized layer in groups of 32 at 4 bits, the embedding at 8.
     """
-    q = config.get("quantization")
+    q = _quantization_block(config, source)
     if q is None:
         return None
-    if not isinstance(q, dict):
-        raise UserError(f"{source}: 'quantization' must be an object with group_size and bits, got {q!r}")
+    affine = {name: value for name, value in q.items() if name not in ("group_size", "bits") and not _blocks(value)}
+    if not affine and "group_size" not in q and "bits" not in q:
+        return None
     out = {None: _group_and_bits(q, source, "quantization")}
-    for name, value in q.items():
-        if name not in ("group_size", "bits"):
-            out[name] = _group_and_bits(value, source, f"quantization.{name}")
+    for name, value in affine.items():
+        out[name] = _group_and_bits(value, source, f"quantization.{name}")
     return out
+
+
+def block_types(config, source="config.json"):
+    """{module path: GGUF type} of the linears a model folder holds in a GGUF file's own blocks:
+    the quantization block's {"layers.0.feed_forward.w2": {"gguf_type": "Q6_K"}}."""
+    q = _quantization_block(config, source) or {}
+    out = {}
+    for name, value in q.items():
+        if _blocks(value):
+            if set(value) != {GGUF_TYPE} or value[GGUF_TYPE] not in ops.BLOCK_TYPES:
+                raise UserError(f"{source}: 'quantization.{name}' must be {{\"{GGUF_TYPE}\": one of "
+                                f"{', '.join(ops.BLOCK_TYPES)}}}, got {value!r:.80}")
+            out[name] = value[GGUF_TYPE]
+    return out
+
+
+def _quantization_block(config, source):
+    q = config.get("quantization")
+    if q is not None and not isinstance(q, dict):
+        raise UserError(f"{source}: 'quantization' must be an object with group_size and bits, got {q!r}")
+    return q
+
+
+def _blocks(value):
+    return isinstance(value, dict) and GGUF_TYPE in value
+
+
+def hold_blocks(model, types, source="config.json"):
+    """Each linear `types` names ({module path: GGUF type}) made a BlockQuantizedLinear, its blocks
+    loaded after."""
+    modules = dict(model.named_modules())
+    for name in types:
+        if not isinstance(modules.get(name), nn.Linear):
+            raise UserError(f"{source}: 'quantization.{name}' holds GGUF blocks, but the model has no linear {name}")
+    model.update_modules(tree_unflatten([(name, models.BlockQuantizedLinear.from_linear(modules[name], t))
+                                         for name, t in types.items()]))
 
 
 def _group_and_bits(q, source, where):

@@ -22,6 +22,9 @@ Every format's module offers detect(path) and a Checkpoint(path) class with:
                        is held re-quantized to 8 bits: gguf.Checkpoint.held_as), else None;
   quantized(name)      then, (packed uint32 weight, scales, biases) as MLX lays them out;
   quantized_scales_dtype(name)  the mx dtype of those scales and biases (for the plan);
+  block_type(name), gguf_blocks(name)  (GGUF and model folders only) the GGUF type whose own blocks
+                       hold the weight as they are (Q6_K: ops.BLOCK_TYPES), else None; and those
+                       blocks, uint8 [rows, cols / 256 * 210];
   write_tokenizer(folder)  the tokenizer's files and chat template into the new folder.
 """
 

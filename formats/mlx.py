@@ -13,6 +13,7 @@ import shutil
 import mlx.core as mx
 
 import models
+import ops
 from utils import UserError, load_arrays, read_json
 
 # What a model folder holds besides its weights and config.json.
@@ -21,6 +22,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 # config.json's {weight: ggml type} of the weights kept quantized as a GGUF file held them ("Q4_K"),
 # so that fuse.py --format gguf writes each back in its type
 GGUF_TYPES = "gguf_types"
+# The key of a linear held in a GGUF file's own blocks, in config.json's quantization block:
+# {"layers.0.feed_forward.w2": {"gguf_type": "Q6_K"}}, its weights.npz array `<module path>.blocks`
+GGUF_TYPE = "gguf_type"
 
 
 def gguf_types_entry(checkpoint, kept):
@@ -57,24 +61,36 @@ class Checkpoint:
         self.config = {key: value for key, value in vars(args).items() if value is not None or key in raw}
         self.config.update(loading.tokenizer_settings(raw, config_path))
         self._quantization = loading.quantization(raw, config_path) or {}
+        self._block_types = loading.block_types(raw, config_path)
         self._gguf_types = checked_gguf_types(raw, config_path)
         self.shapes = models.names_of(self.config).shapes(self.config)
         self.weights_path = loading.weights_file(folder)
         self._unread = load_arrays(self.weights_path)  # lazy: nothing is read until asked for
         self._arrays = {name: (a.shape, a.dtype) for name, a in self._unread.items()}  # what the file holds
         for key, shape in self.shapes.items():
-            if key not in self._arrays:
-                raise UserError(f"{self.weights_path}: no {key}")
-            q = self.quantization(key)
-            if q is None and tuple(self._arrays[key][0]) != tuple(shape):
-                raise UserError(f"{self.weights_path}: {key} has shape {tuple(self._arrays[key][0])}, "
-                                f"expected {tuple(shape)}")
+            stored, expected = self._stored_name(key), self._stored_shape(key, shape)
+            if stored not in self._arrays:
+                raise UserError(f"{self.weights_path}: no {stored}")
+            if expected is not None and tuple(self._arrays[stored][0]) != expected:
+                raise UserError(f"{self.weights_path}: {stored} has shape {tuple(self._arrays[stored][0])}, "
+                                f"expected {expected}")
 
     def _base(self, key):
         return key.removesuffix(".weight")
 
+    def _stored_name(self, key):
+        """The array holding the weight: its blocks, or the weight (packed, where quantized)."""
+        return f"{self._base(key)}.blocks" if self.block_type(key) else key
+
+    def _stored_shape(self, key, shape):
+        """The shape that array must have; None where quantized (mx.quantize's packing decides)."""
+        if self.block_type(key):
+            values, nbytes = ops.BLOCK_TYPES[self.block_type(key)]
+            return shape[0], shape[1] // values * nbytes
+        return None if self.quantization(key) is not None else tuple(shape)
+
     def stored_dtype(self, key):
-        if self.quantization(key) is not None:
+        if self.quantization(key) is not None or self.block_type(key):
             return None
         return str(self._arrays[key][1]).removeprefix("mlx.core.")
 
@@ -88,6 +104,8 @@ class Checkpoint:
         return self._unread.pop(name)
 
     def tensor(self, key):
+        if self.block_type(key):
+            return ops.dequantize_blocks(self.gguf_blocks(key), self.block_type(key))
         q = self.quantization(key)
         if q is None:
             return self._read(key)
@@ -107,9 +125,19 @@ class Checkpoint:
     def quantized_scales_dtype(self, key):
         return self._arrays[f"{self._base(key)}.scales"][1]
 
+    def block_type(self, key):
+        """The GGUF type whose blocks hold the weight as the file held them (a BlockQuantizedLinear), or None."""
+        return self._block_types.get(self._base(key))
+
+    def gguf_blocks(self, key):
+        """Those blocks, uint8 [rows, cols / values * bytes] (ops.BLOCK_TYPES)."""
+        return self._read(f"{self._base(key)}.blocks")
+
     def gguf_type(self, key):
         """The ggml type the GGUF file this folder was converted from held the weight in, while it is
-        held in that file's quantization; else None."""
+        held in that file's quantization or blocks; else None."""
+        if self.block_type(key):
+            return self.block_type(key)
         return self._gguf_types.get(key) if self.quantization(key) is not None else None
 
     def write_tokenizer(self, folder):

@@ -23,7 +23,7 @@ MAX_HEADER_BYTES = 100 * 2**20
 MAX_DIMS = 8
 # The float types a checkpoint's weights come in: numpy's view of the bytes, and the type's name.
 DTYPES = {"F32": (np.float32, "float32"), "F16": (np.float16, "float16"), "BF16": (np.uint16, "bfloat16")}
-WRITTEN_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
+WRITTEN_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8"}
 
 
 class SafetensorsFile:

@@ -1,8 +1,10 @@
 """K-quants (formats/gguf/kquants.py): the codecs against the gguf package's dequantizer, our quantizers'
-error, a tiny K-quant model converted, trained and fused back in its own types, and hostile files."""
+error, Q6_K held in its own blocks (the kernel and the MLX ops), a tiny K-quant model converted, trained and
+fused back in its own types, and hostile files."""
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import convert
 import fuse
 import loading
 import lora
+import models
+import ops
 from formats import gguf as gguf_format
 from formats import mlx as mlx_format
 from formats.gguf import kquants
@@ -96,6 +100,53 @@ def test_q6_k_is_held_within_half_an_8_bit_step():
     assert np.all(error[q6_step > 0] <= 0.5 * q6_step[q6_step > 0])
 
 
+def kernels_or_mlx_ops(monkeypatch, path):
+    """ops' dequantization by the CPU kernel (skipped where unbuilt) or by MLX ops alone."""
+    if path == "kernel" and ops.kernels is None:
+        pytest.skip("the CPU kernels are not built")
+    if path == "mlx ops":
+        monkeypatch.setattr(ops, "kernels", None)
+
+
+@pytest.mark.parametrize("path", ["kernel", "mlx ops"])
+def test_q6_k_blocks_dequantize_bit_for_bit(monkeypatch, path):
+    """Rows of random Q6_K superblocks, extreme d included, dense: the gguf package's values bit for
+    bit (float32), and those rounded to bfloat16 (the bfloat16 products' form)."""
+    kernels_or_mlx_ops(monkeypatch, path)
+    rows = random_blocks("Q6_K", n=40 * 3).reshape(40, 3 * 210)
+    exact = dequantized(rows.reshape(-1, 210), "Q6_K").reshape(40, 768)
+    dense = np.array(ops.dequantize_blocks(mx.array(rows), "Q6_K"))
+    assert np.array_equal(dense.view(np.uint32), exact.view(np.uint32))
+    halved = ops.dequantize_blocks(mx.array(rows), "Q6_K", mx.bfloat16)
+    assert np.array_equal(np.array(halved.astype(mx.float32)), np.array(mx.array(exact).astype(mx.bfloat16)
+                                                                        .astype(mx.float32)))
+
+
+def test_the_kernel_refuses_rows_that_are_not_whole_superblocks():
+    if ops.kernels is None:
+        pytest.skip("the CPU kernels are not built")
+    with pytest.raises(ValueError, match="whole Q6_K superblocks"):
+        ops.kernels.dequantize_blocks(mx.zeros((4, 300), mx.uint8), "Q6_K")
+
+
+@pytest.mark.parametrize("path", ["kernel", "mlx ops"])
+def test_a_block_linear_is_its_dense_product_and_stays_frozen(monkeypatch, path):
+    """BlockQuantizedLinear: x W^T for a decoded row and for many, its gradient with respect to x
+    W's, and no gradient or trainable parameter for its blocks."""
+    kernels_or_mlx_ops(monkeypatch, path)
+    rows = kquants.quantized_superblocks(rows_of(0.02, (24, 512)), "Q6_K")
+    w = dequantized(rows.reshape(-1, 210), "Q6_K").reshape(24, 512)
+    layer = models.BlockQuantizedLinear(512, 24, "Q6_K")
+    layer.blocks = mx.array(rows)
+    layer.unfreeze()
+    assert layer.trainable_parameters() == {} and layer.shape == (24, 512)
+    for n in (1, 40):
+        x = rows_of(1.0, (n, 512))
+        assert np.abs(np.array(layer(mx.array(x))) - x @ w.T).max() <= 1e-4
+    grad = mx.grad(lambda x: layer(x).sum())(mx.array(rows_of(1.0, (40, 512))))
+    assert np.abs(np.array(grad) - np.ones((40, 24), np.float32) @ w).max() <= 1e-4
+
+
 @pytest.mark.parametrize("type_name, scales", [("Q3_K", slice(108, 110)), ("Q2_K", slice(80, 84))])
 def test_q3_k_and_q2_k_are_held_in_8_bits_too(type_name, scales):
     qtype = gguf.GGMLQuantizationType[type_name]
@@ -171,7 +222,9 @@ def kquant_file(folder, name, types):
 
 
 EXACT_TYPES = {"attention.wo": "Q5_K", "w2": "Q5_K", "": "Q4_K"}
-MIXED_TYPES = {"output": "Q6_K", "attention.wo": "Q5_K", "w2": "Q5_K", "": "Q4_K"}
+# Q6_K on the output layer and every block's wv: kept in their own blocks
+MIXED_TYPES = {"output": "Q6_K", "attention.wv": "Q6_K", "attention.wo": "Q5_K", "w2": "Q5_K", "": "Q4_K"}
+Q6_K_LINEARS = ("output", "layers.0.attention.wv", "layers.1.attention.wv")
 
 
 @pytest.fixture(scope="module")
@@ -201,15 +254,62 @@ def test_convert_keeps_q4_k_and_q5_k_exactly(files, capfd):
     assert np.abs(quantized - floats).max() <= 1e-5 * max(1.0, np.abs(floats).max())
 
 
-def test_transformers_reads_our_k_quant_file_as_the_toolkit_does(files, tmp_path):
+@pytest.fixture(scope="module")
+def mixed_folder(files):
+    """The mixed file converted as it is: Q4_K and Q5_K in MLX's groups, Q6_K in its blocks."""
+    root, _, mixed = files
+    convert.convert(mixed, str(root / "mixed"))
+    return str(root / "mixed")
+
+
+def test_convert_keeps_q6_k_linears_in_their_blocks(files, mixed_folder, monkeypatch):
+    """Each Q6_K linear's blocks are the file's bytes, named in config.json's quantization block
+    (and nowhere else); the model holds them in BlockQuantizedLinears, counted as their values, and
+    computes the float reading's logits with the kernels and without."""
+    root, _, mixed = files
+    config = json.loads(Path(mixed_folder, "config.json").read_text())
+    assert all(config["quantization"][path] == {"gguf_type": "Q6_K"} for path in Q6_K_LINEARS)
+    assert not any(key.removesuffix(".weight") in Q6_K_LINEARS for key in config[mlx_format.GGUF_TYPES])
+    original = tensors(mixed)
+    held = mx.load(str(Path(mixed_folder, "weights.npz")))
+    for path, gguf_name in zip(Q6_K_LINEARS, ("output.weight", "blk.0.attn_v.weight", "blk.1.attn_v.weight")):
+        assert held[f"{path}.blocks"].dtype == mx.uint8 and np.array(held[f"{path}.blocks"]).tobytes() == \
+            original[gguf_name][1]
+    model = loading.load_model(mixed_folder)[0]
+    assert isinstance(model.output, models.BlockQuantizedLinear)
+    convert.convert(mixed, str(root / "mixed-f32"), dtype="float32")
+    floats_model = loading.load_model(str(root / "mixed-f32"))[0]
+    assert models.count_parameters(model)[0] == models.count_parameters(floats_model)[0]
+    floats = logits(floats_model, TOKENS)
+    assert np.abs(logits(model, TOKENS) - floats).max() <= 1e-5 * max(1.0, np.abs(floats).max())
+    monkeypatch.setattr(ops, "kernels", None)  # as MLX_LORA_CPU_KERNELS=0 (and every GPU) computes
+    assert np.abs(logits(loading.load_model(mixed_folder)[0], TOKENS) - floats).max() <= \
+        1e-5 * max(1.0, np.abs(floats).max())
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"gguf_type": "Q9_K"}, "'quantization.output' must be {\"gguf_type\": one of Q6_K}"),
+    ({"gguf_type": "Q6_K", "bits": 8}, "'quantization.output' must be {\"gguf_type\": one of Q6_K}"),
+])
+def test_a_malformed_blocks_entry_is_one_line(mixed_folder, tmp_path, entry, message):
+    folder = tmp_path / "copy"
+    shutil.copytree(mixed_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization"]["output"] = entry
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as caught:
+        loading.load_model(str(folder))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_transformers_reads_our_k_quant_file_as_the_toolkit_does(files, mixed_folder):
     """Our Q4_K/Q5_K/Q6_K blocks read by transformers' GGUF loader (the gguf package dequantizes):
-    the logits of the toolkit's float32 reading of the same file."""
+    the logits of the toolkit's model converted from the same file, kept quantized."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     _, _, mixed = files
-    convert.convert(mixed, str(tmp_path / "f"), dtype="float32")
-    ours = logits(loading.load_model(str(tmp_path / "f"))[0], TOKENS)
+    ours = logits(loading.load_model(mixed_folder)[0], TOKENS)
     model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(mixed), gguf_file=os.path.basename(mixed),
                                                               dtype=torch.float32).eval()
     with torch.no_grad():
@@ -217,28 +317,49 @@ def test_transformers_reads_our_k_quant_file_as_the_toolkit_does(files, tmp_path
     assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
 
 
-def test_qlora_trains_and_fuse_writes_the_original_types(files, tmp_path):
-    """QLoRA on the converted mixed file (Q4_K, Q5_K, Q6_K), then fuse.py --format gguf: every tensor
-    in its original type, the untouched Q4_K/Q5_K ones the original bytes, the adapted ones not."""
-    _, _, mixed = files
-    folder = str(tmp_path / "mlx")
-    convert.convert(mixed, folder)
+def trained_adapters(folder, tmp_path, targets, *flags):
+    """Adapters trained on the converted mixed file, and their training losses."""
     data = write_dataset(tmp_path / "data", n_train=8, n_valid=4, n_test=4)
     adapters = str(tmp_path / "a.npz")
-    lora.main(["--model", folder, "--train", "--data", data, "--adapter-file", adapters, "--iters", "4",
-               "--batch-size", "2", "--learning-rate", "1e-2", "--lora-layers", "1", "--lora-targets", "wq,w2",
-               "--steps-per-eval", "4", "--val-batches", "1"])
+    lora.main(["--model", folder, "--train", "--data", data, "--adapter-file", adapters, "--iters", "8",
+               "--batch-size", "2", "--learning-rate", "1e-2", "--lora-layers", "1", "--lora-targets", targets,
+               "--steps-per-report", "1", "--steps-per-eval", "8", "--val-batches", "1", *flags])
     losses = [json.loads(line).get("train_loss") for line in (tmp_path / "a.metrics.jsonl").read_text().splitlines()]
-    assert any(loss is not None for loss in losses) and all(np.isfinite(x) for x in losses if x is not None)
+    return adapters, [x for x in losses if x is not None]
+
+
+def test_qlora_trains_and_fuse_writes_the_original_types(files, mixed_folder, tmp_path):
+    """QLoRA on the converted mixed file (Q4_K, Q5_K, Q6_K; a Q6_K linear adapted, others not): the
+    loss falls. Then fuse.py --format gguf: every tensor in its original type, the untouched ones
+    the original bytes (Q6_K's too), the adapted ones not."""
+    _, _, mixed = files
+    adapters, losses = trained_adapters(mixed_folder, tmp_path, "wq,wv,w2")
+    assert all(np.isfinite(losses)) and np.mean(losses[-2:]) < np.mean(losses[:2])
     out = str(tmp_path / "fused.gguf")
-    fuse.main(["--model", folder, "--adapter-file", adapters, "--save-path", out, "--format", "gguf"])
+    fuse.main(["--model", mixed_folder, "--adapter-file", adapters, "--save-path", out, "--format", "gguf"])
     original, written = tensors(mixed), tensors(out)
     assert {n: t for n, (t, _) in written.items()} == {n: t for n, (t, _) in original.items()}
-    adapted = {"blk.1.attn_q.weight", "blk.1.ffn_down.weight"}
+    adapted = {"blk.1.attn_q.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"}
     for name, (type_name, data) in original.items():
-        if type_name in ("Q4_K", "Q5_K"):
+        if type_name in ("Q4_K", "Q5_K", "Q6_K"):
             assert (written[name][1] == data) == (name not in adapted), name
-    assert written["output.weight"][0] == "Q6_K"
+    assert written["output.weight"][0] == written["blk.1.attn_v.weight"][0] == "Q6_K"
+
+
+def test_dora_over_q6_k_blocks_fuses_into_a_folder_that_keeps_them(mixed_folder, tmp_path):
+    """DoRA on a Q6_K linear (its magnitudes from the exact dense weight), fused into an MLX folder
+    (the fuse check passes): untouched Q6_K linears stay the same blocks, the adapted one is Q6_K
+    blocks again."""
+    adapters, losses = trained_adapters(mixed_folder, tmp_path, "wv", "--fine-tune-type", "dora")
+    assert all(np.isfinite(losses))
+    out = str(tmp_path / "fused")
+    fuse.main(["--model", mixed_folder, "--adapter-file", adapters, "--save-path", out])
+    base, fused = mx.load(str(Path(mixed_folder, "weights.npz"))), mx.load(str(Path(out, "weights.npz")))
+    assert json.loads(Path(out, "config.json").read_text())["quantization"]["layers.1.attention.wv"] == \
+        {"gguf_type": "Q6_K"}
+    for path in Q6_K_LINEARS:
+        same = np.array_equal(np.array(base[f"{path}.blocks"]), np.array(fused[f"{path}.blocks"]))
+        assert same == (path != "layers.1.attention.wv"), path
 
 
 @pytest.mark.parametrize("tensor_type", ["Q5_0", "Q5_1"])

@@ -9,18 +9,21 @@ when asked for.
 
 Weights: F32, F16 and BF16 as stored; Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K are exactly MLX's
 affine quantization in groups of 32 (quantized() lays their blocks out as MLX does; K-quants with
-float32 scales, kquants.py); Q6_K, Q3_K and Q2_K are held as MLX's 8 bits in groups of 32,
-re-quantized from their exact values (their tensor() is exact); the other types the gguf package can
-dequantize (IQ) come as float32. held_as(name) says which, in words. GGUF llama files already hold the queries'
+float32 scales, kquants.py); a Q6_K matrix offers its own blocks (block_type, gguf_blocks: convert.py
+keeps a linear's as they are, for models.BlockQuantizedLinear), and, like Q3_K and Q2_K, MLX's 8
+bits in groups of 32 re-quantized from its exact values (an embedding's form; their tensor() is
+exact); the other types the gguf package can dequantize (IQ) come as float32. held_as(name) says
+which, in words. GGUF llama files already hold the queries'
 and keys' rows in Meta's interleaved RoPE order (llama.cpp's converter permutes Hugging Face's),
 so every tensor maps to one of ours by name and nothing is permuted.
 
 Writing (writer.py: tensor_types, write): any checkpoint of this toolkit as a llama GGUF file, the reader's
 mapping inverted. MLX's 4- and 8-bit quantization in groups of 32 with scales float16 holds goes
 into Q4_1 and Q8_0 blocks exactly, a weight read from Q4_K or Q5_K into its own superblocks again
-(so a GGUF file converted and written back keeps its bytes); a weight a GGUF file held in Q4_K, Q5_K
-or Q6_K (gguf_type(name), kept in a converted folder's config.json) is written back in that type,
-quantized by our own quantizer where its superblocks are not at hand; every other quantized tensor
+(so a GGUF file converted and written back keeps its bytes), a weight held in Q6_K blocks as they
+are; a weight a GGUF file held in Q4_K, Q5_K or Q6_K (gguf_type(name), kept in a converted folder's
+config.json) is written back in that type, quantized by our own quantizer where its superblocks are
+not at hand; every other quantized tensor
 is quantized from float32 by the gguf package. The tokenizer is
 rewritten as llama.cpp reads one: tokenizer.json's byte-level BPE (its pre-tokenizer named),
 SentencePiece's pieces, or Llama 3's tiktoken ranks as byte-level BPE. Tensors are converted and
@@ -36,12 +39,14 @@ import os
 import mlx.core as mx
 import numpy as np
 
+import ops
 from formats.gguf import kquants
 from formats.gguf.blocks import (
     FLOAT_DTYPES,
     GROUP_SIZE,
     HELD_BITS,
     block_scales,
+    finite_values,
     kquant_affine,
     mlx_affine,
     requantized_affine,
@@ -152,6 +157,20 @@ class Checkpoint:
     def gguf_type(self, name):
         """The ggml type the file holds the weight in ("Q4_K", say)."""
         return self._entries[name].type
+
+    def block_type(self, name):
+        """The weight's type where its blocks can be kept as they are (ops.BLOCK_TYPES: a Q6_K
+        matrix; convert.py keeps a linear's so), else None."""
+        entry = self._entries[name]
+        return entry.type if entry.type in ops.BLOCK_TYPES and len(entry.shape) == 2 else None
+
+    def gguf_blocks(self, name):
+        """Those blocks as the file holds them, uint8 [rows, cols / 256 * 210], their d checked finite."""
+        entry = self._entries[name]
+        blocks = self._raw(entry).reshape(entry.shape[0], -1)
+        if not finite_values(blocks, entry.type):
+            raise UserError(f"{self.path}: {entry.gguf_name} has blocks whose scale is NaN or infinite")
+        return mx.array(blocks)
 
     def held_as(self, name):
         """What quantized() or tensor() makes of the weight, in words: "4-bit groups of 32 (exact)",

@@ -136,7 +136,7 @@ CHUNK_VALUES = 1 << 22  # rows converted at a time: about 16 MiB of float32, wha
 
 def tensor_chunks(checkpoint, name, type_name):
     """The weight's bytes in `type_name`, as uint8 arrays of a few rows each."""
-    own = own_code_blocks(checkpoint, name, type_name)
+    own = held_block_chunks(checkpoint, name, type_name) or own_code_blocks(checkpoint, name, type_name)
     if own is not None:
         yield from own
         return
@@ -146,6 +146,17 @@ def tensor_chunks(checkpoint, name, type_name):
             raise UserError(f"{checkpoint.path}: {name} is not finite in {type_name}: NaN, infinity, or values "
                             "beyond that type's range" + (" (try float32 or bfloat16)" if type_name == "F16" else ""))
         yield out.view(np.uint8)
+
+
+def held_block_chunks(checkpoint, name, type_name):
+    """The blocks a weight is held in (gguf_blocks: a kept Q6_K's), as they are, a few rows at a
+    time; None unless they are `type_name`'s."""
+    if getattr(checkpoint, "block_type", lambda name: None)(name) != type_name:
+        return None
+    blocks = checkpoint.gguf_blocks(name)
+    mx.eval(blocks)  # read once, whole: slices of an unread array would each read it
+    step = max(1, CHUNK_VALUES // checkpoint.shapes[name][-1])
+    return (np.asarray(blocks[start:start + step]) for start in range(0, blocks.shape[0], step))
 
 
 def converted_chunks(checkpoint, name, type_name):

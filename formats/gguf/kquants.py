@@ -5,8 +5,9 @@ A superblock holds 256 values. Q4_K and Q5_K: float16 d and dmin, 12 bytes of 6-
 m_j for 8 sub-blocks of 32, then the 4- or 5-bit codes q; each value is d sc_j q - dmin m_j. That is
 MLX's affine quantization in groups of 32 with scale d sc_j and bias -dmin m_j, exactly, in float32:
 d sc_j has up to 17 significant bits, which float32 holds and float16 does not. Q6_K (like Q3_K and
-Q2_K) gives each 16 values a scale of their own, which groups of 32 cannot hold: their exact values are
-re-quantized to 8 bits in groups of 32, min to max (requantized_8bit).
+Q2_K) gives each 16 values a scale of their own, which groups of 32 cannot hold: a linear's Q6_K is
+kept in its own blocks (ops.BLOCK_TYPES, models.BlockQuantizedLinear); otherwise their exact values
+are re-quantized to 8 bits in groups of 32, min to max (requantized_8bit).
 
 Back: a tensor still in a K-quant's form (its scales d sc_j with float16 d and 6-bit sc_j, its biases
 likewise) gets its own superblocks again, bit for bit; anything else is quantized from float32 as
@@ -18,7 +19,8 @@ import numpy as np
 
 QK_K, SUB = 256, 32  # values in a superblock, in a Q4_K/Q5_K sub-block
 EXACT_BITS = {"Q4_K": 4, "Q5_K": 5}  # exactly MLX's affine quantization in groups of 32
-REQUANTIZED = ("Q6_K", "Q3_K", "Q2_K")  # 16-value sub-blocks: 8-bit groups of 32, re-quantized
+REQUANTIZED = ("Q6_K", "Q3_K", "Q2_K")  # 16-value sub-blocks: 8-bit groups of 32, re-quantized (Q6_K's
+                                        # embeddings; its linears keep their blocks)
 REQUANTIZED_BITS = 8
 QUANTIZED_TYPES = ("Q4_K", "Q5_K", "Q6_K")  # the types quantized_superblocks writes
 TYPE_SIZES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}

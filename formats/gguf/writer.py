@@ -52,7 +52,8 @@ def chosen_type(checkpoint, name, shape, dtype, bits):
         return DTYPE_TYPES[dtype]
     q = checkpoint.quantization(name)
     source = getattr(checkpoint, "gguf_type", lambda name: None)(name)  # formats without one: None
-    if q is not None and source in SOURCE_TYPES_KEPT:
+    blocks = getattr(checkpoint, "block_type", lambda name: None)(name)  # held in GGUF blocks (Q6_K)
+    if (q is not None or blocks is not None) and source in SOURCE_TYPES_KEPT:
         return source
     if q is not None:
         return "Q4_1" if q[1] <= 4 else "Q8_0"
