@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-KERNELS_API_VERSION = 8  # what this ops.py calls: bindings.cpp's API_VERSION
+KERNELS_API_VERSION = 9  # what this ops.py calls: bindings.cpp's API_VERSION
 
 
 def _load_kernels():
@@ -224,8 +224,8 @@ def _q6_k_values(blocks_NB):
 def block_linear(x, blocks, gguf_type):
     """x @ dequantize_blocks(blocks).T for a frozen weight held in GGUF blocks: the dense weight
     made for the product (in forward, and again in backward) and never kept."""
-    if _applies(x, rows=_rows(x)):  # decoding: the dense rows, read once by the matvec kernel
-        return kernels.matvec(x, dequantize_blocks(blocks, gguf_type))
+    if _applies(x, rows=_rows(x)):  # decoding: straight from the blocks, no dense copy
+        return kernels.block_matvec(x, blocks, gguf_type)
     return _block_matmul(gguf_type, x.dtype, _bfloat16_applies(x))(x, blocks)
 
 

@@ -34,7 +34,7 @@ using namespace cpu_kernels;
 NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   // ops.py refuses a build of another version (one left over from before a git pull, say):
   // raise it whenever a function's signature or meaning changes.
-  m.attr("API_VERSION") = 8;
+  m.attr("API_VERSION") = 9;
   m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize (GGUF's Q6_K blocks too), float16 widening, bfloat16 products on AMX, cross-entropy, the activations (gates, GELU, soft cap), causal softmax, and the norm, RoPE and attention of decoding.";
   m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32; w float32 or float16).");
   m.def("matvecs", &matvecs, "x"_a, "w"_a,
@@ -46,6 +46,8 @@ NB_MODULE(MLX_LORA_MODULE_NAME, m) {
         "The float32 (or bfloat16) matrix of MLX affine-quantized weights.");
   m.def("dequantize_blocks", &dequantize_blocks, "blocks"_a, "type"_a, "dtype"_a = mlx::core::float32,
         "The float32 (or bfloat16) matrix [N, K] of GGUF blocks uint8 [N, K / 256 * 210] (type \"Q6_K\"), exactly.");
+  m.def("block_matvec", &block_matvec, "x"_a, "blocks"_a, "type"_a,
+        "x [..., K] @ dequantize_blocks(blocks).T for a few rows of x (float32), straight from the blocks.");
   m.def("to_float32", &to_float32, "x"_a, "float16 x as float32 (exact), on every thread.");
   m.def("bf16_products", &bf16_products,
         "Whether bf16_matmul runs here: built with AMX, and the kernel lends this process its tiles.");

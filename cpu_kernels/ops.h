@@ -24,6 +24,7 @@ mx::array dequantize(const mx::array& wq, const mx::array& scales, const mx::arr
 
 // kquants.cpp: GGUF's Q6_K superblocks, held as they are
 mx::array dequantize_blocks(const mx::array& blocks, const std::string& type, mx::Dtype dtype);
+mx::array block_matvec(const mx::array& x, const mx::array& blocks, const std::string& type);
 
 // bf16_matmul.cpp: bfloat16 products on AMX tiles, float32 sums
 bool bf16_products();

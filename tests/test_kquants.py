@@ -2,6 +2,7 @@
 error, Q6_K held in its own blocks (the kernel and the MLX ops), a tiny K-quant model converted, trained and
 fused back in its own types, and hostile files."""
 
+import collections
 import json
 import os
 import shutil
@@ -131,9 +132,20 @@ def test_the_kernel_refuses_rows_that_are_not_whole_superblocks():
 
 @pytest.mark.parametrize("path", ["kernel", "mlx ops"])
 def test_a_block_linear_is_its_dense_product_and_stays_frozen(monkeypatch, path):
-    """BlockQuantizedLinear: x W^T for a decoded row and for many, its gradient with respect to x
-    W's, and no gradient or trainable parameter for its blocks."""
+    """BlockQuantizedLinear: x W^T for a decoded row (the kernels: straight from the blocks) and for
+    many (the dense weight), its gradient with respect to x W's, and no gradient or trainable
+    parameter for its blocks."""
     kernels_or_mlx_ops(monkeypatch, path)
+    calls = collections.Counter()
+    if path == "kernel":  # counted: a path that silently left the kernels would still match
+        kernels = ops.kernels
+
+        class Counting:
+            def __getattr__(self, name):
+                calls[name] += 1
+                return getattr(kernels, name)
+
+        monkeypatch.setattr(ops, "kernels", Counting())
     rows = kquants.quantized_superblocks(rows_of(0.02, (24, 512)), "Q6_K")
     w = dequantized(rows.reshape(-1, 210), "Q6_K").reshape(24, 512)
     layer = models.BlockQuantizedLinear(512, 24, "Q6_K")
@@ -143,8 +155,12 @@ def test_a_block_linear_is_its_dense_product_and_stays_frozen(monkeypatch, path)
     for n in (1, 40):
         x = rows_of(1.0, (n, 512))
         assert np.abs(np.array(layer(mx.array(x))) - x @ w.T).max() <= 1e-4
-    grad = mx.grad(lambda x: layer(x).sum())(mx.array(rows_of(1.0, (40, 512))))
-    assert np.abs(np.array(grad) - np.ones((40, 24), np.float32) @ w).max() <= 1e-4
+    for n in (1, 40):
+        grad = mx.grad(lambda x: layer(x).sum())(mx.array(rows_of(1.0, (n, 512))))
+        assert np.abs(np.array(grad) - np.ones((n, 24), np.float32) @ w).max() <= 1e-4
+    if path == "kernel":
+        # one row twice straight from the blocks; 40 rows: the product, then again in forward and backward
+        assert calls["block_matvec"] == 2 and calls["dequantize_blocks"] == 3, calls
 
 
 @pytest.mark.parametrize("type_name, scales", [("Q3_K", slice(108, 110)), ("Q2_K", slice(80, 84))])
