@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-KERNELS_API_VERSION = 9  # what this ops.py calls: bindings.cpp's API_VERSION
+KERNELS_API_VERSION = 10  # what this ops.py calls: bindings.cpp's API_VERSION
 
 
 def _load_kernels():
@@ -249,6 +249,14 @@ def swiglu(a, b):
     if _applies(a, b):
         return kernels.gate(a, b, False)
     return nn.silu(a) * b
+
+
+def swiglu_halves(ab):
+    """silu(a) * b of the halves of ab [..., 2C] (Phi-3's gate_up_proj): one kernel pass each way,
+    where a split would copy both halves and its gradient concatenate them again."""
+    if _applies(ab):
+        return kernels.gate_halves(ab, False)
+    return swiglu(*mx.split(ab, 2, axis=-1))
 
 
 def geglu(a, b):

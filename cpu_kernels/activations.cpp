@@ -4,6 +4,7 @@
 // soft cap of the logits. tanh GELU is a sigmoid too: gelu(a) = a * sigmoid(u), u = K (a + C a^3),
 // since (1 + tanh(z)) / 2 = sigmoid(2 z).
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <stdexcept>
@@ -36,44 +37,84 @@ inline __m512 gate_slope16(__m512 a, bool gelu) {
 }
 #endif
 
-// out = a * sigmoid(u(a)) * b, without b when not gated
+// out = a * sigmoid(u(a)) * b over n values, without b when not gated
+template <bool gated>
+void gate_span(const float* a, const float* b, float* out, size_t n, bool gelu) {
+  size_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(a + i);
+    const __m512 v = _mm512_mul_ps(x, sigmoid16(gate_arg16(x, gelu)));
+    _mm512_storeu_ps(out + i, gated ? _mm512_mul_ps(v, _mm512_loadu_ps(b + i)) : v);
+  }
+#endif
+  for (; i < n; i++) out[i] = a[i] * sigmoid(gate_arg(a[i], gelu)) * (gated ? b[i] : 1.0f);
+}
+
+// da = g * b * s * (1 + a * (1 - s) * u'(a)), db = g * a * s, with s = sigmoid(u(a)), over n
+// values; without b (and db) when not gated
+template <bool gated>
+void gate_grads_span(const float* a, const float* b, const float* g, float* da, float* db, size_t n, bool gelu) {
+  size_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(a + i), c = _mm512_loadu_ps(g + i);
+    const __m512 s = sigmoid16(gate_arg16(x, gelu)), gs = _mm512_mul_ps(c, s);
+    if (gated) _mm512_storeu_ps(db + i, _mm512_mul_ps(gs, x));
+    const __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(x, _mm512_sub_ps(one, s)), gate_slope16(x, gelu), one);
+    const __m512 gsb = gated ? _mm512_mul_ps(gs, _mm512_loadu_ps(b + i)) : gs;
+    _mm512_storeu_ps(da + i, _mm512_mul_ps(gsb, slope));
+  }
+#endif
+  for (; i < n; i++) {
+    const float s = sigmoid(gate_arg(a[i], gelu));
+    if (gated) db[i] = g[i] * s * a[i];
+    da[i] = g[i] * s * (gated ? b[i] : 1.0f) * (1.0f + a[i] * (1.0f - s) * gate_slope(a[i], gelu));
+  }
+}
+
 template <bool gated>
 void gate_values(const float* a, const float* b, float* out, size_t n, bool gelu) {
   parallel_elements(n, [&](size_t start, size_t end) {
-    size_t i = start;
-#if defined(__AVX512F__)
-    for (; i + 16 <= end; i += 16) {
-      const __m512 x = _mm512_loadu_ps(a + i);
-      const __m512 v = _mm512_mul_ps(x, sigmoid16(gate_arg16(x, gelu)));
-      _mm512_storeu_ps(out + i, gated ? _mm512_mul_ps(v, _mm512_loadu_ps(b + i)) : v);
-    }
-#endif
-    for (; i < end; i++) out[i] = a[i] * sigmoid(gate_arg(a[i], gelu)) * (gated ? b[i] : 1.0f);
+    gate_span<gated>(a + start, gated ? b + start : nullptr, out + start, end - start, gelu);
   });
 }
 
-// da = g * b * s * (1 + a * (1 - s) * u'(a)), db = g * a * s, with s = sigmoid(u(a)); without b
-// (and db) when not gated
 template <bool gated>
 void gate_grads(const float* a, const float* b, const float* g, float* da, float* db, size_t n, bool gelu) {
   parallel_elements(n, [&](size_t start, size_t end) {
-    size_t i = start;
-#if defined(__AVX512F__)
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (; i + 16 <= end; i += 16) {
-      const __m512 x = _mm512_loadu_ps(a + i), c = _mm512_loadu_ps(g + i);
-      const __m512 s = sigmoid16(gate_arg16(x, gelu)), gs = _mm512_mul_ps(c, s);
-      if (gated) _mm512_storeu_ps(db + i, _mm512_mul_ps(gs, x));
-      const __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(x, _mm512_sub_ps(one, s)), gate_slope16(x, gelu), one);
-      const __m512 gsb = gated ? _mm512_mul_ps(gs, _mm512_loadu_ps(b + i)) : gs;
-      _mm512_storeu_ps(da + i, _mm512_mul_ps(gsb, slope));
-    }
-#endif
-    for (; i < end; i++) {
-      const float s = sigmoid(gate_arg(a[i], gelu));
-      if (gated) db[i] = g[i] * s * a[i];
-      da[i] = g[i] * s * (gated ? b[i] : 1.0f) * (1.0f + a[i] * (1.0f - s) * gate_slope(a[i], gelu));
-    }
+    gate_grads_span<gated>(a + start, gated ? b + start : nullptr, g + start, da + start, gated ? db + start : nullptr,
+                           end - start, gelu);
+  });
+}
+
+// Phi-3's gate and up in one linear's output, rows [a | b] of 2 * width values: span(i, at, n) for
+// the pieces of outputs [start, end) that lie in one row, i the output's index and `at` a's
+// offset in the input (b's is at + width).
+template <typename Span>
+void by_rows(size_t start, size_t end, size_t width, const Span& span) {
+  while (start < end) {
+    const size_t row = start / width, column = start % width, n = std::min(end - start, width - column);
+    span(start, row * 2 * width + column, n);
+    start += n;
+  }
+}
+
+void gate_halves_values(const float* ab, float* out, size_t n, size_t width, bool gelu) {
+  parallel_elements(n, [&](size_t start, size_t end) {
+    by_rows(start, end, width, [&](size_t i, size_t at, size_t k) {
+      gate_span<true>(ab + at, ab + at + width, out + i, k, gelu);
+    });
+  });
+}
+
+// d[a | b], both halves of the input's gradient written in place: no concatenation after
+void gate_halves_grads(const float* ab, const float* g, float* dab, size_t n, size_t width, bool gelu) {
+  parallel_elements(n, [&](size_t start, size_t end) {
+    by_rows(start, end, width, [&](size_t i, size_t at, size_t k) {
+      gate_grads_span<true>(ab + at, ab + at + width, g + i, dab + at, dab + at + width, k, gelu);
+    });
   });
 }
 
@@ -118,6 +159,50 @@ class Gate : public CpuPrimitive {
   const char* name() const override { return gelu_ ? "Geglu" : "Swiglu"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return gelu_ == static_cast<const Gate&>(other).gelu_;  // compile must not merge the two gates
+  }
+
+ private:
+  bool gelu_;
+};
+
+class GateHalvesGrad : public CpuPrimitive {
+ public:
+  GateHalvesGrad(mx::Stream s, bool gelu) : CpuPrimitive(s), gelu_(gelu) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    const bool gelu = gelu_;
+    run(in, out, [gelu](std::vector<mx::array>& in, mx::array& out) {
+      const size_t width = out.shape(-1) / 2;
+      gate_halves_grads(in[0].data<float>(), in[1].data<float>(), out.data<float>(), out.size() / 2, width, gelu);
+    });
+  }
+  const char* name() const override { return gelu_ ? "GegluHalvesGrad" : "SwigluHalvesGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return gelu_ == static_cast<const GateHalvesGrad&>(other).gelu_;
+  }
+
+ private:
+  bool gelu_;
+};
+
+class GateHalves : public CpuPrimitive {
+ public:
+  GateHalves(mx::Stream s, bool gelu) : CpuPrimitive(s), gelu_(gelu) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    const bool gelu = gelu_;
+    run(in, out, [gelu](std::vector<mx::array>& in, mx::array& out) {
+      gate_halves_values(in[0].data<float>(), out.data<float>(), out.size(), out.shape(-1), gelu);
+    });
+  }
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents, const std::vector<int>&,
+      const std::vector<mx::array>&) override {
+    auto s = stream();
+    return {mx::array(primals[0].shape(), mx::float32, std::make_shared<GateHalvesGrad>(s, gelu_),
+                      {primals[0], mx::astype(cotangents[0], mx::float32, s)})};
+  }
+  const char* name() const override { return gelu_ ? "GegluHalves" : "SwigluHalves"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return gelu_ == static_cast<const GateHalves&>(other).gelu_;
   }
 
  private:
@@ -220,6 +305,16 @@ mx::array gate(const mx::array& a, const mx::array& b, bool gelu) {
   return mx::array(a.shape(), mx::float32, std::make_shared<Gate>(s, gelu), {a, b});
 }
 
+
+// gate(a, b, gelu) of the halves of ab [..., 2 C]: a = ab[..., :C], b = ab[..., C:] (Phi-3's
+// gate_up_proj), with no split of ab nor concatenation of its gradient; float32
+mx::array gate_halves(const mx::array& ab, bool gelu) {
+  check_float32(ab, "ab");
+  if (ab.ndim() < 1 || ab.shape(-1) % 2) throw std::invalid_argument("gate_halves: ab's last axis must be even");
+  auto shape = ab.shape();
+  shape.back() /= 2;
+  return mx::array(shape, mx::float32, std::make_shared<GateHalves>(cpu_stream(), gelu), {ab});
+}
 
 // gelu(a) with the tanh GELU (GPT-2's ungated feed-forward); float32
 mx::array gelu(const mx::array& a) {

@@ -34,7 +34,7 @@ using namespace cpu_kernels;
 NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   // ops.py refuses a build of another version (one left over from before a git pull, say):
   // raise it whenever a function's signature or meaning changes.
-  m.attr("API_VERSION") = 9;
+  m.attr("API_VERSION") = 10;
   m.doc() = "CPU kernels for MLX: float32 and quantized matvec, dequantize (GGUF's Q6_K blocks too), float16 widening, bfloat16 products on AMX, cross-entropy, the activations (gates, GELU, soft cap), causal softmax, and the norm, RoPE and attention of decoding.";
   m.def("matvec", &matvec, "x"_a, "w"_a, "x [..., K] @ w [N, K].T for a few rows of x (float32; w float32 or float16).");
   m.def("matvecs", &matvecs, "x"_a, "w"_a,
@@ -56,6 +56,8 @@ NB_MODULE(MLX_LORA_MODULE_NAME, m) {
   m.def("cross_entropy", &cross_entropy, "logits"_a, "targets"_a,
         "logsumexp(logits) - logits[target] along the last axis (float32 logits).");
   m.def("gate", &gate, "a"_a, "b"_a, "gelu"_a, "silu(a) * b, or gelu(a) * b with the tanh GELU (float32).");
+  m.def("gate_halves", &gate_halves, "ab"_a, "gelu"_a,
+        "gate(ab[..., :C], ab[..., C:], gelu) of the halves of ab [..., 2C], its gradient in one array (float32).");
   m.def("gelu", &gelu, "a"_a, "gelu(a), the tanh GELU (float32).");
   m.def("soft_cap", &soft_cap, "x"_a, "cap"_a, "scale"_a = 1.0f, "cap * tanh(scale * x / cap) (float32).");
   m.def("causal_softmax", &causal_softmax, "x"_a, "scale"_a, "window"_a = 0, "cap"_a = 0.0f,

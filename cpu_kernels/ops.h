@@ -35,6 +35,7 @@ mx::array cross_entropy(const mx::array& logits, const mx::array& targets);
 
 // activations.cpp
 mx::array gate(const mx::array& a, const mx::array& b, bool gelu);
+mx::array gate_halves(const mx::array& ab, bool gelu);
 mx::array gelu(const mx::array& a);
 mx::array soft_cap(const mx::array& x, float cap, float scale);
 

@@ -87,8 +87,7 @@ class GateUpFeedForward(nn.Module):
         self.w2 = Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x_BTD):
-        gate_BTC, up_BTC = mx.split(self.w13(x_BTD), 2, axis=-1)
-        return self.w2(ops.swiglu(gate_BTC, up_BTC))
+        return self.w2(ops.swiglu_halves(self.w13(x_BTD)))  # w13's output [B, T, 2C]: gate, then up
 
 
 class Model(Decoder):

@@ -151,6 +151,20 @@ def test_gates_and_their_gradients_match_float64(shape, gelu):
         np.testing.assert_allclose(np.array(kernels.gate(a, b, True)), np.array(nn.gelu_approx(a) * b), atol=1e-5)
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("shape", [(3, 7, 2 * 37), (3, 7, 2 * 1000)])  # rows cut between threads mid-row, or not
+def test_gates_of_one_arrays_halves_match_float64(shape, gelu):
+    """Phi-3's gate and up in one linear's output: the gate of its halves, and the gradient of both
+    halves in one array."""
+    ab, cot = 4 * mx.random.normal(shape), mx.random.normal(shape[:-1] + (shape[-1] // 2,))
+    A, B = np.split(f64(ab), 2, axis=-1)
+    act, slope = gate_float64(A, gelu)
+    np.testing.assert_allclose(np.array(kernels.gate_halves(ab, gelu)), act * B, rtol=1e-5, atol=1e-5)
+    grad = mx.grad(lambda ab: (kernels.gate_halves(ab, gelu) * cot).sum())(ab)
+    C = f64(cot)
+    np.testing.assert_allclose(np.array(grad), np.concatenate([C * B * slope, C * act], axis=-1), rtol=1e-5, atol=1e-5)
+
+
 def test_gelu_and_soft_cap_and_their_gradients_match_float64():
     """GPT-2's ungated tanh GELU and Gemma 2's soft cap of the logits, values and gradients."""
     a, cot = 4 * mx.random.normal((3, 37, 41)), mx.random.normal((3, 37, 41))  # odd sizes: the scalar tails too
@@ -301,6 +315,8 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
         kernels.causal_softmax(mx.zeros((1, 5, 5)), 1.0, 0, float("nan"))  # a cap must be a number >= 0
     with pytest.raises(ValueError):
         kernels.soft_cap(mx.zeros((2, 3)), 0.0)  # no cap
+    with pytest.raises(ValueError):
+        kernels.gate_halves(mx.zeros((2, 7)), False)  # no halves of an odd width
 
 
 # --------------------------------------------------------------------------- in the model
