@@ -1,4 +1,5 @@
-"""peft: the default model's LoRA and QLoRA steps over the shipped data against PyTorch + PEFT."""
+"""peft: a converted GGUF model's LoRA and QLoRA steps over real data against PyTorch + PEFT (the
+default model's over the shipped data unless told another)."""
 
 import itertools
 import os
@@ -76,20 +77,21 @@ def peft_step(base, rank, alpha, targets, autocast, table=NAMES):
     return step
 
 
-def peft_lora_seconds(gguf_path, batches, rank, alpha, targets, autocast=False):
+def peft_lora_seconds(gguf_path, batches, rank, alpha, targets, autocast=False, table=NAMES):
     """The same steps in PyTorch + PEFT over transformers' GGUF loader (float32)."""
     import torch
     import transformers
 
     folder, name = os.path.split(gguf_path)
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return time_steps(peft_step(base, rank, alpha, targets, autocast), batches)
+    return time_steps(peft_step(base, rank, alpha, targets, autocast, table), batches)
 
 
 def run(args):
-    """LoRA and QLoRA on the default model (SmolLM2-135M-Instruct) over the shipped data, against
-    PyTorch + PEFT LoRA on the same weights, batches, rank, alpha and targets. PyTorch and PEFT
-    serve this section alone (skipped without them)."""
+    """LoRA and QLoRA on a model converted from a GGUF file (--model and --gguf; by default the
+    default model, SmolLM2-135M-Instruct, over the shipped data), against PyTorch + PEFT LoRA on the
+    same weights (transformers' GGUF loader dequantizes them), batches, rank, alpha and targets.
+    PyTorch and PEFT serve this section alone (skipped without them)."""
     import importlib.util
     import tempfile
 
@@ -100,13 +102,15 @@ def run(args):
     import models
     import ops
 
-    gguf_path = loading.DEFAULT_GGUF
+    gguf_path = args.gguf
     if not os.path.exists(gguf_path) or not os.path.isdir(args.model):
-        raise UserError(f"{gguf_path}: run setup.sh first (it fetches and converts the default model)")
-    targets = models.parse_targets(args.targets)
+        raise UserError(f"{gguf_path}: run setup.sh first (it fetches and converts the default model; "
+                        "--gemma3, Gemma 3 270M)")
+    table = models.names_of(read_json(os.path.join(args.model, "config.json"), "model configuration"))
+    targets = table.resolve_targets(models.parse_targets(args.targets))
     batches = real_batches(args.model, args.data, args.batches, args.batch_size, args.max_seq_length)
     n_tokens = sum(int(b[2].sum()) for b in batches)  # the tokens that carry loss
-    results = {"key": "peft", "model": "SmolLM2-135M-Instruct", "batches": f"{len(batches)} x {args.batch_size}",
+    results = {"key": "peft", "model": os.path.basename(gguf_path), "batches": f"{len(batches)} x {args.batch_size}",
                "max_seq_length": args.max_seq_length, "rank": args.rank, "targets": args.targets,
                "loss_tokens": n_tokens}
     lora = (args.rank, 2 * args.rank, targets)
@@ -117,8 +121,8 @@ def run(args):
                    "qlora": mlx_lora_seconds(args.model, batches, *lora)}
         if bfloat16:
             seconds["qlora_bf16"] = mlx_lora_seconds(args.model, batches, *lora, compute_dtype="bfloat16")
-    seconds["peft"] = peft_lora_seconds(gguf_path, batches, *lora)
-    seconds["peft_bf16"] = peft_lora_seconds(gguf_path, batches, *lora, autocast=True)
+    seconds["peft"] = peft_lora_seconds(gguf_path, batches, *lora, table=table)
+    seconds["peft_bf16"] = peft_lora_seconds(gguf_path, batches, *lora, autocast=True, table=table)
     for kind, s in seconds.items():
         results[f"{kind}_loss_tokens_per_s"] = round(n_tokens / s, 1)
     for ours, theirs in itertools.product([k for k in seconds if not k.startswith("peft")], ["peft", "peft_bf16"]):
@@ -128,4 +132,6 @@ def run(args):
 
 def add_args(p):
     add_main_job_args(p)
+    p.add_argument("--gguf", default=loading.DEFAULT_GGUF,
+                   help="The GGUF file --model was converted from (PyTorch's copy; default: the default model's).")
     p.add_argument("--batches", type=int, default=12, help="Training batches timed (after one untimed pass).")
