@@ -176,6 +176,14 @@ def _frozen_matmul(dense, bfloat16=False):
     return matmul
 
 
+def dequantize(weight, scales, biases, group_size, bits):
+    """MLX's affine-quantized weight as float32 [out, in]: the kernel, threaded, where it applies
+    (MLX's CPU dequantize takes one value at a time: 26 ms for a 5-bit 2816 x 1024 weight, 0.25)."""
+    if _applies(scales, biases):
+        return kernels.dequantize(weight, scales, biases, group_size, bits, mx.float32)
+    return mx.dequantize(weight, scales, biases, group_size, bits)
+
+
 @functools.lru_cache(maxsize=None)
 def _dequantized_matmul(group_size, bits, bfloat16):
     dtype = mx.bfloat16 if bfloat16 else mx.float32  # bfloat16: rounded once, half the bytes to pack

@@ -13,6 +13,7 @@ from utils import UserError
 import mlx.core as mx
 import mlx.nn as nn
 
+import ops
 from models.layers import BlockQuantizedLinear
 
 # What --fine-tune-type chooses: the layer that wraps each target, or, for full, none (the
@@ -164,7 +165,7 @@ def dense_weight(linear):
     if isinstance(linear, BlockQuantizedLinear):
         return linear.dense_weight()
     if isinstance(linear, nn.QuantizedLinear):
-        return mx.dequantize(linear.weight, linear.scales, linear.biases, linear.group_size, linear.bits)
+        return ops.dequantize(linear.weight, linear.scales, linear.biases, linear.group_size, linear.bits)
     return linear.weight.astype(mx.float32)
 
 
