@@ -154,15 +154,28 @@ def added_tokens(folder, vocab_size):
     tokenizer_config.json's added_tokens_decoder (Gemma's runs of spaces; Phi-3's <|user|>, <|end|>,
     ... with rstrip)."""
     path = os.path.join(folder, "tokenizer_config.json")
+    entries = added_tokens_decoder(path)
+    if any(entry["id"] >= vocab_size for entry in entries):
+        raise UserError(f"{path}: added_tokens_decoder holds an id past the tokenizer's {vocab_size} tokens")
+    return ({entry["content"]: entry["id"] for entry in entries},
+            frozenset(entry["content"] for entry in entries if entry.get("rstrip") is True))
+
+
+def added_tokens_decoder(path):
+    """The entries of tokenizer_config.json's added_tokens_decoder at `path` (none without the file),
+    each with its "id"; one that is not an id and a text is refused in one line."""
     if not os.path.isfile(path):
-        return {}, frozenset()
+        return []
     decoder = read_json(path, "tokenizer config").get("added_tokens_decoder") or {}
-    if not isinstance(decoder, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("content"), str)
-                                                and entry["content"] and key.isdigit() and int(key) < vocab_size
-                                                for key, entry in decoder.items()):
-        raise UserError(f"{path}: added_tokens_decoder must map ids below {vocab_size} to tokens with content")
-    return ({entry["content"]: int(key) for key, entry in decoder.items()},
-            frozenset(entry["content"] for entry in decoder.values() if entry.get("rstrip") is True))
+    if not isinstance(decoder, dict):
+        raise UserError(f"{path}: added_tokens_decoder must map ids to tokens")
+    entries = []
+    for key, entry in decoder.items():
+        if not (key.isdigit() and isinstance(entry, dict) and isinstance(entry.get("content"), str)
+                and entry["content"]):
+            raise UserError(f"{path}: added_tokens_decoder[{key[:20]!r}] is not an id and a text")
+        entries.append(dict(entry, id=int(key)))
+    return entries
 
 
 def is_tiktoken_file(path):
