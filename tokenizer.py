@@ -154,14 +154,14 @@ def added_tokens(folder, vocab_size):
     tokenizer_config.json's added_tokens_decoder (Gemma's runs of spaces; Phi-3's <|user|>, <|end|>,
     ... with rstrip)."""
     path = os.path.join(folder, "tokenizer_config.json")
-    entries = added_tokens_decoder(path)
+    entries = read_added_tokens_decoder(path)
     if any(entry["id"] >= vocab_size for entry in entries):
         raise UserError(f"{path}: added_tokens_decoder holds an id past the tokenizer's {vocab_size} tokens")
     return ({entry["content"]: entry["id"] for entry in entries},
             frozenset(entry["content"] for entry in entries if entry.get("rstrip") is True))
 
 
-def added_tokens_decoder(path):
+def read_added_tokens_decoder(path):
     """The entries of tokenizer_config.json's added_tokens_decoder at `path` (none without the file),
     each with its "id"; one that is not an id and a text is refused in one line."""
     if not os.path.isfile(path):

@@ -11,7 +11,7 @@ from functools import cache, lru_cache
 
 import numpy as np
 
-from tokenizer import added_tokens_decoder
+from tokenizer import read_added_tokens_decoder
 from utils import UserError, read_json
 
 from formats.gguf.header import brief, is_int, shown
@@ -449,7 +449,7 @@ def byte_spelling():
 def added_tokens(data, config_path, where):
     """[(id, text, special)] of the tokens a folder adds to its tokenizer.model's pieces (Phi-3's
     chat tokens): tokenizer.json's added_tokens, else tokenizer_config.json's added_tokens_decoder."""
-    entries = (data.get("added_tokens") or []) if data is not None else added_tokens_decoder(config_path)
+    entries = (data.get("added_tokens") or []) if data is not None else read_added_tokens_decoder(config_path)
     added = []
     for entry in entries:
         if not (isinstance(entry, dict) and is_int(entry.get("id")) and entry["id"] >= 0
