@@ -59,6 +59,7 @@ class Pairs:
     def __init__(self, path, sequences):
         self.path = path
         self.sequences = sequences
+        self.reference_logps = None  # DPO: N x 2, the reference's log-probabilities of each pair's answers
 
     def __len__(self):
         return len(self.sequences) // 2
@@ -297,6 +298,10 @@ def make_batch(dataset, indices):
 def make_pair_batch(pairs, indices):
     """A batch of preference pairs: inputs_P2T, targets_P2T and mask_P2T, row 0 of each pair its
     chosen sequence and row 1 its rejected one (make_batch's arrays, a pair's rows kept together so
-    that micro-batches and ranks split between pairs, never within one)."""
+    that micro-batches and ranks split between pairs, never within one); and ref_logps_P2 once the
+    pairs have their reference log-probabilities."""
     arrays = make_batch(pairs.sequences, [j for i in indices for j in (2 * i, 2 * i + 1)])
-    return tuple(a.reshape(len(indices), 2, a.shape[-1]) for a in arrays)
+    batch = tuple(a.reshape(len(indices), 2, a.shape[-1]) for a in arrays)
+    if pairs.reference_logps is not None:
+        batch += (mx.array(pairs.reference_logps[indices]),)
+    return batch

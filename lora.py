@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -94,6 +95,9 @@ class LoraSettings(trainer.TrainingSettings):
                            choices=list(preference.DPO_LOSSES))
     label_smoothing: float = option(0.0, "dpo with the sigmoid loss: the chance that a pair's preference is wrong "
                                          "(conservative DPO)", at_least=0, below=0.5)
+    sft_weight: float = option(0.0, "dpo: add this times the chosen answers' NLL per token to the loss (RPO; TRL's "
+                                    "loss_type [..., 'sft'] with this loss weight), which keeps the chosen answers "
+                                    "likely as the margin grows", at_least=0)
     reference_model: Optional[str] = option(None, "dpo: another converted model folder as the reference (default: "
                                                   "this model as training starts, its new adapters adding nothing)")
     # Test
@@ -141,7 +145,8 @@ class LoraSettings(trainer.TrainingSettings):
 
 # The flags that only some training modes use.
 MODE_FLAGS = {"beta": ("dpo", "orpo"), "dpo_loss": ("dpo",), "label_smoothing": ("dpo",),
-              "reference_model": ("dpo",), "mask_prompt": ("sft",)}
+              "reference_model": ("dpo",), "sft_weight": ("dpo",),
+              "mask_prompt": ("sft",)}
 
 
 def parse_args(argv=None):
@@ -170,16 +175,27 @@ def load_data(args, split, tokenizer):
     return dataset.load_pairs(args.data, split, tokenizer, args.max_seq_length, template, args.train_mode)
 
 
-def objective_of(args, model, reference_model=None):
-    """What --train-mode minimizes. DPO's reference is `reference_model`, or else `model` with its
-    trainable weights as they are now (call this before training moves them)."""
+def objective_of(args):
+    """What --train-mode minimizes (DPO's batches carry their reference log-probabilities)."""
     if args.train_mode == "sft":
         return trainer.SFT
     if args.train_mode == "orpo":
         return trainer.orpo_objective(args.beta)
+    return trainer.dpo_objective(args.beta, args.dpo_loss, args.label_smoothing, args.sft_weight)
+
+
+def attach_reference_logps(args, model, reference_model, splits):
+    """DPO: give each split's pairs their reference log-probabilities, once. The reference is
+    `reference_model`, or else `model` with its trainable weights as they are now (call this
+    before training moves them); no pass of it is needed after."""
     reference = (trainer.model_reference(reference_model) if reference_model is not None
                  else trainer.start_reference(model))
-    return trainer.dpo_objective(reference, args.beta, args.dpo_loss, args.label_smoothing)
+    for pairs in splits:
+        tic = time.perf_counter()
+        pairs.reference_logps = trainer.reference_logps(reference, dataset.batch_plan(pairs, args.batch_size),
+                                                        pairs.batch, len(pairs))
+        print(f"Reference log-probabilities of {pairs.path}: {len(pairs)} pairs in {time.perf_counter() - tic:.1f}s",
+              file=sys.stderr)
 
 
 def load_reference(args, model, tokenizer):
@@ -387,10 +403,8 @@ def use_model(args, adapter_file, resume=None):
     model, tokenizer, _ = load_model(args.model, adapter_file, args.compute_dtype,
                                      generation_only=not (args.train or args.test))
 
-    wanted = args.reference_model is not None and (args.train or args.test)
-    reference_model = load_reference(args, model, tokenizer) if wanted else None
     rows = 1 if args.train_mode == "sft" else 2  # a pair is two sequences
-    objective = None
+    test_set = load_test_set(args, model, tokenizer) if args.test else None  # its defects before a long training
     if args.train:
         if args.fine_tune_type != "full":  # the targets are the family's: known now, before the data
             model.names.resolve_targets(args.adapter_config().targets)
@@ -403,18 +417,18 @@ def use_model(args, adapter_file, resume=None):
                              max(data["train"].lengths), args.grad_checkpoint)
         distributed.current().check_agreement(run_digests(args, data))
         adapter_config = adapt(model, args, resume)
-        objective = objective_of(args, model, reference_model)  # before training: DPO's reference is the start
+    if args.train_mode == "dpo" and (args.train or args.test):  # before training: the default reference is the start
+        reference_model = load_reference(args, model, tokenizer) if args.reference_model is not None else None
+        attach_reference_logps(args, model, reference_model, [*(data.values() if args.train else ()),
+                                                              *([test_set] if test_set is not None else [])])
+    objective = objective_of(args)
+    if args.train:
         code = run_training(model, data, args, resume, adapter_config, objective)
         if code:
             return code
 
     if args.test:
-        test_set = load_data(args, "test", tokenizer)
-        if len(test_set) == 0:
-            raise UserError(f"{test_set.path}: no test examples")
-        trainer.check_memory(model.args, rows * args.batch_size, max(test_set.lengths))
-        test_loss, metrics = evaluate_with_metrics(model, test_set, args.batch_size, args.test_batches,
-                                      objective or objective_of(args, model, reference_model))
+        test_loss, metrics = evaluate_with_metrics(model, test_set, args.batch_size, args.test_batches, objective)
         if not math.isfinite(test_loss):
             explain_non_finite(model, "the test loss")
         if args.train_mode == "sft":
@@ -428,6 +442,16 @@ def use_model(args, adapter_file, resume=None):
         generate.generate(model, tokenizer, prompt_tokens, args.num_tokens, sampler_of(args), args.write_every,
                           echo)
     return 0
+
+
+def load_test_set(args, model, tokenizer):
+    """The test split, refused when empty or when its batches would not fit in memory."""
+    test_set = load_data(args, "test", tokenizer)
+    if len(test_set) == 0:
+        raise UserError(f"{test_set.path}: no test examples")
+    rows = 1 if args.train_mode == "sft" else 2  # a pair is two sequences
+    trainer.check_memory(model.args, rows * args.batch_size, max(test_set.lengths))
+    return test_set
 
 
 def sampler_of(args):

@@ -62,11 +62,21 @@ def orpo_odds(logps: Pair, ntoks: Pair, beta):
     return nn.log_sigmoid(log_odds_P), log_odds_P, rewards, mean
 
 
-def dpo(logps: Pair, ref_logps: Pair, ntoks: Pair, beta, loss_type="sigmoid", label_smoothing=0.0, pairs=None):
-    """(DPO's mean loss, its metric sums) over these P pairs, or, when they are part of a batch of
-    `pairs`, their share of that batch's mean loss."""
+def dpo(logps: Pair, ref_logps: Pair, ntoks: Pair, beta, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0,
+        whole=None):
+    """(DPO's mean loss, its metric sums) over these P pairs, plus sft_weight times the chosen
+    answers' NLL per token (TRL's loss_type [loss_type, "sft"] with loss_weights [1, sft_weight]:
+    RPO, Pang et al. 2024, which keeps the chosen answers likely while the margin grows); or, when
+    they are part of a batch whose `whole` is (its pairs, its chosen answers' tokens), their share
+    of that batch's loss."""
     losses_P, rewards = dpo_losses(logps, ref_logps, ntoks, beta, loss_type, label_smoothing)
-    return losses_P.sum() / (losses_P.size if pairs is None else pairs), metric_sums(rewards, logps)
+    sums = metric_sums(rewards, logps)
+    sums.update(nll_sum=-sums["logps/chosen"], chosen_tokens=ntoks.chosen.sum())
+    pairs, chosen_tokens = (losses_P.size, mx.maximum(sums["chosen_tokens"], 1)) if whole is None else whole
+    loss = losses_P.sum() / pairs
+    if sft_weight:
+        loss = loss + sft_weight * sums["nll_sum"] / chosen_tokens
+    return loss, sums
 
 
 def orpo(logps: Pair, ntoks: Pair, beta, whole=None):
@@ -82,8 +92,8 @@ def orpo(logps: Pair, ntoks: Pair, beta, whole=None):
 
 
 DPO_SUMS = ("pairs", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-            "logps/rejected")
-ORPO_SUMS = DPO_SUMS + ("log_odds_ratio", "log_odds_chosen", "nll_sum", "chosen_tokens")
+            "logps/rejected", "nll_sum", "chosen_tokens")
+ORPO_SUMS = DPO_SUMS + ("log_odds_ratio", "log_odds_chosen")
 
 
 def metric_sums(rewards: Pair, logps: Pair):
@@ -96,7 +106,7 @@ def metric_sums(rewards: Pair, logps: Pair):
 
 
 def report(sums):
-    """{name: mean} of summed metrics: per pair, and ORPO's nll_loss per chosen token."""
+    """{name: mean} of summed metrics: per pair, and nll_loss (the chosen answers' NLL) per chosen token."""
     pairs = max(float(sums["pairs"]), 1.0)
     out = {k: float(v) / pairs for k, v in sums.items() if k not in ("pairs", "nll_sum", "chosen_tokens")}
     if "nll_sum" in sums:

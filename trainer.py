@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import blas
 import utils
@@ -163,20 +163,22 @@ def pair_logps(model, inputs_P2T, targets_P2T, mask_P2T):
     return preference.Pair(logps_P2[:, 0], logps_P2[:, 1]), preference.Pair(ntoks_P2[:, 0], ntoks_P2[:, 1])
 
 
-def _pairs(inputs_P2T, targets_P2T, mask_P2T):
+def _pairs(inputs_P2T, *rest):
     return mx.array(inputs_P2T.shape[0], mx.float32)
 
 
-def dpo_objective(reference, beta, loss_type="sigmoid", label_smoothing=0.0):
-    """DPO's `loss_type` against a Reference."""
-    def loss(model, norm, *batch):
-        logps, ntoks = pair_logps(model, *batch)
-        loss, sums = preference.dpo(logps, reference.logps(model, *batch), ntoks, beta, loss_type, label_smoothing,
-                                    norm)
-        return loss, _pairs(*batch), sums
+def dpo_objective(beta, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0):
+    """DPO's `loss_type` (and sft_weight of the chosen answers' NLL), on batches that carry their
+    pairs' reference log-probabilities (ref_logps_P2, from reference_logps): the reference costs
+    no pass in the step."""
+    def loss(model, norm, inputs_P2T, targets_P2T, mask_P2T, ref_logps_P2):
+        logps, ntoks = pair_logps(model, inputs_P2T, targets_P2T, mask_P2T)
+        ref_logps = preference.Pair(ref_logps_P2[:, 0], ref_logps_P2[:, 1])
+        loss, sums = preference.dpo(logps, ref_logps, ntoks, beta, loss_type, label_smoothing, sft_weight, norm)
+        return loss, _pairs(inputs_P2T), sums
 
-    return Objective(loss, norm=_pairs, sums=preference.DPO_SUMS, report=preference.report, unit="pairs",
-                     state=(reference.state,))
+    return Objective(loss, norm=_pairs_and_chosen_tokens, sums=preference.DPO_SUMS, report=preference.report,
+                     unit="pairs")
 
 
 def orpo_objective(beta):
@@ -186,51 +188,56 @@ def orpo_objective(beta):
         loss, sums = preference.orpo(logps, ntoks, beta, norm)
         return loss, _pairs(*batch), sums
 
-    return Objective(loss, norm=_orpo_norm, sums=preference.ORPO_SUMS, report=preference.report, unit="pairs")
+    return Objective(loss, norm=_pairs_and_chosen_tokens, sums=preference.ORPO_SUMS, report=preference.report, unit="pairs")
 
 
-def _orpo_norm(inputs_P2T, targets_P2T, mask_P2T):
-    """The pairs and the chosen answers' tokens of a whole batch: ORPO's two means are over these."""
+def _pairs_and_chosen_tokens(inputs_P2T, targets_P2T, mask_P2T, *rest):
+    """The pairs and the chosen answers' tokens of a whole batch: the means of a preference loss
+    and of its NLL term are over these."""
     return mx.stack([_pairs(inputs_P2T, targets_P2T, mask_P2T), mx.maximum(mask_P2T[:, 0].sum(), 1)])
 
 
-class Reference(NamedTuple):
-    """DPO's reference: logps(model, *batch) -> its log-probabilities of the batch's answers (a
-    Pair, no gradient), and the arrays it reads beyond `model`'s."""
-    logps: Callable
-    state: object
-
-
 def start_reference(model):
-    """DPO's reference when no other model is named: `model` itself with its trainable weights as
-    training found them, in eval mode. New LoRA/DoRA adapters make it the base model (their B is 0:
-    the adapters add nothing); adapters resumed from a file, the model they made (as TRL's "ref"
-    adapter). No second copy of the base: the start weights are held, since updates make new arrays."""
+    """DPO's reference when no other model is named, as logps(*batch) -> Pair: `model` itself with
+    its trainable weights as they are now, in eval mode. New LoRA/DoRA adapters make it the base
+    model (their B is 0: the adapters add nothing); adapters resumed from a file, the model they
+    made (as TRL's "ref" adapter). No second copy of the base: the start weights are held, since
+    updates make new arrays."""
     start = model.trainable_parameters()
 
-    def logps(model, *batch):
+    def logps(*batch):
         now, was_training = model.trainable_parameters(), model.training
         model.update(start)
         model.eval()
         try:
-            ref_logps, _ = pair_logps(model, *batch)
+            return pair_logps(model, *batch)[0]
         finally:
             model.update(now)
             model.train(was_training)
-        return preference.Pair(*map(mx.stop_gradient, ref_logps))
 
-    return Reference(logps, start)
+    return logps
 
 
 def model_reference(reference_model):
     """DPO's reference when --reference-model names one: that model, frozen, in eval mode."""
     reference_model.freeze()
     reference_model.eval()
+    return lambda *batch: pair_logps(reference_model, *batch)[0]
 
-    def logps(model, *batch):
-        return preference.Pair(*map(mx.stop_gradient, pair_logps(reference_model, *batch)[0]))
 
-    return Reference(logps, reference_model.state)
+def reference_logps(reference, plan, batch_of, n_pairs):
+    """The reference's log-probabilities of n_pairs pairs' answers, as an array n_pairs x 2
+    (chosen, rejected), float32: computed once before training, as TRL's precompute_ref_log_probs,
+    so that a DPO step is the policy's passes alone. plan: the pairs' indices in batches, each
+    made by batch_of(indices); distributed, each rank computes every world-size-th batch and the
+    ranks add their arrays."""
+    world = distributed.current()
+    out_N2 = np.zeros((n_pairs, 2), np.float32)
+    for i, indices in enumerate(plan):
+        if i % world.size == world.rank:
+            logps = reference(*batch_of(indices))
+            out_N2[indices] = np.array(mx.stack([logps.chosen, logps.rejected], axis=1), np.float32)
+    return np.array(world.all_sum(mx.array(out_N2))) if world.size > 1 else out_N2
 
 
 def evaluate(model, batches, objective=SFT):

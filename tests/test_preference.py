@@ -3,6 +3,7 @@ log-probabilities against transformers, the pair data, training, resume and bad 
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import chat
 import cwk_create_dataset as cwk
 import dataset
 import lora
@@ -107,7 +109,7 @@ class Accelerator:
     gather_for_metrics = gather
 
 
-def trl_dpo(policy, reference, mask, loss_type, label_smoothing=0.0):
+def trl_dpo(policy, reference, mask, loss_type, label_smoothing=0.0, sft_weight=None):
     """TRL's DPOTrainer._compute_loss run on these log-probabilities: a stub trainer holding its
     settings, and a stub model that returns them as its fused LM head would (the reference's
     precomputed, as TRL's precompute_ref_log_probs passes them)."""
@@ -119,7 +121,8 @@ def trl_dpo(policy, reference, mask, loss_type, label_smoothing=0.0):
               "completion_mask": completion_mask, "ref_chosen_logps": ref[:, 0], "ref_rejected_logps": ref[:, 1]}
     stub = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=Accelerator(), aux_loss_enabled=False,
                            precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
-                           loss_types=[loss_type], loss_weights=[1.0], beta=BETA, label_smoothing=label_smoothing,
+                           loss_types=[loss_type] + (["sft"] if sft_weight else []),
+                           loss_weights=[1.0] + ([sft_weight] if sft_weight else []), beta=BETA, label_smoothing=label_smoothing,
                            use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)),
                            _total_train_tokens=0, _tp_size=1)
     loss = trl.DPOTrainer._compute_loss(stub, lambda **kwargs: outputs, inputs, False)
@@ -144,6 +147,19 @@ def test_dpo_losses_and_metrics_are_trls(token_logps, loss_type):
     for name in DPO_METRICS:
         assert_close(metrics[name], trl_metrics[name], name)
     assert 0 < metrics["rewards/accuracies"] < 1  # the batch has pairs either way: accuracy is tested
+
+
+@pytest.mark.parametrize("loss_type", preference.DPO_LOSSES)
+def test_dpo_with_an_sft_term_is_trls_sft_loss_weight(token_logps, loss_type):
+    """--sft-weight a: TRL's loss_type [loss_type, "sft"] with loss_weights [1, a] (RPO)."""
+    policy, reference, mask = token_logps
+    loss, sums = preference.dpo(ours(policy), ours(reference), answer_tokens(mask), BETA, loss_type, sft_weight=0.7)
+    trl_loss, _ = trl_dpo(policy, reference, mask, loss_type, sft_weight=0.7)
+    assert_close(loss.item(), trl_loss, "loss")
+    plain, _ = trl_dpo(policy, reference, mask, loss_type)
+    nll = -policy[:, 0].sum().item() / mask[:, 0].sum()
+    assert_close(preference.report(sums)["nll_loss"], nll, "nll_loss")
+    assert abs(trl_loss - plain - 0.7 * nll) < 1e-4  # the term is there, and it is the chosen answers' NLL
 
 
 def test_label_smoothing_is_conservative_dpo_from_trls_sigmoid(token_logps):
@@ -302,6 +318,37 @@ def test_short_run_learns_the_preference(tiny_llama, pair_data, tmp_path, mode):
     assert os.path.exists(tmp_path / "a.loss.png")
 
 
+def conversation_pair(pair, swapped=False):
+    """A string pair as TRL's conversational form; swapped: the answers the other way round."""
+    chosen, rejected = (pair["rejected"], pair["chosen"]) if swapped else (pair["chosen"], pair["rejected"])
+    return {"prompt": [{"role": "user", "content": pair["prompt"]}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def test_conversational_dpo_stops_early_on_the_validation_preference_loss(tiny_llama, tmp_path):
+    """Conversational pairs through the model's chat template; validation pairs that prefer the
+    other answer, so that training raises their DPO loss: --early-stop 2 ends the run two
+    evaluations after the first, and the adapters written are the best evaluation's (the start:
+    new adapters, adding nothing)."""
+    model_dir = tmp_path / "chatml"
+    shutil.copytree(tiny_llama[0], model_dir)
+    (model_dir / chat.TEMPLATE_FILE).write_text(CHATML, encoding="utf-8")
+    data = tmp_path / "data"
+    write_split(data, "train", [conversation_pair(p) for p in pairs(24, 0)])
+    write_split(data, "valid", [conversation_pair(p, swapped=True) for p in pairs(8, 0)])
+    adapter_file = tmp_path / "a.npz"
+    lora.main(["--model", str(model_dir), "--train", "--data", str(data), "--adapter-file", str(adapter_file),
+               "--iters", "40", "--batch-size", "4", "--learning-rate", "1e-2", "--lora-layers", "2",
+               "--steps-per-eval", "4", "--steps-per-report", "4", "--train-mode", "dpo", "--early-stop", "2"])
+    records = metrics(adapter_file)
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 4, 8] and val[0]["val_loss"] < val[1]["val_loss"] < val[2]["val_loss"]
+    assert records[-1]["early_stop"] and records[-1]["best_step"] == 0
+    b = [v for k, v in read_adapters(adapter_file).items() if k.endswith("lora_b")]
+    assert b and not any(v.any() for v in b)
+
+
 @pytest.mark.parametrize("kind", ["dora", "full", "qlora"])
 def test_dpo_trains_every_kind_of_adapter(tiny_llama, pair_data, tmp_path, kind):
     """DoRA, full fine-tuning (whose reference holds the trained blocks' start weights) and LoRA
@@ -349,17 +396,18 @@ def split_run_args(model_dir, data, adapter_file, mode, *extra):
             "--steps-per-eval", "3", "--steps-per-report", "3", "--val-batches", "-1", "--train-mode", mode, *extra]
 
 
-@pytest.mark.parametrize("mode", ["dpo", "orpo"])
-def test_micro_batches_and_ranks_train_as_one_process(tiny_llama, pair_data, tmp_path, mode):
+@pytest.mark.parametrize("mode, flags", [("dpo", ("--sft-weight", "0.5")), ("orpo", ())])
+def test_micro_batches_and_ranks_train_as_one_process(tiny_llama, pair_data, tmp_path, mode, flags):
     """A batch of 4 pairs whole, in 2 micro-batches, and over 2 ranks x 2 micro-batches of 1 pair:
-    the same adapters and the same metrics (ORPO's two means, over pairs and over chosen tokens,
-    each taken over the whole batch). SGD, whose steps scale with the gradient: Adam's would hide
-    a share of the loss taken over the wrong count."""
+    the same adapters and the same metrics (the NLL terms' means, over the chosen tokens, and
+    ORPO's odds-ratio mean, over pairs, each taken over the whole batch; DPO's reference
+    log-probabilities computed half by each rank). SGD, whose steps scale with the gradient:
+    Adam's would hide a share of the loss taken over the wrong count."""
     runs = {"whole": (), "accumulated": ("--grad-accumulation-steps", "2")}
     for name, extra in runs.items():
-        lora.main(split_run_args(tiny_llama[0], pair_data, tmp_path / name / "a.npz", mode, *extra))
+        lora.main(split_run_args(tiny_llama[0], pair_data, tmp_path / name / "a.npz", mode, *flags, *extra))
     results = finish(start_ranks(split_run_args(tiny_llama[0], pair_data, tmp_path / "ranks" / "a.npz", mode,
-                                                "--grad-accumulation-steps", "2"), tmp_path))
+                                                *flags, "--grad-accumulation-steps", "2"), tmp_path))
     assert [code for code, _ in results] == [0, 0], results[0][1] + results[1][1]
     expected, expected_log = read_adapters(tmp_path / "whole" / "a.npz"), metrics(tmp_path / "whole" / "a.npz")
     scale = max(np.abs(v).max() for v in expected.values())
@@ -374,21 +422,29 @@ def test_micro_batches_and_ranks_train_as_one_process(tiny_llama, pair_data, tmp
 
 def test_reference_is_the_base_model_with_adapters_off(tiny_llama, pair_data):
     """After training moved the adapters, the default reference still gives the base model's
-    log-probabilities, bit for bit (the adapters' start adds exactly nothing)."""
-    args = lora.parse_args(["--model", tiny_llama[0], "--train-mode", "dpo", "--lora-layers", "2"])
+    log-probabilities, bit for bit (the adapters' start adds exactly nothing); and the batches
+    carry them, computed once, pair by pair as the base model gives them."""
+    args = lora.parse_args(["--model", tiny_llama[0], "--train-mode", "dpo", "--lora-layers", "2",
+                            "--batch-size", "3"])
     model, tokenizer, _ = loading.load_model(tiny_llama[0])
     base, _, _ = loading.load_model(tiny_llama[0])
     data = dataset.load_pairs(pair_data, "valid", tokenizer, 2048)
     batch = data.batch(list(range(4)))
     lora.adapt(model, args, lora.ResumePoint(None, {}))
     reference = trainer.start_reference(model)
+    lora.attach_reference_logps(args, model, None, [data])  # in batches of 3 pairs sorted by length
     model.update(tree_map(lambda p: p + 0.05, model.trainable_parameters()))
     moved = trainer.pair_logps(model, *batch)[0]
-    ref = reference.logps(model, *batch)
+    ref = reference(*batch)
     expected = trainer.pair_logps(base, *batch)[0]
     for got, want, other in zip(ref, expected, moved):
         np.testing.assert_array_equal(np.array(got), np.array(want))
         assert np.abs(np.array(other) - np.array(want)).max() > 1e-3
+    carried = data.batch([2, 0, 3, 1])[-1]
+    for row, i in enumerate((2, 0, 3, 1)):
+        alone = trainer.pair_logps(base, *data.batch([i])[:3])[0]
+        np.testing.assert_allclose(np.array(carried[row]), [alone.chosen.item(), alone.rejected.item()],
+                                   rtol=1e-5)
 
 
 def test_dpo_run_killed_and_resumed_is_bit_identical(tiny_llama, pair_data, tmp_path):

@@ -78,10 +78,12 @@ def score(model_dir, adapter_file, data, samples):
 
 
 def run(args):
-    """Greedy answers to the dataset's questions, scored against its answers: the base model, and
-    with --adapter-file the adapted one (before and after)."""
-    results = {"key": "qa", "model": args.model, "adapter_file": args.adapter_file, "samples": args.samples}
-    runs = [("before", None)] + ([("after", args.adapter_file)] if args.adapter_file else [])
+    """Greedy answers to the dataset's questions, scored against its answers: the base model (or
+    the model with --before-adapter-file), and with --adapter-file the adapted one (before and
+    after)."""
+    results = {"key": "qa", "model": args.model, "before_adapter_file": args.before_adapter_file,
+               "adapter_file": args.adapter_file, "samples": args.samples}
+    runs = [("before", args.before_adapter_file)] + ([("after", args.adapter_file)] if args.adapter_file else [])
     for when, adapter_file in runs:
         for split, (scores, answers) in score(args.model, adapter_file, args.data, args.samples).items():
             for metric, n in scores.items():
@@ -93,6 +95,9 @@ def run(args):
 def add_args(p):
     p.add_argument("--model", default=loading.DEFAULT_MODEL, help="Model folder (default: the default model).")
     p.add_argument("--adapter-file", default=None, help="Adapters to score beside the base model.")
+    p.add_argument("--before-adapter-file", default=None,
+                   help="Adapters the 'before' scores are of (default: none, the base model): e.g. the supervised "
+                        "run's, to score a preference run after it.")
     p.add_argument("--data", default=os.path.join(ROOT, "data"),
                    help="Folder with train.jsonl and test.jsonl, chat or completions.")
     p.add_argument("--samples", type=int, default=30, help="Questions per split (the first N).")
