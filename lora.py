@@ -403,7 +403,6 @@ def use_model(args, adapter_file, resume=None):
     model, tokenizer, _ = load_model(args.model, adapter_file, args.compute_dtype,
                                      generation_only=not (args.train or args.test))
 
-    rows = 1 if args.train_mode == "sft" else 2  # a pair is two sequences
     test_set = load_test_set(args, model, tokenizer) if args.test else None  # its defects before a long training
     if args.train:
         if args.fine_tune_type != "full":  # the targets are the family's: known now, before the data
@@ -413,7 +412,7 @@ def use_model(args, adapter_file, resume=None):
             raise UserError(f"{data['train'].path}: no training examples")
         if len(data["valid"]) == 0:
             raise UserError(f"{data['valid'].path}: no validation examples")
-        trainer.check_memory(model.args, rows * args.micro_batch_size(distributed.current()),
+        trainer.check_memory(model.args, sequences_per_example(args) * args.micro_batch_size(distributed.current()),
                              max(data["train"].lengths), args.grad_checkpoint)
         distributed.current().check_agreement(run_digests(args, data))
         adapter_config = adapt(model, args, resume)
@@ -444,13 +443,16 @@ def use_model(args, adapter_file, resume=None):
     return 0
 
 
+def sequences_per_example(args):
+    return 1 if args.train_mode == "sft" else 2  # a pair is two sequences
+
+
 def load_test_set(args, model, tokenizer):
     """The test split, refused when empty or when its batches would not fit in memory."""
     test_set = load_data(args, "test", tokenizer)
     if len(test_set) == 0:
         raise UserError(f"{test_set.path}: no test examples")
-    rows = 1 if args.train_mode == "sft" else 2  # a pair is two sequences
-    trainer.check_memory(model.args, rows * args.batch_size, max(test_set.lengths))
+    trainer.check_memory(model.args, sequences_per_example(args) * args.batch_size, max(test_set.lengths))
     return test_set
 
 

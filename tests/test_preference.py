@@ -475,6 +475,8 @@ def other_shape(tmp_path_factory):
     (("--dpo-loss", "ipo", "--label-smoothing", "0.1"), "--label-smoothing goes with --dpo-loss sigmoid"),
     (("--train-mode", "orpo", "--dpo-loss", "hinge"), "--dpo-loss goes with --train-mode dpo, not orpo"),
     (("--label-smoothing", "0.5"), "--label-smoothing must be"),
+    (("--sft-weight", "nan"), "--sft-weight must be a finite number"),
+    (("--train-mode", "orpo", "--sft-weight", "1"), "--sft-weight goes with --train-mode dpo, not orpo"),
     (("--train-mode", "sft"), "line 1: a preference pair .*; --train-mode sft needs"),
     (("--reference-model", "OTHER"), "--reference-model .*: not the shape of"),
 ])
