@@ -161,10 +161,22 @@ def evaluate(model, data, batch_size, num_batches):
 
 def evaluate_with_metrics(model, data, batch_size, num_batches, objective):
     """(mean loss, metrics) of `objective` over the first `num_batches` batches of a split (-1: all)."""
+    return trainer.evaluate_with_metrics(model, (data.batch(indices) for indices in
+                                                 evaluation_plan(data, batch_size, num_batches)), objective)
+
+
+def evaluation_plan(data, batch_size, num_batches):
+    """The batches of a split that an evaluation of `num_batches` (-1: all) takes."""
     plan = dataset.batch_plan(data, batch_size)
-    if num_batches >= 0:
-        plan = plan[:num_batches]
-    return trainer.evaluate_with_metrics(model, (data.batch(indices) for indices in plan), objective)
+    return plan if num_batches < 0 else plan[:num_batches]
+
+
+def training_batches_drawn(args, data):
+    """The batches of the training split that steps 1..--iters draw: every one once an epoch is whole."""
+    plan = dataset.batch_plan(data, args.batch_size)
+    if args.iters >= len(plan):
+        return plan
+    return [plan[dataset.training_batch_order(len(plan), args.seed, step - 1)] for step in range(1, args.iters + 1)]
 
 
 def load_data(args, split, tokenizer):
@@ -184,18 +196,18 @@ def objective_of(args):
     return trainer.dpo_objective(args.beta, args.dpo_loss, args.label_smoothing, args.sft_weight)
 
 
-def attach_reference_logps(args, model, reference_model, splits):
-    """DPO: give each split's pairs their reference log-probabilities, once. The reference is
-    `reference_model`, or else `model` with its trainable weights as they are now (call this
-    before training moves them); no pass of it is needed after."""
-    reference = (trainer.model_reference(reference_model) if reference_model is not None
+def attach_reference_logps(args, model, tokenizer, plans):
+    """DPO: give each split's pairs their reference log-probabilities, once, for the batches of
+    its plan (plans: [(pairs, batches the run takes)]). The reference is --reference-model,
+    loaded here and let go after, or else `model` with its trainable weights as they are now
+    (call this before training moves them)."""
+    reference = (trainer.model_reference(load_reference(args, model, tokenizer)) if args.reference_model
                  else trainer.start_reference(model))
-    for pairs in splits:
+    for pairs, plan in plans:
         tic = time.perf_counter()
-        pairs.reference_logps = trainer.reference_logps(reference, dataset.batch_plan(pairs, args.batch_size),
-                                                        pairs.batch, len(pairs))
-        print(f"Reference log-probabilities of {pairs.path}: {len(pairs)} pairs in {time.perf_counter() - tic:.1f}s",
-              file=sys.stderr)
+        pairs.reference_logps = trainer.reference_logps(reference, plan, pairs.batch, len(pairs), pairs.path)
+        print(f"Reference log-probabilities of {pairs.path}: {sum(map(len, plan))} pairs in "
+              f"{time.perf_counter() - tic:.1f}s", file=sys.stderr)
 
 
 def load_reference(args, model, tokenizer):
@@ -268,7 +280,8 @@ def resume_point(args):
     --train-mode is refused."""
     checkpoints = trainer.Checkpoints(os.path.splitext(args.adapter_file)[0] + "-checkpoints", args.keep_checkpoints)
     base = trainer.sha256_file(weights_file(args.model))
-    point = ResumePoint(checkpoints, {"seed": args.seed, "batch_size": args.batch_size, trainer.BASE_KEY: base})
+    point = ResumePoint(checkpoints, {"seed": args.seed, "batch_size": args.batch_size, trainer.BASE_KEY: base,
+                                      **preference_meta(args)})
     if args.resume:
         resumed = trainer.resume(checkpoints, args.resume, point.run_meta, args.iters)
         if resumed:
@@ -278,6 +291,23 @@ def resume_point(args):
                                 f"{args.train_mode}")
             point.adapter_config = models.AdapterConfig.from_json(point.meta.get("lora"), point.path)
     return point
+
+
+def preference_meta(args):
+    """What a preference run's checkpoint must share with its resume, beyond the data order: the
+    loss's settings and, for DPO, which model the reference is (its log-probabilities are
+    computed anew on resume)."""
+    if args.train_mode == "sft":
+        return {}
+    meta = {name: getattr(args, name) for name, modes in MODE_FLAGS.items()
+            if args.train_mode in modes and name != "reference_model"}
+    if args.train_mode == "dpo":
+        meta["DPO reference"] = (
+            f"--reference-model with weights SHA-256 {trainer.sha256_file(weights_file(args.reference_model))}"
+            if args.reference_model else
+            f"the adapters of SHA-256 {trainer.sha256_file(args.resume_adapter_file)} (--resume-adapter-file)"
+            if args.resume_adapter_file else "the base model")
+    return meta
 
 
 def adapt(model, args, start: ResumePoint):
@@ -417,9 +447,11 @@ def use_model(args, adapter_file, resume=None):
         distributed.current().check_agreement(run_digests(args, data))
         adapter_config = adapt(model, args, resume)
     if args.train_mode == "dpo" and (args.train or args.test):  # before training: the default reference is the start
-        reference_model = load_reference(args, model, tokenizer) if args.reference_model is not None else None
-        attach_reference_logps(args, model, reference_model, [*(data.values() if args.train else ()),
-                                                              *([test_set] if test_set is not None else [])])
+        plans = [(data["train"], training_batches_drawn(args, data["train"])),
+                 (data["valid"], evaluation_plan(data["valid"], args.batch_size, args.val_batches))] if args.train else []
+        if test_set is not None:
+            plans.append((test_set, evaluation_plan(test_set, args.batch_size, args.test_batches)))
+        attach_reference_logps(args, model, tokenizer, plans)
     objective = objective_of(args)
     if args.train:
         code = run_training(model, data, args, resume, adapter_config, objective)

@@ -225,19 +225,29 @@ def model_reference(reference_model):
     return lambda *batch: pair_logps(reference_model, *batch)[0]
 
 
-def reference_logps(reference, plan, batch_of, n_pairs):
-    """The reference's log-probabilities of n_pairs pairs' answers, as an array n_pairs x 2
+def reference_logps(reference, plan, batch_of, n_pairs, where):
+    """The reference's log-probabilities of the answers of n_pairs pairs, as an array n_pairs x 2
     (chosen, rejected), float32: computed once before training, as TRL's precompute_ref_log_probs,
-    so that a DPO step is the policy's passes alone. plan: the pairs' indices in batches, each
-    made by batch_of(indices); distributed, each rank computes every world-size-th batch and the
-    ranks add their arrays."""
+    so that a DPO step is the policy's passes alone. plan: the batches of pair indices the run will
+    use, each made by batch_of(indices); the pairs of no batch get NaN. Distributed, each rank
+    computes every world-size-th batch and the ranks add their arrays. A non-finite value is a
+    UserError naming `where` (the split) and the pair."""
     world = distributed.current()
     out_N2 = np.zeros((n_pairs, 2), np.float32)
     for i, indices in enumerate(plan):
         if i % world.size == world.rank:
             logps = reference(*batch_of(indices))
             out_N2[indices] = np.array(mx.stack([logps.chosen, logps.rejected], axis=1), np.float32)
-    return np.array(world.all_sum(mx.array(out_N2))) if world.size > 1 else out_N2
+    if world.size > 1:
+        out_N2 = np.array(world.all_sum(mx.array(out_N2)))
+    used = np.zeros(n_pairs, bool)
+    used[[i for indices in plan for i in indices]] = True
+    if not np.isfinite(out_N2[used]).all():
+        bad = int(np.flatnonzero(used & ~np.isfinite(out_N2).all(axis=1))[0])
+        raise UserError(f"{where}: pair {bad + 1}: the reference model gives its answers the log-probabilities "
+                        f"{out_N2[bad].tolist()}, not finite numbers (a reference in float16 that overflows?)")
+    out_N2[~used] = np.nan
+    return out_N2
 
 
 def evaluate(model, batches, objective=SFT):
@@ -246,23 +256,25 @@ def evaluate(model, batches, objective=SFT):
 
 
 def evaluate_with_metrics(model, batches, objective):
-    """(mean loss weighted by each batch's units, the objective's metrics) over an iterable of
-    batches, without dropout (the model's training mode is restored after). Distributed, each
-    rank takes every world-size-th batch and the sums are added across ranks."""
+    """(the objective's loss over all the batches as one, its metrics) over an iterable of
+    batches, without dropout (the model's training mode is restored after): each batch's share
+    of the whole's mean, as in a step's micro-batches. Distributed, each rank takes every
+    world-size-th batch and the sums are added across ranks."""
     world = distributed.current()
+    batches = list(batches)
+    norm = functools.reduce(mx.add, (objective.norm(*batch) for batch in batches))
     was_training = model.training
     model.eval()
     try:
-        totals = dict(loss=mx.array(0.0), n=mx.array(0.0), **objective.zero_sums())
+        totals = dict(loss=mx.array(0.0), **objective.zero_sums())
         for i, batch in enumerate(batches):
             if i % world.size != world.rank:
                 continue
-            loss, n, sums = objective.loss(model, None, *batch)
-            totals = added(totals, dict(loss=loss * n, n=n, **sums))
+            share, _, sums = objective.loss(model, norm, *batch)
+            totals = added(totals, dict(loss=share, **sums))
             mx.eval(totals)
         totals = summed_across_ranks(world, totals) if world.size > 1 else totals
-        loss, n = totals.pop("loss"), totals.pop("n")
-        return (loss / mx.maximum(n, 1)).item(), objective.report(totals)
+        return totals.pop("loss").item(), objective.report(totals)
     finally:
         model.train(was_training)
 
@@ -469,9 +481,9 @@ def resume(checkpoints, which, run_meta, iters):
             if meta.get(key) not in (None, value):  # None: a checkpoint from before it was kept
                 raise UserError(f"{path}: checkpoint was made on another base model (weights SHA-256 "
                                 f"{meta[key][:12]}..., this run's {value[:12]}...)")
-        elif meta.get(key) != value:
-            raise UserError(f"{path}: checkpoint was made with --{key.replace('_', '-')} {meta.get(key)}, "
-                            f"this run has {value}")
+        elif meta.get(key) != value:  # a key is a flag's name, or a phrase
+            name = key if " " in key else f"--{key.replace('_', '-')}"
+            raise UserError(f"{path}: checkpoint was made with {name} {meta.get(key)}, this run has {value}")
     if meta.get("stopped_early"):
         raise UserError(f"{path}: this run stopped early at step {meta['step']} (--early-stop), with the adapters "
                         f"of step {meta.get('best_step')}: nothing left to resume")

@@ -349,9 +349,20 @@ def test_conversational_dpo_stops_early_on_the_validation_preference_loss(tiny_l
     assert b and not any(v.any() for v in b)
 
 
+def test_the_validation_loss_is_the_whole_sets_with_an_sft_term(tiny_llama, pair_data, tmp_path):
+    """With --sft-weight the loss has two means, over pairs and over chosen tokens; the validation
+    loss takes each over the whole set (its batches hold different token counts), as TRL's
+    evaluation of one batch would: at the start, where policy and reference agree, it is
+    log 2 + a times the validation nll_loss."""
+    adapter_file = tmp_path / "a.npz"
+    lora.main(split_run_args(tiny_llama[0], pair_data, adapter_file, "dpo", "--sft-weight", "0.5"))
+    first = next(r for r in metrics(adapter_file) if "val_loss" in r)
+    assert first["val_loss"] == pytest.approx(np.log(2) + 0.5 * first["val_nll_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["dora", "full", "qlora"])
 def test_dpo_trains_every_kind_of_adapter(tiny_llama, pair_data, tmp_path, kind):
-    """DoRA, full fine-tuning (whose reference holds the trained blocks' start weights) and LoRA
+    """DoRA, full fine-tuning (whose reference is the trained blocks' start weights) and LoRA
     over a 4-bit base: the first evaluation is the reference itself, and training moves away."""
     model_dir = tiny_llama[0]
     if kind == "qlora":
@@ -432,7 +443,7 @@ def test_reference_is_the_base_model_with_adapters_off(tiny_llama, pair_data):
     batch = data.batch(list(range(4)))
     lora.adapt(model, args, lora.ResumePoint(None, {}))
     reference = trainer.start_reference(model)
-    lora.attach_reference_logps(args, model, None, [data])  # in batches of 3 pairs sorted by length
+    lora.attach_reference_logps(args, model, tokenizer, [(data, lora.evaluation_plan(data, 3, 2))])  # pairs 0-5
     model.update(tree_map(lambda p: p + 0.05, model.trainable_parameters()))
     moved = trainer.pair_logps(model, *batch)[0]
     ref = reference(*batch)
@@ -440,11 +451,42 @@ def test_reference_is_the_base_model_with_adapters_off(tiny_llama, pair_data):
     for got, want, other in zip(ref, expected, moved):
         np.testing.assert_array_equal(np.array(got), np.array(want))
         assert np.abs(np.array(other) - np.array(want)).max() > 1e-3
-    carried = data.batch([2, 0, 3, 1])[-1]
-    for row, i in enumerate((2, 0, 3, 1)):
+    plan = lora.evaluation_plan(data, 3, -1)
+    taken, left = plan[0] + plan[1], plan[2]
+    carried = data.batch(taken)[-1]
+    assert np.isnan(np.array(data.batch(left)[-1])).all()  # no batch of the run: no reference computed
+    for row, i in enumerate(taken):
         alone = trainer.pair_logps(base, *data.batch([i])[:3])[0]
         np.testing.assert_allclose(np.array(carried[row]), [alone.chosen.item(), alone.rejected.item()],
                                    rtol=1e-5)
+
+
+def test_a_resume_with_another_reference_or_loss_is_refused(tiny_llama, pair_data, tmp_path):
+    """The reference's log-probabilities are computed anew on resume: a resume whose reference
+    (here: adapters to start from that the run did not have) or loss settings differ would train
+    another objective from the middle on, so it is refused, one line."""
+    start = tmp_path / "start.npz"
+    lora.main(split_run_args(tiny_llama[0], pair_data, start, "dpo"))
+    killed = tmp_path / "killed" / "a.npz"
+    assert preference_run(tiny_llama[0], pair_data, killed, killed_at=8)[0] == -signal.SIGKILL
+    for flags, message in [(("--resume-adapter-file", str(start)), "made with DPO reference the base model, "
+                                                                   "this run has the adapters of SHA-256"),
+                           (("--beta", "0.2"), "made with --beta 0.1, this run has 0.2"),
+                           (("--sft-weight", "1"), "made with --sft-weight 0.0, this run has 1.0")]:
+        code, err = preference_run(tiny_llama[0], pair_data, killed, "--resume", "latest", *flags)
+        assert code == 2 and re.fullmatch(rf"error: .*step-00000004.safetensors: checkpoint was {message}.*\n",
+                                          err.splitlines(keepends=True)[-1]), err
+
+
+def test_a_reference_that_overflows_is_one_line_naming_the_pair():
+    def reference(inputs_P2T, targets_P2T, mask_P2T):
+        chosen = mx.array([-1.0, float("inf")])[:inputs_P2T.shape[0]]
+        return preference.Pair(chosen, chosen)
+
+    batch = tuple(mx.zeros((2, 2, 4)) for _ in range(3))
+    with pytest.raises(UserError, match=r"^valid.jsonl: pair 2: the reference model gives its answers the "
+                                        r"log-probabilities \[inf, inf\], not finite numbers"):
+        trainer.reference_logps(reference, [[0, 1]], lambda indices: batch, 3, "valid.jsonl")
 
 
 def test_dpo_run_killed_and_resumed_is_bit_identical(tiny_llama, pair_data, tmp_path):
