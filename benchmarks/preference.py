@@ -32,7 +32,7 @@ def reference_seconds(model, pairs, repeats):
     times = []
     for i in range(repeats + 1):
         tic = time.perf_counter()
-        trainer.reference_logps(reference, [list(range(P))], lambda indices: pairs, P)
+        trainer.reference_logps(reference, [list(range(P))], lambda indices: pairs, P, "the batch")
         if i:
             times.append(time.perf_counter() - tic)
     return sorted(times)[len(times) // 2]
