@@ -738,9 +738,12 @@ def split_examples(examples, test_size, valid_size, seed):
 
 def with_rejected(splits, seed):
     """Each example paired with a wrong answer to reject: the answer of another object of its
-    module (its path's parent), drawn by a seeded hash from the train and valid splits alone, so
-    that no test object's answer is ever trained on. An example whose module has no such other
-    object is left out."""
+    module (the package's module it is in: mlx.nn for mlx.nn.losses.mse_loss), drawn by a seeded
+    hash from the train and valid splits alone, so that no test object's answer is ever trained
+    on. An example whose module has no such other object is left out.
+
+    Not the path's parent: DPO learns where the answers first differ, and siblings alone share
+    the submodule, so it taught mlx.core.seed for mlx.core.random.seed."""
     by_module = collections.defaultdict(list)
     for name in ("train", "valid"):
         for example in splits[name]:
@@ -757,7 +760,9 @@ def with_rejected(splits, seed):
 
 
 def _module_of(example):
-    return example["group"].rpartition(".")[0]
+    """The package's module an example's object is in: the package's name and one more part."""
+    depth = example["package"].count(".") + 2
+    return ".".join(example["group"].split(".")[:depth])
 
 
 def _stable_hash(seed, text):

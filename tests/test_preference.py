@@ -542,17 +542,22 @@ def test_sft_data_given_to_dpo_says_which_format_is_which(tiny_llama, tmp_path):
 # ---------------------------------------------------------------- cwk_create_dataset.py --format preference
 
 def test_created_pairs_reject_another_answer_of_the_module_never_a_test_one():
+    """The rejected answer is another object's of the package's module the object is in (pkg.a
+    for pkg.a.sub.f), so that pairs also differ at the submodule: siblings alone share it."""
     examples = [{"package": "pkg", "group": f"pkg.{module}.{name}", "path": f"pkg.{module}.{name}",
                  "signature": "()", "text": f"{name} does {module} things.", "short": name}
-                for module in ("a", "b") for name in ("f", "g", "h", "k", "m", "n")]
+                for module in ("a", "b", "a.sub") for name in ("f", "g", "h", "k", "m", "n")]
     splits = cwk.with_rejected(cwk.split_examples(examples, 0.3, 0.2, 0), 0)
     test_paths = {e["path"] for e in splits["test"]}
     assert splits["test"] and all(splits.values())
+    parents = set()
     for pairs_of_split in splits.values():
         for example in pairs_of_split:
             line = cwk.format_example(example, "preference")
             rejected = example["rejected"]
             assert rejected["path"] not in test_paths and rejected["group"] != example["group"]
-            assert rejected["path"].rpartition(".")[0] == example["path"].rpartition(".")[0]
+            assert rejected["path"].split(".")[:2] == example["path"].split(".")[:2]
+            parents.add(rejected["path"].rpartition(".")[0] == example["path"].rpartition(".")[0])
             assert line["chosen"][0]["content"] != line["rejected"][0]["content"]
             assert line["rejected"][0]["content"].startswith(rejected["path"])
+    assert parents == {True, False}  # siblings, and objects of another submodule of the module
