@@ -742,8 +742,8 @@ def with_rejected(splits, seed):
     hash from the train and valid splits alone, so that no test object's answer is ever trained
     on. An example whose module has no such other object is left out.
 
-    Not the path's parent: DPO learns where the answers first differ, and siblings alone share
-    the submodule, so it taught mlx.core.seed for mlx.core.random.seed."""
+    Not the path's parent alone: siblings share their submodule, so such a pair never says
+    which submodule is right."""
     by_module = collections.defaultdict(list)
     for name in ("train", "valid"):
         for example in splits[name]:
