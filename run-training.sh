@@ -23,9 +23,9 @@
 # data-preference/ (written by cwk_create_dataset.py --format preference when missing), starting
 # from the sft run's adapters (SFT_ADAPTER_FILE, [adapters/adapters.npz]; for dpo also the
 # reference), into adapters/adapters-$TRAIN_MODE.npz; its
-# defaults: ITERS 120, BATCH_SIZE 4 pairs, --beta 0.1; for dpo LEARNING_RATE 2e-5 and --sft-weight 10
-# (the chosen answers' NLL beside DPO: without it DPO made the answers worse; README), for orpo
-# LEARNING_RATE 1e-4 (ORPO's loss is that NLL already).
+# defaults: ITERS 120, BATCH_SIZE 4 pairs, --beta 0.1, LEARNING_RATE 1e-4, and for dpo --sft-weight 10
+# (the chosen answers' NLL beside DPO, as ORPO's loss has it: without it DPO made the answers
+# worse; README).
 # Extra arguments go to lora.py and win over the variables, e.g.
 #   ./run-training.sh --lora-rank 8 --iters 400
 set -euo pipefail
@@ -42,13 +42,9 @@ case $MODE in
     [ -f "$DATA/train.jsonl" ] || "$PYTHON" cwk_create_dataset.py --format preference --out "$DATA"
     ADAPTER_FILE=${ADAPTER_FILE:-adapters/adapters-$MODE.npz}
     ITERS=${ITERS:-120}
+    LEARNING_RATE=${LEARNING_RATE:-1e-4}
     mode_args=(--train-mode "$MODE" --beta 0.1 --resume-adapter-file "${SFT_ADAPTER_FILE:-adapters/adapters.npz}")
-    if [ "$MODE" = dpo ]; then
-      LEARNING_RATE=${LEARNING_RATE:-2e-5}
-      mode_args+=(--sft-weight 10)
-    else
-      LEARNING_RATE=${LEARNING_RATE:-1e-4}
-    fi ;;
+    [ "$MODE" = orpo ] || mode_args+=(--sft-weight 10) ;;
   *) echo "run-training.sh: TRAIN_MODE must be sft, dpo or orpo, not $MODE" >&2; exit 2 ;;
 esac
 exec "$PYTHON" lora.py --model "${MODEL:-checkpoints/SmolLM2-135M-Instruct}" --train --test \
