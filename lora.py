@@ -199,10 +199,9 @@ def objective_of(args):
 def attach_reference_logps(args, model, tokenizer, plans):
     """DPO: give each split's pairs their reference log-probabilities, once, for the batches of
     its plan (plans: [(pairs, batches the run takes)]). The reference is --reference-model,
-    loaded here and let go after, or else `model` with its trainable weights as they are now
-    (call this before training moves them)."""
-    reference = (trainer.model_reference(load_reference(args, model, tokenizer)) if args.reference_model
-                 else trainer.start_reference(model))
+    loaded here and let go after, or else `model` as it is now (call this before training moves
+    it: new adapters add nothing yet, resumed ones make TRL's "ref" adapter)."""
+    reference = load_reference(args, model, tokenizer) if args.reference_model else model
     for pairs, plan in plans:
         tic = time.perf_counter()
         pairs.reference_logps = trainer.reference_logps(reference, plan, pairs.batch, len(pairs), pairs.path)
@@ -447,8 +446,9 @@ def use_model(args, adapter_file, resume=None):
         distributed.current().check_agreement(run_digests(args, data))
         adapter_config = adapt(model, args, resume)
     if args.train_mode == "dpo" and (args.train or args.test):  # before training: the default reference is the start
-        plans = [(data["train"], training_batches_drawn(args, data["train"])),
-                 (data["valid"], evaluation_plan(data["valid"], args.batch_size, args.val_batches))] if args.train else []
+        plans = [] if not args.train else [
+            (data["train"], training_batches_drawn(args, data["train"])),
+            (data["valid"], evaluation_plan(data["valid"], args.batch_size, args.val_batches))]
         if test_set is not None:
             plans.append((test_set, evaluation_plan(test_set, args.batch_size, args.test_batches)))
         attach_reference_logps(args, model, tokenizer, plans)

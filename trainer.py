@@ -188,56 +188,31 @@ def orpo_objective(beta):
         loss, sums = preference.orpo(logps, ntoks, beta, norm)
         return loss, _pairs(*batch), sums
 
-    return Objective(loss, norm=_pairs_and_chosen_tokens, sums=preference.ORPO_SUMS, report=preference.report, unit="pairs")
+    return Objective(loss, norm=_pairs_and_chosen_tokens, sums=preference.ORPO_SUMS, report=preference.report,
+                     unit="pairs")
 
 
 def _pairs_and_chosen_tokens(inputs_P2T, targets_P2T, mask_P2T, *rest):
     """The pairs and the chosen answers' tokens of a whole batch: the means of a preference loss
     and of its NLL term are over these."""
-    return mx.stack([_pairs(inputs_P2T, targets_P2T, mask_P2T), mx.maximum(mask_P2T[:, 0].sum(), 1)])
-
-
-def start_reference(model):
-    """DPO's reference when no other model is named, as logps(*batch) -> Pair: `model` itself with
-    its trainable weights as they are now, in eval mode. New LoRA/DoRA adapters make it the base
-    model (their B is 0: the adapters add nothing); adapters resumed from a file, the model they
-    made (as TRL's "ref" adapter). No second copy of the base: the start weights are held, since
-    updates make new arrays."""
-    start = model.trainable_parameters()
-
-    def logps(*batch):
-        now, was_training = model.trainable_parameters(), model.training
-        model.update(start)
-        model.eval()
-        try:
-            return pair_logps(model, *batch)[0]
-        finally:
-            model.update(now)
-            model.train(was_training)
-
-    return logps
-
-
-def model_reference(reference_model):
-    """DPO's reference when --reference-model names one: that model, frozen, in eval mode."""
-    reference_model.freeze()
-    reference_model.eval()
-    return lambda *batch: pair_logps(reference_model, *batch)[0]
+    return mx.stack([_pairs(inputs_P2T), mx.maximum(mask_P2T[:, 0].sum(), 1)])
 
 
 def reference_logps(reference, plan, batch_of, n_pairs, where):
-    """The reference's log-probabilities of the answers of n_pairs pairs, as an array n_pairs x 2
-    (chosen, rejected), float32: computed once before training, as TRL's precompute_ref_log_probs,
-    so that a DPO step is the policy's passes alone. plan: the batches of pair indices the run will
-    use, each made by batch_of(indices); the pairs of no batch get NaN. Distributed, each rank
-    computes every world-size-th batch and the ranks add their arrays. A non-finite value is a
-    UserError naming `where` (the split) and the pair."""
+    """The log-probabilities a reference model gives the answers of n_pairs pairs, as an array
+    n_pairs x 2 (chosen, rejected), float32, in eval mode: computed once before training, as TRL's
+    precompute_ref_log_probs, so that a DPO step is the policy's passes alone (and the default
+    reference, the policy as training starts, needs no copy of its start weights). plan: the
+    batches of pair indices the run will use, each made by batch_of(indices); the pairs of no
+    batch get NaN. Distributed, each rank computes every world-size-th batch and the ranks add
+    their arrays. A non-finite value is a UserError naming `where` (the split) and the pair."""
     world = distributed.current()
     out_N2 = np.zeros((n_pairs, 2), np.float32)
-    for i, indices in enumerate(plan):
-        if i % world.size == world.rank:
-            logps = reference(*batch_of(indices))
-            out_N2[indices] = np.array(mx.stack([logps.chosen, logps.rejected], axis=1), np.float32)
+    with evaluating(reference):
+        for i, indices in enumerate(plan):
+            if i % world.size == world.rank:
+                logps = pair_logps(reference, *batch_of(indices))[0]
+                out_N2[indices] = np.array(mx.stack([logps.chosen, logps.rejected], axis=1), np.float32)
     if world.size > 1:
         out_N2 = np.array(world.all_sum(mx.array(out_N2)))
     used = np.zeros(n_pairs, bool)
@@ -248,6 +223,17 @@ def reference_logps(reference, plan, batch_of, n_pairs, where):
                         f"{out_N2[bad].tolist()}, not finite numbers (a reference in float16 that overflows?)")
     out_N2[~used] = np.nan
     return out_N2
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """`model` in eval mode (no dropout) for the block; its training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def evaluate(model, batches, objective=SFT):
@@ -263,20 +249,16 @@ def evaluate_with_metrics(model, batches, objective):
     world = distributed.current()
     batches = list(batches)
     norm = functools.reduce(mx.add, (objective.norm(*batch) for batch in batches))
-    was_training = model.training
-    model.eval()
-    try:
-        totals = dict(loss=mx.array(0.0), **objective.zero_sums())
+    totals = dict(loss=mx.array(0.0), **objective.zero_sums())
+    with evaluating(model):
         for i, batch in enumerate(batches):
             if i % world.size != world.rank:
                 continue
             share, _, sums = objective.loss(model, norm, *batch)
             totals = added(totals, dict(loss=share, **sums))
             mx.eval(totals)
-        totals = summed_across_ranks(world, totals) if world.size > 1 else totals
-        return totals.pop("loss").item(), objective.report(totals)
-    finally:
-        model.train(was_training)
+    totals = summed_across_ranks(world, totals) if world.size > 1 else totals
+    return totals.pop("loss").item(), objective.report(totals)
 
 
 def added(a, b):

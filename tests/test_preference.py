@@ -122,7 +122,8 @@ def trl_dpo(policy, reference, mask, loss_type, label_smoothing=0.0, sft_weight=
     stub = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=Accelerator(), aux_loss_enabled=False,
                            precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
                            loss_types=[loss_type] + (["sft"] if sft_weight else []),
-                           loss_weights=[1.0] + ([sft_weight] if sft_weight else []), beta=BETA, label_smoothing=label_smoothing,
+                           loss_weights=[1.0] + ([sft_weight] if sft_weight else []), beta=BETA,
+                           label_smoothing=label_smoothing,
                            use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)),
                            _total_train_tokens=0, _tp_size=1)
     loss = trl.DPOTrainer._compute_loss(stub, lambda **kwargs: outputs, inputs, False)
@@ -403,8 +404,8 @@ def test_a_reference_model_of_the_same_shape_is_the_reference(tiny_llama, pair_d
 
 def split_run_args(model_dir, data, adapter_file, mode, *extra):
     return ["--model", model_dir, "--train", "--data", data, "--adapter-file", str(adapter_file), "--iters", "6",
-            "--batch-size", "4", "--optimizer", "sgd", "--learning-rate", "0.5", "--lora-layers", "2", "--lora-targets", "all",
-            "--steps-per-eval", "3", "--steps-per-report", "3", "--val-batches", "-1", "--train-mode", mode, *extra]
+            "--batch-size", "4", "--optimizer", "sgd", "--learning-rate", "0.5", "--lora-layers", "2",
+            "--lora-targets", "all", "--steps-per-eval", "3", "--steps-per-report", "3", "--val-batches", "-1", "--train-mode", mode, *extra]
 
 
 @pytest.mark.parametrize("mode, flags", [("dpo", ("--sft-weight", "0.5")), ("orpo", ())])
@@ -432,33 +433,24 @@ def test_micro_batches_and_ranks_train_as_one_process(tiny_llama, pair_data, tmp
 
 
 def test_reference_is_the_base_model_with_adapters_off(tiny_llama, pair_data):
-    """After training moved the adapters, the default reference still gives the base model's
-    log-probabilities, bit for bit (the adapters' start adds exactly nothing); and the batches
-    carry them, computed once, pair by pair as the base model gives them."""
-    args = lora.parse_args(["--model", tiny_llama[0], "--train-mode", "dpo", "--lora-layers", "2",
-                            "--batch-size", "3"])
+    """The default reference is the model as training starts: with new adapters, the base model's
+    log-probabilities bit for bit (the adapters add exactly nothing yet). The batches carry them,
+    computed once for the batches of the plan (NaN for pairs of none), and training that moves
+    the adapters after leaves them as they were."""
+    args = lora.parse_args(["--model", tiny_llama[0], "--train-mode", "dpo", "--lora-layers", "2"])
     model, tokenizer, _ = loading.load_model(tiny_llama[0])
     base, _, _ = loading.load_model(tiny_llama[0])
     data = dataset.load_pairs(pair_data, "valid", tokenizer, 2048)
-    batch = data.batch(list(range(4)))
     lora.adapt(model, args, lora.ResumePoint(None, {}))
-    reference = trainer.start_reference(model)
-    lora.attach_reference_logps(args, model, tokenizer, [(data, lora.evaluation_plan(data, 3, 2))])  # pairs 0-5
+    lora.attach_reference_logps(args, model, tokenizer, [(data, [[0, 1, 2, 3], [5]])])
     model.update(tree_map(lambda p: p + 0.05, model.trainable_parameters()))
-    moved = trainer.pair_logps(model, *batch)[0]
-    ref = reference(*batch)
-    expected = trainer.pair_logps(base, *batch)[0]
-    for got, want, other in zip(ref, expected, moved):
-        np.testing.assert_array_equal(np.array(got), np.array(want))
-        assert np.abs(np.array(other) - np.array(want)).max() > 1e-3
-    plan = lora.evaluation_plan(data, 3, -1)
-    taken, left = plan[0] + plan[1], plan[2]
-    carried = data.batch(taken)[-1]
-    assert np.isnan(np.array(data.batch(left)[-1])).all()  # no batch of the run: no reference computed
-    for row, i in enumerate(taken):
-        alone = trainer.pair_logps(base, *data.batch([i])[:3])[0]
-        np.testing.assert_allclose(np.array(carried[row]), [alone.chosen.item(), alone.rejected.item()],
-                                   rtol=1e-5)
+    for indices in ([0, 1, 2, 3], [5]):
+        *batch, carried_P2 = data.batch(indices)
+        expected = trainer.pair_logps(base, *batch)[0]
+        np.testing.assert_array_equal(np.array(carried_P2), np.stack([expected.chosen, expected.rejected], 1))
+        moved = trainer.pair_logps(model, *batch)[0]
+        assert np.abs(np.array(moved.chosen) - np.array(expected.chosen)).max() > 1e-3
+    assert np.isnan(np.array(data.batch([4])[-1])).all()  # in no batch of the run: no reference computed
 
 
 def test_a_resume_with_another_reference_or_loss_is_refused(tiny_llama, pair_data, tmp_path):
@@ -478,15 +470,18 @@ def test_a_resume_with_another_reference_or_loss_is_refused(tiny_llama, pair_dat
                                           err.splitlines(keepends=True)[-1]), err
 
 
-def test_a_reference_that_overflows_is_one_line_naming_the_pair():
-    def reference(inputs_P2T, targets_P2T, mask_P2T):
-        chosen = mx.array([-1.0, float("inf")])[:inputs_P2T.shape[0]]
-        return preference.Pair(chosen, chosen)
-
-    batch = tuple(mx.zeros((2, 2, 4)) for _ in range(3))
-    with pytest.raises(UserError, match=r"^valid.jsonl: pair 2: the reference model gives its answers the "
-                                        r"log-probabilities \[inf, inf\], not finite numbers"):
-        trainer.reference_logps(reference, [[0, 1]], lambda indices: batch, 3, "valid.jsonl")
+def test_a_reference_that_overflows_is_one_line_naming_the_pair(tiny_llama, pair_data):
+    """A reference that overflows on a token of the second pair alone (its embedding inf): one line
+    naming that pair."""
+    model, tokenizer, _ = loading.load_model(tiny_llama[0])
+    data = dataset.load_pairs(pair_data, "valid", tokenizer, 2048)
+    first, second = (set(np.array(data.batch([i])[0]).ravel().tolist()) for i in (0, 1))
+    token = min(second - first)
+    table = model.tok_embeddings
+    table.weight = mx.where(mx.arange(table.weight.shape[0])[:, None] == token, mx.inf, table.weight)
+    with pytest.raises(UserError, match=r"valid.jsonl: pair 2: the reference model gives its answers the "
+                                        r"log-probabilities \[.*\], not finite numbers"):
+        trainer.reference_logps(model, [[0, 1]], data.batch, len(data), data.path)
 
 
 def test_dpo_run_killed_and_resumed_is_bit_identical(tiny_llama, pair_data, tmp_path):
